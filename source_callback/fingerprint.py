@@ -1,0 +1,87 @@
+"""A cheap, stable fingerprint of a map-style dataset.
+
+Recording stores it with each stage; analysis recomputes it on the dataset the user passes and
+refuses data that differs. It hashes the size and a fixed sample of items, so it is stable across
+processes and machines, and costs a few item reads whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+SAMPLE_SIZE = 16
+
+
+def sample_indices(size: int, count: int = SAMPLE_SIZE) -> list[int]:
+    """Evenly spaced indices over ``range(size)``, first and last included."""
+    if size <= count:
+        return list(range(size))
+    return sorted({round(i * (size - 1) / (count - 1)) for i in range(count)})
+
+
+def _feed(h: Any, item: Any) -> None:
+    """Feed a canonical byte form of ``item`` into hash ``h``."""
+    if isinstance(item, torch.Tensor):
+        item = item.detach().cpu()
+        h.update(f"T{item.dtype}{tuple(item.shape)}".encode())
+        if item.dtype == torch.bfloat16:
+            item = item.view(torch.uint16)
+        h.update(item.contiguous().numpy().tobytes())
+    elif isinstance(item, np.ndarray):
+        h.update(f"N{item.dtype.str}{item.shape}".encode())
+        h.update(np.ascontiguousarray(item).tobytes())
+    elif isinstance(item, (bytes, bytearray)):
+        h.update(b"B" + bytes(item))
+    elif isinstance(item, str):
+        h.update(b"S" + item.encode())
+    elif isinstance(item, (bool, int, float, complex, np.generic)) or item is None:
+        h.update(f"V{type(item).__name__}:{item!r}".encode())
+    elif isinstance(item, Mapping):
+        h.update(b"{")
+        for key in sorted(item, key=str):
+            _feed(h, str(key))
+            _feed(h, item[key])
+        h.update(b"}")
+    elif isinstance(item, Sequence):
+        h.update(b"[")
+        for value in item:
+            _feed(h, value)
+        h.update(b"]")
+    else:
+        # Objects without a canonical form (e.g. PIL images) contribute their type only;
+        # the size and the other items still distinguish datasets.
+        h.update(f"O{type(item).__qualname__}".encode())
+
+
+def dataset_fingerprint(dataset: Any) -> str | None:
+    """Fingerprint of a map-style dataset (``len`` and integer indexing), else ``None``.
+
+    Parameters
+    ----------
+    dataset
+        The dataset; typically ``trainer.train_dataloader.dataset``.
+
+    Returns
+    -------
+    str or None
+        A hex digest of the size and ``SAMPLE_SIZE`` evenly spaced items, or ``None`` when the
+        dataset has no length or cannot be indexed (an ``IterableDataset``).
+
+    """
+    try:
+        size = len(dataset)
+    except TypeError:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"size={size}".encode())
+    try:
+        for index in sample_indices(size):
+            _feed(h, dataset[index])
+    except (TypeError, NotImplementedError, KeyError):
+        return None
+    return h.hexdigest()

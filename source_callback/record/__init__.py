@@ -1,0 +1,1 @@
+"""Framework-free recording: the checkpoint plan and the recorder."""

@@ -1,0 +1,243 @@
+"""Framework-free recording: stages, step rows and checkpoints, written off the training thread.
+
+A framework adapter (``source_callback.lightning``) calls the recorder at the right moments;
+the recorder decides what goes where, buffers step rows into blocks, and hands every store write
+to one background thread so that writes stay ordered and training does not wait on storage.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from source_callback.errors import InterruptedStageError, StoreError
+from source_callback.record.plan import interior_steps
+from source_callback.store import schema
+from source_callback.store.writer import StepRow, StoreWriter, TensorDict
+
+
+def to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies (the originals keep changing while the copies are written)."""
+    return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+
+
+def materialize_losses(rows: list[StepRow]) -> None:
+    """Turn tensor losses into floats with one device transfer per block, not one per step."""
+    tensors = [r.loss for r in rows if isinstance(r.loss, torch.Tensor)]
+    if not tensors:
+        return
+    values = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).cpu().tolist())
+    for row in rows:
+        if isinstance(row.loss, torch.Tensor):
+            row.loss = next(values)
+
+
+class Recorder:
+    """Records one run into a store, stage after stage.
+
+    Parameters
+    ----------
+    writer
+        The store's writer (already validated).
+    flush_every
+        Step rows buffered before a block is written.
+    max_pending
+        Background writes allowed in flight before the training thread waits (bounds the memory
+        held by checkpoint copies).
+
+    """
+
+    def __init__(
+        self, writer: StoreWriter, *, flush_every: int = 256, max_pending: int = 2
+    ) -> None:
+        self.writer = writer
+        self.flush_every = flush_every
+        self.max_pending = max_pending
+        self._rows: list[StepRow] = []
+        self._pending: list[concurrent.futures.Future[Any]] = []
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="source-callback-writer"
+        )
+        self.stage_index = -1
+        self.first_step = 0
+        self.next_step = writer.num_steps
+        self.planned: frozenset[int] = frozenset()
+
+    # -- background writes -------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._raise_failed()
+        while len(self._pending) >= self.max_pending:
+            concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            self._raise_failed()
+        self._pending.append(self._executor.submit(fn, *args))
+
+    def _raise_failed(self) -> None:
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            error = future.exception()
+            if error is not None:
+                raise StoreError(
+                    f"writing the record to {self.writer.url} failed: {error!r}. Committed "
+                    "checkpoints and flushed steps are intact."
+                ) from error
+
+    def wait(self) -> None:
+        """Write buffered rows and wait for every background write; raise the first failure."""
+        self.flush()
+        concurrent.futures.wait(self._pending)
+        self._raise_failed()
+
+    def close(self) -> None:
+        """Wait for pending writes, then stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def check_can_begin(self, manifest: list[dict[str, Any]]) -> None:
+        """Raise if a new stage cannot be appended; writes nothing."""
+        self.writer.check_manifest(manifest)
+        stages = self.writer.stages
+        if stages and not stages[-1].complete:
+            last = stages[-1]
+            raise InterruptedStageError(
+                f"stage {last.name!r} in {self.writer.url} was interrupted after "
+                f"{self.writer.num_steps - last.first_step} recorded steps. Resume it with "
+                "trainer.fit(..., ckpt_path=<the Lightning checkpoint>) and the same store, or "
+                "record the new run into a new store; the store was not modified."
+            )
+
+    def begin_stage(
+        self,
+        stage: schema.Stage,
+        manifest: list[dict[str, Any]],
+        frozen: TensorDict,
+        params: TensorDict,
+        buffers: TensorDict,
+        optimizer_state: Mapping[str, TensorDict],
+    ) -> schema.Stage:
+        """Start a stage: its entry, its frozen parameters and its stage-start checkpoint.
+
+        ``stage`` carries what the training framework knows; its position in the run (index,
+        first step, checkpoint plan, status) is filled in here. Returns the recorded stage.
+        """
+        self.check_can_begin(manifest)
+        if stage.name in [s.name for s in self.writer.stages]:
+            raise StoreError(
+                f"stage {stage.name!r} is already recorded in {self.writer.url}. Give the new "
+                "stage another name (SourceCallback(stage=...) or callback.next_stage(...))."
+            )
+        self.stage_index = len(self.writer.stages)
+        self.first_step = self.next_step = self.writer.num_steps
+        local = interior_steps(stage.estimated_steps or math.inf, stage.checkpoints_per_stage)
+        planned = [self.first_step + s for s in local]
+        self.planned = frozenset(planned)
+        stage = dataclasses.replace(
+            stage,
+            index=self.stage_index,
+            status=schema.STAGE_RECORDING,
+            first_step=self.first_step,
+            last_step=None,
+            planned_checkpoints=planned,
+        )
+        self.writer.set_manifest(manifest)
+        self.writer.add_stage(stage)
+        if frozen:
+            self._submit(self.writer.write_frozen, self.stage_index, to_cpu(frozen))
+        self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state)
+        return stage
+
+    def resume_stage(self, stage_index: int, next_step: int) -> None:
+        """Continue stage ``stage_index`` at global step ``next_step`` after a restart.
+
+        Step rows and checkpoints recorded after ``next_step`` (a crash after the last
+        Lightning checkpoint) are dropped: those steps are about to be trained again.
+        """
+        stages = self.writer.stages
+        if stage_index != len(stages) - 1:
+            raise InterruptedStageError(
+                f"cannot resume stage {stage_index} of {self.writer.url}: the store holds "
+                f"{len(stages)} stage(s) and only the last one can be resumed. Resume into the "
+                "store that this checkpoint was recorded with."
+            )
+        if next_step > self.writer.num_steps:
+            raise StoreError(
+                f"the checkpoint resumes at global step {next_step} but {self.writer.url} "
+                f"holds only {self.writer.num_steps} step rows; the store does not belong to "
+                "this checkpoint. Resume with the store it was recorded into."
+            )
+        self.stage_index = stage_index
+        self.first_step = stages[stage_index].first_step
+        self.next_step = next_step
+        self.planned = frozenset(stages[stage_index].planned_checkpoints)
+        self._submit(self._truncate_for_resume, stage_index, next_step)
+
+    def _truncate_for_resume(self, stage_index: int, next_step: int) -> None:
+        self.writer.truncate_steps(next_step)
+        for key in self.writer.checkpoint_keys():
+            step, role = schema.parse_checkpoint_key(key)
+            if step >= next_step and role != schema.ROLE_START:
+                attrs = self.writer.root[schema.CHECKPOINTS][key].attrs
+                if attrs.get(schema.ATTR_STAGE) == stage_index:
+                    self.writer.delete_checkpoint(key)
+        self.writer.update_stage(stage_index, status=schema.STAGE_RECORDING, last_step=None)
+        self.writer.set_status(schema.STATUS_RECORDING)
+
+    def end_stage(
+        self, params: TensorDict, buffers: TensorDict, optimizer_state: Mapping[str, TensorDict]
+    ) -> None:
+        """Write the stage-end checkpoint, close the stage and wait for every write."""
+        self.flush()
+        self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state)
+        self._submit(self._close_stage, self.stage_index, self.next_step)
+        self.wait()
+
+    def _close_stage(self, stage_index: int, next_step: int) -> None:
+        self.writer.update_stage(stage_index, status=schema.STAGE_COMPLETE, last_step=next_step - 1)
+        self.writer.set_status(schema.STATUS_COMPLETE)
+
+    # -- steps and checkpoints ---------------------------------------------------------------
+
+    def record_step(self, row: StepRow) -> int:
+        """Buffer one optimizer step's row; returns its global step index."""
+        self._rows.append(row)
+        step = self.next_step
+        self.next_step += 1
+        if len(self._rows) >= self.flush_every:
+            self.flush()
+        return step
+
+    def flush(self) -> None:
+        """Hand buffered step rows to the background writer."""
+        if self._rows:
+            rows, self._rows = self._rows, []
+            materialize_losses(rows)
+            self._submit(self.writer.append_steps, rows)
+
+    def checkpoint(
+        self,
+        step: int,
+        role: str,
+        params: TensorDict,
+        buffers: TensorDict,
+        optimizer_state: Mapping[str, TensorDict],
+    ) -> None:
+        """Copy the tensors to CPU now and write them as a checkpoint in the background."""
+        state = {key: to_cpu(values) for key, values in optimizer_state.items()}
+        self._submit(
+            self.writer.write_checkpoint,
+            step,
+            role,
+            self.stage_index,
+            to_cpu(params),
+            to_cpu(buffers),
+            state,
+        )

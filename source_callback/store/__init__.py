@@ -1,0 +1,1 @@
+"""The Zarr store: its schema, its writer and its reader."""

@@ -1,0 +1,250 @@
+"""Read a store back: a validated, read-only, typed view of a recorded run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import zarr
+
+from source_callback.errors import NotAStoreError, StoreError
+from source_callback.manifest import Manifest
+from source_callback.optim import OptimizerRecord
+from source_callback.store import location, schema
+from source_callback.store.schema import Stage
+
+
+def read_tensors(group: zarr.Group) -> dict[str, torch.Tensor]:
+    """Every array of ``group`` as a tensor of its recorded dtype, by name."""
+    return {
+        name: schema.decode_array(array[...], array.attrs[schema.ATTR_TORCH_DTYPE])
+        for name, array in sorted(group.arrays())
+    }
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint in the store; tensors are read only when asked for.
+
+    Attributes
+    ----------
+    step
+        Global optimizer step; the parameters are those *before* this step (for a stage-end
+        checkpoint: after the stage's last step).
+    stage
+        Index of the stage it belongs to.
+    role
+        ``stage-start``, ``interior`` or ``stage-end``.
+    committed
+        Whether every array was written; uncommitted checkpoints come from an interrupted write
+        and hold incomplete data.
+
+    """
+
+    key: str
+    step: int
+    stage: int
+    role: str
+    committed: bool
+    _group: zarr.Group
+    _run: Run
+
+    def _sub(self, name: str) -> zarr.Group | None:
+        sub = self._group.get(name)
+        return sub if isinstance(sub, zarr.Group) else None
+
+    def _require_committed(self) -> None:
+        if not self.committed:
+            raise StoreError(
+                f"checkpoint {self.key} in {self._run.url} was never committed (its write was "
+                "interrupted); its arrays are incomplete. Use a committed checkpoint."
+            )
+
+    def params(self, include_frozen: bool = True) -> dict[str, torch.Tensor]:
+        """Parameters by name: the trainable ones, plus the stage's frozen ones by default."""
+        self._require_committed()
+        params = read_tensors(self._group[schema.CKPT_PARAMS])
+        if include_frozen:
+            params.update(self._run.frozen_params(self.stage))
+        return params
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Module buffers (e.g. batch-norm statistics) by name."""
+        self._require_committed()
+        sub = self._sub(schema.CKPT_BUFFERS)
+        return {} if sub is None else read_tensors(sub)
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state by parameter name, as in ``torch.optim.Optimizer.state``.
+
+        E.g. ``{"fc.weight": {"exp_avg_sq": tensor, "step": tensor(12.)}}`` for Adam or
+        ``{"fc.weight": {"momentum_buffer": tensor}}`` for SGD with momentum. Empty at a
+        stage-start checkpoint (the optimizer has taken no step yet).
+        """
+        self._require_committed()
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        optimizer_group = self._sub(schema.CKPT_OPTIMIZER)
+        if optimizer_group is not None:
+            for key, sub in sorted(optimizer_group.groups()):
+                for name, tensor in read_tensors(sub).items():
+                    state.setdefault(name, {})[key] = tensor
+        scalars = self._group.attrs.get(schema.ATTR_SCALAR_STATE, {})
+        for key, values in scalars.items():
+            for name, value in values.items():
+                state.setdefault(name, {})[key] = torch.tensor(value, dtype=torch.float32)
+        return state
+
+    def nbytes(self) -> int:
+        """Uncompressed size of the checkpoint's arrays."""
+        total = 0
+        for sub in (schema.CKPT_PARAMS, schema.CKPT_BUFFERS):
+            group = self._sub(sub)
+            total += 0 if group is None else sum(a.nbytes for _, a in group.arrays())
+        optimizer_group = self._sub(schema.CKPT_OPTIMIZER)
+        if optimizer_group is not None:
+            for _, sub in optimizer_group.groups():
+                total += sum(a.nbytes for _, a in sub.arrays())
+        return total
+
+
+class Run:
+    """A recorded run, read-only. Open one with :func:`open_run`."""
+
+    def __init__(self, root: zarr.Group, url: str) -> None:
+        self._root = root
+        self.url = url
+
+    @property
+    def format_version(self) -> int:
+        """Store format version."""
+        return int(self._root.attrs[schema.ATTR_FORMAT]["version"])
+
+    @property
+    def status(self) -> str:
+        """``recording`` while (or if interrupted while) a stage trains, else ``complete``."""
+        return str(self._root.attrs[schema.ATTR_STATUS])
+
+    @property
+    def library_versions(self) -> dict[str, str]:
+        """Versions of the libraries the store was created with."""
+        return dict(self._root.attrs.get(schema.ATTR_VERSIONS, {}))
+
+    @property
+    def manifest(self) -> Manifest:
+        """The model's parameters and buffers (name, kind, shape, dtype)."""
+        return list(self._root.attrs.get(schema.ATTR_MANIFEST, []))
+
+    @cached_property
+    def stages(self) -> list[Stage]:
+        """The stages in training order."""
+        entries = self._root[schema.STAGES].attrs[schema.ATTR_STAGE_LIST]
+        return [Stage.from_json(e) for e in entries]
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        known = ", ".join(repr(s.name) for s in self.stages) or "none"
+        raise KeyError(f"no stage {name!r} in {self.url}; recorded stages: {known}")
+
+    @property
+    def optimizer(self) -> OptimizerRecord | None:
+        """The optimizer of the last stage (each stage's is on ``stage.optimizer``)."""
+        return self.stages[-1].optimizer if self.stages else None
+
+    @property
+    def num_steps(self) -> int:
+        """Number of recorded optimizer steps (all stages)."""
+        return int(self._root[schema.STEPS].attrs[schema.ATTR_NUM_STEPS])
+
+    def steps(self) -> dict[str, np.ndarray]:
+        """Every per-step array, by field name, in global step order.
+
+        ``stage``, ``epoch``, ``loss`` and ``examples`` have shape ``[steps]``; ``lr``,
+        ``momentum`` (β1 for Adam), ``beta2``, ``weight_decay``, ``dampening`` and ``eps`` have
+        shape ``[steps, param groups]``, NaN where a stage has fewer groups or no such field.
+        """
+        n = self.num_steps
+        group = self._root[schema.STEPS]
+        return {name: array[:n] for name, array in group.arrays()}
+
+    def learning_rates(self) -> np.ndarray:
+        """Learning rate used at every optimizer step, ``[steps, param groups]``."""
+        return self.steps()["lr"]
+
+    @cached_property
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint in step order, committed or not (see ``Checkpoint.committed``)."""
+        group = self._root[schema.CHECKPOINTS]
+        out = []
+        for key, sub in sorted(group.groups()):
+            attrs = sub.attrs
+            out.append(
+                Checkpoint(
+                    key=key,
+                    step=int(attrs[schema.ATTR_STEP]),
+                    stage=int(attrs[schema.ATTR_STAGE]),
+                    role=str(attrs[schema.ATTR_ROLE]),
+                    committed=bool(attrs.get(schema.ATTR_COMMITTED, False)),
+                    _group=sub,
+                    _run=self,
+                )
+            )
+        return out
+
+    def frozen_params(self, stage: int) -> dict[str, torch.Tensor]:
+        """Non-trainable parameters of stage ``stage`` (empty when all were trainable)."""
+        sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
+        if sub is None:
+            return {}
+        if not sub.attrs.get(schema.ATTR_COMMITTED, False):
+            raise StoreError(
+                f"the frozen parameters of stage {stage} in {self.url} were never committed "
+                "(the write was interrupted)."
+            )
+        return read_tensors(sub)
+
+    def __repr__(self) -> str:
+        return (
+            f"Run({self.url!r}, status={self.status!r}, stages={[s.name for s in self.stages]}, "
+            f"steps={self.num_steps}, checkpoints={len(self.checkpoints)})"
+        )
+
+
+def open_run(url: str | os.PathLike[str], storage_options: dict | None = None) -> Run:
+    """Open a recorded run read-only.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of the store.
+    storage_options
+        fsspec options for URLs (credentials, ``endpoint_url``, ...).
+
+    Returns
+    -------
+    Run
+        A validated, read-only view of the record.
+
+    Raises
+    ------
+    StoreError
+        Nothing is stored at ``url``.
+    NotAStoreError
+        ``url`` holds something other than a source-callback store.
+    FormatVersionError
+        The store was written by a newer format version.
+
+    """
+    url = location.normalize(url)
+    root = location.open_group(url, storage_options, mode="r")
+    if root is None:
+        if location.has_content(url, storage_options):
+            raise NotAStoreError(f"{url} is not a Zarr store, so not a source-callback record.")
+        raise StoreError(f"no store at {url}. Check the path or URL (and storage_options).")
+    schema.check_format(root, url)
+    return Run(root, url)

@@ -1,0 +1,211 @@
+"""The store's schema: every group, array and attribute name of format version 1.
+
+This is the only module that spells the store's names. The writer and the reader import them
+from here; ``docs/store-format.md`` documents the same layout for people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from source_callback.errors import FormatVersionError, NotAStoreError
+from source_callback.optim import OptimizerRecord
+
+FORMAT_NAME = "source-callback"
+FORMAT_VERSION = 1
+
+# Root attributes.
+ATTR_FORMAT = "source_callback"  # {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+ATTR_VERSIONS = "library_versions"
+ATTR_STATUS = "status"
+ATTR_MANIFEST = "model_manifest"
+STATUS_RECORDING = "recording"
+STATUS_COMPLETE = "complete"
+
+# Per-step arrays: one row per optimizer step, global index across stages.
+STEPS = "steps"
+ATTR_NUM_STEPS = "num_steps"  # rows fully written; arrays may be longer after a crash
+STEP_STAGE = "stage"
+STEP_EPOCH = "epoch"
+STEP_LOSS = "loss"
+STEP_EXAMPLES = "examples"
+# Per-step, per-param-group hyperparameters ([steps, groups], NaN where a group or field is absent).
+STEP_GROUP_FIELDS = ("lr", "momentum", "beta2", "weight_decay", "dampening", "eps")
+STEP_ROW_CHUNK = 4096
+
+# Stages: a list of JSON entries in the attributes of the ``stages`` group.
+STAGES = "stages"
+ATTR_STAGE_LIST = "stages"
+STAGE_RECORDING = "recording"
+STAGE_COMPLETE = "complete"
+
+# Checkpoints: one group per checkpoint under ``checkpoints``.
+CHECKPOINTS = "checkpoints"
+CKPT_PARAMS = "params"
+CKPT_BUFFERS = "buffers"
+CKPT_OPTIMIZER = "optimizer"
+ATTR_STEP = "step"
+ATTR_STAGE = "stage"
+ATTR_ROLE = "role"
+ATTR_COMMITTED = "committed"
+ATTR_SCALAR_STATE = "scalar_state"  # {state key: {param name: number}} for 0-d optimizer state
+ROLE_START = "stage-start"
+ROLE_INTERIOR = "interior"
+ROLE_END = "stage-end"
+ROLES = (ROLE_START, ROLE_INTERIOR, ROLE_END)
+
+# Non-trainable parameters, once per stage: ``frozen/<stage index>/<name>``.
+FROZEN = "frozen"
+
+# Results written back by the analysis.
+ANALYSES = "analyses"
+
+# Tensor encoding: the torch dtype is kept in an array attribute; dtypes numpy lacks are stored
+# as same-width unsigned integers and viewed back on read.
+ATTR_TORCH_DTYPE = "torch_dtype"
+_NUMPY_LACKS = {
+    torch.bfloat16: torch.uint16,
+    torch.float8_e4m3fn: torch.uint8,
+    torch.float8_e5m2: torch.uint8,
+}
+
+
+def check_format(root: zarr.Group, url: str) -> None:
+    """Raise unless ``root`` is a source-callback store of a version this library reads."""
+    marker = root.attrs.get(ATTR_FORMAT)
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise NotAStoreError(
+            f"{url} is a Zarr group but not a source-callback store (no "
+            f"'{ATTR_FORMAT}' attribute). Point SourceCallback/open_run at a new or "
+            "existing source-callback store; nothing was changed at this location."
+        )
+    version = marker.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{url} has store format version {version!r}; this source-callback reads up to "
+            f"version {FORMAT_VERSION}. Upgrade source-callback to use this store."
+        )
+
+
+def tensor_codecs() -> BloscCodec:
+    """Compressor for checkpoint tensors (byte shuffle groups floats' exponent bytes)."""
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def checkpoint_key(step: int, role: str) -> str:
+    """Name of a checkpoint's group: sorts by step, then stage-end before stage-start."""
+    return f"{step:010d}_{role}"
+
+
+def parse_checkpoint_key(key: str) -> tuple[int, str]:
+    """Inverse of :func:`checkpoint_key`: ``(step, role)``."""
+    step, role = key.split("_", 1)
+    return int(step), role
+
+
+def frozen_key(stage_index: int) -> str:
+    """Name of the group holding one stage's frozen parameters under ``FROZEN``."""
+    return f"{stage_index:04d}"
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor as stored: a numpy array plus the torch dtype needed to read it back."""
+
+    array: np.ndarray
+    torch_dtype: str
+
+
+def encode_tensor(tensor: torch.Tensor) -> EncodedTensor:
+    """Encode a CPU tensor for storage without changing its dtype's precision."""
+    tensor = tensor.detach()
+    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype in _NUMPY_LACKS:
+        tensor = tensor.view(_NUMPY_LACKS[tensor.dtype])
+    return EncodedTensor(tensor.contiguous().numpy(), dtype_name)
+
+
+def decode_array(array: np.ndarray, torch_dtype: str) -> torch.Tensor:
+    """Inverse of :func:`encode_tensor`."""
+    dtype = getattr(torch, torch_dtype)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dtype in _NUMPY_LACKS:
+        tensor = tensor.view(dtype)
+    return tensor
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run as recorded (an entry of the ``stages`` group's attribute list).
+
+    Attributes
+    ----------
+    index, name
+        Position in the run and unique name (``pretrain``, ``sft``, ...).
+    status
+        ``recording`` while the stage trains (or after it was interrupted), then ``complete``.
+    first_step, last_step
+        Global optimizer steps (inclusive); ``last_step`` is ``None`` until the stage ends.
+    planned_checkpoints
+        Global steps of the interior checkpoints planned at stage start.
+    num_examples, fingerprint
+        Training set size N_s and :func:`source_callback.fingerprint.dataset_fingerprint`.
+    batch_size, accumulate_grad_batches, world_size
+        Per-process batch size and how many batches and processes make one optimizer step.
+    precision
+        Lightning's precision setting (``32-true``, ``bf16-mixed``, ...).
+    estimated_steps, checkpoints_per_stage
+        What the checkpoint plan was computed from.
+    optimizer
+        The optimizer's description.
+    trainable, frozen
+        Names of the parameters the optimizer updates, and of the others.
+
+    """
+
+    index: int
+    name: str
+    status: str
+    first_step: int
+    last_step: int | None
+    planned_checkpoints: list[int]
+    num_examples: int | None
+    fingerprint: str | None
+    batch_size: int | None
+    accumulate_grad_batches: int
+    world_size: int
+    precision: str
+    estimated_steps: float | None
+    checkpoints_per_stage: int
+    optimizer: OptimizerRecord
+    trainable: list[str]
+    frozen: list[str]
+
+    @property
+    def num_steps(self) -> int | None:
+        """Optimizer steps in the stage, once it is complete."""
+        return None if self.last_step is None else self.last_step - self.first_step + 1
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stage ended normally."""
+        return self.status == STAGE_COMPLETE
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form stored in the ``stages`` attribute."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["optimizer"] = self.optimizer.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Stage:
+        """Inverse of :meth:`to_json`."""
+        values = {f.name: data[f.name] for f in fields(cls)}
+        values["optimizer"] = OptimizerRecord.from_json(data["optimizer"])
+        return cls(**values)

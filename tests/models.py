@@ -1,0 +1,84 @@
+"""Tiny Lightning modules and datasets for tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+
+def make_dataset(n: int = 64, features: int = 6, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+class TinyClassifier(pl.LightningModule):
+    """A two-layer MLP whose optimizer and scheduler the test chooses."""
+
+    def __init__(
+        self,
+        features: int = 6,
+        hidden: int = 8,
+        classes: int = 3,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        scheduler_interval: str = "step",
+        freeze_first: bool = False,
+        batchnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(features, hidden)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.Tanh(), nn.Linear(hidden, classes)]
+        self.net = nn.Sequential(*layers)
+        if freeze_first:
+            self.net[0].requires_grad_(False)
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.SGD(params, lr=0.1))
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+
+def loader(dataset: TensorDataset, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(callbacks: list[pl.Callback], root: Any, **kwargs: Any) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(root),
+    }
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
