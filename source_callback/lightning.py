@@ -141,6 +141,7 @@ class SourceCallback(Callback):
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
         self._examples = 0
+        self._checkpointed: set[int] = set()
 
     # -- public API --------------------------------------------------------------------------
 
@@ -322,20 +323,29 @@ class SourceCallback(Callback):
 
     # -- steps -------------------------------------------------------------------------------
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._recorder is None or not self._active:
+            return
+        # The first micro-batch of step t sees θ_t, the buffers and optimizer state after step
+        # t-1: the state "before step t". (In on_before_optimizer_step the forward pass of
+        # step t would already have updated buffers such as batch-norm statistics.)
+        step = self._first_step + trainer.global_step - self._origin
+        if step in self._recorder.planned and step not in self._checkpointed:
+            self._checkpointed.add(step)
+            trainable, _, buffers = self._model_views(pl_module)
+            self._recorder.checkpoint(
+                step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state()
+            )
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if not self._active or getattr(optimizer, "_optimizer", optimizer) is not self._optimizer:
-            return
-        # Schedulers step after the optimizer: these are the values this step uses.
-        self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
-        if self._recorder is not None:
-            step = self._first_step + trainer.global_step - self._origin
-            if step in self._recorder.planned:
-                trainable, _, buffers = self._model_views(pl_module)
-                self._recorder.checkpoint(
-                    step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state()
-                )
+        if self._active and getattr(optimizer, "_optimizer", optimizer) is self._optimizer:
+            # Schedulers step after the optimizer, and user code that sets the rate in
+            # optimizer_step() has run by now: these are the values this step uses.
+            self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
 
     def on_train_batch_end(
         self,

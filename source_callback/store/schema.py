@@ -134,7 +134,7 @@ def encode_tensor(tensor: torch.Tensor) -> EncodedTensor:
 def decode_array(array: np.ndarray, torch_dtype: str) -> torch.Tensor:
     """Inverse of :func:`encode_tensor`."""
     dtype = getattr(torch, torch_dtype)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    tensor = torch.from_numpy(np.asarray(array, order="C"))  # (ascontiguousarray makes 0-d 1-d)
     if dtype in _NUMPY_LACKS:
         tensor = tensor.view(dtype)
     return tensor
