@@ -67,7 +67,7 @@ def test_newer_format_version(tmp_path, recorded) -> None:
     meta["attributes"]["source_callback"]["version"] = 99
     meta_path.write_text(json.dumps(meta))
     before = tree_digest(recorded)
-    with pytest.raises(FormatVersionError, match="version 99.*Upgrade"):
+    with pytest.raises(FormatVersionError, match=r"version 99.*Upgrade"):
         open_run(recorded)
     with pytest.raises(FormatVersionError):
         _fit(tmp_path, recorded, stage="finetune")
@@ -78,11 +78,11 @@ def test_model_manifest_mismatch(tmp_path, recorded) -> None:
     before = tree_digest(recorded)
     with pytest.raises(ManifestMismatchError, match=r"net\.0\.weight: shape \[8, 6\] recorded"):
         _fit(tmp_path, recorded, model=TinyClassifier(hidden=5), stage="finetune")
-    with pytest.raises(ManifestMismatchError, match="unexpected net.1.running_mean"):
+    with pytest.raises(ManifestMismatchError, match=r"unexpected net\.1\.running_mean"):
         _fit(tmp_path, recorded, model=TinyClassifier(batchnorm=True), stage="finetune")
     assert tree_digest(recorded) == before
     # a float64 copy of the same architecture is a different model too
-    with pytest.raises(ManifestMismatchError, match="dtype torch.float32 recorded"):
+    with pytest.raises(ManifestMismatchError, match=r"dtype torch\.float32 recorded"):
         _fit(tmp_path, recorded, model=TinyClassifier().double(), stage="finetune")
     assert tree_digest(recorded) == before
 

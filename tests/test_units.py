@@ -141,12 +141,13 @@ def test_optimizer_state_by_name_picks_the_needed_state() -> None:
     "dtype",
     [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.float8_e4m3fn],
 )
-def test_tensor_encoding_roundtrip_keeps_dtype(dtype: torch.dtype) -> None:
-    t = (torch.randn(4, 3) * 3).to(dtype)
+@pytest.mark.parametrize("shape", [(4, 3), ()])
+def test_tensor_encoding_roundtrip_keeps_dtype(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = (torch.randn(shape) * 3).to(dtype)
     encoded = schema.encode_tensor(t)
     assert isinstance(encoded.array, np.ndarray)
     back = schema.decode_array(encoded.array, encoded.torch_dtype)
-    assert back.dtype == dtype
+    assert back.dtype == dtype and back.shape == t.shape
     assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
 
 
