@@ -148,7 +148,7 @@ def test_tensor_encoding_roundtrip_keeps_dtype(dtype: torch.dtype, shape: tuple[
     assert isinstance(encoded.array, np.ndarray)
     back = schema.decode_array(encoded.array, encoded.torch_dtype)
     assert back.dtype == dtype and back.shape == t.shape
-    assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+    assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
 
 
 def test_checkpoint_keys_sort_by_step_then_end_before_start() -> None:
