@@ -1,0 +1,1 @@
+"""The analysis half: segments, curvature, matrix functions, scoring (SOURCE-math.md)."""
