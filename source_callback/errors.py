@@ -25,3 +25,11 @@ class ManifestMismatchError(StoreError):
 
 class InterruptedStageError(StoreError):
     """The store's last stage was interrupted and is not being resumed."""
+
+
+class AnalysisError(SourceCallbackError):
+    """The analysis cannot run on this record with these arguments."""
+
+
+class UnsupportedOptimizerError(AnalysisError):
+    """The record's optimizer has no model in the analysis."""
