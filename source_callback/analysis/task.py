@@ -1,0 +1,156 @@
+"""What is being attributed: the training loss, the measurement, and the Fisher's pseudo-losses.
+
+A :class:`Task` tells the analysis how to turn a model and a batch into per-example numbers. The
+built-ins cover classification, regression and (causal) language modeling; any object with the
+same methods works.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The protocol every task implements.
+
+    All methods return one value per example of ``batch`` (shape ``[B]``), with gradients.
+    """
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example training loss; its mean over a stage's dataset is that stage's objective."""
+        ...
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-query quantity f whose counterfactual change the scores predict."""
+        ...
+
+    def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Per-example loss with targets sampled from the model's predictive distribution.
+
+        Its per-example gradient g satisfies ``E[g gᵀ] = Jᵀ H_out J`` (the Gauss-Newton Hessian
+        of the per-example loss), which is what the curvature estimate averages.
+        """
+        ...
+
+
+@runtime_checkable
+class ExactFisherTask(Task, Protocol):
+    """A task that can also give the Gauss-Newton Hessian exactly, for small outputs."""
+
+    def exact_pseudo_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """``[K, B]`` losses whose per-example gradients satisfy ``Σ_k g_k g_kᵀ = Jᵀ H_out J``."""
+        ...
+
+
+def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch["input"], batch["target"]
+    inputs, targets = batch[0], batch[1]
+    return inputs, targets
+
+
+class ClassificationTask:
+    """Cross-entropy classification: ``batch = (inputs, labels)``, the model returns logits.
+
+    Parameters
+    ----------
+    measurement
+        ``"loss"`` (the query's cross-entropy; positive scores mean helpful) or ``"margin"``
+        (the correct logit minus the log-sum-exp of the others).
+
+    """
+
+    def __init__(self, measurement: Literal["loss", "margin"] = "loss") -> None:
+        if measurement not in ("loss", "margin"):
+            raise ValueError(f"measurement must be 'loss' or 'margin', got {measurement!r}")
+        self.kind = measurement
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example cross-entropy."""
+        inputs, labels = _split(batch)
+        return F.cross_entropy(model(inputs), labels, reduction="none")
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-query loss or margin."""
+        inputs, labels = _split(batch)
+        logits = model(inputs)
+        if self.kind == "loss":
+            return F.cross_entropy(logits, labels, reduction="none")
+        correct = logits.gather(1, labels[:, None])[:, 0]
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return correct - torch.logsumexp(others, dim=1)
+
+    def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Cross-entropy against labels sampled from the softmax."""
+        inputs, _ = _split(batch)
+        logits = model(inputs)
+        probs = torch.softmax(logits.detach().double(), dim=1)
+        sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+        return F.cross_entropy(logits, sampled, reduction="none")
+
+    def exact_pseudo_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """One loss per class: ``⟨r_k, logits⟩`` with ``Σ_k r_k r_kᵀ = diag(p) − ppᵀ``."""
+        # diag(p) − ppᵀ = Σ_k r_k r_kᵀ with r_k = √p_k (e_k − p); ⟨r_k, logits⟩ has gradient Jᵀr_k.
+        inputs, _ = _split(batch)
+        logits = model(inputs)
+        p = torch.softmax(logits.detach(), dim=1)
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        r = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # [K, B, C]
+        return (r * logits[None]).sum(-1)
+
+
+class RegressionTask:
+    """Mean-squared-error regression: ``batch = (inputs, targets)``.
+
+    The per-example loss is the squared error averaged over output dimensions (so its dataset
+    mean is ``F.mse_loss``); the measurement is the same per-query loss.
+    """
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example squared error, averaged over output dimensions."""
+        inputs, targets = _split(batch)
+        out = model(inputs)
+        return ((out - targets.reshape(out.shape)) ** 2).reshape(len(out), -1).mean(1)
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-query squared error."""
+        return self.loss(model, batch)
+
+    def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """Squared error against targets sampled around the prediction."""
+        # L = mean_d (f_d − y_d)²: H_out = (2/D) I, matched by y ~ N(f, D/2 · I).
+        inputs, _ = _split(batch)
+        out = model(inputs)
+        flat = out.reshape(len(out), -1)
+        dims = flat.shape[1]
+        noise = torch.randn(flat.shape, generator=generator, dtype=torch.float64)
+        target = flat.detach() + (dims / 2) ** 0.5 * noise.to(flat.device, flat.dtype)
+        return ((flat - target) ** 2).mean(1)
+
+    def exact_pseudo_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """One loss per output dimension: ``√(2/D) f_d``."""
+        # H_out = (2/D) I = Σ_k r_k r_kᵀ with r_k = √(2/D) e_k.
+        inputs, _ = _split(batch)
+        out = model(inputs)
+        flat = out.reshape(len(out), -1)
+        dims = flat.shape[1]
+        return (2 / dims) ** 0.5 * flat.T
+
+
+def resolve_task(task: str | Task) -> Task:
+    """A built-in task by name (``classification``, ``regression``), or ``task`` itself."""
+    builtins = {"classification": ClassificationTask, "regression": RegressionTask}
+    if isinstance(task, str):
+        if task not in builtins:
+            raise ValueError(f"unknown task {task!r}; use one of {sorted(builtins)} or a Task")
+        return builtins[task]()
+    if not isinstance(task, Task):
+        raise TypeError(
+            f"task must be a name or an object with loss/measurement/pseudo_loss, got {task!r}"
+        )
+    return task
