@@ -1,0 +1,390 @@
+"""``analyze``: segmented SOURCE scores and stage effects from a recorded run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from source_callback.analysis import ekfac
+from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
+from source_callback.analysis.inputs import (
+    average_states,
+    batches,
+    check_datasets,
+    checkpoint_state,
+    on_device,
+    prepare_model,
+)
+from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
+from source_callback.analysis.source import SegmentOperator, dot, sweep
+from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
+from source_callback.errors import AnalysisError
+from source_callback.optim import UpdateRule, WeightDecay
+from source_callback.store.reader import Run, open_run
+from source_callback.store.schema import ROLE_END, ROLE_START, Stage
+
+Method = Literal["source", "fast-source"]
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One training example's score for a query."""
+
+    stage: str
+    index: int
+    score: float
+
+
+@dataclass
+class AnalysisResult:
+    """Scores and stage effects of one analysis.
+
+    Attributes
+    ----------
+    scores
+        Per stage name, ``[n_queries, n_examples of the stage]``: the predicted change of the
+        query's measurement if the example were removed (SOURCE-math §1: with a loss
+        measurement, positive means the example helped).
+    stage_names
+        Stage names in training order (the columns of ``stage_effects``).
+    stage_effects
+        ``[n_queries, n_stages]``: predicted change of the measurement had each stage's updates
+        never been executed.
+    last_stage_exact
+        ``[n_queries]``: the exact value of that change for the last stage, for comparison.
+    config
+        The settings the analysis ran with.
+    """
+
+    scores: dict[str, np.ndarray]
+    stage_names: list[str]
+    stage_effects: np.ndarray
+    last_stage_exact: np.ndarray
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def top(self, query: int, k: int = 10) -> tuple[list[Attribution], list[Attribution]]:
+        """The ``k`` most helpful and ``k`` most harmful training examples for one query.
+
+        Returns
+        -------
+        helpful, harmful
+            Highest and lowest scores across all stages, each best first.
+        """
+        flat = [
+            (stage, index, float(score))
+            for stage in self.stage_names
+            for index, score in enumerate(self.scores[stage][query])
+        ]
+        flat.sort(key=lambda item: item[2])
+        harmful = [Attribution(*item) for item in flat[:k]]
+        helpful = [Attribution(*item) for item in reversed(flat[-k:])]
+        return helpful, harmful
+
+
+def _group_of(stage: Stage, param: str) -> int:
+    for index, group in enumerate(stage.optimizer.groups):
+        if param in group.params:
+            return index
+    raise AnalysisError(f"parameter {param} is not in stage {stage.name!r}'s optimizer groups")
+
+
+def _segment_operator(
+    segment: Segment,
+    stage: Stage,
+    rule: UpdateRule,
+    curvature: dict[str, ekfac.ModuleCurvature],
+    modules: dict[str, nn.Module],
+    weight_decay: np.ndarray,
+) -> SegmentOperator:
+    tau, shift = {}, {}
+    for name, module in modules.items():
+        group = _group_of(stage, ekfac.module_param_names(name, module)[0])
+        tau[name] = float(segment.lr_mass[group])
+        coupled = stage.optimizer.weight_decay is WeightDecay.COUPLED
+        shift[name] = (
+            float(np.mean(weight_decay[segment.start : segment.end, group])) if coupled else 0.0
+        )
+    return SegmentOperator(curvature, tau, shift)
+
+
+class _Analysis:
+    """One run of ``analyze``: holds the model copy, data and settings across passes."""
+
+    def __init__(
+        self,
+        run: Run,
+        model: nn.Module,
+        task: Task,
+        train: Mapping[str, Dataset],
+        batch_size: int,
+        fisher: str,
+        seed: int,
+        verbose: bool,
+        collate_fn: Any,
+    ) -> None:
+        self.run = run
+        self.model = model
+        self.task = task
+        self.train = train
+        self.batch_size = batch_size
+        self.exact = fisher == "exact"
+        self.generator = torch.Generator().manual_seed(seed)
+        self.verbose = verbose
+        self.collate_fn = collate_fn
+        self.device = next(model.parameters()).device
+        self.modules = ekfac.tracked_modules(model)
+        if not self.modules:
+            raise AnalysisError("the model has no trainable nn.Linear or nn.Conv2d to analyze")
+
+    def load(self, state: State) -> None:
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
+
+    def data(self, dataset: Dataset, desc: str) -> Any:
+        loader = batches(dataset, self.batch_size, self.collate_fn)
+        return tqdm(
+            on_device(loader, self.device),
+            total=len(loader),
+            desc=desc,
+            disable=not self.verbose,
+            leave=False,
+        )
+
+    def curvature(
+        self, stage: Stage, states: list[State], label: str
+    ) -> dict[str, ekfac.ModuleCurvature]:
+        """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on the stage's data."""
+        dataset = self.train[stage.name]
+        a_sum: dict[str, torch.Tensor] = {}
+        s_sum: dict[str, torch.Tensor] = {}
+        for i, state in enumerate(states):
+            self.load(state)
+            covs = ekfac.covariances(
+                self.model,
+                self.modules,
+                self.task,
+                self.data(dataset, f"{label} factors {i + 1}/{len(states)}"),
+                self.generator,
+                self.exact,
+            )
+            for name, cov in covs.items():
+                a, s = cov.mean()
+                a_sum[name] = a_sum.get(name, 0) + a
+                s_sum[name] = s_sum.get(name, 0) + s
+        bases = {
+            n: (ekfac.eigh_float64(a_sum[n])[1], ekfac.eigh_float64(s_sum[n])[1]) for n in a_sum
+        }
+        lam_sum: dict[str, torch.Tensor] = {}
+        for i, state in enumerate(states):
+            self.load(state)
+            lam = ekfac.corrected_eigenvalues(
+                self.model,
+                self.modules,
+                bases,
+                self.task,
+                self.data(dataset, f"{label} eigenvalues {i + 1}/{len(states)}"),
+                self.generator,
+                self.exact,
+            )
+            for name, value in lam.items():
+                lam_sum[name] = lam_sum.get(name, 0) + value
+        out = {}
+        for name, (q_a, q_s) in bases.items():
+            eigenvalues = lam_sum[name] / len(states)
+            if not torch.isfinite(eigenvalues).all():
+                raise AnalysisError(
+                    f"the curvature of module {name!r} ({label}) is not finite; the model's "
+                    "outputs or losses overflow at these checkpoints."
+                )
+            out[name] = ekfac.ModuleCurvature(q_a, q_s, eigenvalues)
+        return out
+
+    def module_matrices(self, state: State) -> ModuleTensors:
+        """Tracked parameters of a state as ``[out, in (+1)]`` matrices."""
+        out = {}
+        for name, module in self.modules.items():
+            weight, bias = ekfac.module_param_names(name, module)
+            out[name] = ekfac.weight_matrix(module, state[weight], state[bias] if bias else None)
+        return out
+
+    def scores(
+        self, stage: Stage, states: list[State], vectors: ModuleTensors, label: str
+    ) -> np.ndarray:
+        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of the stage: ``[Q, N_s]``."""
+        dataset = self.train[stage.name]
+        total = None
+        for i, state in enumerate(states):
+            self.load(state)
+            rows = [
+                contract(self.model, self.modules, self.task.loss, batch, vectors)
+                for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}")
+            ]
+            part = torch.cat(rows).T
+            total = part if total is None else total + part
+        return (total / len(states)).cpu().numpy()
+
+    def measurement(self, queries: Dataset) -> np.ndarray:
+        with torch.no_grad():
+            values = [
+                self.task.measurement(self.model, b) for b in self.data(queries, "measurement")
+            ]
+        return torch.cat(values).double().cpu().numpy()
+
+
+def analyze(
+    store: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    task: str | Task,
+    train: Mapping[str, Dataset],
+    queries: Dataset,
+    segments: SegmentSpec = 3,
+    method: Method = "source",
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    optimizer_model: UpdateRule | str | None = None,
+    momentum_tail: bool = True,
+    fisher: Literal["sampled", "exact"] = "sampled",
+    seed: int = 0,
+    collate_fn: Any = None,
+    verbose: bool = True,
+) -> AnalysisResult:
+    """Attribute the queries' measurements to training examples and stages with SOURCE.
+
+    Parameters
+    ----------
+    store
+        The record written by :class:`~source_callback.SourceCallback` (path or fsspec URL).
+    model
+        An instance of the trained architecture; weights come from the store (the instance
+        itself is not modified).
+    task
+        ``"classification"``, ``"regression"`` or a :class:`Task`.
+    train
+        Each stage's training dataset by stage name, in the order it was trained on; checked
+        against the recorded size and fingerprint.
+    queries
+        Dataset of query examples, batched like the training data.
+    segments
+        Segments per stage, or per stage name a count or the global steps where segments start.
+    method
+        ``"source"`` (EK-FAC and gradients at every checkpoint of a segment, averaged) or
+        ``"fast-source"`` (once, at the segment's average parameters).
+    storage_options
+        fsspec options for a remote store.
+    batch_size
+        Examples per batch in every pass over data.
+    optimizer_model
+        Update rule to assume instead of the recorded one (needed for unknown optimizers).
+    momentum_tail
+        Cut each gradient's momentum tail at its stage's end (SOURCE-math §4).
+    fisher
+        ``"sampled"`` pseudo-labels (one per example and pass), or ``"exact"`` Gauss-Newton
+        Hessian blocks (one backward pass per output: small outputs only).
+    seed
+        Seed of the pseudo-label sampling.
+    collate_fn
+        Passed to the DataLoaders (as used in training).
+    verbose
+        Show progress bars.
+
+    Returns
+    -------
+    AnalysisResult
+    """
+    if method not in ("source", "fast-source"):
+        raise ValueError(f"method must be 'source' or 'fast-source', got {method!r}")
+    if fisher not in ("sampled", "exact"):
+        raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
+    run = open_run(store, storage_options)
+    incomplete = [s.name for s in run.stages if not s.complete]
+    if not run.stages or incomplete:
+        raise AnalysisError(
+            f"{run.url} has incomplete stage(s) {incomplete or 'none recorded'}; analyze needs "
+            "every stage recorded to its end."
+        )
+    task = resolve_task(task)
+    if fisher == "exact" and not isinstance(task, ExactFisherTask):
+        raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
+    check_datasets(run, train)
+    work = _Analysis(
+        run, prepare_model(model, run), task, train, batch_size, fisher, seed, verbose, collate_fn
+    )
+    plan = plan_segments(
+        run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
+    )
+    weight_decay = run.steps()["weight_decay"]
+    by_role = {(c.stage, c.role): c for c in run.checkpoints if c.committed}
+
+    operators, segment_states = [], []
+    for number, segment in enumerate(plan):
+        stage = run.stages[segment.stage]
+        rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
+        if rule in (UpdateRule.ADAM, UpdateRule.ADAMW):
+            raise AnalysisError(
+                f"stage {stage.name!r} was trained with {rule.value}; the Adam-family "
+                "preconditioned estimator is not implemented in this version of analyze()."
+            )
+        states = [checkpoint_state(c) for c in segment.checkpoints]
+        if method == "fast-source":
+            states = [average_states(states)]
+        segment_states.append(states)
+        label = f"segment {number + 1}/{len(plan)}"
+        curvature = work.curvature(stage, states, label)
+        operators.append(
+            _segment_operator(segment, stage, rule, curvature, work.modules, weight_decay)
+        )
+
+    final = by_role.get((len(run.stages) - 1, ROLE_END))
+    if final is None:
+        raise AnalysisError(f"{run.url} has no committed final checkpoint (stage-end)")
+    final_state = checkpoint_state(final)
+    work.load(final_state)
+    query_grads = per_example_grads(
+        work.model, work.modules, task.measurement, work.data(queries, "query gradients")
+    )
+    f_final = work.measurement(queries)
+    responses, arrivals = sweep(operators, query_grads)
+
+    scores: dict[str, np.ndarray] = {}
+    for number, (segment, states) in enumerate(zip(plan, segment_states, strict=True)):
+        stage = run.stages[segment.stage]
+        part = work.scores(stage, states, responses[number], f"segment {number + 1}/{len(plan)}")
+        scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
+
+    effects = np.zeros((len(f_final), len(run.stages)))
+    for stage in run.stages:
+        last_segment = max(i for i, s in enumerate(plan) if s.stage == stage.index)
+        start, end = by_role.get((stage.index, ROLE_START)), by_role.get((stage.index, ROLE_END))
+        if start is None or end is None:
+            raise AnalysisError(f"stage {stage.name!r} lacks a committed start or end checkpoint")
+        before, after = (
+            work.module_matrices(checkpoint_state(start)),
+            work.module_matrices(checkpoint_state(end)),
+        )
+        delta = {n: after[n] - before[n] for n in after}
+        effects[:, stage.index] = -dot(arrivals[last_segment], delta).cpu().numpy()
+    last_start = by_role[(len(run.stages) - 1, ROLE_START)]
+    work.load(checkpoint_state(last_start))
+    last_exact = work.measurement(queries) - f_final
+
+    config = {
+        "method": method,
+        "segments": [[s.start, s.end] for s in plan],
+        "momentum_tail": momentum_tail,
+        "fisher": fisher,
+        "seed": seed,
+        "optimizer_model": None
+        if optimizer_model is None
+        else str(UpdateRule(optimizer_model).value),
+        "modules": sorted(work.modules),
+    }
+    return AnalysisResult(scores, [s.name for s in run.stages], effects, last_exact, config)

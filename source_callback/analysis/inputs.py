@@ -1,0 +1,109 @@
+"""Checks and preparation of what the user hands to ``analyze``: model, datasets, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from source_callback.errors import AnalysisError, ManifestMismatchError
+from source_callback.fingerprint import dataset_fingerprint
+from source_callback.manifest import manifest_differences, model_manifest
+from source_callback.store.reader import Checkpoint, Run
+from source_callback.store.schema import Stage
+
+
+def prepare_model(model: nn.Module, run: Run) -> nn.Module:
+    """A private copy of ``model`` in eval mode, checked against the recorded manifest."""
+    problems = manifest_differences(run.manifest, model_manifest(model))
+    if problems:
+        shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+        raise ManifestMismatchError(
+            f"the model passed to analyze() does not match the one recorded in {run.url}: "
+            f"{shown}. Pass an instance of the architecture that was trained."
+        )
+    return copy.deepcopy(model).eval()
+
+
+def check_datasets(run: Run, train: Mapping[str, Dataset]) -> None:
+    """Every recorded stage has a dataset of the recorded size and fingerprint."""
+    names = [s.name for s in run.stages]
+    unknown = sorted(set(train) - set(names))
+    if unknown:
+        raise AnalysisError(f"train names stage(s) {unknown} not in the record; recorded: {names}")
+    missing = [n for n in names if n not in train]
+    if missing:
+        raise AnalysisError(
+            f"train has no dataset for stage(s) {missing}; every stage's data is needed for its "
+            f"curvature. Pass train={{{', '.join(repr(n) + ': ...' for n in names)}}}."
+        )
+    for stage in run.stages:
+        check_dataset(stage, train[stage.name])
+
+
+def check_dataset(stage: Stage, dataset: Dataset) -> None:
+    """The dataset has the size and fingerprint recorded for ``stage``."""
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise AnalysisError(
+            f"the dataset for stage {stage.name!r} has no length; pass a map-style dataset."
+        ) from exc
+    if stage.num_examples is not None and size != stage.num_examples:
+        raise AnalysisError(
+            f"the dataset for stage {stage.name!r} has {size} examples but the stage was "
+            f"trained on {stage.num_examples}. Pass the stage's training set, in its order."
+        )
+    if stage.fingerprint is not None and dataset_fingerprint(dataset) != stage.fingerprint:
+        raise AnalysisError(
+            f"the dataset for stage {stage.name!r} has the recorded size but not the recorded "
+            "fingerprint: its items differ from the ones trained on (other data, order, or "
+            "preprocessing). Pass the exact training set of the stage."
+        )
+
+
+def batches(dataset: Dataset, batch_size: int, collate_fn: Any = None) -> DataLoader:
+    """Deterministic batches over ``dataset`` in its own order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def on_device(loader: DataLoader, device: torch.device) -> Iterator[Any]:
+    """Iterate ``loader`` with every batch moved to ``device``."""
+    for batch in loader:
+        yield to_device(batch, device)
+
+
+def checkpoint_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """A checkpoint's parameters and buffers as a state dict; refuse non-finite values."""
+    state = {**checkpoint.params(), **checkpoint.buffers()}
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AnalysisError(
+            f"checkpoint {checkpoint.key} holds NaN or infinite values in {bad[:5]}; the run "
+            "diverged there. Analyze with segments that avoid it, or fix the training run."
+        )
+    return state
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Mean of floating-point entries (Fast-SOURCE); other entries from the last state."""
+    out = dict(states[-1])
+    for name, tensor in out.items():
+        if tensor.is_floating_point():
+            out[name] = torch.stack([s[name].double() for s in states]).mean(0).to(tensor.dtype)
+    return out

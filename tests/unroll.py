@@ -1,0 +1,71 @@
+"""Ground truth for attribution tests: exact unrolled differentiation through a recorded run.
+
+The recorded trajectory (same data order, the recorded learning rates, the optimizer's exact
+update rule) is replayed functionally with a weight (1 + ε_m) on every training example; the
+derivative of the final measurement with respect to ε, negated, is the exact first-order
+leave-one-out effect that SOURCE estimates (SOURCE-math §1–2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+
+def sgd_replay(
+    model: nn.Module,
+    start: Params,
+    batches: Sequence[torch.Tensor],
+    loss: Callable[[nn.Module, Params, torch.Tensor], torch.Tensor],
+    lrs: Sequence[float],
+    weights: torch.Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+) -> Params:
+    """PyTorch SGD (heavy-ball momentum, coupled decay) with per-example loss weights.
+
+    ``batches[t]`` holds the example indices of step t; ``loss(model, params, idx)`` returns
+    their per-example losses. The step's gradient is that of ``mean_i (1 + ε_i) L_i``.
+    """
+    # Parameters that carry a graph (the end of an earlier replayed stage) keep it.
+    params = {
+        n: p if p.requires_grad else p.detach().clone().requires_grad_(True)
+        for n, p in start.items()
+    }
+    buffers: Params | None = None
+    for idx, lr in zip(batches, lrs, strict=True):
+        objective = (weights[idx] * loss(model, params, idx)).mean()
+        grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
+        grads = {n: g + weight_decay * params[n] for n, g in zip(params, grads, strict=True)}
+        if momentum:
+            if buffers is None:
+                buffers = dict(grads)  # PyTorch initialises the buffer with the first gradient
+            else:
+                buffers = {n: momentum * buffers[n] + (1 - dampening) * grads[n] for n in grads}
+            grads = buffers
+        params = {n: params[n] - lr * grads[n] for n in params}
+    return params
+
+
+def leave_one_out_effects(
+    model: nn.Module,
+    final: Callable[[torch.Tensor], Params],
+    measurement: Callable[[nn.Module, Params], torch.Tensor],
+    num_examples: int,
+) -> torch.Tensor:
+    """``−d f_q / d ε_m`` for every query q and example m: ``[Q, N]``."""
+    weights = torch.ones(num_examples, dtype=torch.float64, requires_grad=True)
+    values = measurement(model, final(weights))
+    rows = [-torch.autograd.grad(v, weights, retain_graph=True)[0] for v in values]
+    return torch.stack(rows).detach()
+
+
+def call(model: nn.Module, params: Params, *args: torch.Tensor) -> torch.Tensor:
+    """``model(*args)`` with ``params`` substituted (buffers as they are)."""
+    return functional_call(model, params, args)
