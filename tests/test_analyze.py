@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from unroll import call, leave_one_out_effects, sgd_replay
 
 from source_callback import SourceCallback, open_run
-from source_callback.analysis.api import analyze
+from source_callback.analysis.api import analyze, load_analysis
 from source_callback.analysis.ekfac import ModuleCurvature
 from source_callback.analysis.source import SegmentOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
@@ -203,6 +203,20 @@ def test_top_lists_the_extremes(two_stage) -> None:
     assert [h.score for h in harmful] == sorted(everything)[:3]
     best = helpful[0]
     assert result.scores[best.stage][0, best.index] == best.score
+
+
+def test_results_are_stored_and_reopen(two_stage) -> None:
+    result, *_, root = two_stage
+    store = root / "run.zarr"
+    assert open_run(store).analyses == ["default"]
+    again = load_analysis(store)
+    assert again.stage_names == result.stage_names and again.config == result.config
+    for name in result.stage_names:
+        np.testing.assert_array_equal(again.scores[name], result.scores[name])
+    np.testing.assert_array_equal(again.stage_effects, result.stage_effects)
+    np.testing.assert_array_equal(again.last_stage_exact, result.last_stage_exact)
+    with pytest.raises(KeyError, match="no analysis 'other'"):
+        load_analysis(store, "other")
 
 
 def test_infinite_lr_mass_is_the_influence_function() -> None:

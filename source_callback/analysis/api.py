@@ -30,6 +30,7 @@ from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule, WeightDecay
 from source_callback.store.reader import Run, open_run
 from source_callback.store.schema import ROLE_END, ROLE_START, Stage
+from source_callback.store.writer import write_analysis
 
 Method = Literal["source", "fast-source"]
 State = dict[str, torch.Tensor]
@@ -255,6 +256,7 @@ def analyze(
     fisher: Literal["sampled", "exact"] = "sampled",
     seed: int = 0,
     collate_fn: Any = None,
+    name: str | None = "default",
     verbose: bool = True,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
@@ -293,6 +295,9 @@ def analyze(
         Seed of the pseudo-label sampling.
     collate_fn
         Passed to the DataLoaders (as used in training).
+    name
+        The result is also written into the store under ``analyses/<name>/`` (replacing one of
+        that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
     verbose
         Show progress bars.
 
@@ -387,4 +392,29 @@ def analyze(
         else str(UpdateRule(optimizer_model).value),
         "modules": sorted(work.modules),
     }
-    return AnalysisResult(scores, [s.name for s in run.stages], effects, last_exact, config)
+    result = AnalysisResult(scores, [s.name for s in run.stages], effects, last_exact, config)
+    if name is not None:
+        write_analysis(
+            run.url,
+            storage_options,
+            name,
+            [result.scores[n] for n in result.stage_names],
+            {_EFFECTS: result.stage_effects, _LAST_EXACT: result.last_stage_exact},
+            {"stage_names": result.stage_names, "config": config},
+        )
+    return result
+
+
+_EFFECTS, _LAST_EXACT = "stage_effects", "last_stage_exact"
+
+
+def load_analysis(
+    store: str | os.PathLike[str],
+    name: str = "default",
+    storage_options: dict[str, Any] | None = None,
+) -> AnalysisResult:
+    """Reopen an analysis written into ``store`` by :func:`analyze`, without recomputing."""
+    info, score_arrays, arrays = open_run(store, storage_options).analysis(name)
+    names = list(info["stage_names"])
+    scores = {n: a[...] for n, a in zip(names, score_arrays, strict=True)}
+    return AnalysisResult(scores, names, arrays[_EFFECTS], arrays[_LAST_EXACT], info["config"])

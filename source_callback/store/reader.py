@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,6 +208,26 @@ class Run:
                 "(the write was interrupted)."
             )
         return read_tensors(sub)
+
+    @property
+    def analyses(self) -> list[str]:
+        """Names of the committed analyses stored in the run."""
+        group = self._root.get(schema.ANALYSES)
+        if not isinstance(group, zarr.Group):
+            return []
+        return sorted(
+            name for name, sub in group.groups() if sub.attrs.get(schema.ATTR_COMMITTED, False)
+        )
+
+    def analysis(self, name: str) -> tuple[dict[str, Any], list[zarr.Array], dict[str, np.ndarray]]:
+        """A stored analysis: its info, score arrays (lazy, one per stage) and other arrays."""
+        if name not in self.analyses:
+            raise KeyError(f"no analysis {name!r} in {self.url}; stored: {self.analyses}")
+        group = self._root[schema.ANALYSES][name]
+        scores = group[schema.ANALYSIS_SCORES]
+        arrays = [scores[schema.scores_key(i)] for i in range(len(dict(scores.arrays())))]
+        others = {key: array[...] for key, array in group.arrays()}
+        return dict(group.attrs[schema.ATTR_ANALYSIS]), arrays, others
 
     def __repr__(self) -> str:
         return (

@@ -64,7 +64,18 @@ ROLES = (ROLE_START, ROLE_INTERIOR, ROLE_END)
 FROZEN = "frozen"
 
 # Results written back by the analysis.
+# ``analyses/<name>/``: ``scores/<stage index>`` [queries, stage examples] chunked by training
+# index, plus named result arrays; attributes hold the configuration and a committed flag.
 ANALYSES = "analyses"
+ANALYSIS_SCORES = "scores"
+ATTR_ANALYSIS = "analysis"  # {"stage_names": [...], "config": {...}}
+SCORE_CHUNK = (256, 4096)
+
+
+def scores_key(stage_index: int) -> str:
+    """Name of one stage's score array under ``analyses/<name>/scores``."""
+    return f"{stage_index:04d}"
+
 
 # Tensor encoding: the torch dtype is kept in an array attribute; dtypes numpy lacks are stored
 # as same-width unsigned integers and viewed back on read.

@@ -290,3 +290,36 @@ def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
             compressors=schema.tensor_codecs(),
             attributes={schema.ATTR_TORCH_DTYPE: encoded.torch_dtype},
         )
+
+
+def write_analysis(
+    url: str,
+    storage_options: location.StorageOptions,
+    name: str,
+    scores: Sequence[np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+    info: dict[str, Any],
+) -> None:
+    """Write one analysis under ``analyses/<name>/``, replacing one of the same name.
+
+    Nothing outside ``analyses/`` is touched; the group counts only once ``committed`` is set.
+    """
+    if not name or "/" in name or name.startswith("__"):
+        raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
+    root = location.open_group(location.normalize(url), storage_options, mode="r+")
+    if root is None:
+        raise StoreError(f"no store at {url} to write the analysis into")
+    schema.check_format(root, url)
+    analyses = root.require_group(schema.ANALYSES)
+    group = analyses.create_group(
+        name, overwrite=True, attributes={schema.ATTR_ANALYSIS: info, schema.ATTR_COMMITTED: False}
+    )
+    score_group = group.create_group(schema.ANALYSIS_SCORES)
+    for index, values in enumerate(scores):
+        chunks = tuple(
+            min(c, max(s, 1)) for c, s in zip(schema.SCORE_CHUNK, values.shape, strict=True)
+        )
+        score_group.create_array(schema.scores_key(index), data=values, chunks=chunks)
+    for key, values in arrays.items():
+        group.create_array(key, data=values)
+    group.attrs[schema.ATTR_COMMITTED] = True
