@@ -1,29 +1,58 @@
 """source-callback: record multi-stage Lightning training, attribute predictions with SOURCE."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from source_callback.analysis.api import AnalysisResult, Attribution, analyze, load_analysis
+from source_callback.analysis.task import ClassificationTask, RegressionTask, Task
 from source_callback.errors import (
+    AnalysisError,
     FormatVersionError,
     InterruptedStageError,
     ManifestMismatchError,
     NotAStoreError,
     SourceCallbackError,
     StoreError,
+    UnsupportedOptimizerError,
 )
-from source_callback.lightning import SourceCallback
 from source_callback.store.reader import Checkpoint, Run, open_run
 from source_callback.store.schema import Stage
+
+if TYPE_CHECKING:
+    from source_callback.lightning import SourceCallback
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisError",
+    "AnalysisResult",
+    "Attribution",
     "Checkpoint",
+    "ClassificationTask",
     "FormatVersionError",
     "InterruptedStageError",
     "ManifestMismatchError",
     "NotAStoreError",
+    "RegressionTask",
     "Run",
     "SourceCallback",
     "SourceCallbackError",
     "Stage",
     "StoreError",
+    "Task",
+    "UnsupportedOptimizerError",
+    "analyze",
+    "load_analysis",
     "open_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning is imported only when the callback is used, so that reading a store and the
+    # command line start quickly.
+    if name == "SourceCallback":
+        from source_callback.lightning import SourceCallback
+
+        return SourceCallback
+    raise AttributeError(f"module 'source_callback' has no attribute {name!r}")

@@ -50,6 +50,7 @@ def _finetune(tmp_path, store) -> None:
     )
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path) -> None:
     reference = tmp_path / "reference.zarr"
     _record(tmp_path / "ref", reference)

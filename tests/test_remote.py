@@ -1,0 +1,136 @@
+"""Recording to fsspec URLs (S3 on a local moto server, ``memory://``, ``file://``) gives the
+same record as recording to a local path."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from models import TinyClassifier, loader, make_dataset, trainer
+
+from source_callback import Run, SourceCallback, open_run
+
+STAGES = ("pretrain", "finetune")
+
+
+def _sgd_momentum(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+
+
+def record_two_stages(
+    store: str | Path, root: Path, storage_options: dict[str, Any] | None = None
+) -> None:
+    """A deterministic two-stage run: SGD with momentum on one dataset, then AdamW on another."""
+    pl.seed_everything(1234, verbose=False)
+    model = TinyClassifier(optimizer=_sgd_momentum)
+    callback = SourceCallback(
+        store, stage=STAGES[0], checkpoints_per_stage=2, storage_options=storage_options
+    )
+    trainer([callback], root, max_epochs=2).fit(model, loader(make_dataset(48, seed=0)))
+    callback.next_stage(STAGES[1])
+    model.optimizer_factory = _adamw
+    trainer([callback], root, max_epochs=1).fit(model, loader(make_dataset(40, seed=1)))
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The reference: the two-stage run recorded to a local path."""
+    root = tmp_path_factory.mktemp("local")
+    record_two_stages(root / "run.zarr", root)
+    return open_run(root / "run.zarr")
+
+
+def assert_same_run(run: Run, expected: Run) -> None:
+    """Every recorded value of ``run`` equals ``expected``'s (the URL aside)."""
+    assert run.status == expected.status == "complete"
+    assert run.format_version == expected.format_version
+    assert run.manifest == expected.manifest
+    assert run.library_versions == expected.library_versions
+    assert [s.name for s in run.stages] == list(STAGES)
+    assert len(run.stages) == len(expected.stages)
+    for got, want in zip(run.stages, expected.stages, strict=True):
+        assert dataclasses.asdict(got) == dataclasses.asdict(want)
+    assert run.num_steps == expected.num_steps > 0
+    got_steps, want_steps = run.steps(), expected.steps()
+    assert got_steps.keys() == want_steps.keys()
+    for name, values in want_steps.items():
+        np.testing.assert_array_equal(got_steps[name], values, err_msg=name)
+    np.testing.assert_array_equal(run.learning_rates(), expected.learning_rates())
+    assert [(c.key, c.step, c.stage, c.role, c.committed) for c in run.checkpoints] == [
+        (c.key, c.step, c.stage, c.role, c.committed) for c in expected.checkpoints
+    ]
+    for got, want in zip(run.checkpoints, expected.checkpoints, strict=True):
+        _assert_tensors_equal(got.params(), want.params(), got.key)
+        _assert_tensors_equal(got.buffers(), want.buffers(), got.key)
+        got_state, want_state = got.optimizer_state(), want.optimizer_state()
+        assert got_state.keys() == want_state.keys(), got.key
+        for name in want_state:
+            _assert_tensors_equal(got_state[name], want_state[name], f"{got.key}/{name}")
+        assert got.nbytes() == want.nbytes()
+
+
+def _assert_tensors_equal(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: str
+) -> None:
+    assert got.keys() == want.keys(), where
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, f"{where}/{name}"
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=f"{where}/{name}")
+
+
+def test_reference_run_is_meaningful(local_run: Run) -> None:
+    """Guard: the comparison below covers both optimizers, optimizer state and checkpoints."""
+    first, second = local_run.stages
+    assert first.optimizer.update_rule == "sgd-momentum"
+    assert second.optimizer.update_rule == "adamw"
+    assert first.num_steps == 12 and second.num_steps == 5
+    roles = {c.role for c in local_run.checkpoints}
+    assert roles == {"stage-start", "interior", "stage-end"}
+    end_of_finetune = local_run.checkpoints[-1]
+    assert set(end_of_finetune.optimizer_state()["net.0.weight"]) == {"exp_avg_sq", "step"}
+
+
+def test_s3_record_matches_local(
+    s3: tuple[str, dict[str, Any]], local_run: Run, tmp_path: Path
+) -> None:
+    prefix, storage_options = s3
+    url = f"{prefix}/run.zarr"
+    record_two_stages(url, tmp_path, storage_options)
+    run = open_run(url, storage_options=storage_options)
+    assert run.url == url
+    assert_same_run(run, local_run)
+
+
+def test_s3_missing_store_is_an_error(s3: tuple[str, dict[str, Any]]) -> None:
+    from source_callback import StoreError
+
+    prefix, storage_options = s3
+    with pytest.raises(StoreError, match="no store"):
+        open_run(f"{prefix}/absent.zarr", storage_options=storage_options)
+
+
+def test_memory_url_record_matches_local(local_run: Run, tmp_path: Path) -> None:
+    url = f"memory://{uuid.uuid4().hex}/run.zarr"
+    record_two_stages(url, tmp_path)
+    run = open_run(url)
+    assert run.url == url
+    assert_same_run(run, local_run)
+
+
+def test_file_url_record_matches_local(local_run: Run, tmp_path: Path) -> None:
+    url = (tmp_path / "run.zarr").as_uri()
+    assert url.startswith("file://")
+    record_two_stages(url, tmp_path)
+    assert (tmp_path / "run.zarr" / "zarr.json").is_file()
+    assert_same_run(open_run(url), local_run)
+    assert_same_run(open_run(tmp_path / "run.zarr"), local_run)
