@@ -14,7 +14,7 @@ from unroll import call, leave_one_out_effects, sgd_replay
 from source_callback import SourceCallback, open_run
 from source_callback.analysis.api import analyze, load_analysis
 from source_callback.analysis.ekfac import ModuleCurvature
-from source_callback.analysis.source import SegmentOperator
+from source_callback.analysis.source import EkfacOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
 
 FEATURES, OUTPUTS = 4, 2
@@ -226,7 +226,7 @@ def test_infinite_lr_mass_is_the_influence_function() -> None:
     q_s = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64))[0]
     lam = torch.rand(2, 3, dtype=torch.float64) + 0.1
     curvature = ModuleCurvature(q_a, q_s, lam)
-    operator = SegmentOperator({"m": curvature}, {"m": 1e12}, {"m": 0.0})
+    operator = EkfacOperator({"m": curvature}, {"m": 1e12}, {"m": 0.0})
     u = {"m": torch.randn(4, 2, 3, dtype=torch.float64)}
     inverse = torch.linalg.inv(curvature.dense())
     expected = (inverse @ u["m"].reshape(4, -1).T).T.reshape(4, 2, 3)

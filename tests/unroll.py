@@ -69,3 +69,45 @@ def leave_one_out_effects(
 def call(model: nn.Module, params: Params, *args: torch.Tensor) -> torch.Tensor:
     """``model(*args)`` with ``params`` substituted (buffers as they are)."""
     return functional_call(model, params, args)
+
+
+def adam_replay(
+    model: nn.Module,
+    start: Params,
+    batches: Sequence[torch.Tensor],
+    loss: Callable[[nn.Module, Params, torch.Tensor], torch.Tensor],
+    lrs: Sequence[float],
+    weights: torch.Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = True,
+) -> Params:
+    """PyTorch Adam (``decoupled=False``) or AdamW with per-example loss weights."""
+    params = {
+        n: p if p.requires_grad else p.detach().clone().requires_grad_(True)
+        for n, p in start.items()
+    }
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    beta1, beta2 = betas
+    for k, (idx, lr) in enumerate(zip(batches, lrs, strict=True), start=1):
+        objective = (weights[idx] * loss(model, params, idx)).mean()
+        grads = dict(
+            zip(
+                params,
+                torch.autograd.grad(objective, list(params.values()), create_graph=True),
+                strict=True,
+            )
+        )
+        new = {}
+        for n, p in params.items():
+            g = grads[n] if decoupled else grads[n] + weight_decay * p
+            if decoupled:
+                p = p * (1 - lr * weight_decay)
+            m[n] = beta1 * m[n] + (1 - beta1) * g
+            v[n] = beta2 * v[n] + (1 - beta2) * g * g
+            denom = (v[n] / (1 - beta2**k)).sqrt() + eps
+            new[n] = p - lr / (1 - beta1**k) * m[n] / denom
+        params = new
+    return params

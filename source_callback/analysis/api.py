@@ -8,32 +8,28 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from source_callback.analysis import ekfac
-from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
+from source_callback.analysis.engine import Engine
+from source_callback.analysis.gradients import per_example_grads
 from source_callback.analysis.inputs import (
     average_states,
-    batches,
     check_datasets,
     checkpoint_state,
-    on_device,
     prepare_model,
 )
-from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
-from source_callback.analysis.source import SegmentOperator, dot, sweep
+from source_callback.analysis.optimizers import AdamVariant, segment_operator
+from source_callback.analysis.segments import SegmentSpec, plan_segments
+from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.errors import AnalysisError
-from source_callback.optim import UpdateRule, WeightDecay
-from source_callback.store.reader import Run, open_run
-from source_callback.store.schema import ROLE_END, ROLE_START, Stage
+from source_callback.optim import UpdateRule
+from source_callback.store.reader import open_run
+from source_callback.store.schema import ROLE_END, ROLE_START
 from source_callback.store.writer import write_analysis
 
 Method = Literal["source", "fast-source"]
-State = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -91,155 +87,6 @@ class AnalysisResult:
         return helpful, harmful
 
 
-def _group_of(stage: Stage, param: str) -> int:
-    for index, group in enumerate(stage.optimizer.groups):
-        if param in group.params:
-            return index
-    raise AnalysisError(f"parameter {param} is not in stage {stage.name!r}'s optimizer groups")
-
-
-def _segment_operator(
-    segment: Segment,
-    stage: Stage,
-    rule: UpdateRule,
-    curvature: dict[str, ekfac.ModuleCurvature],
-    modules: dict[str, nn.Module],
-    weight_decay: np.ndarray,
-) -> SegmentOperator:
-    tau, shift = {}, {}
-    for name, module in modules.items():
-        group = _group_of(stage, ekfac.module_param_names(name, module)[0])
-        tau[name] = float(segment.lr_mass[group])
-        coupled = stage.optimizer.weight_decay is WeightDecay.COUPLED
-        shift[name] = (
-            float(np.mean(weight_decay[segment.start : segment.end, group])) if coupled else 0.0
-        )
-    return SegmentOperator(curvature, tau, shift)
-
-
-class _Analysis:
-    """One run of ``analyze``: holds the model copy, data and settings across passes."""
-
-    def __init__(
-        self,
-        run: Run,
-        model: nn.Module,
-        task: Task,
-        train: Mapping[str, Dataset],
-        batch_size: int,
-        fisher: str,
-        seed: int,
-        verbose: bool,
-        collate_fn: Any,
-    ) -> None:
-        self.run = run
-        self.model = model
-        self.task = task
-        self.train = train
-        self.batch_size = batch_size
-        self.exact = fisher == "exact"
-        self.generator = torch.Generator().manual_seed(seed)
-        self.verbose = verbose
-        self.collate_fn = collate_fn
-        self.device = next(model.parameters()).device
-        self.modules = ekfac.tracked_modules(model)
-        if not self.modules:
-            raise AnalysisError("the model has no trainable nn.Linear or nn.Conv2d to analyze")
-
-    def load(self, state: State) -> None:
-        self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
-
-    def data(self, dataset: Dataset, desc: str) -> Any:
-        loader = batches(dataset, self.batch_size, self.collate_fn)
-        return tqdm(
-            on_device(loader, self.device),
-            total=len(loader),
-            desc=desc,
-            disable=not self.verbose,
-            leave=False,
-        )
-
-    def curvature(
-        self, stage: Stage, states: list[State], label: str
-    ) -> dict[str, ekfac.ModuleCurvature]:
-        """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on the stage's data."""
-        dataset = self.train[stage.name]
-        a_sum: dict[str, torch.Tensor] = {}
-        s_sum: dict[str, torch.Tensor] = {}
-        for i, state in enumerate(states):
-            self.load(state)
-            covs = ekfac.covariances(
-                self.model,
-                self.modules,
-                self.task,
-                self.data(dataset, f"{label} factors {i + 1}/{len(states)}"),
-                self.generator,
-                self.exact,
-            )
-            for name, cov in covs.items():
-                a, s = cov.mean()
-                a_sum[name] = a_sum.get(name, 0) + a
-                s_sum[name] = s_sum.get(name, 0) + s
-        bases = {
-            n: (ekfac.eigh_float64(a_sum[n])[1], ekfac.eigh_float64(s_sum[n])[1]) for n in a_sum
-        }
-        lam_sum: dict[str, torch.Tensor] = {}
-        for i, state in enumerate(states):
-            self.load(state)
-            lam = ekfac.corrected_eigenvalues(
-                self.model,
-                self.modules,
-                bases,
-                self.task,
-                self.data(dataset, f"{label} eigenvalues {i + 1}/{len(states)}"),
-                self.generator,
-                self.exact,
-            )
-            for name, value in lam.items():
-                lam_sum[name] = lam_sum.get(name, 0) + value
-        out = {}
-        for name, (q_a, q_s) in bases.items():
-            eigenvalues = lam_sum[name] / len(states)
-            if not torch.isfinite(eigenvalues).all():
-                raise AnalysisError(
-                    f"the curvature of module {name!r} ({label}) is not finite; the model's "
-                    "outputs or losses overflow at these checkpoints."
-                )
-            out[name] = ekfac.ModuleCurvature(q_a, q_s, eigenvalues)
-        return out
-
-    def module_matrices(self, state: State) -> ModuleTensors:
-        """Tracked parameters of a state as ``[out, in (+1)]`` matrices."""
-        out = {}
-        for name, module in self.modules.items():
-            weight, bias = ekfac.module_param_names(name, module)
-            out[name] = ekfac.weight_matrix(module, state[weight], state[bias] if bias else None)
-        return out
-
-    def scores(
-        self, stage: Stage, states: list[State], vectors: ModuleTensors, label: str
-    ) -> np.ndarray:
-        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of the stage: ``[Q, N_s]``."""
-        dataset = self.train[stage.name]
-        total = None
-        for i, state in enumerate(states):
-            self.load(state)
-            rows = [
-                contract(self.model, self.modules, self.task.loss, batch, vectors)
-                for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}")
-            ]
-            part = torch.cat(rows).T
-            total = part if total is None else total + part
-        return (total / len(states)).cpu().numpy()
-
-    def measurement(self, queries: Dataset) -> np.ndarray:
-        with torch.no_grad():
-            values = [
-                self.task.measurement(self.model, b) for b in self.data(queries, "measurement")
-            ]
-        return torch.cat(values).double().cpu().numpy()
-
-
 def analyze(
     store: str | os.PathLike[str],
     *,
@@ -257,6 +104,8 @@ def analyze(
     seed: int = 0,
     collate_fn: Any = None,
     name: str | None = "default",
+    adam_variant: AdamVariant = "preconditioned",
+    damping: float = 0.1,
     verbose: bool = True,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
@@ -295,6 +144,11 @@ def analyze(
         Seed of the pseudo-label sampling.
     collate_fn
         Passed to the DataLoaders (as used in training).
+    adam_variant
+        How Adam's preconditioner enters (SOURCE-math §4): ``"preconditioned"`` (EK-FAC of
+        ``P^{1/2} H P^{1/2}``, exact for a constant P) or ``"diagonal"`` (the paper's App. D.2).
+    damping
+        Relative damping of the inverse curvature in the ``"diagonal"`` Adam variant.
     name
         The result is also written into the store under ``analyses/<name>/`` (replacing one of
         that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
@@ -320,32 +174,28 @@ def analyze(
     if fisher == "exact" and not isinstance(task, ExactFisherTask):
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
     check_datasets(run, train)
-    work = _Analysis(
+    work = Engine(
         run, prepare_model(model, run), task, train, batch_size, fisher, seed, verbose, collate_fn
     )
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
     )
-    weight_decay = run.steps()["weight_decay"]
     by_role = {(c.stage, c.role): c for c in run.checkpoints if c.committed}
 
+    steps = run.steps()
     operators, segment_states = [], []
     for number, segment in enumerate(plan):
         stage = run.stages[segment.stage]
         rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
-        if rule in (UpdateRule.ADAM, UpdateRule.ADAMW):
-            raise AnalysisError(
-                f"stage {stage.name!r} was trained with {rule.value}; the Adam-family "
-                "preconditioned estimator is not implemented in this version of analyze()."
-            )
         states = [checkpoint_state(c) for c in segment.checkpoints]
         if method == "fast-source":
             states = [average_states(states)]
         segment_states.append(states)
         label = f"segment {number + 1}/{len(plan)}"
-        curvature = work.curvature(stage, states, label)
         operators.append(
-            _segment_operator(segment, stage, rule, curvature, work.modules, weight_decay)
+            segment_operator(
+                work, segment, stage, rule, states, steps, label, adam_variant, damping
+            )
         )
 
     final = by_role.get((len(run.stages) - 1, ROLE_END))

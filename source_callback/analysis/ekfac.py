@@ -153,6 +153,11 @@ class Covariances:
         return self.a / self.count, self.s / self.count
 
 
+def per_example(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients ``G = Σ_tok s aᵀ``: ``[B, out, in]`` (float64)."""
+    return torch.einsum("bto,bti->boi", s.double(), a.double())
+
+
 def covariances(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -160,20 +165,34 @@ def covariances(
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool = False,
+    scale: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Covariances]:
-    """One pass over ``batches``: per-example ``E[a aᵀ]`` and ``E[s sᵀ]`` per module (float64)."""
+    """One pass over ``batches``: the two Kronecker factors per module (float64).
+
+    Without ``scale``: per-example ``E[a aᵀ]`` and ``E[s sᵀ]`` (tokens summed). With
+    ``scale`` (an ``[out, in]`` matrix per module, e.g. Adam's ``P^{1/2}``): ``E[G'ᵀG']`` and
+    ``E[G'G'ᵀ]`` of the scaled per-example pseudo-gradients ``G' = scale ∘ G``.
+    """
     sums: dict[str, Covariances] = {}
 
+    def entry(name: str, a_dim: int, s_dim: int, device: torch.device) -> Covariances:
+        if name not in sums:
+            zeros = torch.zeros
+            sums[name] = Covariances(
+                zeros(a_dim, a_dim, dtype=torch.float64, device=device),
+                zeros(s_dim, s_dim, dtype=torch.float64, device=device),
+            )
+        return sums[name]
+
     def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
-        s = s.double()
-        entry = sums.setdefault(
-            name,
-            Covariances(
-                a.new_zeros(a.shape[-1], a.shape[-1], dtype=torch.float64),
-                s.new_zeros(s.shape[-1], s.shape[-1]),
-            ),
-        )
-        entry.s += torch.einsum("bto,btp->op", s, s)
+        sums_ = entry(name, a.shape[-1], s.shape[-1], s.device)
+        if scale is None:
+            s = s.double()
+            sums_.s += torch.einsum("bto,btp->op", s, s)
+            return
+        g = per_example(a, s) * scale[name]
+        sums_.s += torch.einsum("boi,bpi->op", g, g)
+        sums_.a += torch.einsum("boi,boj->ij", g, g)
 
     with Capture(modules, on_grads) as capture:
         for batch in batches:
@@ -181,10 +200,10 @@ def covariances(
                 pass
             model.zero_grad(set_to_none=True)
             for name, a in capture.a.items():
-                a = a.double()
-                entry = sums[name]
-                entry.a += torch.einsum("bti,btj->ij", a, a)
-                entry.count += a.shape[0]
+                if scale is None:
+                    a = a.double()
+                    sums[name].a += torch.einsum("bti,btj->ij", a, a)
+                sums[name].count += a.shape[0]
     return sums
 
 
@@ -196,15 +215,23 @@ def corrected_eigenvalues(
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool = False,
+    scale: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One pass: ``Λ[i, j] = E_z[(Q_Sᵀ G_z Q_A)_ij²]`` per module in the given bases."""
+    """One pass: ``Λ[i, j] = E_z[(Q_Sᵀ G'_z Q_A)_ij²]`` per module in the given bases.
+
+    ``G' = G``, or ``scale ∘ G`` when ``scale`` is given (see :func:`covariances`). In exact
+    mode each of the K backward passes contributes its own squared rotated gradient.
+    """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    # Exact mode runs K backward passes per forward; their rotated gradients are squared each.
 
     def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
         q_a, q_s = bases[name]
-        rotated = torch.einsum("bto,op,bti,iq->bpq", s.double(), q_s, a.double(), q_a)
+        if scale is None:
+            rotated = torch.einsum("bto,op,bti,iq->bpq", s.double(), q_s, a.double(), q_a)
+        else:
+            g = per_example(a, s) * scale[name]
+            rotated = torch.einsum("op,boi,iq->bpq", q_s, g, q_a)
         total = sums.get(name)
         sums[name] = rotated.square().sum(0) + (0 if total is None else total)
 
@@ -238,6 +265,14 @@ class ModuleCurvature:
         """``f(H) · vec(matrix)`` for a function ``fn`` of the eigenvalues, as ``[out, in]``."""
         rotated = self.q_s.T @ matrix.to(self.q_s.dtype) @ self.q_a
         return self.q_s @ (fn(self.eigenvalues) * rotated) @ self.q_a.T
+
+    def diagonal(self) -> torch.Tensor:
+        """Diagonal of ``H`` as ``[out, in]``: ``(Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ``."""
+        return self.q_s.square() @ self.eigenvalues @ self.q_a.square().T
+
+    def in_basis(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Diagonal of ``diag(vec matrix)`` in the eigenbasis: ``(Q_S∘Q_S)ᵀ M (Q_A∘Q_A)``."""
+        return self.q_s.square().T @ matrix.to(self.q_s.dtype) @ self.q_a.square()
 
     def dense(self) -> torch.Tensor:
         """The full matrix over row-major ``vec([out, in])`` (small modules only: tests)."""

@@ -1,13 +1,15 @@
 """The SOURCE estimator on EK-FAC curvature: segment operators and the query-side sweep.
 
 Everything is moved to the query side (SOURCE-math §3): walking the segments from last to first,
-``v_ℓ = φ_ℓ(H̃_ℓ)ᵀ u_ℓ`` is the vector that training gradients of segment ℓ are dotted with,
-and ``u_{ℓ−1} = ξ_ℓ(H̃_ℓ)ᵀ u_ℓ`` carries the query gradient back through segment ℓ.
+``v_ℓ = R_ℓᵀ u_ℓ`` is the vector that training gradients of segment ℓ are dotted with, and
+``u_{ℓ−1} = Ξ_ℓᵀ u_ℓ`` carries the query gradient back through segment ℓ. A segment operator
+provides both products; which one applies depends on the optimizer (SOURCE-math §4).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -15,36 +17,110 @@ from source_callback.analysis.ekfac import ModuleCurvature
 from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.matfun import phi, xi
 
+Shift = float | torch.Tensor
+
+
+class SegmentOperator(Protocol):
+    """What the sweep needs from a segment."""
+
+    def propagate(self, u: ModuleTensors) -> ModuleTensors:
+        """``Ξᵀ u``: carry query-side vectors back through the segment."""
+        ...
+
+    def respond(self, u: ModuleTensors) -> ModuleTensors:
+        """``Rᵀ u``: the vector a training gradient of this segment is dotted with."""
+        ...
+
 
 @dataclass
-class SegmentOperator:
-    """One segment's curvature and rates, per tracked module.
+class EkfacOperator:
+    """``Ξ = exp(−τ P H̃)`` and ``R = (I − Ξ) H̃⁻¹`` with H̃ in EK-FAC form.
+
+    Without a preconditioner (SGD family) ``H̃ = H + λI``. With one (Adam, the preconditioned
+    EK-FAC variant), ``curvature`` was fitted to ``P^{1/2}``-scaled pseudo-gradients, so it
+    approximates ``H' = P^{1/2} H P^{1/2}``, and ``Ξ = P^{1/2} ξ(H') P^{−1/2}``,
+    ``R = P^{1/2} φ(H') P^{1/2}`` — exact when P is constant.
 
     Attributes
     ----------
     curvature
-        EK-FAC of the segment's mean Gauss-Newton Hessian, per module.
+        EK-FAC per module.
     tau
-        Learning-rate mass of the segment for each module's parameter group.
+        Learning-rate mass of each module's parameter group.
     shift
-        Coupled weight decay λ of each module's group: ``H̃ = H + λI``.
+        Added to the eigenvalues: coupled weight decay λ (SGD), decoupled λ (AdamW), or the
+        eigenbasis diagonal of λP (Adam with coupled decay); ``[out, in]`` tensors allowed.
+    sqrt_p
+        ``P^{1/2}`` per module as ``[out, in]``, or ``None`` without a preconditioner.
     """
 
     curvature: dict[str, ModuleCurvature]
     tau: dict[str, float]
-    shift: dict[str, float]
+    shift: dict[str, Shift]
+    sqrt_p: dict[str, torch.Tensor] | None = None
+
+    def _apply(self, u: ModuleTensors, respond: bool) -> ModuleTensors:
+        fn = phi if respond else xi
+        out = {}
+        for name, c in self.curvature.items():
+            scale = 1.0 if self.sqrt_p is None else self.sqrt_p[name]
+            result = c.apply(
+                u[name] * scale, lambda lam, n=name: fn(lam + self.shift[n], self.tau[n])
+            )
+            out[name] = result * scale if respond else result / scale
+        return out
 
     def propagate(self, u: ModuleTensors) -> ModuleTensors:
-        """``ξ(H̃)ᵀ u``: carry query-side vectors back through the segment."""
-        return {
-            name: c.apply(u[name], lambda lam, n=name: xi(lam + self.shift[n], self.tau[n]))
-            for name, c in self.curvature.items()
-        }
+        """``Ξᵀ u = P^{−1/2} ξ(H') P^{1/2} u``."""
+        return self._apply(u, respond=False)
 
     def respond(self, u: ModuleTensors) -> ModuleTensors:
-        """``φ(H̃)ᵀ u``: the vector a training gradient of this segment is dotted with."""
+        """``Rᵀ u = P^{1/2} φ(H') P^{1/2} u``."""
+        return self._apply(u, respond=True)
+
+
+@dataclass
+class DiagonalExpOperator:
+    """The paper's Adam variant (App. D.2): exponentials taken per coordinate.
+
+    ``Ξ = exp(−τ (P ∘ (d + λ_c) + λ_d))`` with ``d = diag(H)`` from EK-FAC, and
+    ``R = (I − Ξ) (H + δI)⁻¹`` with the EK-FAC inverse and a small damping δ.
+
+    Attributes
+    ----------
+    curvature
+        EK-FAC of the (unpreconditioned) Hessian per module.
+    tau
+        Learning-rate mass of each module's group.
+    p
+        The preconditioner ``P = 1/(√v̂ + eps)`` per module as ``[out, in]``.
+    coupled, decoupled
+        Weight decay inside P (Adam) and outside it (AdamW) per module.
+    damping
+        δ per module.
+    """
+
+    curvature: dict[str, ModuleCurvature]
+    tau: dict[str, float]
+    p: dict[str, torch.Tensor]
+    coupled: dict[str, float]
+    decoupled: dict[str, float]
+    damping: dict[str, float]
+
+    def _xi(self, name: str) -> torch.Tensor:
+        rate = self.p[name] * (self.curvature[name].diagonal() + self.coupled[name])
+        return xi(rate + self.decoupled[name], self.tau[name])
+
+    def propagate(self, u: ModuleTensors) -> ModuleTensors:
+        """``Ξ u`` (Ξ is diagonal)."""
+        return {name: self._xi(name) * u[name] for name in self.curvature}
+
+    def respond(self, u: ModuleTensors) -> ModuleTensors:
+        """``(H + δI)⁻¹ (I − Ξ) u``."""
         return {
-            name: c.apply(u[name], lambda lam, n=name: phi(lam + self.shift[n], self.tau[n]))
+            name: c.apply(
+                (1 - self._xi(name)) * u[name], lambda lam, n=name: 1 / (lam + self.damping[n])
+            )
             for name, c in self.curvature.items()
         }
 

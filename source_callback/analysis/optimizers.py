@@ -1,0 +1,127 @@
+"""How each recorded optimizer becomes a segment operator (SOURCE-math §4).
+
+SGD (with momentum, dampening, coupled weight decay) enters through the learning-rate mass and
+a curvature shift. Adam and AdamW add a diagonal preconditioner ``P = 1/(√v̂ + eps)`` read from
+the second moments saved in the segment's checkpoints; it enters either through EK-FAC fitted to
+``P^{1/2}``-scaled pseudo-gradients (``"preconditioned"``) or, as in the paper's App. D.2,
+through per-coordinate exponentials (``"diagonal"``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from source_callback.analysis import ekfac
+from source_callback.analysis.engine import Engine, State
+from source_callback.analysis.segments import Segment
+from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
+from source_callback.errors import AnalysisError
+from source_callback.optim import UpdateRule, WeightDecay
+from source_callback.store.schema import Stage
+
+AdamVariant = Literal["preconditioned", "diagonal"]
+ADAM_RULES = (UpdateRule.ADAM, UpdateRule.ADAMW)
+
+
+def group_of(stage: Stage, param: str) -> int:
+    """Index of the optimizer group that holds ``param`` in ``stage``."""
+    for index, group in enumerate(stage.optimizer.groups):
+        if param in group.params:
+            return index
+    raise AnalysisError(f"parameter {param} is not in stage {stage.name!r}'s optimizer groups")
+
+
+def adam_preconditioner(
+    engine: Engine, segment: Segment, stage: Stage, steps: dict[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """``P̄ = mean_c 1/(√v̂_c + eps)`` per module as ``[out, in]``, from the segment's checkpoints.
+
+    ``v̂ = v / (1 − β2^k)`` is the bias-corrected second moment (``max_exp_avg_sq`` under
+    AMSGrad) after k optimizer steps. Checkpoints without optimizer state (a stage's start)
+    do not contribute.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    used = 0
+    for checkpoint in segment.checkpoints:
+        state = checkpoint.optimizer_state()
+        if not state:
+            continue
+        used += 1
+        row = checkpoint.step - 1  # the state is the one after the previous step
+        per_param = {}
+        for name, module in engine.modules.items():
+            for param in filter(None, ekfac.module_param_names(name, module)):
+                group = group_of(stage, param)
+                entry = state[param]
+                v = entry.get("max_exp_avg_sq", entry["exp_avg_sq"]).double()
+                beta2, eps = steps["beta2"][row, group], steps["eps"][row, group]
+                v_hat = v / (1 - beta2 ** entry["step"].double())
+                per_param[param] = 1 / (v_hat.sqrt() + eps)
+        for name, module in engine.modules.items():
+            weight, bias = ekfac.module_param_names(name, module)
+            matrix = ekfac.weight_matrix(module, per_param[weight], per_param.get(bias))
+            sums[name] = sums.get(name, 0) + matrix.to(engine.device)
+    if not used:
+        raise AnalysisError(
+            f"segment of steps {segment.start}..{segment.end - 1} in stage {stage.name!r} has no "
+            "checkpoint with Adam state (only the stage start). Use fewer segments, or record "
+            "with a larger checkpoints_per_stage."
+        )
+    return {name: total / used for name, total in sums.items()}
+
+
+def segment_operator(
+    engine: Engine,
+    segment: Segment,
+    stage: Stage,
+    rule: UpdateRule,
+    states: list[State],
+    steps: dict[str, np.ndarray],
+    label: str,
+    adam_variant: AdamVariant = "preconditioned",
+    damping: float = 0.1,
+) -> SegmentOperator:
+    """Fit the segment's curvature and wrap it in the operator for ``rule``.
+
+    Parameters
+    ----------
+    damping
+        For the ``"diagonal"`` Adam variant: δ relative to each module's mean eigenvalue.
+    """
+    tau, decay = {}, {}
+    for name, module in engine.modules.items():
+        group = group_of(stage, ekfac.module_param_names(name, module)[0])
+        tau[name] = float(segment.lr_mass[group])
+        decay[name] = float(np.mean(steps["weight_decay"][segment.start : segment.end, group]))
+    coupled = stage.optimizer.weight_decay is WeightDecay.COUPLED
+    if rule not in ADAM_RULES:
+        curvature = engine.curvature(stage, states, label)
+        shift = {n: decay[n] if coupled else 0.0 for n in decay}
+        return EkfacOperator(curvature, tau, shift)
+    p = adam_preconditioner(engine, segment, stage, steps)
+    decoupled = rule is UpdateRule.ADAMW or not coupled
+    if adam_variant == "preconditioned":
+        sqrt_p = {n: m.sqrt() for n, m in p.items()}
+        curvature = engine.curvature(stage, states, label, scale=sqrt_p)
+        shift = {
+            # AdamW: exp(−τ(PH + λI)); Adam: λP inside, approximated by its eigenbasis diagonal
+            n: decay[n] if decoupled else decay[n] * curvature[n].in_basis(p[n])
+            for n in curvature
+        }
+        return EkfacOperator(curvature, tau, shift, sqrt_p)
+    if adam_variant != "diagonal":
+        raise ValueError(
+            f"adam_variant must be 'preconditioned' or 'diagonal', got {adam_variant!r}"
+        )
+    curvature = engine.curvature(stage, states, label)
+    return DiagonalExpOperator(
+        curvature,
+        tau,
+        p,
+        coupled={n: 0.0 if decoupled else decay[n] for n in curvature},
+        decoupled={n: decay[n] if decoupled else 0.0 for n in curvature},
+        damping={n: damping * float(c.eigenvalues.mean()) for n, c in curvature.items()},
+    )
