@@ -9,7 +9,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from unroll import call, leave_one_out_effects, sgd_replay
+from unroll import adam_replay, call, leave_one_out_effects, sgd_replay
 
 from source_callback import SourceCallback, open_run
 from source_callback.analysis.api import analyze, load_analysis
@@ -34,6 +34,7 @@ class Regressor(pl.LightningModule):
         else:
             self.net = nn.Sequential(nn.Linear(FEATURES, OUTPUTS))
         self.hparams_ = (lr, momentum, weight_decay)
+        self.adamw = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -44,6 +45,8 @@ class Regressor(pl.LightningModule):
 
     def configure_optimizers(self):
         lr, momentum, weight_decay = self.hparams_
+        if self.adamw:
+            return torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
         return torch.optim.SGD(
             self.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
         )
@@ -132,7 +135,7 @@ def test_full_batch_gradient_descent_matches_unrolling(tmp_path, queries) -> Non
 
 @pytest.fixture(scope="module")
 def two_stage(tmp_path_factory, queries):
-    """SGD+momentum+weight decay on stage 'a', then plain SGD on 'b' (mini-batches)."""
+    """SGD+momentum+weight decay on stage 'a', then AdamW on 'b' (mini-batches)."""
     root = tmp_path_factory.mktemp("two-stage")
     torch.manual_seed(0)
     data_a, data_b = _data(24, seed=1), _data(16, seed=2)
@@ -141,17 +144,17 @@ def two_stage(tmp_path_factory, queries):
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     _fit(model, root / "run.zarr", data_a, batch_size=8, epochs=6, stage="a")
     middle = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.hparams_ = (0.05, 0.0, 0.0)
-    _fit(model, root / "run.zarr", data_b, batch_size=8, epochs=8, stage="b")
+    model.hparams_, model.adamw = (0.003, 0.0, 0.01), True
+    _fit(model, root / "run.zarr", data_b, batch_size=4, epochs=4, stage="b")
     lrs = open_run(root / "run.zarr").learning_rates()[:, 0]
-    steps_a, steps_b = _replay_steps(24, 8, 6), _replay_steps(16, 8, 8)
+    steps_a, steps_b = _replay_steps(24, 8, 6), _replay_steps(16, 4, 4)
 
     def final(weights: torch.Tensor, from_params=None):
         w_a, w_b = weights[:24], weights[24:]
         after_a = from_params or sgd_replay(
             model, start, steps_a, _loss(data_a), lrs[:18], w_a, **recipe_a
         )
-        return sgd_replay(model, after_a, steps_b, _loss(data_b), lrs[18:], w_b)
+        return adam_replay(model, after_a, steps_b, _loss(data_b), lrs[18:], w_b, weight_decay=0.01)
 
     truth = leave_one_out_effects(model, final, _measure(queries), 40).numpy()
     # Stage effect of 'a', by retraining 'b' from the start of 'a' (deterministic batches).
@@ -179,8 +182,8 @@ def test_two_stage_scores_match_unrolling(two_stage) -> None:
     result, truth, *_ = two_stage
     rho_a = _spearman(result.scores["a"], truth[:, :24])
     rho_b = _spearman(result.scores["b"], truth[:, 24:])
-    print(f"two-stage SGD: Spearman stage a {rho_a:.3f}, stage b {rho_b:.3f}")
-    assert rho_a > 0.85 and rho_b > 0.93  # measured 0.923 and 0.986
+    print(f"two-stage SGD+momentum -> AdamW: Spearman stage a {rho_a:.3f}, stage b {rho_b:.3f}")
+    assert rho_a > 0.88 and rho_b > 0.72  # measured 0.952 and 0.809
     assert result.scores["a"].shape == (6, 24) and result.scores["b"].shape == (6, 16)
 
 
@@ -192,7 +195,7 @@ def test_stage_effects_match_retraining(two_stage) -> None:
     r_b = pearsonr(result.stage_effects[:, 1], skipped_b).statistic
     r_a = pearsonr(result.stage_effects[:, 0], skipped_a).statistic
     print(f"stage effects: Pearson stage a {r_a:.3f}, stage b {r_b:.3f}")
-    assert r_a > 0.9 and r_b > 0.95  # measured 0.983 and 0.998
+    assert r_a > 0.9 and r_b > 0.95  # measured 0.984 and 1.000
 
 
 def test_top_lists_the_extremes(two_stage) -> None:
