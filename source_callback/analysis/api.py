@@ -9,27 +9,28 @@ from typing import Any, Literal
 
 import numpy as np
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
-from source_callback.analysis.engine import Engine
-from source_callback.analysis.gradients import per_example_grads
+from source_callback.analysis.engine import Engine, State
+from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.inputs import (
     average_states,
     check_datasets,
     checkpoint_state,
     prepare_model,
 )
-from source_callback.analysis.optimizers import AdamVariant, segment_operator
-from source_callback.analysis.segments import SegmentSpec, plan_segments
+from source_callback.analysis.optimizers import AdamVariant, module_rates, segment_operator
+from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
 from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule
-from source_callback.store.reader import open_run
+from source_callback.store.reader import Run, open_run
 from source_callback.store.schema import ROLE_END, ROLE_START
 from source_callback.store.writer import write_analysis
 
-Method = Literal["source", "fast-source"]
+Method = Literal["source", "fast-source", "if", "tracin"]
+METHODS = ("source", "fast-source", "if", "tracin")
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,10 @@ def analyze(
     segments
         Segments per stage, or per stage name a count or the global steps where segments start.
     method
-        ``"source"`` (EK-FAC and gradients at every checkpoint of a segment, averaged) or
-        ``"fast-source"`` (once, at the segment's average parameters).
+        ``"source"`` (EK-FAC and gradients at every checkpoint of a segment, averaged),
+        ``"fast-source"`` (once, at the segment's average parameters), ``"if"`` (EK-FAC
+        influence at the final parameters, damped) or ``"tracin"`` (TracInCP over the
+        segments' checkpoints, weighted by their learning-rate mass).
     storage_options
         fsspec options for a remote store.
     batch_size
@@ -148,7 +151,8 @@ def analyze(
         How Adam's preconditioner enters (SOURCE-math §4): ``"preconditioned"`` (EK-FAC of
         ``P^{1/2} H P^{1/2}``, exact for a constant P) or ``"diagonal"`` (the paper's App. D.2).
     damping
-        Relative damping of the inverse curvature in the ``"diagonal"`` Adam variant.
+        Damping of inverse curvatures, relative to each module's mean eigenvalue: the
+        ``"diagonal"`` Adam variant's, and influence functions' (``method="if"``).
     name
         The result is also written into the store under ``analyses/<name>/`` (replacing one of
         that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
@@ -159,8 +163,8 @@ def analyze(
     -------
     AnalysisResult
     """
-    if method not in ("source", "fast-source"):
-        raise ValueError(f"method must be 'source' or 'fast-source', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if fisher not in ("sampled", "exact"):
         raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
     run = open_run(store, storage_options)
@@ -181,54 +185,34 @@ def analyze(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
     )
     by_role = {(c.stage, c.role): c for c in run.checkpoints if c.committed}
+    boundary_states = {}
+    for stage in run.stages:
+        for role in (ROLE_START, ROLE_END):
+            if (stage.index, role) not in by_role:
+                raise AnalysisError(
+                    f"stage {stage.name!r} has no committed {role} checkpoint in {run.url}"
+                )
+            boundary_states[stage.index, role] = checkpoint_state(by_role[stage.index, role])
+    final_state = boundary_states[len(run.stages) - 1, ROLE_END]
 
-    steps = run.steps()
-    operators, segment_states = [], []
-    for number, segment in enumerate(plan):
-        stage = run.stages[segment.stage]
-        rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
-        states = [checkpoint_state(c) for c in segment.checkpoints]
-        if method == "fast-source":
-            states = [average_states(states)]
-        segment_states.append(states)
-        label = f"segment {number + 1}/{len(plan)}"
-        operators.append(
-            segment_operator(
-                work, segment, stage, rule, states, steps, label, adam_variant, damping
-            )
+    if method in ("source", "fast-source"):
+        scores, arrivals = _source(
+            work, run, plan, queries, final_state, method, optimizer_model, adam_variant, damping
         )
+    elif method == "if":
+        scores, arrivals = _influence(work, run, queries, final_state, damping)
+    else:
+        scores, arrivals = _tracin(work, run, plan, queries, final_state)
 
-    final = by_role.get((len(run.stages) - 1, ROLE_END))
-    if final is None:
-        raise AnalysisError(f"{run.url} has no committed final checkpoint (stage-end)")
-    final_state = checkpoint_state(final)
     work.load(final_state)
-    query_grads = per_example_grads(
-        work.model, work.modules, task.measurement, work.data(queries, "query gradients")
-    )
     f_final = work.measurement(queries)
-    responses, arrivals = sweep(operators, query_grads)
-
-    scores: dict[str, np.ndarray] = {}
-    for number, (segment, states) in enumerate(zip(plan, segment_states, strict=True)):
-        stage = run.stages[segment.stage]
-        part = work.scores(stage, states, responses[number], f"segment {number + 1}/{len(plan)}")
-        scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
-
     effects = np.zeros((len(f_final), len(run.stages)))
     for stage in run.stages:
-        last_segment = max(i for i, s in enumerate(plan) if s.stage == stage.index)
-        start, end = by_role.get((stage.index, ROLE_START)), by_role.get((stage.index, ROLE_END))
-        if start is None or end is None:
-            raise AnalysisError(f"stage {stage.name!r} lacks a committed start or end checkpoint")
-        before, after = (
-            work.module_matrices(checkpoint_state(start)),
-            work.module_matrices(checkpoint_state(end)),
-        )
+        before = work.module_matrices(boundary_states[stage.index, ROLE_START])
+        after = work.module_matrices(boundary_states[stage.index, ROLE_END])
         delta = {n: after[n] - before[n] for n in after}
-        effects[:, stage.index] = -dot(arrivals[last_segment], delta).cpu().numpy()
-    last_start = by_role[(len(run.stages) - 1, ROLE_START)]
-    work.load(checkpoint_state(last_start))
+        effects[:, stage.index] = -dot(arrivals[stage.index], delta).cpu().numpy()
+    work.load(boundary_states[len(run.stages) - 1, ROLE_START])
     last_exact = work.measurement(queries) - f_final
 
     config = {
@@ -256,6 +240,98 @@ def analyze(
 
 
 _EFFECTS, _LAST_EXACT = "stage_effects", "last_stage_exact"
+Scores = dict[str, np.ndarray]
+Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
+
+
+def _last_segments(plan: list[Segment]) -> dict[int, int]:
+    return {segment.stage: number for number, segment in enumerate(plan)}
+
+
+def _source(
+    work: Engine,
+    run: Run,
+    plan: list[Segment],
+    queries: Dataset,
+    final_state: State,
+    method: str,
+    optimizer_model: UpdateRule | str | None,
+    adam_variant: AdamVariant,
+    damping: float,
+) -> tuple[Scores, Arrivals]:
+    """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score."""
+    steps = run.steps()
+    operators, segment_states = [], []
+    for number, segment in enumerate(plan):
+        stage = run.stages[segment.stage]
+        rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
+        states = [checkpoint_state(c) for c in segment.checkpoints]
+        if method == "fast-source":
+            states = [average_states(states)]
+        segment_states.append(states)
+        label = f"segment {number + 1}/{len(plan)}"
+        operators.append(
+            segment_operator(
+                work, segment, stage, rule, states, steps, label, adam_variant, damping
+            )
+        )
+    work.load(final_state)
+    responses, arrivals = sweep(operators, work.query_grads(queries))
+    scores: Scores = {}
+    for number, (segment, states) in enumerate(zip(plan, segment_states, strict=True)):
+        stage = run.stages[segment.stage]
+        label = f"segment {number + 1}/{len(plan)}"
+        part = work.scores(work.train[stage.name], states, responses[number], label)
+        scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
+    return scores, {k: arrivals[n] for k, n in _last_segments(plan).items()}
+
+
+def _influence(
+    work: Engine, run: Run, queries: Dataset, final_state: State, damping: float
+) -> tuple[Scores, Arrivals]:
+    """EK-FAC influence at the final parameters on all stages' data pooled (SOURCE-math §7).
+
+    Damping is ``damping`` times each module's mean eigenvalue. Stage effects use the final
+    query gradient without propagation (first order, no forgetting).
+    """
+    pooled = ConcatDataset([work.train[s.name] for s in run.stages])
+    curvature = work.curvature(pooled, [final_state], "influence")
+    work.load(final_state)
+    u = work.query_grads(queries)
+    delta = {n: damping * float(c.eigenvalues.mean()) for n, c in curvature.items()}
+    vectors = {
+        n: c.apply(u[n], lambda lam, n=n: 1 / (lam + delta[n])) for n, c in curvature.items()
+    }
+    scores = {
+        s.name: work.scores(work.train[s.name], [final_state], vectors, "influence") / len(pooled)
+        for s in run.stages
+    }
+    return scores, {s.index: u for s in run.stages}
+
+
+def _tracin(
+    work: Engine, run: Run, plan: list[Segment], queries: Dataset, final_state: State
+) -> tuple[Scores, Arrivals]:
+    """TracInCP (SOURCE-math §7): ``Σ_c (τ_ℓ / C_ℓ N_s) ∇f(θ_c)ᵀ ∇L(z_m, θ_c)``.
+
+    Stage effects use the final query gradient without propagation.
+    """
+    steps = run.steps()
+    scores: Scores = {}
+    for number, segment in enumerate(plan):
+        stage = run.stages[segment.stage]
+        tau, _ = module_rates(work, segment, stage, steps)
+        for checkpoint in segment.checkpoints:
+            state = checkpoint_state(checkpoint)
+            work.load(state)
+            u = work.query_grads(queries, f"segment {number + 1}/{len(plan)} query gradients")
+            weight = {n: tau[n] / len(segment.checkpoints) for n in u}
+            vectors = {n: u[n] * weight[n] for n in u}
+            part = work.scores(work.train[stage.name], [state], vectors, "tracin")
+            scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
+    work.load(final_state)
+    u = work.query_grads(queries)
+    return scores, {s.index: u for s in run.stages}
 
 
 def load_analysis(

@@ -12,12 +12,11 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from source_callback.analysis import ekfac
-from source_callback.analysis.gradients import ModuleTensors, contract
+from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, on_device
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError
 from source_callback.store.reader import Run
-from source_callback.store.schema import Stage
 
 State = dict[str, torch.Tensor]
 
@@ -68,17 +67,16 @@ class Engine:
 
     def curvature(
         self,
-        stage: Stage,
+        dataset: Dataset,
         states: list[State],
         label: str,
         scale: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, ekfac.ModuleCurvature]:
-        """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on the stage's data.
+        """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on ``dataset``.
 
         With ``scale`` (Adam's ``P^{1/2}`` per module) it is fitted to the scaled
         pseudo-gradients, i.e. to ``P^{1/2} H P^{1/2}``.
         """
-        dataset = self.train[stage.name]
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
@@ -134,10 +132,9 @@ class Engine:
         return out
 
     def scores(
-        self, stage: Stage, states: list[State], vectors: ModuleTensors, label: str
+        self, dataset: Dataset, states: list[State], vectors: ModuleTensors, label: str
     ) -> np.ndarray:
-        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of the stage: ``[Q, N_s]``."""
-        dataset = self.train[stage.name]
+        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of ``dataset``: ``[Q, N]``."""
         total = None
         for i, state in enumerate(states):
             self.load(state)
@@ -148,6 +145,12 @@ class Engine:
             part = torch.cat(rows).T
             total = part if total is None else total + part
         return (total / len(states)).cpu().numpy()
+
+    def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
+        """Per-query measurement gradients at the loaded state: ``{module: [Q, out, in]}``."""
+        return per_example_grads(
+            self.model, self.modules, self.task.measurement, self.data(queries, label)
+        )
 
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""

@@ -73,6 +73,18 @@ def adam_preconditioner(
     return {name: total / used for name, total in sums.items()}
 
 
+def module_rates(
+    engine: Engine, segment: Segment, stage: Stage, steps: dict[str, np.ndarray]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per tracked module: the segment's learning-rate mass τ and mean weight decay λ."""
+    tau, decay = {}, {}
+    for name, module in engine.modules.items():
+        group = group_of(stage, ekfac.module_param_names(name, module)[0])
+        tau[name] = float(segment.lr_mass[group])
+        decay[name] = float(np.mean(steps["weight_decay"][segment.start : segment.end, group]))
+    return tau, decay
+
+
 def segment_operator(
     engine: Engine,
     segment: Segment,
@@ -91,21 +103,18 @@ def segment_operator(
     damping
         For the ``"diagonal"`` Adam variant: δ relative to each module's mean eigenvalue.
     """
-    tau, decay = {}, {}
-    for name, module in engine.modules.items():
-        group = group_of(stage, ekfac.module_param_names(name, module)[0])
-        tau[name] = float(segment.lr_mass[group])
-        decay[name] = float(np.mean(steps["weight_decay"][segment.start : segment.end, group]))
+    tau, decay = module_rates(engine, segment, stage, steps)
+    dataset = engine.train[stage.name]
     coupled = stage.optimizer.weight_decay is WeightDecay.COUPLED
     if rule not in ADAM_RULES:
-        curvature = engine.curvature(stage, states, label)
+        curvature = engine.curvature(dataset, states, label)
         shift = {n: decay[n] if coupled else 0.0 for n in decay}
         return EkfacOperator(curvature, tau, shift)
     p = adam_preconditioner(engine, segment, stage, steps)
     decoupled = rule is UpdateRule.ADAMW or not coupled
     if adam_variant == "preconditioned":
         sqrt_p = {n: m.sqrt() for n, m in p.items()}
-        curvature = engine.curvature(stage, states, label, scale=sqrt_p)
+        curvature = engine.curvature(dataset, states, label, scale=sqrt_p)
         shift = {
             # AdamW: exp(−τ(PH + λI)); Adam: λP inside, approximated by its eigenbasis diagonal
             n: decay[n] if decoupled else decay[n] * curvature[n].in_basis(p[n])
@@ -116,7 +125,7 @@ def segment_operator(
         raise ValueError(
             f"adam_variant must be 'preconditioned' or 'diagonal', got {adam_variant!r}"
         )
-    curvature = engine.curvature(stage, states, label)
+    curvature = engine.curvature(dataset, states, label)
     return DiagonalExpOperator(
         curvature,
         tau,

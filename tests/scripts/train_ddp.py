@@ -1,0 +1,86 @@
+"""Record two stages of DDP training on CPU into one store.
+
+Usage: ``python train_ddp.py STORE DEVICES``. With ``DEVICES > 1`` Lightning's DDP launcher
+re-executes this script once per extra rank, so all the work happens under ``__main__``. Each
+process prints ``DONE rank=<global rank>`` after both stages. The per-process batch size is
+``PER_PROCESS_BATCH``; :func:`train` also serves the single-process reference run.
+
+Lightning gives every DDP training loader a shuffling ``DistributedSampler`` (seed 0 after
+``seed_everything(0)``): each epoch, rank ``r`` takes ``randperm(n)[r::world]``. The
+single-process reference uses the same sampler with one replica, so its batch ``k`` holds exactly
+the examples of the ranks' batches ``k`` together and it takes the same optimizer steps.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import TinyClassifier, make_dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from source_callback import SourceCallback
+
+PER_PROCESS_BATCH = 8
+PRETRAIN = {"n": 64, "seed": 0, "epochs": 2}  # 64 / (8 x 2) = 4 steps per epoch
+FINETUNE = {"n": 48, "seed": 1, "epochs": 1}  # 48 / (8 x 2) = 3 steps
+
+
+def _trainer(callback: SourceCallback, root: str, devices: int, epochs: int) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[callback],
+    )
+
+
+def _loader(data: Dataset, batch_size: int, devices: int) -> DataLoader:
+    if devices > 1:
+        return DataLoader(data, batch_size=batch_size)  # Lightning adds its DistributedSampler
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler)
+
+
+def train(store: str, devices: int, batch_size: int, root: str) -> pl.Trainer:
+    """Two stages (SGD with a per-step schedule, then Adam) into ``store``; the last trainer."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyClassifier(
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+    )
+    callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=4)
+    data = make_dataset(PRETRAIN["n"], seed=PRETRAIN["seed"])
+    _trainer(callback, root, devices, PRETRAIN["epochs"]).fit(
+        model, _loader(data, batch_size, devices)
+    )
+
+    model.optimizer_factory = lambda p: torch.optim.Adam(p, lr=1e-2)
+    model.scheduler_factory = None
+    callback.next_stage("finetune")
+    data = make_dataset(FINETUNE["n"], seed=FINETUNE["seed"])
+    last = _trainer(callback, root, devices, FINETUNE["epochs"])
+    last.fit(model, _loader(data, batch_size, devices))
+    return last
+
+
+def main() -> None:
+    store, devices = sys.argv[1], int(sys.argv[2])
+    root = str(Path(store).parent / "lightning")
+    trainer = train(store, devices, PER_PROCESS_BATCH, root)
+    print(f"DONE rank={trainer.global_rank}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
