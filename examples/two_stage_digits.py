@@ -3,7 +3,8 @@
 Stage "pretrain": an MLP learns digits shown in three orientations (0°, 90°, 180°) with
 SGD + momentum + weight decay. Stage "finetune": it is fine-tuned on the fourth orientation
 (270°) with AdamW and a warmup + cosine schedule. Rotations by multiples of 90° are exact on
-8×8 images. Both stages are recorded into one store, which is then summarised.
+8×8 images. The last 100 digits are held out as queries for examples/attribute_digits.py.
+Both stages are recorded into one store, which is then summarised.
 
     python examples/two_stage_digits.py [--store runs/digits.zarr] [--epochs 1.0]
 """
@@ -25,13 +26,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from source_callback import SourceCallback
 from source_callback.cli import main as cli_main
 
+HELD_OUT = 100
+STAGES = [("pretrain", [0, 1, 2], 3), ("finetune", [3], 2)]  # name, quarter turns, epochs
 
-def rotated_digits(quarter_turns: list[int]) -> TensorDataset:
-    """Digits rotated by each of ``quarter_turns`` × 90°, pixels scaled to [0, 1]."""
+
+def rotated_digits(quarter_turns: list[int], held_out: bool = False) -> TensorDataset:
+    """Digits rotated by each of ``quarter_turns`` × 90°, pixels scaled to [0, 1].
+
+    The training digits, or with ``held_out`` the last ``HELD_OUT`` digits (never trained on).
+    """
     digits = load_digits()
-    images = digits.images / 16.0
+    rows = slice(-HELD_OUT, None) if held_out else slice(None, -HELD_OUT)
+    images, targets = digits.images[rows] / 16.0, digits.target[rows]
     xs = [np.rot90(images, k=k, axes=(1, 2)).reshape(len(images), -1) for k in quarter_turns]
-    ys = [digits.target] * len(quarter_turns)
+    ys = [targets] * len(quarter_turns)
     x = torch.tensor(np.concatenate(xs), dtype=torch.float32)
     return TensorDataset(x, torch.tensor(np.concatenate(ys)))
 
@@ -79,8 +87,7 @@ def run(store: Path, epochs: float = 1.0, quiet: bool = False) -> None:
     torch.manual_seed(0)
     model = DigitsMLP()
     callback = SourceCallback(store, stage="pretrain")
-    stages = [("pretrain", [0, 1, 2], 3), ("finetune", [3], 2)]
-    for name, turns, stage_epochs in stages:
+    for name, turns, stage_epochs in STAGES:
         model.recipe = name
         callback.next_stage(name)
         data = DataLoader(rotated_digits(turns), batch_size=64, shuffle=True)

@@ -19,7 +19,12 @@ from source_callback.analysis.inputs import (
     checkpoint_state,
     prepare_model,
 )
-from source_callback.analysis.optimizers import AdamVariant, module_rates, segment_operator
+from source_callback.analysis.optimizers import (
+    AdamOptions,
+    AdamVariant,
+    module_rates,
+    segment_operator,
+)
 from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
 from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
@@ -107,6 +112,7 @@ def analyze(
     name: str | None = "default",
     adam_variant: AdamVariant = "preconditioned",
     damping: float = 0.1,
+    preconditioner_floor: float = 0.01,
     verbose: bool = True,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
@@ -153,6 +159,10 @@ def analyze(
     damping
         Damping of inverse curvatures, relative to each module's mean eigenvalue: the
         ``"diagonal"`` Adam variant's, and influence functions' (``method="if"``).
+    preconditioner_floor
+        Adam/AdamW: each parameter's √v̂ is floored at this fraction of its median, bounding
+        the amplification of coordinates that never received gradient (see
+        :func:`source_callback.analysis.optimizers.adam_preconditioner`).
     name
         The result is also written into the store under ``analyses/<name>/`` (replacing one of
         that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
@@ -196,8 +206,9 @@ def analyze(
     final_state = boundary_states[len(run.stages) - 1, ROLE_END]
 
     if method in ("source", "fast-source"):
+        adam = AdamOptions(adam_variant, damping, preconditioner_floor)
         scores, arrivals = _source(
-            work, run, plan, queries, final_state, method, optimizer_model, adam_variant, damping
+            work, run, plan, queries, final_state, method, optimizer_model, adam
         )
     elif method == "if":
         scores, arrivals = _influence(work, run, queries, final_state, damping)
@@ -256,8 +267,7 @@ def _source(
     final_state: State,
     method: str,
     optimizer_model: UpdateRule | str | None,
-    adam_variant: AdamVariant,
-    damping: float,
+    adam: AdamOptions,
 ) -> tuple[Scores, Arrivals]:
     """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score."""
     steps = run.steps()
@@ -270,11 +280,7 @@ def _source(
             states = [average_states(states)]
         segment_states.append(states)
         label = f"segment {number + 1}/{len(plan)}"
-        operators.append(
-            segment_operator(
-                work, segment, stage, rule, states, steps, label, adam_variant, damping
-            )
-        )
+        operators.append(segment_operator(work, segment, stage, rule, states, steps, label, adam))
     work.load(final_state)
     responses, arrivals = sweep(operators, work.query_grads(queries))
     scores: Scores = {}

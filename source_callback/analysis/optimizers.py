@@ -9,6 +9,7 @@ through per-coordinate exponentials (``"diagonal"``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -23,6 +24,34 @@ from source_callback.optim import UpdateRule, WeightDecay
 from source_callback.store.schema import Stage
 
 AdamVariant = Literal["preconditioned", "diagonal"]
+
+
+@dataclass(frozen=True)
+class AdamOptions:
+    """How Adam-family segments are modelled.
+
+    Attributes
+    ----------
+    variant
+        ``"preconditioned"`` (EK-FAC of ``P^{1/2} H P^{1/2}``) or ``"diagonal"`` (App. D.2).
+    damping
+        For ``"diagonal"``: δ of the inverse curvature, relative to each module's mean
+        eigenvalue.
+    floor
+        Floor of √v̂ relative to its median per parameter (see :func:`adam_preconditioner`).
+    """
+
+    variant: AdamVariant = "preconditioned"
+    damping: float = 0.1
+    floor: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("preconditioned", "diagonal"):
+            raise ValueError(
+                f"adam_variant must be 'preconditioned' or 'diagonal', got {self.variant!r}"
+            )
+
+
 ADAM_RULES = (UpdateRule.ADAM, UpdateRule.ADAMW)
 
 
@@ -35,13 +64,23 @@ def group_of(stage: Stage, param: str) -> int:
 
 
 def adam_preconditioner(
-    engine: Engine, segment: Segment, stage: Stage, steps: dict[str, np.ndarray]
+    engine: Engine,
+    segment: Segment,
+    stage: Stage,
+    steps: dict[str, np.ndarray],
+    floor: float = 0.01,
 ) -> dict[str, torch.Tensor]:
-    """``P̄ = mean_c 1/(√v̂_c + eps)`` per module as ``[out, in]``, from the segment's checkpoints.
+    """``P̄ = mean_c 1/(max(√v̂_c, floor·median √v̂_c) + eps)`` per module as ``[out, in]``.
 
     ``v̂ = v / (1 − β2^k)`` is the bias-corrected second moment (``max_exp_avg_sq`` under
-    AMSGrad) after k optimizer steps. Checkpoints without optimizer state (a stage's start)
-    do not contribute.
+    AMSGrad) after k optimizer steps, from the segment's checkpoints; checkpoints without
+    optimizer state (a stage's start) do not contribute.
+
+    Coordinates whose gradient has (nearly) always been zero — dead units, inputs that are
+    constant zero in this stage's data — have ``v̂ ≈ 0`` and ``P ≈ 1/eps``. Adam moves such a
+    coordinate by at most about the learning rate per step whatever its gradient, but the
+    fixed-P linearisation would amplify any gradient there by ``1/eps``; the floor, relative to
+    the parameter's median, bounds that amplification.
     """
     sums: dict[str, torch.Tensor] = {}
     used = 0
@@ -58,8 +97,9 @@ def adam_preconditioner(
                 entry = state[param]
                 v = entry.get("max_exp_avg_sq", entry["exp_avg_sq"]).double()
                 beta2, eps = steps["beta2"][row, group], steps["eps"][row, group]
-                v_hat = v / (1 - beta2 ** entry["step"].double())
-                per_param[param] = 1 / (v_hat.sqrt() + eps)
+                root = (v / (1 - beta2 ** entry["step"].double())).sqrt()
+                root = root.clamp_min(floor * float(root.median()))
+                per_param[param] = 1 / (root + eps)
         for name, module in engine.modules.items():
             weight, bias = ekfac.module_param_names(name, module)
             matrix = ekfac.weight_matrix(module, per_param[weight], per_param.get(bias))
@@ -93,16 +133,9 @@ def segment_operator(
     states: list[State],
     steps: dict[str, np.ndarray],
     label: str,
-    adam_variant: AdamVariant = "preconditioned",
-    damping: float = 0.1,
+    adam: AdamOptions,
 ) -> SegmentOperator:
-    """Fit the segment's curvature and wrap it in the operator for ``rule``.
-
-    Parameters
-    ----------
-    damping
-        For the ``"diagonal"`` Adam variant: δ relative to each module's mean eigenvalue.
-    """
+    """Fit the segment's curvature and wrap it in the operator for ``rule``."""
     tau, decay = module_rates(engine, segment, stage, steps)
     dataset = engine.train[stage.name]
     coupled = stage.optimizer.weight_decay is WeightDecay.COUPLED
@@ -110,9 +143,9 @@ def segment_operator(
         curvature = engine.curvature(dataset, states, label)
         shift = {n: decay[n] if coupled else 0.0 for n in decay}
         return EkfacOperator(curvature, tau, shift)
-    p = adam_preconditioner(engine, segment, stage, steps)
+    p = adam_preconditioner(engine, segment, stage, steps, adam.floor)
     decoupled = rule is UpdateRule.ADAMW or not coupled
-    if adam_variant == "preconditioned":
+    if adam.variant == "preconditioned":
         sqrt_p = {n: m.sqrt() for n, m in p.items()}
         curvature = engine.curvature(dataset, states, label, scale=sqrt_p)
         shift = {
@@ -121,10 +154,6 @@ def segment_operator(
             for n in curvature
         }
         return EkfacOperator(curvature, tau, shift, sqrt_p)
-    if adam_variant != "diagonal":
-        raise ValueError(
-            f"adam_variant must be 'preconditioned' or 'diagonal', got {adam_variant!r}"
-        )
     curvature = engine.curvature(dataset, states, label)
     return DiagonalExpOperator(
         curvature,
@@ -132,5 +161,5 @@ def segment_operator(
         p,
         coupled={n: 0.0 if decoupled else decay[n] for n in curvature},
         decoupled={n: decay[n] if decoupled else 0.0 for n in curvature},
-        damping={n: damping * float(c.eigenvalues.mean()) for n, c in curvature.items()},
+        damping={n: adam.damping * float(c.eigenvalues.mean()) for n, c in curvature.items()},
     )

@@ -1,0 +1,61 @@
+"""Which training digits, and which stage, made the fine-tuned model classify a digit?
+
+Run examples/two_stage_digits.py first; this reads its store and attributes the loss of
+held-out digits (in the fine-tuning orientation) to the training examples of both stages,
+then prints the most helpful and most harmful ones and each stage's effect.
+
+    python examples/attribute_digits.py [--store runs/digits.zarr] [--queries 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+from two_stage_digits import STAGES, DigitsMLP, rotated_digits
+
+from source_callback import analyze
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, default=Path("runs/digits.zarr"))
+    parser.add_argument("--queries", type=int, default=4, help="held-out digits to attribute")
+    parser.add_argument("--segments", type=int, default=3, help="segments per stage")
+    args = parser.parse_args()
+
+    train = {name: rotated_digits(turns) for name, turns, _ in STAGES}
+    queries = Subset(rotated_digits([3], held_out=True), range(args.queries))
+    result = analyze(
+        args.store,
+        model=DigitsMLP(),
+        task="classification",  # measurement: the query's cross-entropy loss
+        train=train,
+        queries=queries,
+        segments=args.segments,
+        batch_size=256,
+    )
+    for q in range(args.queries):
+        label = int(queries[q][1])
+        helpful, harmful = result.top(q, k=3)
+        print(f"\nquery {q} (a {label}, rotated 270°)")
+        for title, items in (("most helpful", helpful), ("most harmful", harmful)):
+            print(f"  {title}:")
+            for item in items:
+                digit = int(train[item.stage][item.index][1])
+                print(f"    {item.stage:<8} #{item.index:<5} a {digit}  score {item.score:+.2e}")
+        effects = ", ".join(
+            f"{name} {value:+.3f}"
+            for name, value in zip(result.stage_names, result.stage_effects[q], strict=True)
+        )
+        print(f"  stage effects on the loss (removing the stage): {effects}")
+        last, exact = result.stage_names[-1], result.last_stage_exact[q]
+        print(f"  exact effect of removing {last}: {exact:+.3f}")
+    print(f"\nscores saved in {args.store} under analyses/default")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
