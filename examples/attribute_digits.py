@@ -12,32 +12,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from torch.utils.data import Subset
 from two_stage_digits import STAGES, DigitsMLP, rotated_digits
 
 from source_callback import analyze
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, default=Path("runs/digits.zarr"))
-    parser.add_argument("--queries", type=int, default=4, help="held-out digits to attribute")
-    parser.add_argument("--segments", type=int, default=3, help="segments per stage")
-    args = parser.parse_args()
-
+def attribute(store: Path, num_queries: int, segments: int, verbose: bool = True) -> None:
+    """Analyze the record and print the top examples and stage effects per query."""
     train = {name: rotated_digits(turns) for name, turns, _ in STAGES}
-    queries = Subset(rotated_digits([3], held_out=True), range(args.queries))
+    queries = Subset(rotated_digits([3], held_out=True), range(num_queries))
     result = analyze(
-        args.store,
+        store,
         model=DigitsMLP(),
         task="classification",  # measurement: the query's cross-entropy loss
         train=train,
         queries=queries,
-        segments=args.segments,
+        segments=segments,
         batch_size=256,
+        verbose=verbose,
     )
-    for q in range(args.queries):
+    for q in range(num_queries):
         label = int(queries[q][1])
         helpful, harmful = result.top(q, k=3)
         print(f"\nquery {q} (a {label}, rotated 270°)")
@@ -53,9 +48,17 @@ def main() -> None:
         print(f"  stage effects on the loss (removing the stage): {effects}")
         last, exact = result.stage_names[-1], result.last_stage_exact[q]
         print(f"  exact effect of removing {last}: {exact:+.3f}")
-    print(f"\nscores saved in {args.store} under analyses/default")
+    print(f"\nscores saved in {store} under analyses/default")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, default=Path("runs/digits.zarr"))
+    parser.add_argument("--queries", type=int, default=4, help="held-out digits to attribute")
+    parser.add_argument("--segments", type=int, default=3, help="segments per stage")
+    args = parser.parse_args()
+    attribute(args.store, args.queries, args.segments)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

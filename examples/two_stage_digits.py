@@ -80,13 +80,15 @@ class DigitsMLP(pl.LightningModule):
         }
 
 
-def run(store: Path, epochs: float = 1.0, quiet: bool = False) -> None:
+def run(
+    store: Path, epochs: float = 1.0, quiet: bool = False, checkpoints_per_stage: int = 6
+) -> None:
     """Train both stages, recording into ``store`` (replaced if it exists)."""
     if store.exists():
         shutil.rmtree(store)
     torch.manual_seed(0)
     model = DigitsMLP()
-    callback = SourceCallback(store, stage="pretrain")
+    callback = SourceCallback(store, checkpoints_per_stage=checkpoints_per_stage)
     for name, turns, stage_epochs in STAGES:
         model.recipe = name
         callback.next_stage(name)
