@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import zarr
 from scipy.stats import pearsonr, spearmanr
+from storeutil import tree_digest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from unroll import adam_replay, call, leave_one_out_effects, sgd_replay
@@ -327,3 +331,65 @@ def test_bad_input(two_stage, queries) -> None:
     wrong = {**common, "model": Regressor(lr=0.1)}  # float32: another model
     with pytest.raises(ManifestMismatchError, match=r"dtype torch\.float64 recorded"):
         analyze(store, train={"a": data_a, "b": data_b}, **wrong)
+
+
+def _analyze_linear(store, model, data, queries, **kwargs):
+    options = {"task": "regression", "queries": queries, "name": None, "verbose": False}
+    return analyze(store, model=model, train={"gd": data}, **{**options, **kwargs})
+
+
+def test_analysis_writes_only_under_analyses(linear_run, queries, tmp_path) -> None:
+    store, model, data, _ = linear_run
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    before = {k: v for k, v in tree_digest(copy).items() if not k.startswith("analyses")}
+    _analyze_linear(copy, model, data, queries, name="mine")
+    after = tree_digest(copy)
+    assert {k: v for k, v in after.items() if not k.startswith("analyses")} == before
+    assert any(k.startswith("analyses/mine/") for k in after)
+
+
+def test_non_finite_checkpoint_is_refused(linear_run, queries, tmp_path) -> None:
+    store, model, data, _ = linear_run
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    key = open_run(copy).checkpoints[1].key
+    weight = zarr.open_array(copy / "checkpoints" / key / "params" / "net.0.weight", mode="r+")
+    weight[0, 0] = np.nan
+    with pytest.raises(AnalysisError, match=rf"checkpoint {key} holds NaN or infinite values"):
+        _analyze_linear(copy, model, data, queries)
+
+
+def test_incomplete_record_is_refused(tmp_path, queries) -> None:
+    data = _data(16, seed=1)
+    model = Regressor(lr=0.05, hidden=0).double()
+
+    class Crash(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("crash")
+
+    callback = SourceCallback(tmp_path / "run.zarr", stage="gd")
+    with pytest.raises(RuntimeError, match="crash"):
+        pl.Trainer(
+            accelerator="cpu",
+            max_epochs=8,
+            precision="64-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[callback, Crash()],
+        ).fit(model, DataLoader(data, batch_size=4))
+    with pytest.raises(AnalysisError, match=r"incomplete stage\(s\) \['gd'\]"):
+        _analyze_linear(tmp_path / "run.zarr", model, data, queries)
+
+
+def test_learning_rates_beyond_stability_warn(tmp_path, queries) -> None:
+    """§9: heavy-ball momentum keeps η̃σ_max = ησ/(1−β) > 2 stable, but outside the model."""
+    torch.manual_seed(0)
+    data = _data(32, seed=1)
+    model = Regressor(lr=0.3, momentum=0.9, hidden=0).double()
+    _fit(model, tmp_path / "run.zarr", data, batch_size=32, epochs=12, stage="gd")
+    with pytest.warns(UserWarning, match="above 2"):
+        _analyze_linear(tmp_path / "run.zarr", model, data, queries, fisher="exact")

@@ -9,6 +9,7 @@ through per-coordinate exponentials (``"diagonal"``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,6 +126,32 @@ def module_rates(
     return tau, decay
 
 
+def warn_if_unstable(
+    engine: Engine,
+    segment: Segment,
+    stage: Stage,
+    curvature: dict[str, ekfac.ModuleCurvature],
+    shift: dict[str, float | torch.Tensor],
+    label: str,
+) -> None:
+    """Warn when ``η̃·σ_max > 2``: the trajectory oscillates and the model degrades (§9)."""
+    worst, where = 0.0, ""
+    for name, c in curvature.items():
+        group = group_of(stage, ekfac.module_param_names(name, engine.modules[name])[0])
+        sigma = float((c.eigenvalues + shift[name]).max())
+        product = float(segment.max_rate[group]) * sigma
+        if product > worst:
+            worst, where = product, name
+    if worst > 2:
+        warnings.warn(
+            f"{label} of stage {stage.name!r}: the largest effective learning rate times the "
+            f"largest curvature eigenvalue is {worst:.3g} (module {where!r}), above 2. Training "
+            "oscillated along those directions, which SOURCE's stationary approximation does "
+            "not model (SOURCE-math §9); expect less accurate scores for this segment.",
+            stacklevel=4,
+        )
+
+
 def segment_operator(
     engine: Engine,
     segment: Segment,
@@ -142,6 +169,7 @@ def segment_operator(
     if rule not in ADAM_RULES:
         curvature = engine.curvature(dataset, states, label)
         shift = {n: decay[n] if coupled else 0.0 for n in decay}
+        warn_if_unstable(engine, segment, stage, curvature, shift, label)
         return EkfacOperator(curvature, tau, shift)
     p = adam_preconditioner(engine, segment, stage, steps, adam.floor)
     decoupled = rule is UpdateRule.ADAMW or not coupled
@@ -153,6 +181,7 @@ def segment_operator(
             n: decay[n] if decoupled else decay[n] * curvature[n].in_basis(p[n])
             for n in curvature
         }
+        warn_if_unstable(engine, segment, stage, curvature, shift, label)
         return EkfacOperator(curvature, tau, shift, sqrt_p)
     curvature = engine.curvature(dataset, states, label)
     return DiagonalExpOperator(

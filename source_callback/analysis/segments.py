@@ -38,6 +38,8 @@ class Segment:
         they hold the parameters after the stage).
     lr_mass
         τ per parameter group: the sum of effective learning rates over the segment's steps.
+    max_rate
+        The largest effective learning rate of a step in the segment, per parameter group.
 
     """
 
@@ -46,6 +48,7 @@ class Segment:
     end: int
     checkpoints: tuple[Checkpoint, ...]
     lr_mass: np.ndarray
+    max_rate: np.ndarray
 
     @property
     def num_steps(self) -> int:
@@ -192,6 +195,6 @@ def plan_segments(
                     f"committed checkpoint (checkpoints at steps {stored}). Request fewer "
                     "segments, or record with a larger checkpoints_per_stage."
                 )
-            mass = rates[start - stage.first_step : end - stage.first_step].sum(axis=0)
-            out.append(Segment(stage.index, start, end, inside, mass))
+            rows = rates[start - stage.first_step : end - stage.first_step]
+            out.append(Segment(stage.index, start, end, inside, rows.sum(0), rows.max(0)))
     return out
