@@ -142,9 +142,79 @@ class RegressionTask:
         return (2 / dims) ** 0.5 * flat.T
 
 
+class LanguageModelingTask:
+    """Next-token cross-entropy on token sequences.
+
+    ``batch`` is a mapping with ``input_ids`` ``[B, T]`` and optionally ``labels`` (defaults to
+    ``input_ids``; ``-100`` marks positions that carry no loss) and ``attention_mask`` (passed
+    to the model when given; positions where it is 0 carry no loss either). The model returns
+    logits ``[B, T, V]`` (or an object with ``.logits``); position t predicts label t+1.
+
+    Parameters
+    ----------
+    tokens_per_example
+        The per-example loss is the sum of its token losses divided by this number, so that
+        its dataset mean equals a token-mean training objective. ``None`` divides by the
+        example's own token count (right when all sequences have the same length).
+    """
+
+    def __init__(self, tokens_per_example: float | None = None) -> None:
+        self.tokens_per_example = tokens_per_example
+
+    @staticmethod
+    def _logits_and_labels(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        out = model(inputs) if mask is None else model(inputs, attention_mask=mask)
+        logits = getattr(out, "logits", out)
+        labels = batch.get("labels", inputs).clone()
+        if mask is not None:
+            labels[mask == 0] = -100
+        return logits[:, :-1], labels[:, 1:]
+
+    def _normalise(self, token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = token_losses.sum(1)
+        if self.tokens_per_example is not None:
+            return total / self.tokens_per_example
+        return total / (labels != -100).sum(1).clamp_min(1)
+
+    @staticmethod
+    def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        )
+        return flat.reshape(labels.shape)  # 0 where the label is -100
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example next-token cross-entropy, normalised as configured."""
+        logits, labels = self._logits_and_labels(model, batch)
+        return self._normalise(self._token_losses(logits, labels), labels)
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-query negative log-likelihood of its labelled tokens (summed)."""
+        logits, labels = self._logits_and_labels(model, batch)
+        return self._token_losses(logits, labels).sum(1)
+
+    def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
+        """The loss against next tokens sampled from the model, at the labelled positions."""
+        logits, labels = self._logits_and_labels(model, batch)
+        probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+        sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
+        sampled = sampled.reshape(labels.shape).to(labels.device)
+        sampled[labels == -100] = -100
+        return self._normalise(self._token_losses(logits, sampled), labels)
+
+
 def resolve_task(task: str | Task) -> Task:
-    """A built-in task by name (``classification``, ``regression``), or ``task`` itself."""
-    builtins = {"classification": ClassificationTask, "regression": RegressionTask}
+    """A built-in task by name, or ``task`` itself.
+
+    Names: ``classification``, ``regression``, ``language_modeling``.
+    """
+    builtins = {
+        "classification": ClassificationTask,
+        "regression": RegressionTask,
+        "language_modeling": LanguageModelingTask,
+    }
     if isinstance(task, str):
         if task not in builtins:
             raise ValueError(f"unknown task {task!r}; use one of {sorted(builtins)} or a Task")

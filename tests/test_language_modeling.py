@@ -1,0 +1,124 @@
+"""The language-modeling task: losses, masks, the sampled Fisher, and analyze() end to end."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from source_callback import SourceCallback, analyze, open_run
+from source_callback.analysis.ekfac import covariances, tracked_modules
+from source_callback.analysis.task import LanguageModelingTask
+
+VOCAB, WIDTH, LENGTH = 7, 5, 6
+
+
+class TinyLM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.task = LanguageModelingTask()
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.embed(input_ids)))
+
+    def training_step(self, batch, batch_idx):
+        return self.task.loss(self, batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+class Sequences(Dataset):
+    def __init__(self, n: int, seed: int, pad_from: int | None = None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+        self.mask = torch.ones(n, LENGTH, dtype=torch.long)
+        if pad_from is not None:
+            self.mask[::2, pad_from:] = 0  # every other sequence is shorter
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def _batch(ds: Dataset) -> dict[str, torch.Tensor]:
+    return next(iter(DataLoader(ds, batch_size=len(ds))))
+
+
+def test_losses_follow_the_shifted_tokens_and_masks() -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    batch = _batch(Sequences(4, seed=0, pad_from=4))
+    logits = model(batch["input_ids"])
+    logp = torch.log_softmax(logits, -1)[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    token_nll = -logp.gather(-1, targets[..., None])[..., 0]
+    keep = batch["attention_mask"][:, 1:].bool()
+    expected_sum = (token_nll * keep).sum(1)
+    task = LanguageModelingTask()
+    torch.testing.assert_close(task.measurement(model, batch), expected_sum)
+    torch.testing.assert_close(task.loss(model, batch), expected_sum / keep.sum(1))
+    assert keep.sum(1).tolist() == [3, 5, 3, 5]
+    fixed = LanguageModelingTask(tokens_per_example=4.0)
+    torch.testing.assert_close(fixed.loss(model, batch), expected_sum / 4)
+    labels = {**batch, "labels": torch.full_like(batch["input_ids"], -100)}
+    assert torch.all(task.measurement(model, labels) == 0)
+
+
+def test_sampled_fisher_of_the_head_is_unbiased() -> None:
+    """E[Σ_t s_t s_tᵀ] over sampled next tokens equals Σ_t (diag p_t − p_t p_tᵀ) / n²."""
+    torch.manual_seed(1)
+    model = TinyLM().double()
+    data = Sequences(3000, seed=2)
+    batches = list(DataLoader(data, batch_size=500))
+    modules = {"head": tracked_modules(model)["head"]}
+    gen = torch.Generator().manual_seed(0)
+    sampled = covariances(model, modules, LanguageModelingTask(), batches, gen)["head"].mean()[1]
+    with torch.no_grad():
+        p = torch.softmax(model(data.ids)[:, :-1].double(), -1)  # [N, T-1, V]
+        n = LENGTH - 1
+        exact = (torch.diag_embed(p) - p[..., :, None] * p[..., None, :]).sum(1).mean(0) / n**2
+    torch.testing.assert_close(sampled, exact, rtol=0.08, atol=2e-3)
+
+
+def test_analyze_a_language_model_record(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    data = Sequences(24, seed=3, pad_from=4)
+    pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SourceCallback(tmp_path / "lm.zarr", stage="lm")],
+    ).fit(model, DataLoader(data, batch_size=4))
+    queries = Sequences(3, seed=4)
+    result = analyze(
+        tmp_path / "lm.zarr",
+        model=TinyLM(),
+        task="language_modeling",
+        train={"lm": data},
+        queries=queries,
+        segments=2,
+        verbose=False,
+        name=None,
+    )
+    scores = result.scores["lm"]
+    assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    assert result.config["modules"] == ["head"]  # embeddings are not tracked
+    # the last stage's exact effect: f at the stage's start minus f at the end
+    start = TinyLM()
+    start.load_state_dict(open_run(tmp_path / "lm.zarr").checkpoints[0].params())
+    task, batch = LanguageModelingTask(), _batch(queries)
+    with torch.no_grad():
+        expected = task.measurement(start, batch) - task.measurement(model, batch)
+    np.testing.assert_allclose(result.last_stage_exact, expected.double().numpy(), rtol=1e-5)
+    assert np.isfinite(result.stage_effects).all()
