@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from source_callback.analysis.api import AnalysisResult, Attribution, analyze, load_analysis
-from source_callback.analysis.task import ClassificationTask, RegressionTask, Task
+from source_callback.analysis.task import (
+    ClassificationTask,
+    LanguageModelingTask,
+    RegressionTask,
+    Task,
+)
 from source_callback.errors import (
     AnalysisError,
     FormatVersionError,
@@ -32,6 +37,7 @@ __all__ = [
     "ClassificationTask",
     "FormatVersionError",
     "InterruptedStageError",
+    "LanguageModelingTask",
     "ManifestMismatchError",
     "NotAStoreError",
     "RegressionTask",
