@@ -9,7 +9,6 @@ Lightning checkpoint each time, and finally compared with an uninterrupted refer
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -19,11 +18,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from processes import load_script, subprocess_env
 from storeutil import tree_digest
 
 from source_callback import InterruptedStageError, Run, SourceCallback, StoreError, open_run
@@ -33,24 +32,7 @@ START_TIMEOUT_S = 120  # process start (imports) plus training to the kill point
 FINISH_TIMEOUT_S = 180
 
 
-def _load_script(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_script(SCRIPT)
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    # One thread: the same arithmetic as the reference run, which this test runs with one thread.
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    return env
+train = load_script(SCRIPT)
 
 
 class Training:

@@ -7,65 +7,22 @@ lives in ``tests/scripts/train_ddp.py`` and runs in a subprocess here.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from processes import SCRIPTS, load_script, subprocess_env
 from storeutil import tree_digest
 
 from source_callback import open_run
 
-SCRIPTS = Path(__file__).parent / "scripts"
 TRAIN_DDP = SCRIPTS / "train_ddp.py"
 WORLD_SIZE = 2
 HANG_TIMEOUT_S = 240  # generous for a loaded 2-core CI machine; a run takes ~20 s
-
-
-def _load_script(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def subprocess_env() -> dict[str, str]:
-    """The test's environment minus any distributed settings, pinned to loopback, one thread."""
-    env = dict(os.environ)
-    for name in (
-        "LOCAL_RANK",
-        "NODE_RANK",
-        "GLOBAL_RANK",
-        "GROUP_RANK",
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "PL_GLOBAL_SEED",
-        "PL_TRAINER_DEVICES",
-        "SLURM_NTASKS",
-        "SLURM_JOB_ID",
-        "CUDA_VISIBLE_DEVICES",
-    ):
-        env.pop(name, None)
-    env.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "GLOO_SOCKET_IFNAME": "lo",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONWARNINGS": "ignore::DeprecationWarning",
-        }
-    )
-    return env
 
 
 def run_script(args: list[str], timeout: float = HANG_TIMEOUT_S) -> tuple[int, str]:
@@ -100,7 +57,7 @@ def test_ddp_two_stages_written_once_like_a_single_process_run(tmp_path) -> None
     # Reference: one process whose batch is the DDP global batch (per-process batch x 2), drawn in
     # the order Lightning's DistributedSampler deals it out (see the script), so each step sees
     # the same 16 examples and the averaged DDP gradient equals the single-process one.
-    script = _load_script(TRAIN_DDP)
+    script = load_script(TRAIN_DDP)
     reference = tmp_path / "single.zarr"
     script.train(
         str(reference), 1, script.PER_PROCESS_BATCH * WORLD_SIZE, str(tmp_path / "lightning")

@@ -17,6 +17,14 @@ from torch.func import functional_call
 Params = dict[str, torch.Tensor]
 
 
+def _differentiable(start: Params) -> Params:
+    """Copies that require grad; parameters carrying a graph (an earlier stage's replay) stay."""
+    return {
+        n: p if p.requires_grad else p.detach().clone().requires_grad_(True)
+        for n, p in start.items()
+    }
+
+
 def sgd_replay(
     model: nn.Module,
     start: Params,
@@ -33,11 +41,7 @@ def sgd_replay(
     ``batches[t]`` holds the example indices of step t; ``loss(model, params, idx)`` returns
     their per-example losses. The step's gradient is that of ``mean_i (1 + ε_i) L_i``.
     """
-    # Parameters that carry a graph (the end of an earlier replayed stage) keep it.
-    params = {
-        n: p if p.requires_grad else p.detach().clone().requires_grad_(True)
-        for n, p in start.items()
-    }
+    params = _differentiable(start)
     buffers: Params | None = None
     for idx, lr in zip(batches, lrs, strict=True):
         objective = (weights[idx] * loss(model, params, idx)).mean()
@@ -84,10 +88,7 @@ def adam_replay(
     decoupled: bool = True,
 ) -> Params:
     """PyTorch Adam (``decoupled=False``) or AdamW with per-example loss weights."""
-    params = {
-        n: p if p.requires_grad else p.detach().clone().requires_grad_(True)
-        for n, p in start.items()
-    }
+    params = _differentiable(start)
     m = {n: torch.zeros_like(p) for n, p in params.items()}
     v = {n: torch.zeros_like(p) for n, p in params.items()}
     beta1, beta2 = betas

@@ -140,6 +140,27 @@ def pseudo_backward(
         yield from _backward_each(task.pseudo_loss(model, batch, generator)[None])
 
 
+def pseudo_passes(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    task: Any,
+    batches: Iterable[Any],
+    generator: torch.Generator,
+    exact: bool,
+    on_grads: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the pseudo-gradient backward passes of every batch; yield each batch's activations.
+
+    ``on_grads(name, a, s)`` sees every module's activations and output gradients per pass.
+    """
+    with Capture(modules, on_grads) as capture:
+        for batch in batches:
+            for _ in pseudo_backward(task, model, batch, generator, exact):
+                pass
+            model.zero_grad(set_to_none=True)
+            yield capture.a
+
+
 @dataclass
 class Covariances:
     """Running sums of ``a aᵀ`` and ``s sᵀ`` (summed over tokens) and the example count."""
@@ -194,16 +215,12 @@ def covariances(
         sums_.s += torch.einsum("boi,bpi->op", g, g)
         sums_.a += torch.einsum("boi,boj->ij", g, g)
 
-    with Capture(modules, on_grads) as capture:
-        for batch in batches:
-            for _ in pseudo_backward(task, model, batch, generator, exact):
-                pass
-            model.zero_grad(set_to_none=True)
-            for name, a in capture.a.items():
-                if scale is None:
-                    a = a.double()
-                    sums[name].a += torch.einsum("bti,btj->ij", a, a)
-                sums[name].count += a.shape[0]
+    for activations_ in pseudo_passes(model, modules, task, batches, generator, exact, on_grads):
+        for name, a in activations_.items():
+            if scale is None:
+                a = a.double()
+                sums[name].a += torch.einsum("bti,btj->ij", a, a)
+            sums[name].count += a.shape[0]
     return sums
 
 
@@ -235,13 +252,9 @@ def corrected_eigenvalues(
         total = sums.get(name)
         sums[name] = rotated.square().sum(0) + (0 if total is None else total)
 
-    with Capture(modules, on_grads) as capture:
-        for batch in batches:
-            for _ in pseudo_backward(task, model, batch, generator, exact):
-                pass
-            model.zero_grad(set_to_none=True)
-            for name, a in capture.a.items():
-                counts[name] = counts.get(name, 0) + a.shape[0]
+    for activations_ in pseudo_passes(model, modules, task, batches, generator, exact, on_grads):
+        for name, a in activations_.items():
+            counts[name] = counts.get(name, 0) + a.shape[0]
     return {name: sums[name] / counts[name] for name in sums}
 
 

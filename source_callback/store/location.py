@@ -9,6 +9,8 @@ import fsspec
 import zarr
 from zarr.errors import BaseZarrError
 
+from source_callback.errors import NotAStoreError
+
 StorageOptions = dict[str, Any] | None
 
 
@@ -37,6 +39,26 @@ def has_content(url: str, storage_options: StorageOptions = None) -> bool:
     if fs.isfile(path):
         return True
     return len(fs.ls(path, detail=False)) > 0
+
+
+def open_existing(
+    url: str, storage_options: StorageOptions, mode: Literal["r", "r+"]
+) -> zarr.Group | None:
+    """The Zarr group at ``url``; ``None`` when nothing is there.
+
+    Raises
+    ------
+    NotAStoreError
+        Something that is not a Zarr group is there (it is not touched).
+    """
+    root = open_group(url, storage_options, mode)
+    if root is None and has_content(url, storage_options):
+        raise NotAStoreError(
+            f"{url} exists and is not a Zarr store, so not a source-callback record. Choose an "
+            "empty or new location to record into, or the path of an existing record; nothing "
+            "was changed here."
+        )
+    return root
 
 
 def open_group(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import zarr
 
-from source_callback.errors import NotAStoreError, StoreError
+from source_callback.errors import StoreError
 from source_callback.manifest import Manifest
 from source_callback.optim import OptimizerRecord
 from source_callback.store import location, schema
@@ -262,10 +262,8 @@ def open_run(url: str | os.PathLike[str], storage_options: dict | None = None) -
 
     """
     url = location.normalize(url)
-    root = location.open_group(url, storage_options, mode="r")
+    root = location.open_existing(url, storage_options, mode="r")
     if root is None:
-        if location.has_content(url, storage_options):
-            raise NotAStoreError(f"{url} is not a Zarr store, so not a source-callback record.")
         raise StoreError(f"no store at {url}. Check the path or URL (and storage_options).")
     schema.check_format(root, url)
     return Run(root, url)

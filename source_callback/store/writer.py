@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from source_callback.errors import ManifestMismatchError, NotAStoreError, StoreError
+from source_callback.errors import ManifestMismatchError, StoreError
 from source_callback.manifest import manifest_differences
 from source_callback.store import location, schema
 
@@ -75,13 +75,8 @@ class StoreWriter:
 
         """
         url = location.normalize(url)
-        root = location.open_group(url, storage_options, mode="r+")
+        root = location.open_existing(url, storage_options, mode="r+")
         if root is None:
-            if location.has_content(url, storage_options):
-                raise NotAStoreError(
-                    f"{url} exists and is not a Zarr store. Choose an empty or new location for "
-                    "the record; nothing was changed here."
-                )
             root = location.open_group(url, storage_options, mode="w-")
             if root is None:  # pragma: no cover - the backend refused to create a group
                 raise StoreError(f"could not create a Zarr group at {url}")
