@@ -124,6 +124,25 @@ def linear_run(tmp_path_factory, queries):
     return root / "run.zarr", model, data, truth
 
 
+def test_ground_truth_equals_finite_difference_retraining(linear_run, queries) -> None:
+    """The autograd ground truth is the derivative of actually retraining with the example's
+    weight perturbed (central differences through the same replayed trajectory)."""
+    store, model, data, truth = linear_run
+    start = open_run(store).checkpoints[0].params()
+    start = {n: start[n] for n, _ in model.named_parameters()}
+    lrs = open_run(store).learning_rates()[:, 0]
+    steps, measure, eps = _replay_steps(32, 32, 40), _measure(queries), 1e-4
+    for m in (0, 17):
+        values = []
+        for sign in (1, -1):
+            weights = torch.ones(32, dtype=torch.float64)
+            weights[m] += sign * eps
+            final = sgd_replay(model, start, steps, _loss(data), lrs, weights)
+            values.append(measure(model, final).detach())
+        derivative = (values[0] - values[1]) / (2 * eps)
+        np.testing.assert_allclose(-derivative.numpy(), truth[:, m], rtol=1e-6, atol=1e-12)
+
+
 def _run_method(linear_run, queries, method: str, **kwargs) -> np.ndarray:
     store, model, data, _ = linear_run
     result = analyze(

@@ -149,4 +149,6 @@ def sweep(
 
 def dot(u: ModuleTensors, delta: ModuleTensors) -> torch.Tensor:
     """``⟨u[q], delta⟩`` summed over modules: ``[Q]`` (``delta`` holds single ``[out, in]``)."""
-    return sum(torch.einsum("qoi,oi->q", u[n].double(), delta[n].double()) for n in u)
+    return sum(
+        torch.einsum("qoi,oi->q", u[n].double(), delta[n].to(u[n].device, torch.float64)) for n in u
+    )
