@@ -282,6 +282,7 @@ def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
         group.create_array(
             name,
             data=encoded.array,
+            chunks=schema.tensor_chunks(encoded.array.shape, encoded.array.itemsize),
             compressors=schema.tensor_codecs(),
             attributes={schema.ATTR_TORCH_DTYPE: encoded.torch_dtype},
         )
