@@ -117,6 +117,7 @@ class SourceCallback(Callback):
         self.checkpoints_per_stage = checkpoints_per_stage
         self.flush_every = flush_every
         self._next_name = stage
+        self._state_key = self._generate_state_key(store=self.store)  # read on every step
         self._url: str | None = None
         self._recorder: Recorder | None = None
         self._resume: dict[str, Any] | None = None
@@ -157,7 +158,7 @@ class SourceCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(store=self.store)
+        return self._state_key
 
     # -- setup and teardown ------------------------------------------------------------------
 
@@ -204,9 +205,12 @@ class SourceCallback(Callback):
                 "SourceCallback needs an optimizer: configure_optimizers() returned none."
             )
         if len(trainer.optimizers) > 1:
-            warnings.warn(
-                f"SourceCallback records only the first of {len(trainer.optimizers)} optimizers.",
-                stacklevel=2,
+            # Steps, checkpoints and the analysis all follow one update rule; recording one of
+            # several optimizers would misclassify the others' parameters as frozen.
+            raise errors.SourceCallbackError(
+                f"SourceCallback records runs with one optimizer; configure_optimizers() "
+                f"returned {len(trainer.optimizers)}. Remove the callback from this run, or "
+                "train with a single optimizer (param groups can carry different settings)."
             )
         self._optimizer = trainer.optimizers[0]
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
@@ -364,7 +368,8 @@ class SourceCallback(Callback):
             self._loss_sum = self._loss_sum + loss.detach()
             self._loss_count += 1
         try:
-            self._examples += extract_batch_size(batch) * trainer.world_size
+            if self._examples >= 0:  # -1: a batch of this step had no inferable size
+                self._examples += extract_batch_size(batch) * trainer.world_size
         except Exception:
             self._examples = -1
         self._finish_steps(trainer)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from models import TinyClassifier, loader, make_dataset, trainer
 
-from source_callback import SourceCallback, open_run
+from source_callback import SourceCallback, SourceCallbackError, open_run
 from source_callback.optim import UpdateRule, WeightDecay
 
 
@@ -290,3 +290,28 @@ def test_unknown_optimizer_is_recorded_with_a_warning(tmp_path) -> None:
 def test_invalid_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SourceCallback("x.zarr", **kwargs)
+
+
+class TwoOptimizers(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+            torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+        ]
+
+
+def test_several_optimizers_are_refused(tmp_path) -> None:
+    with pytest.raises(SourceCallbackError, match="one optimizer; configure_optimizers"):
+        trainer([SourceCallback(tmp_path / "run.zarr")], tmp_path, max_epochs=1).fit(
+            TwoOptimizers(), loader(make_dataset(16))
+        )
