@@ -412,3 +412,25 @@ def test_learning_rates_beyond_stability_warn(tmp_path, queries) -> None:
     _fit(model, tmp_path / "run.zarr", data, batch_size=32, epochs=12, stage="gd")
     with pytest.warns(UserWarning, match="above 2"):
         _analyze_linear(tmp_path / "run.zarr", model, data, queries, fisher="exact")
+
+
+def test_stage_recorded_from_an_iterable_dataset_is_refused(tmp_path, queries) -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = _data(16, seed=1)
+            yield from (data[i] for i in range(len(data)))
+
+    model = Regressor(lr=0.05, hidden=0).double()
+    with pytest.warns(UserWarning, match="could not determine the training set's size"):
+        pl.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            precision="64-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[SourceCallback(tmp_path / "run.zarr", stage="gd")],
+        ).fit(model, DataLoader(Stream(), batch_size=4))
+    with pytest.raises(AnalysisError, match="without a length"):
+        _analyze_linear(tmp_path / "run.zarr", model, _data(16, seed=1), queries)

@@ -47,6 +47,12 @@ def check_datasets(run: Run, train: Mapping[str, Dataset]) -> None:
 
 def check_dataset(stage: Stage, dataset: Dataset) -> None:
     """The dataset has the size and fingerprint recorded for ``stage``."""
+    if stage.num_examples is None:
+        raise AnalysisError(
+            f"stage {stage.name!r} was recorded from a dataset without a length (an iterable "
+            "dataset), so its size N_s is unknown and its scores cannot be normalised. Train "
+            "with a map-style dataset to attribute this stage."
+        )
     try:
         size = len(dataset)  # type: ignore[arg-type]
     except TypeError as exc:
