@@ -240,7 +240,7 @@ class SourceCallback(Callback):
             if num_examples is None:
                 warnings.warn(
                     "SourceCallback could not determine the training set's size (not a "
-                    "map-style dataset); analyze() will need it given explicitly.",
+                    "map-style dataset); analyze() will not be able to attribute this stage.",
                     stacklevel=3,
                 )
             template = schema.Stage(
