@@ -74,15 +74,6 @@ def weight_matrix(
     return matrix
 
 
-def split_weight_matrix(
-    module: nn.Module, matrix: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inverse of :func:`weight_matrix`: ``(weight, bias)`` in the parameters' shapes."""
-    if module.bias is None:
-        return matrix.reshape(module.weight.shape), None
-    return matrix[:, :-1].reshape(module.weight.shape), matrix[:, -1]
-
-
 class Capture:
     """Context manager that records each tracked module's ``a`` and ``s`` for one batch.
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from source_callback.analysis.ekfac import Capture
+from source_callback.analysis.ekfac import Capture, per_example
 
 ModuleTensors = dict[str, torch.Tensor]
 PerExample = Callable[[nn.Module, Any], torch.Tensor]
@@ -24,7 +24,7 @@ def per_example_grads(
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
 
     def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
-        parts[name].append(torch.einsum("bto,bti->boi", s.double(), a.double()))
+        parts[name].append(per_example(a, s))
 
     with Capture(modules, on_grads):
         for batch in batches:
