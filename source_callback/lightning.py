@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from source_callback import errors
 from source_callback.fingerprint import dataset_fingerprint
-from source_callback.manifest import model_manifest
+from source_callback.manifest import model_manifest, persistent_buffers
 from source_callback.optim import (
     OptimizerRecord,
     UpdateRule,
@@ -117,7 +117,6 @@ class SourceCallback(Callback):
         self.checkpoints_per_stage = checkpoints_per_stage
         self.flush_every = flush_every
         self._next_name = stage
-        self._state_key = self._generate_state_key(store=self.store)  # read on every step
         self._url: str | None = None
         self._recorder: Recorder | None = None
         self._resume: dict[str, Any] | None = None
@@ -156,10 +155,6 @@ class SourceCallback(Callback):
         """The store's location once a fit has started."""
         return self._url
 
-    @property
-    def state_key(self) -> str:
-        return self._state_key
-
     # -- setup and teardown ------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -194,7 +189,7 @@ class SourceCallback(Callback):
         trainable, frozen = {}, {}
         for name, param in pl_module.named_parameters():
             (trainable if id(param) in trainable_ids else frozen)[name] = param
-        return trainable, frozen, dict(pl_module.named_buffers())
+        return trainable, frozen, persistent_buffers(pl_module)
 
     def _optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return optimizer_state_by_name(self._optimizer, self._names, self._rule)

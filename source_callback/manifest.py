@@ -13,13 +13,23 @@ import torch
 Manifest = list[dict[str, Any]]
 
 
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers that belong to the module's state (``state_dict``), by name.
+
+    Non-persistent buffers (attention masks, rotary caches) are rebuilt by the module itself;
+    they are neither recorded nor expected when a checkpoint is loaded back.
+    """
+    state = module.state_dict(keep_vars=True)
+    return {name: b for name, b in module.named_buffers() if name in state}
+
+
 def model_manifest(module: torch.nn.Module) -> Manifest:
     """Names, kinds (``parameter``/``buffer``), shapes and dtypes of ``module``'s tensors."""
     return [
         {"name": name, "kind": kind, "shape": list(t.shape), "dtype": str(t.dtype)}
         for kind, items in (
             ("parameter", module.named_parameters()),
-            ("buffer", module.named_buffers()),
+            ("buffer", persistent_buffers(module).items()),
         )
         for name, t in items
     ]

@@ -434,3 +434,18 @@ def test_stage_recorded_from_an_iterable_dataset_is_refused(tmp_path, queries) -
         ).fit(model, DataLoader(Stream(), batch_size=4))
     with pytest.raises(AnalysisError, match="without a length"):
         _analyze_linear(tmp_path / "run.zarr", model, _data(16, seed=1), queries)
+
+
+def test_non_persistent_buffers_are_not_recorded(tmp_path, queries) -> None:
+    """A buffer outside the state dict (a cache) is neither stored nor expected on load."""
+    torch.manual_seed(0)
+    data = _data(16, seed=1)
+    model = Regressor(lr=0.05, hidden=0).double()
+    model.register_buffer("cache", torch.zeros(3, dtype=torch.float64), persistent=False)
+    model.register_buffer("scale", torch.ones(2, dtype=torch.float64))
+    _fit(model, tmp_path / "run.zarr", data, batch_size=8, epochs=2, stage="gd")
+    run = open_run(tmp_path / "run.zarr")
+    assert set(run.checkpoints[-1].buffers()) == {"scale"}
+    assert [e["name"] for e in run.manifest if e["kind"] == "buffer"] == ["scale"]
+    result = _analyze_linear(tmp_path / "run.zarr", model, data, queries, segments=1)
+    assert np.isfinite(result.scores["gd"]).all()

@@ -55,7 +55,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path) -> None:
     reference = tmp_path / "reference.zarr"
     _record(tmp_path / "ref", reference)
 
-    store = tmp_path / "run.zarr"
+    store = tmp_path / "source.zarr"  # the default location under default_root_dir
     with pytest.raises(RuntimeError, match="simulated crash"):
         _record(tmp_path, store, crash_at=21)
     crashed = open_run(store)
@@ -70,7 +70,8 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path) -> None:
         _finetune(tmp_path, store)
 
     # ... but resuming continues the record exactly.
-    _record(tmp_path, store, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt")
+    # ... also when the resumed callback names the store differently (here: the default).
+    _record(tmp_path, None, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt")
     run, ref = open_run(store), open_run(reference)
     assert run.status == "complete" and run.stages[0].complete
     assert run.stages == ref.stages
