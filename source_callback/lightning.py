@@ -184,8 +184,14 @@ class SourceCallback(Callback):
     def _model_views(
         self, pl_module: pl.LightningModule
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Trainable parameters, frozen parameters and buffers, by name."""
-        trainable_ids = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
+        """Trainable parameters, frozen parameters and buffers, by name.
+
+        Trainable means updated by the optimizer: in one of its groups *and* requiring grad (a
+        parameter handed to the optimizer but frozen never moves).
+        """
+        trainable_ids = {
+            id(p) for g in self._optimizer.param_groups for p in g["params"] if p.requires_grad
+        }
         trainable, frozen = {}, {}
         for name, param in pl_module.named_parameters():
             (trainable if id(param) in trainable_ids else frozen)[name] = param

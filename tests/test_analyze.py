@@ -449,3 +449,49 @@ def test_non_persistent_buffers_are_not_recorded(tmp_path, queries) -> None:
     assert [e["name"] for e in run.manifest if e["kind"] == "buffer"] == ["scale"]
     result = _analyze_linear(tmp_path / "run.zarr", model, data, queries, segments=1)
     assert np.isfinite(result.scores["gd"]).all()
+
+
+def test_a_layer_frozen_in_a_later_stage(tmp_path, queries) -> None:
+    """Stage 'all' trains every layer, stage 'head' only the last one (LoRA-like freezing):
+    the frozen layer is carried through 'head' unchanged and gets no 'head' gradients."""
+    torch.manual_seed(0)
+    data_a, data_b = _data(24, seed=1), _data(16, seed=2)
+    model = Regressor(lr=0.05).double()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _fit(model, tmp_path / "run.zarr", data_a, batch_size=8, epochs=5, stage="all")
+    model.net[0].requires_grad_(False)  # the optimizer still receives it, as often in practice
+    _fit(model, tmp_path / "run.zarr", data_b, batch_size=8, epochs=5, stage="head")
+    run = open_run(tmp_path / "run.zarr")
+    assert run.stages[1].frozen == ["net.0.weight", "net.0.bias"]
+    lrs = run.learning_rates()[:, 0]
+    frozen = frozenset(run.stages[1].frozen)
+
+    def final(weights):
+        after = sgd_replay(
+            model, start, _replay_steps(24, 8, 5), _loss(data_a), lrs[:15], weights[:24]
+        )
+        return sgd_replay(
+            model,
+            after,
+            _replay_steps(16, 8, 5),
+            _loss(data_b),
+            lrs[15:],
+            weights[24:],
+            frozen=frozen,
+        )
+
+    truth = leave_one_out_effects(model, final, _measure(queries), 40).numpy()
+    result = analyze(
+        tmp_path / "run.zarr",
+        model=Regressor(lr=0.05).double(),  # a fresh instance: everything requires grad
+        task="regression",
+        train={"all": data_a, "head": data_b},
+        queries=queries,
+        fisher="exact",
+        name=None,
+        verbose=False,
+    )
+    rho_a = _spearman(result.scores["all"], truth[:, :24])
+    rho_b = _spearman(result.scores["head"], truth[:, 24:])
+    print(f"frozen layer in stage 2: Spearman stage 1 {rho_a:.3f}, stage 2 {rho_b:.3f}")
+    assert rho_a > 0.8 and rho_b > 0.8

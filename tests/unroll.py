@@ -35,6 +35,7 @@ def sgd_replay(
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
+    frozen: frozenset[str] = frozenset(),
 ) -> Params:
     """PyTorch SGD (heavy-ball momentum, coupled decay) with per-example loss weights.
 
@@ -53,7 +54,7 @@ def sgd_replay(
             else:
                 buffers = {n: momentum * buffers[n] + (1 - dampening) * grads[n] for n in grads}
             grads = buffers
-        params = {n: params[n] - lr * grads[n] for n in params}
+        params = {n: params[n] if n in frozen else params[n] - lr * grads[n] for n in params}
     return params
 
 

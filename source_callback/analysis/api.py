@@ -189,7 +189,7 @@ def analyze(
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
     check_datasets(run, train)
     work = Engine(
-        run, prepare_model(model, run), task, train, batch_size, fisher, seed, verbose, collate_fn
+        prepare_model(model, run), task, train, batch_size, fisher, seed, verbose, collate_fn
     )
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
@@ -331,7 +331,7 @@ def _tracin(
             state = checkpoint_state(checkpoint)
             work.load(state)
             u = work.query_grads(queries, f"segment {number + 1}/{len(plan)} query gradients")
-            weight = {n: tau[n] / len(segment.checkpoints) for n in u}
+            weight = {n: tau.get(n, 0.0) / len(segment.checkpoints) for n in u}
             vectors = {n: u[n] * weight[n] for n in u}
             part = work.scores(work.train[stage.name], [state], vectors, "tracin")
             scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples

@@ -16,7 +16,6 @@ from source_callback.analysis.gradients import ModuleTensors, contract, per_exam
 from source_callback.analysis.inputs import batches, on_device
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError
-from source_callback.store.reader import Run
 
 State = dict[str, torch.Tensor]
 
@@ -26,7 +25,6 @@ class Engine:
 
     def __init__(
         self,
-        run: Run,
         model: nn.Module,
         task: Task,
         train: Mapping[str, Dataset],
@@ -36,7 +34,6 @@ class Engine:
         verbose: bool,
         collate_fn: Any,
     ) -> None:
-        self.run = run
         self.model = model
         self.task = task
         self.train = train
@@ -71,19 +68,22 @@ class Engine:
         states: list[State],
         label: str,
         scale: dict[str, torch.Tensor] | None = None,
+        modules: dict[str, nn.Module] | None = None,
     ) -> dict[str, ekfac.ModuleCurvature]:
         """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on ``dataset``.
 
         With ``scale`` (Adam's ``P^{1/2}`` per module) it is fitted to the scaled
-        pseudo-gradients, i.e. to ``P^{1/2} H P^{1/2}``.
+        pseudo-gradients, i.e. to ``P^{1/2} H P^{1/2}``. ``modules`` restricts the fit (to
+        those a stage trains); all tracked modules by default.
         """
+        modules = self.modules if modules is None else modules
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
             self.load(state)
             covs = ekfac.covariances(
                 self.model,
-                self.modules,
+                modules,
                 self.task,
                 self.data(dataset, f"{label} factors {i + 1}/{len(states)}"),
                 self.generator,
@@ -102,7 +102,7 @@ class Engine:
             self.load(state)
             lam = ekfac.corrected_eigenvalues(
                 self.model,
-                self.modules,
+                modules,
                 bases,
                 self.task,
                 self.data(dataset, f"{label} eigenvalues {i + 1}/{len(states)}"),

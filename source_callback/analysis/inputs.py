@@ -26,7 +26,13 @@ def prepare_model(model: nn.Module, run: Run) -> nn.Module:
             f"the model passed to analyze() does not match the one recorded in {run.url}: "
             f"{shown}. Pass an instance of the architecture that was trained."
         )
-    return copy.deepcopy(model).eval()
+    copy_ = copy.deepcopy(model).eval()
+    # Gradients are needed for exactly the parameters some stage trained (the instance passed
+    # in may be freshly built with everything trainable, or with adapters' bases frozen).
+    trained = {name for stage in run.stages for name in stage.trainable}
+    for name, param in copy_.named_parameters():
+        param.requires_grad_(name in trained)
+    return copy_
 
 
 def check_datasets(run: Run, train: Mapping[str, Dataset]) -> None:

@@ -64,6 +64,15 @@ def group_of(stage: Stage, param: str) -> int:
     raise AnalysisError(f"parameter {param} is not in stage {stage.name!r}'s optimizer groups")
 
 
+def stage_modules(engine: Engine, stage: Stage) -> dict[str, torch.nn.Module]:
+    """The tracked modules whose weight ``stage`` trained (the others stay fixed in it)."""
+    return {
+        name: module
+        for name, module in engine.modules.items()
+        if ekfac.module_param_names(name, module)[0] in stage.trainable
+    }
+
+
 def adam_preconditioner(
     engine: Engine,
     segment: Segment,
@@ -92,7 +101,8 @@ def adam_preconditioner(
         used += 1
         row = checkpoint.step - 1  # the state is the one after the previous step
         per_param = {}
-        for name, module in engine.modules.items():
+        modules = stage_modules(engine, stage)
+        for name, module in modules.items():
             for param in filter(None, ekfac.module_param_names(name, module)):
                 group = group_of(stage, param)
                 entry = state[param]
@@ -101,7 +111,7 @@ def adam_preconditioner(
                 root = (v / (1 - beta2 ** entry["step"].double())).sqrt()
                 root = root.clamp_min(floor * float(root.median()))
                 per_param[param] = 1 / (root + eps)
-        for name, module in engine.modules.items():
+        for name, module in modules.items():
             weight, bias = ekfac.module_param_names(name, module)
             matrix = ekfac.weight_matrix(module, per_param[weight], per_param.get(bias))
             sums[name] = sums.get(name, 0) + matrix.to(engine.device)
@@ -117,9 +127,9 @@ def adam_preconditioner(
 def module_rates(
     engine: Engine, segment: Segment, stage: Stage, steps: dict[str, np.ndarray]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Per tracked module: the segment's learning-rate mass τ and mean weight decay λ."""
+    """Per module the stage trains: the segment's learning-rate mass τ and mean weight decay λ."""
     tau, decay = {}, {}
-    for name, module in engine.modules.items():
+    for name, module in stage_modules(engine, stage).items():
         group = group_of(stage, ekfac.module_param_names(name, module)[0])
         tau[name] = float(segment.lr_mass[group])
         decay[name] = float(np.mean(steps["weight_decay"][segment.start : segment.end, group]))
@@ -164,10 +174,10 @@ def segment_operator(
 ) -> SegmentOperator:
     """Fit the segment's curvature and wrap it in the operator for ``rule``."""
     tau, decay = module_rates(engine, segment, stage, steps)
-    dataset = engine.train[stage.name]
+    dataset, modules = engine.train[stage.name], stage_modules(engine, stage)
     coupled = stage.optimizer.weight_decay is WeightDecay.COUPLED
     if rule not in ADAM_RULES:
-        curvature = engine.curvature(dataset, states, label)
+        curvature = engine.curvature(dataset, states, label, modules=modules)
         shift = {n: decay[n] if coupled else 0.0 for n in decay}
         warn_if_unstable(engine, segment, stage, curvature, shift, label)
         return EkfacOperator(curvature, tau, shift)
@@ -175,7 +185,7 @@ def segment_operator(
     decoupled = rule is UpdateRule.ADAMW or not coupled
     if adam.variant == "preconditioned":
         sqrt_p = {n: m.sqrt() for n, m in p.items()}
-        curvature = engine.curvature(dataset, states, label, scale=sqrt_p)
+        curvature = engine.curvature(dataset, states, label, scale=sqrt_p, modules=modules)
         shift = {
             # AdamW: exp(−τ(PH + λI)); Adam: λP inside, approximated by its eigenbasis diagonal
             n: decay[n] if decoupled else decay[n] * curvature[n].in_basis(p[n])
@@ -183,7 +193,7 @@ def segment_operator(
         }
         warn_if_unstable(engine, segment, stage, curvature, shift, label)
         return EkfacOperator(curvature, tau, shift, sqrt_p)
-    curvature = engine.curvature(dataset, states, label)
+    curvature = engine.curvature(dataset, states, label, modules=modules)
     return DiagonalExpOperator(
         curvature,
         tau,

@@ -32,6 +32,19 @@ class SegmentOperator(Protocol):
         ...
 
 
+def untrained(u: ModuleTensors, trained: dict[str, object], respond: bool) -> ModuleTensors:
+    """The parts of ``u`` for modules a segment does not train.
+
+    The segment leaves them unchanged (propagation is the identity) and none of its gradients
+    reach them (zero response).
+    """
+    return {
+        name: torch.zeros_like(vector) if respond else vector
+        for name, vector in u.items()
+        if name not in trained
+    }
+
+
 @dataclass
 class EkfacOperator:
     """``Ξ = exp(−τ P H̃)`` and ``R = (I − Ξ) H̃⁻¹`` with H̃ in EK-FAC form.
@@ -61,7 +74,7 @@ class EkfacOperator:
 
     def _apply(self, u: ModuleTensors, respond: bool) -> ModuleTensors:
         fn = phi if respond else xi
-        out = {}
+        out = untrained(u, self.curvature, respond)
         for name, c in self.curvature.items():
             scale = 1.0 if self.sqrt_p is None else self.sqrt_p[name]
             result = c.apply(
@@ -113,16 +126,18 @@ class DiagonalExpOperator:
 
     def propagate(self, u: ModuleTensors) -> ModuleTensors:
         """``Ξ u`` (Ξ is diagonal)."""
-        return {name: self._xi(name) * u[name] for name in self.curvature}
+        out = untrained(u, self.curvature, respond=False)
+        out.update({name: self._xi(name) * u[name] for name in self.curvature})
+        return out
 
     def respond(self, u: ModuleTensors) -> ModuleTensors:
         """``(H + δI)⁻¹ (I − Ξ) u``."""
-        return {
-            name: c.apply(
+        out = untrained(u, self.curvature, respond=True)
+        for name, c in self.curvature.items():
+            out[name] = c.apply(
                 (1 - self._xi(name)) * u[name], lambda lam, n=name: 1 / (lam + self.damping[n])
             )
-            for name, c in self.curvature.items()
-        }
+        return out
 
 
 def sweep(
