@@ -70,11 +70,15 @@ class Recorder:
 
     # -- background writes -------------------------------------------------------------------
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _wait_for_slot(self) -> None:
+        """Block until fewer than ``max_pending`` writes are in flight (and none failed)."""
         self._raise_failed()
         while len(self._pending) >= self.max_pending:
             concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
             self._raise_failed()
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._wait_for_slot()
         self._pending.append(self._executor.submit(fn, *args))
 
     def _raise_failed(self) -> None:
@@ -231,6 +235,7 @@ class Recorder:
         optimizer_state: Mapping[str, TensorDict],
     ) -> None:
         """Copy the tensors to CPU now and write them as a checkpoint in the background."""
+        self._wait_for_slot()  # before copying: at most max_pending copies are ever held
         state = {key: to_cpu(values) for key, values in optimizer_state.items()}
         self._submit(
             self.writer.write_checkpoint,
