@@ -66,18 +66,23 @@ def _data(n: int, seed: int) -> TensorDataset:
     )
 
 
-def _fit(model, store, data, batch_size, epochs, stage) -> None:
-    callback = SourceCallback(store, stage=stage, checkpoints_per_stage=6)
-    pl.Trainer(
+def _trainer(callbacks: list[pl.Callback], **kwargs) -> pl.Trainer:
+    """A quiet float64 CPU trainer."""
+    return pl.Trainer(
         accelerator="cpu",
-        max_epochs=epochs,
         precision="64-true",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback],
-    ).fit(model, DataLoader(data, batch_size=batch_size))
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _fit(model, store, data, batch_size, epochs, stage) -> None:
+    callback = SourceCallback(store, stage=stage, checkpoints_per_stage=6)
+    _trainer([callback], max_epochs=epochs).fit(model, DataLoader(data, batch_size=batch_size))
 
 
 def _replay_steps(n: int, batch_size: int, epochs: int) -> list[torch.Tensor]:
@@ -390,16 +395,7 @@ def test_incomplete_record_is_refused(tmp_path, queries) -> None:
 
     callback = SourceCallback(tmp_path / "run.zarr", stage="gd")
     with pytest.raises(RuntimeError, match="crash"):
-        pl.Trainer(
-            accelerator="cpu",
-            max_epochs=8,
-            precision="64-true",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[callback, Crash()],
-        ).fit(model, DataLoader(data, batch_size=4))
+        _trainer([callback, Crash()], max_epochs=8).fit(model, DataLoader(data, batch_size=4))
     with pytest.raises(AnalysisError, match=r"incomplete stage\(s\) \['gd'\]"):
         _analyze_linear(tmp_path / "run.zarr", model, data, queries)
 
@@ -422,16 +418,9 @@ def test_stage_recorded_from_an_iterable_dataset_is_refused(tmp_path, queries) -
 
     model = Regressor(lr=0.05, hidden=0).double()
     with pytest.warns(UserWarning, match="could not determine the training set's size"):
-        pl.Trainer(
-            accelerator="cpu",
-            max_steps=4,
-            precision="64-true",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[SourceCallback(tmp_path / "run.zarr", stage="gd")],
-        ).fit(model, DataLoader(Stream(), batch_size=4))
+        _trainer([SourceCallback(tmp_path / "run.zarr", stage="gd")], max_steps=4).fit(
+            model, DataLoader(Stream(), batch_size=4)
+        )
     with pytest.raises(AnalysisError, match="without a length"):
         _analyze_linear(tmp_path / "run.zarr", model, _data(16, seed=1), queries)
 
