@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from source_callback.analysis.engine import Engine, State
+from source_callback.analysis.engine import Engine, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.inputs import (
     average_states,
@@ -195,15 +195,14 @@ def analyze(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
     )
     by_role = {(c.stage, c.role): c for c in run.checkpoints if c.committed}
-    boundary_states = {}
     for stage in run.stages:
         for role in (ROLE_START, ROLE_END):
             if (stage.index, role) not in by_role:
                 raise AnalysisError(
                     f"stage {stage.name!r} has no committed {role} checkpoint in {run.url}"
                 )
-            boundary_states[stage.index, role] = checkpoint_state(by_role[stage.index, role])
-    final_state = boundary_states[len(run.stages) - 1, ROLE_END]
+    last = len(run.stages) - 1
+    final_state = checkpoint_state(by_role[last, ROLE_END])
 
     if method in ("source", "fast-source"):
         adam = AdamOptions(adam_variant, damping, preconditioner_floor)
@@ -219,11 +218,11 @@ def analyze(
     f_final = work.measurement(queries)
     effects = np.zeros((len(f_final), len(run.stages)))
     for stage in run.stages:
-        before = work.module_matrices(boundary_states[stage.index, ROLE_START])
-        after = work.module_matrices(boundary_states[stage.index, ROLE_END])
+        before = work.module_matrices(checkpoint_state(by_role[stage.index, ROLE_START]))
+        after = work.module_matrices(checkpoint_state(by_role[stage.index, ROLE_END]))
         delta = {n: after[n] - before[n] for n in after}
         effects[:, stage.index] = -dot(arrivals[stage.index], delta).cpu().numpy()
-    work.load(boundary_states[len(run.stages) - 1, ROLE_START])
+    work.load(checkpoint_state(by_role[last, ROLE_START]))
     last_exact = work.measurement(queries) - f_final
 
     config = {
@@ -255,6 +254,13 @@ Scores = dict[str, np.ndarray]
 Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
 
 
+def _state_sources(segment: Segment, averaged: bool) -> list[StateSource]:
+    """Loaders of the segment's states: each checkpoint, or (Fast-SOURCE) their average."""
+    if averaged:
+        return [lambda: average_states([checkpoint_state(c) for c in segment.checkpoints])]
+    return [lambda c=c: checkpoint_state(c) for c in segment.checkpoints]
+
+
 def _last_segments(plan: list[Segment]) -> dict[int, int]:
     return {segment.stage: number for number, segment in enumerate(plan)}
 
@@ -275,9 +281,7 @@ def _source(
     for number, segment in enumerate(plan):
         stage = run.stages[segment.stage]
         rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
-        states = [checkpoint_state(c) for c in segment.checkpoints]
-        if method == "fast-source":
-            states = [average_states(states)]
+        states = _state_sources(segment, averaged=method == "fast-source")
         segment_states.append(states)
         label = f"segment {number + 1}/{len(plan)}"
         operators.append(segment_operator(work, segment, stage, rule, states, steps, label, adam))
@@ -301,7 +305,7 @@ def _influence(
     query gradient without propagation (first order, no forgetting).
     """
     pooled = ConcatDataset([work.train[s.name] for s in run.stages])
-    curvature = work.curvature(pooled, [final_state], "influence")
+    curvature = work.curvature(pooled, [lambda: final_state], "influence")
     work.load(final_state)
     u = work.query_grads(queries)
     delta = {n: damping * float(c.eigenvalues.mean()) for n, c in curvature.items()}
@@ -309,7 +313,8 @@ def _influence(
         n: c.apply(u[n], lambda lam, n=n: 1 / (lam + delta[n])) for n, c in curvature.items()
     }
     scores = {
-        s.name: work.scores(work.train[s.name], [final_state], vectors, "influence") / len(pooled)
+        s.name: work.scores(work.train[s.name], [lambda: final_state], vectors, "influence")
+        / len(pooled)
         for s in run.stages
     }
     return scores, {s.index: u for s in run.stages}
@@ -333,7 +338,7 @@ def _tracin(
             u = work.query_grads(queries, f"segment {number + 1}/{len(plan)} query gradients")
             weight = {n: tau.get(n, 0.0) / len(segment.checkpoints) for n in u}
             vectors = {n: u[n] * weight[n] for n in u}
-            part = work.scores(work.train[stage.name], [state], vectors, "tracin")
+            part = work.scores(work.train[stage.name], [lambda s=state: s], vectors, "tracin")
             scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
     work.load(final_state)
     u = work.query_grads(queries)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,8 @@ from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError
 
 State = dict[str, torch.Tensor]
+#: Loads a state when a pass needs it, so that a run's checkpoints are never all in memory.
+StateSource = Callable[[], State]
 
 
 class Engine:
@@ -65,7 +67,7 @@ class Engine:
     def curvature(
         self,
         dataset: Dataset,
-        states: list[State],
+        states: list[StateSource],
         label: str,
         scale: dict[str, torch.Tensor] | None = None,
         modules: dict[str, nn.Module] | None = None,
@@ -80,7 +82,7 @@ class Engine:
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
-            self.load(state)
+            self.load(state())
             covs = ekfac.covariances(
                 self.model,
                 modules,
@@ -99,7 +101,7 @@ class Engine:
         }
         lam_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
-            self.load(state)
+            self.load(state())
             lam = ekfac.corrected_eigenvalues(
                 self.model,
                 modules,
@@ -132,12 +134,12 @@ class Engine:
         return out
 
     def scores(
-        self, dataset: Dataset, states: list[State], vectors: ModuleTensors, label: str
+        self, dataset: Dataset, states: list[StateSource], vectors: ModuleTensors, label: str
     ) -> np.ndarray:
         """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of ``dataset``: ``[Q, N]``."""
         total = None
         for i, state in enumerate(states):
-            self.load(state)
+            self.load(state())
             rows = [
                 contract(self.model, self.modules, self.task.loss, batch, vectors)
                 for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from source_callback.analysis import ekfac
-from source_callback.analysis.engine import Engine, State
+from source_callback.analysis.engine import Engine, StateSource
 from source_callback.analysis.segments import Segment
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
 from source_callback.errors import AnalysisError
@@ -167,7 +167,7 @@ def segment_operator(
     segment: Segment,
     stage: Stage,
     rule: UpdateRule,
-    states: list[State],
+    states: list[StateSource],
     steps: dict[str, np.ndarray],
     label: str,
     adam: AdamOptions,
