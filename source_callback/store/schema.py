@@ -58,7 +58,6 @@ ATTR_SCALAR_STATE = "scalar_state"  # {state key: {param name: number}} for 0-d 
 ROLE_START = "stage-start"
 ROLE_INTERIOR = "interior"
 ROLE_END = "stage-end"
-ROLES = (ROLE_START, ROLE_INTERIOR, ROLE_END)
 
 # Non-trainable parameters, once per stage: ``frozen/<stage index>/<name>``.
 FROZEN = "frozen"
