@@ -82,3 +82,27 @@ def trainer(callbacks: list[pl.Callback], root: Any, **kwargs: Any) -> pl.Traine
     }
     options.update(kwargs)
     return pl.Trainer(callbacks=callbacks, **options)
+
+
+def sgd_momentum(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+
+
+class StepCountingClassifier(TinyClassifier):
+    """A TinyClassifier that remembers how many optimizer steps each of its fits took."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer=sgd_momentum)
+        self.steps_per_fit: list[int] = []
+
+    def on_train_end(self) -> None:
+        self.steps_per_fit.append(self.trainer.global_step)
+
+
+def two_stage_recipe(model: TinyClassifier, stage: str) -> None:
+    """The optimizer of each stage of ``record_two_stages``: SGD with momentum, then AdamW."""
+    model.optimizer_factory = sgd_momentum if stage == "pretrain" else adamw
