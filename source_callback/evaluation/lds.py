@@ -124,3 +124,31 @@ def linear_datamodeling_score(
         tail = (1 - confidence) / 2 * 100
         low, high = (float(v) for v in np.nanpercentile(means, [tail, 100 - tail]))
     return LDSResult(mean, low, high, per_query)
+
+
+def noise_ceiling(measured: np.ndarray, seed: int = 0) -> float:
+    """The LDS a perfect attribution could reach against these retrained measurements.
+
+    Retraining is random (initialisation, batch order), so the mean over R seeds is itself a
+    noisy estimate of the expected measurement. The seeds are split into two halves; the mean
+    over queries of the Spearman correlation (over subsets) between the halves' means, lifted
+    to R seeds by the Spearman-Brown formula, estimates the reliability ρ of the R-seed mean.
+    A perfect predictor correlates with it at about ``√ρ``.
+
+    Parameters
+    ----------
+    measured
+        ``[J, R, Q]`` measurements, R ≥ 2 seeds per subset.
+    seed
+        Seed of the random split of the seeds.
+    """
+    measured = np.asarray(measured, dtype=np.float64)
+    if measured.ndim != 3 or measured.shape[1] < 2:
+        raise ValueError(f"need [J, R >= 2, Q] measurements, got shape {measured.shape}")
+    order = np.random.default_rng(seed).permutation(measured.shape[1])
+    half = measured.shape[1] // 2
+    a = measured[:, order[:half]].mean(1)
+    b = measured[:, order[half:]].mean(1)
+    split = float(np.nanmean(spearman_rows(a.T, b.T)))
+    reliability = 2 * split / (1 + split) if split > 0 else 0.0
+    return float(np.sqrt(reliability))
