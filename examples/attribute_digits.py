@@ -13,14 +13,14 @@ import argparse
 from pathlib import Path
 
 from torch.utils.data import Subset
-from two_stage_digits import STAGES, DigitsMLP, rotated_digits
+from two_stage_digits import DigitsMLP, rotated_digits, training_sets
 
 from source_callback import analyze
 
 
 def attribute(store: Path, num_queries: int, segments: int, verbose: bool = True) -> None:
     """Analyze the record and print the top examples and stage effects per query."""
-    train = {name: rotated_digits(turns) for name, turns, _ in STAGES}
+    train = training_sets()
     queries = Subset(rotated_digits([3], held_out=True), range(num_queries))
     result = analyze(
         store,

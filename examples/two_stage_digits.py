@@ -44,6 +44,15 @@ def rotated_digits(quarter_turns: list[int], held_out: bool = False) -> TensorDa
     return TensorDataset(x, torch.tensor(np.concatenate(ys)))
 
 
+def training_sets() -> dict[str, TensorDataset]:
+    """Each stage's training set by stage name, in training order.
+
+    For ``analyze(train=...)``, and for ``source-callback report --data
+    examples.two_stage_digits:training_sets`` (from the repository root) to show the digits.
+    """
+    return {name: rotated_digits(turns) for name, turns, _ in STAGES}
+
+
 class DigitsMLP(pl.LightningModule):
     """A 64-128-10 MLP; the optimizer recipe is chosen per stage."""
 

@@ -1,24 +1,28 @@
-"""The ``source-callback`` command line: ``source-callback inspect STORE`` summarizes a record."""
+"""The ``source-callback`` command line: ``inspect`` summarizes a record, ``report`` writes HTML."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
 
-from source_callback.errors import StoreError
+from source_callback.describe import batch_label, optimizer_label, stage_span
+from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
 from source_callback.store.reader import Checkpoint, Run, open_run
 from source_callback.store.schema import Stage
 
 PROG = "source-callback"
-EXIT_ERROR = 2
+EXIT_FAILURE = 1  # the command could not do its job
+EXIT_USAGE = 2  # bad arguments (argparse's status)
 
 
 # -- formatting helpers ----------------------------------------------------------------------
@@ -69,10 +73,6 @@ def _itemsize(dtype: str) -> int:
     return kind.itemsize if isinstance(kind, torch.dtype) else 0
 
 
-def _short_class(class_name: str) -> str:
-    return class_name.rsplit(".", 1)[-1]
-
-
 # -- sections --------------------------------------------------------------------------------
 
 
@@ -105,25 +105,6 @@ def _manifest_lines(manifest: Manifest) -> list[str]:
     return ["model", *lines]
 
 
-def _stage_steps(stage: Stage, stage_column: np.ndarray) -> tuple[str, int]:
-    """``first..last`` of a stage and its number of recorded steps."""
-    count = int(np.count_nonzero(stage_column == stage.index))
-    if stage.last_step is not None:
-        return f"{stage.first_step}..{stage.last_step}", count
-    last = stage.first_step + count - 1
-    return f"{stage.first_step}..{last if count else '?'} (interrupted)", count
-
-
-def _optimizer_cell(stage: Stage) -> str:
-    opt = stage.optimizer
-    return f"{_short_class(opt.class_name)} ({opt.update_rule.value}, wd {opt.weight_decay.value})"
-
-
-def _batch_cell(stage: Stage) -> str:
-    batch = "?" if stage.batch_size is None else str(stage.batch_size)
-    return f"{batch} x {stage.accumulate_grad_batches} x {stage.world_size}"
-
-
 def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]:
     """One table row per stage."""
     headers = (
@@ -140,7 +121,7 @@ def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]
     )
     rows = []
     for stage in stages:
-        span, count = _stage_steps(stage, stage_column)
+        span, count = stage_span(stage, stage_column)
         examples = "?" if stage.num_examples is None else f"{stage.num_examples:,}"
         rows.append(
             (
@@ -150,9 +131,9 @@ def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]
                 span,
                 str(count),
                 examples,
-                _batch_cell(stage),
+                batch_label(stage),
                 stage.precision,
-                _optimizer_cell(stage),
+                optimizer_label(stage),
                 f"{len(stage.trainable)}/{len(stage.frozen)}",
             )
         )
@@ -308,29 +289,9 @@ def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any] | None:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``source-callback`` command.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        A parser with one subcommand, ``inspect STORE [--storage-option KEY=VALUE ...]``.
-
-    """
-    from source_callback import __version__
-
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect source-callback training records (Zarr stores)."
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inspect = commands.add_parser(
-        "inspect",
-        help="summarize a recorded run",
-        description="Print a summary of a recorded run: stages, steps, optimizers, checkpoints.",
-    )
-    inspect.add_argument("store", metavar="STORE", help="local path or fsspec URL of the store")
-    inspect.add_argument(
+def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", metavar="STORE", help="local path or fsspec URL of the store")
+    parser.add_argument(
         "--storage-option",
         "-o",
         action="append",
@@ -339,13 +300,170 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsspec option for URLs (repeatable), e.g. endpoint_url=http://localhost:9000; "
         "VALUE is read as JSON when it parses (true, 3, ...), else as a string",
     )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def data_function(spec: str) -> tuple[str, str]:
+    """The ``(module, function)`` named by ``--data MODULE:FUNCTION``.
+
+    Parameters
+    ----------
+    spec
+        E.g. ``"mydata:training_sets"``.
+
+    Returns
+    -------
+    tuple of str
+        Module and function name.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        ``spec`` is not of the form ``MODULE:FUNCTION``.
+
+    """
+    module, _, function = spec.partition(":")
+    if not module or not function:
+        raise argparse.ArgumentTypeError(f"expected MODULE:FUNCTION, got {spec!r}")
+    return module, function
+
+
+def load_datasets(module_name: str, function_name: str) -> Mapping[str, Any]:
+    """Import the user's module and call its function that returns the training datasets.
+
+    Only ever called for ``--data``: user code runs when the user names it, never otherwise.
+
+    Parameters
+    ----------
+    module_name
+        Importable from the working directory or ``sys.path``, e.g. ``mydata`` or
+        ``project.data``.
+    function_name
+        A function of that module, called without arguments.
+
+    Returns
+    -------
+    Mapping
+        ``{stage name: dataset}`` as the function returned it.
+
+    Raises
+    ------
+    ValueError
+        The module cannot be imported, has no such function, or it returned no mapping.
+
+    """
+    spec = f"{module_name}:{function_name}"
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)  # as ``python -m`` would, for a module beside the user
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"--data {spec}: cannot import {module_name!r}: {error}") from error
+        function = getattr(module, function_name, None)
+        if not callable(function):
+            raise ValueError(f"--data {spec}: {module_name!r} has no function {function_name!r}")
+        datasets = function()
+    finally:
+        sys.path.remove(cwd)
+    if not isinstance(datasets, Mapping):
+        raise ValueError(
+            f"--data {spec} returned {type(datasets).__name__}, not a mapping "
+            "{stage name: dataset}"
+        )
+    return datasets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``source-callback`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        A parser with the subcommands ``inspect`` and ``report``; each sets ``run``, the
+        function that carries it out.
+
+    """
+    from source_callback import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Inspect and report on source-callback training records."
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarize a recorded run",
+        description="Print a summary of a recorded run: stages, steps, optimizers, checkpoints.",
+    )
+    _add_store_arguments(inspect)
+    inspect.set_defaults(run=_run_inspect)
+    report = commands.add_parser(
+        "report",
+        help="write an HTML report of a run and an analysis",
+        description="Write one self-contained HTML page: stages, learning-rate schedule and "
+        "loss curve, and with --analysis the stage effects, score distributions and top "
+        "training examples per query (by stage and index; with --data, shown).",
+    )
+    _add_store_arguments(report)
+    report.add_argument(
+        "--analysis", metavar="NAME", help="a stored analysis to include (analyze(name=...))"
+    )
+    report.add_argument(
+        "--out", default="report.html", metavar="PATH", help="HTML file to write (report.html)"
+    )
+    report.add_argument(
+        "--queries",
+        nargs="+",
+        type=int,
+        metavar="Q",
+        help="queries whose top examples are listed (default: the first three)",
+    )
+    report.add_argument(
+        "--top",
+        type=_positive_int,
+        default=5,
+        metavar="K",
+        help="examples listed per query and side (5)",
+    )
+    report.add_argument(
+        "--data",
+        type=data_function,
+        metavar="MODULE:FUNCTION",
+        help="show the top examples themselves: imports MODULE (from the working directory "
+        "or sys.path) and calls FUNCTION(), which returns {stage name: training dataset}. "
+        "This runs your code; nothing is imported unless you name it",
+    )
+    report.set_defaults(run=_run_report)
     return parser
 
 
-def _run_inspect(store: str, storage_options: dict[str, Any] | None) -> None:
-    """Open ``store`` and print its summary to standard output."""
-    run = open_run(store, storage_options=storage_options)
+def _run_inspect(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
+    """Open the store and print its summary to standard output."""
+    run = open_run(args.store, storage_options=storage_options)
     print(summarize(run, storage_options))
+
+
+def _run_report(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
+    """Write the HTML report and say where."""
+    from source_callback.report import write_report  # matplotlib, only when reporting
+
+    path = write_report(
+        args.store,
+        args.out,
+        analysis=args.analysis,
+        examples=None if args.data is None else load_datasets(*args.data),
+        queries=args.queries,
+        top=args.top,
+        storage_options=storage_options,
+    )
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,18 +477,26 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 2 on a usage error or a store that cannot be read.
+        Exit status: 0 on success, 1 when the command fails (a store that cannot be read, an
+        unknown analysis: one line on standard error), 2 on a usage error.
 
     """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        try:
+            options = parse_storage_options(args.storage_option)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.command == "report" and args.analysis is None and (args.queries or args.data):
+            parser.error("report: --queries and --data need --analysis NAME")
     except SystemExit as exit_:  # --help, --version and usage errors
-        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
-        options = parse_storage_options(args.storage_option)
-        _run_inspect(args.store, options)
-    except (StoreError, OSError, ValueError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+        args.run(args, options)
+    except (SourceCallbackError, OSError, ValueError, KeyError) as error:
+        # A KeyError's str() is its message in quotes.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0

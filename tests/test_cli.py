@@ -134,30 +134,30 @@ def test_inspect_new_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "checkpoints (0, 0 committed)" in out
 
 
-def test_missing_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_store_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = inspect(capsys, str(tmp_path / "absent.zarr"))
-    assert (code, out) == (2, "")
+    assert (code, out) == (1, "")
     assert err.startswith("source-callback: error: no store at ")
     assert "Traceback" not in err
 
 
-def test_directory_that_is_not_a_store_exits_2(
+def test_directory_that_is_not_a_store_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     code, out, err = inspect(capsys, str(tmp_path))
-    assert (code, out) == (2, "")
+    assert (code, out) == (1, "")
     assert "is not a Zarr store" in err
 
 
-def test_foreign_zarr_group_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_foreign_zarr_group_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     zarr.open_group(tmp_path / "other.zarr", mode="w").attrs["hello"] = "world"
     code, _, err = inspect(capsys, str(tmp_path / "other.zarr"))
-    assert code == 2
+    assert code == 1
     assert "not a source-callback store" in err
 
 
-def test_newer_format_version_exits_2(
+def test_newer_format_version_exits_1(
     store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     copy = tmp_path / "copy.zarr"
@@ -167,7 +167,7 @@ def test_newer_format_version_exits_2(
         "version": 99,
     }
     code, out, err = inspect(capsys, str(copy))
-    assert (code, out) == (2, "")
+    assert (code, out) == (1, "")
     assert "format version 99" in err and "Upgrade source-callback" in err
 
 

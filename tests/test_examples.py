@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from source_callback import load_analysis, open_run
+from source_callback.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -19,7 +20,9 @@ def examples_path():
     sys.path.remove(str(EXAMPLES))
 
 
-def test_two_stage_digits_record_and_attribution(tmp_path, examples_path, capsys) -> None:
+def test_two_stage_digits_record_attribution_and_report(
+    tmp_path, examples_path, capsys, monkeypatch
+) -> None:
     pytest.importorskip("sklearn")
     from attribute_digits import attribute
     from two_stage_digits import run
@@ -38,3 +41,10 @@ def test_two_stage_digits_record_and_attribution(tmp_path, examples_path, capsys
     assert result.scores["pretrain"].shape == (2, 3 * 1697)
     assert result.scores["finetune"].shape == (2, 1697)
     assert result.stage_effects.shape == (2, 2)
+
+    monkeypatch.chdir(EXAMPLES.parent)  # docs/report.md's command, from the repository root
+    out = tmp_path / "digits.html"
+    data = "examples.two_stage_digits:training_sets"
+    args = ["report", str(store), "--analysis", "default", "--out", str(out), "--data", data]
+    assert main(args) == 0
+    assert out.read_text().count('<img class="example"') == 2 * 2 * 5  # queries × sides × top
