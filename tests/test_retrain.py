@@ -53,7 +53,8 @@ def test_recipe_is_read_from_the_record(store) -> None:
     assert (finetune.epochs, finetune.accumulate_grad_batches) == (1, 2)
     assert not finetune.drop_last
     assert finetune.steps_per_epoch(40) == 3  # 5 batches, 2 per step, the last one alone
-    assert finetune.max_steps(20) == 2
+    assert finetune.schedule(20) == (1, 2)  # the recorded pass over half the data
+    assert finetune.schedule(20, "steps") == (2, 3)  # the recorded 3 steps take 2 passes
 
 
 def test_all_data_with_the_original_seed_reproduces_the_run(store) -> None:
@@ -86,6 +87,8 @@ def test_subsets_get_the_recorded_passes_and_removed_stages_are_skipped(store) -
     }
     # pretrain: 2 epochs of ceil(12/8) = 2 steps; finetune: ceil(ceil(20/8) / 2) = 2 steps
     assert retrain(store, **common, keep=halves)[0, 0].tolist() == [4, 2]
+    # or the recorded steps: 6 and 3, in more passes over the halves
+    assert retrain(store, **common, keep=halves, length="steps")[0, 0].tolist() == [6, 3]
     # without pretraining only the finetune stage runs, on all 40 examples: 3 steps
     skipped = retrain(store, **common, keep={"pretrain": np.zeros((1, 24), dtype=bool)})
     assert skipped[0, 0].tolist() == [3]
@@ -152,4 +155,4 @@ def test_a_stage_stopped_mid_epoch_keeps_its_fraction_of_a_pass(tmp_path) -> Non
     )
     (recipe,) = read_recipe(open_run(path))
     assert recipe.epochs == pytest.approx(5 / 3)
-    assert recipe.max_steps(24) == 5 and recipe.max_steps(12) == 3
+    assert recipe.schedule(24) == (2, 5) and recipe.schedule(12) == (2, 3)

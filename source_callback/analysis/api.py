@@ -125,14 +125,15 @@ def analyze(
         An instance of the trained architecture; weights come from the store (the instance
         itself is not modified).
     task
-        ``"classification"``, ``"regression"`` or a :class:`Task`.
+        ``"classification"``, ``"regression"``, ``"language_modeling"`` or a :class:`Task`.
     train
         Each stage's training dataset by stage name, in the order it was trained on; checked
         against the recorded size and fingerprint.
     queries
         Dataset of query examples, batched like the training data.
     segments
-        Segments per stage, or per stage name a count or the global steps where segments start.
+        Segments per stage, or per stage name a count or the global steps where segments start
+        (a stage the mapping does not name gets one segment).
     method
         ``"source"`` (EK-FAC and gradients at every checkpoint of a segment, averaged),
         ``"fast-source"`` (once, at the segment's average parameters), ``"if"`` (EK-FAC

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -43,6 +43,9 @@ from source_callback.store.schema import Stage
 ModuleFactory = Callable[[], pl.LightningModule]
 StageHook = Callable[[pl.LightningModule, str], None]
 Measure = Callable[[pl.LightningModule], Any]
+#: How long a retraining on a subset trains each stage: the recorded passes over the data, or
+#: the recorded optimizer steps.
+Length = Literal["epochs", "steps"]
 
 # Hyperparameters a scheduler may change during a stage; the rest must match the record.
 _SCHEDULED = {"lr", "initial_lr", "momentum", "betas", "max_lr", "min_lr", "base_momentum"}
@@ -72,6 +75,8 @@ class StageRecipe:
         Lightning precision setting.
     optimizer
         The recorded optimizer, which the retrained stage must reproduce.
+    num_steps
+        Optimizer steps the stage took.
     """
 
     name: str
@@ -81,15 +86,22 @@ class StageRecipe:
     drop_last: bool
     precision: str
     optimizer: OptimizerRecord
+    num_steps: int
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Optimizer steps in one epoch over ``num_examples`` examples."""
         divide = math.floor if self.drop_last else math.ceil
         return math.ceil(divide(num_examples / self.batch_size) / self.accumulate_grad_batches)
 
-    def max_steps(self, num_examples: int) -> int:
-        """Optimizer steps that make the recorded number of passes over ``num_examples``."""
-        return max(1, round(self.epochs * self.steps_per_epoch(num_examples)))
+    def schedule(self, num_examples: int, length: Length = "epochs") -> tuple[int, int]:
+        """``(max_epochs, max_steps)`` of a retraining on ``num_examples`` examples.
+
+        ``length="epochs"``: the recorded number of passes over the data (fewer steps on a
+        subset); ``"steps"``: the recorded number of optimizer steps (more passes).
+        """
+        per_epoch = self.steps_per_epoch(num_examples)
+        steps = self.num_steps if length == "steps" else max(1, round(self.epochs * per_epoch))
+        return math.ceil(steps / per_epoch), steps
 
 
 def read_recipe(run: Run) -> list[StageRecipe]:
@@ -124,6 +136,7 @@ def _stage_recipe(stage: Stage, epochs: np.ndarray) -> StageRecipe:
             drop_last,
             stage.precision,
             stage.optimizer,
+            len(epochs),
         )
         per_epoch = recipe.steps_per_epoch(stage.num_examples)
         # A stage stopped by max_steps inside its first epoch ran fewer steps than an epoch.
@@ -213,6 +226,7 @@ class _Context:
     collate_fn: Any
     accelerator: str
     threads: int
+    length: Length
 
 
 _WORKER_CONTEXT: _Context | None = None
@@ -259,12 +273,14 @@ def _train_one(context: _Context, keep: Mapping[str, np.ndarray], seed: int) -> 
                 drop_last=recipe.drop_last,
                 collate_fn=context.collate_fn,
             )
+            size = len(dataset)  # type: ignore[arg-type]
+            max_epochs, max_steps = recipe.schedule(size, context.length)
             trainer = pl.Trainer(
                 accelerator=context.accelerator,
                 devices=1,
                 precision=recipe.precision,  # type: ignore[arg-type]
-                max_epochs=math.ceil(recipe.epochs),
-                max_steps=recipe.max_steps(len(dataset)),  # type: ignore[arg-type]
+                max_epochs=max_epochs,
+                max_steps=max_steps,
                 accumulate_grad_batches=recipe.accumulate_grad_batches,
                 callbacks=[_CheckOptimizer(recipe)],
                 logger=False,
@@ -293,6 +309,7 @@ def retrain(
     keep: Mapping[str, np.ndarray] | None = None,
     seeds: Sequence[int] = (0,),
     before_stage: StageHook | None = None,
+    length: Length = "epochs",
     processes: int = 1,
     threads_per_process: int = 1,
     accelerator: str = "cpu",
@@ -304,12 +321,12 @@ def retrain(
 
     Every retraining seeds all generators with its seed (``lightning.seed_everything``), then
     builds a fresh module and trains it through the recorded stages, each with a new
-    ``Trainer`` and a shuffled ``DataLoader`` over the kept examples. A stage is trained for
-    the recorded number of passes over its (kept) data, so a half-size subset gets half the
-    optimizer steps, and a schedule computed from ``trainer.estimated_stepping_batches`` adapts
-    as it would have in a real run. With every example kept and the seed of a script that
-    called ``seed_everything(seed)`` before building its model, the retraining reproduces that
-    run.
+    ``Trainer`` and a shuffled ``DataLoader`` over the kept examples. By default a stage is
+    trained for the recorded number of passes over its (kept) data, so a half-size subset gets
+    half the optimizer steps, and a schedule computed from
+    ``trainer.estimated_stepping_batches`` adapts as it would have in a real run. With every
+    example kept and the seed of a script that called ``seed_everything(seed)`` before
+    building its model, the retraining reproduces that run.
 
     Parameters
     ----------
@@ -332,8 +349,14 @@ def retrain(
     before_stage
         ``before_stage(module, stage name)``, called before each stage's ``fit``, as the
         original script prepared the module (optimizer recipe, frozen layers).
+    length
+        ``"epochs"`` (default): each stage makes the recorded number of passes over its kept
+        data, as retraining with the same script would; ``"steps"``: each stage takes the
+        recorded number of optimizer steps (more passes over a subset).
     processes
-        Parallel worker processes (``spawn``); 1 trains in this process.
+        Parallel worker processes (``spawn``); 1 trains in this process. The calling script
+        must then guard its entry point with ``if __name__ == "__main__":``, since each
+        worker imports it.
     threads_per_process
         ``torch.set_num_threads`` in each worker.
     accelerator
@@ -384,6 +407,7 @@ def retrain(
         collate_fn,
         accelerator,
         threads_per_process,
+        length,
     )
     progress = tqdm(total=len(jobs), desc="retraining", disable=not verbose)
     if processes == 1:

@@ -32,6 +32,8 @@ class Checkpoint:
 
     Attributes
     ----------
+    key
+        Name of the checkpoint's group under ``checkpoints/`` (``0000000010_interior``).
     step
         Global optimizer step; the parameters are those *before* this step (for a stage-end
         checkpoint: after the stage's last step).
