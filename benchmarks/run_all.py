@@ -49,10 +49,10 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {
         "epochs": [1, 3, 10, 30],
         "models": 3,
-        "subsets": 60,
+        "subsets": 50,
         "seeds": 4,
-        "removal_ks": [10, 30, 60],
-        "removal_queries": 30,
+        "removal_ks": [10, 40],
+        "removal_queries": 20,
         "overhead_reps": 5,
     },
 }
