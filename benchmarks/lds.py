@@ -26,6 +26,7 @@ from settings import rotated_digits as rotated
 
 from source_callback import analyze
 from source_callback.analysis.task import resolve_task
+from source_callback.errors import AnalysisError
 from source_callback.evaluation import (
     ClassPredictions,
     TaskMeasurement,
@@ -56,6 +57,8 @@ SETTINGS = {
     "rotated-digits-adamw": lambda _: rotated(adam=True),
 }
 THREE_STAGES = ((0, 1), (2,), (3,))
+#: SOURCE with other segment counts per stage (the default plan records 6 parts per stage).
+SEGMENT_COUNTS = (1, 2, 3, 6)
 RETRAIN_SEED0 = 1000  # retraining seeds are disjoint from the recorded models' seeds
 
 
@@ -87,20 +90,26 @@ def attribute(
     seconds: dict[str, float] = {}
     for label, options in methods.items():
         start = time.perf_counter()
-        for store in stores:
-            result = analyze(
-                store,
-                model=setting.module(),
-                task=setting.task,
-                train=setting.train,
-                queries=setting.queries,
-                batch_size=256,
-                name=None,
-                verbose=False,
-                **options,
-            )
-            scores.setdefault(label, []).append(result.scores[setting.attributed])
-            effects.setdefault(label, []).append(result.stage_effects)
+        try:
+            results = [
+                analyze(
+                    store,
+                    model=setting.module(),
+                    task=setting.task,
+                    train=setting.train,
+                    queries=setting.queries,
+                    batch_size=256,
+                    name=None,
+                    verbose=False,
+                    **options,
+                )
+                for store in stores
+            ]
+        except AnalysisError as error:  # e.g. a segment the record cannot support
+            print(f"{setting.name}: {label} not applicable: {error}", flush=True)
+            continue
+        scores[label] = [r.scores[setting.attributed] for r in results]
+        effects[label] = [r.stage_effects for r in results]
         seconds[label] = (time.perf_counter() - start) / len(stores)
     return scores, seconds, effects
 
@@ -138,13 +147,15 @@ def lds(
     processes: int,
     alpha: float = 0.5,
     lengths: tuple[str, ...] = ("epochs",),
+    methods: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """LDS of every method on ``setting``, single model and ensemble, with the noise ceiling.
 
-    ``lengths``: the retraining conventions to measure against (see ``retrain(length=...)``).
+    ``lengths``: the retraining conventions to measure against (see ``retrain(length=...)``);
+    ``methods``: label → ``analyze`` options (default: :func:`methods_for`).
     """
     stores = record_models(setting, workdir, models)
-    methods = methods_for(setting)
+    methods = methods or methods_for(setting)
     scores, seconds, _ = attribute(setting, stores, methods)
     size = len(setting.train[setting.attributed])  # type: ignore[arg-type]
     masks = random_subsets(size, subsets, alpha, seed=0)

@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 from settings import Setting, rotated_digits
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("accuracy", "segments", "overhead", "recording", "speed")
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 MODES: dict[str, dict[str, Any]] = {
@@ -308,6 +309,39 @@ def accuracy_sections(results: dict[str, Any], config: dict[str, Any], image: st
     }
 
 
+def segment_counts(config: dict[str, Any], work: Path, processes: int) -> list[dict[str, Any]]:
+    """LDS of SOURCE with 1, 2, 3 and 6 segments per stage on the two-stage settings."""
+    methods = {f"{n} segment(s)": {"method": "source", "segments": n} for n in lds.SEGMENT_COUNTS}
+    rows = []
+    for setting in (rotated_digits(adam=False), rotated_digits(adam=True)):
+        print(f"segments: {setting.title}", flush=True)
+        rows.append(
+            lds.lds(
+                setting,
+                work,
+                models=1,
+                subsets=config["subsets"],
+                seeds=config["seeds"],
+                processes=processes,
+                methods=methods,
+            )
+        )
+    return rows
+
+
+def segments_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: SOURCE's LDS against the number of segments per stage."""
+    labels = [f"{n} segment(s)" for n in lds.SEGMENT_COUNTS]
+    lines = ["| setting | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for r in rows:
+        found = r["epochs"]["methods"]
+        cells = [_interval(found[k]["single"]) if k in found else "n/a" for k in labels]
+        seconds = [f"{r['seconds'][k]:.0f} s" if k in found else "–" for k in labels]
+        lines.append(f"| {r['title']} | " + " | ".join(cells) + " |")
+        lines.append("| analysis time | " + " | ".join(seconds) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -317,12 +351,12 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="parallel retrainings")
     parser.add_argument(
         "--parts",
-        default="accuracy,overhead,speed",
-        help="comma-separated subset of accuracy, overhead, speed (default: all)",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {', '.join(PARTS)} (default: all)",
     )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"accuracy", "overhead", "speed"}:
+    if parts - set(PARTS):
         parser.error(f"unknown part(s) in --parts: {args.parts}")
     torch.set_num_threads(1)  # tiny models: threads only add contention noise
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -347,6 +381,10 @@ def main() -> None:
         plot_lds(results["lds"], images / "lds.png")
         image = ("img/" if write_docs else "") + "lds.png"
         sections.update(accuracy_sections(results, config, image))
+    if "segments" in parts:
+        results["segments"] = segment_counts(config, work, args.processes)
+        saved.write_text(json.dumps(results, indent=1))
+        sections["segments"] = segments_table(results["segments"])
     if "overhead" in parts:
         print("recording overhead", flush=True)
         results["overhead"] = {
@@ -355,6 +393,14 @@ def main() -> None:
         }
         sections["overhead"] = overhead_table(results["overhead"])
     saved.write_text(json.dumps(results, indent=1))
+    if "recording" in parts:
+        print("recording overhead of a longer run", flush=True)
+        reps = ["--quick"] if args.mode == "quick" else ["--reps", "6"]
+        command = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *reps]
+        command += ["--out", str(out / "overhead.json")]
+        printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        report = printed[printed.index("model:") :].split("\nwrote ")[0].rstrip()
+        sections["overhead-long"] = f"```\n{report}\n```"
     if "speed" in parts:
         speed_md = out / "speed.md"
         command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), f"--{args.mode}"]
@@ -362,8 +408,9 @@ def main() -> None:
         subprocess.run(command, check=True)
         sections["speed"] = speed_md.read_text().strip()
 
-    report = out / "benchmarks.md"
-    report.write_text("\n\n".join(f"## {name}\n\n{body}" for name, body in sections.items()))
+    (out / "benchmarks.md").write_text(
+        "\n\n".join(f"## {name}\n\n{body}" for name, body in sections.items())
+    )
     if write_docs:
         text = DOCS.read_text()
         for name, body in sections.items():
