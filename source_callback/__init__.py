@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from source_callback.analysis.api import AnalysisResult, Attribution, analyze, load_analysis
+from source_callback.analysis.api import analyze
+from source_callback.analysis.results import AnalysisResult, Attribution, load_analysis
 from source_callback.analysis.task import (
     ClassificationTask,
     LanguageModelingTask,

@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from unroll import adam_replay, call, leave_one_out_effects, sgd_replay
 
 from source_callback import SourceCallback, open_run
-from source_callback.analysis.api import analyze, load_analysis
+from source_callback.analysis.api import analyze
 from source_callback.analysis.ekfac import ModuleCurvature
+from source_callback.analysis.results import load_analysis
 from source_callback.analysis.segments import plan_segments
 from source_callback.analysis.source import EkfacOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
@@ -316,6 +317,10 @@ def test_results_are_stored_and_reopen(two_stage) -> None:
         np.testing.assert_array_equal(again.scores[name], result.scores[name])
     np.testing.assert_array_equal(again.stage_effects, result.stage_effects)
     np.testing.assert_array_equal(again.last_stage_exact, result.last_stage_exact)
+    for query in range(len(result.stage_effects)):  # streamed over the stored chunks
+        assert again.top(query, k=5) == result.top(query, k=5)
+    totals = np.stack([result.scores[n].sum(axis=1) for n in result.stage_names], axis=1)
+    np.testing.assert_allclose(again.stage_totals(), totals, rtol=1e-12)
     with pytest.raises(KeyError, match="no analysis 'other'"):
         load_analysis(store, "other")
 

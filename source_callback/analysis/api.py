@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -25,6 +24,7 @@ from source_callback.analysis.optimizers import (
     module_rates,
     segment_operator,
 )
+from source_callback.analysis.results import AnalysisResult
 from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
 from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
@@ -36,61 +36,6 @@ from source_callback.store.writer import write_analysis
 
 Method = Literal["source", "fast-source", "if", "tracin"]
 METHODS = ("source", "fast-source", "if", "tracin")
-
-
-@dataclass(frozen=True)
-class Attribution:
-    """One training example's score for a query."""
-
-    stage: str
-    index: int
-    score: float
-
-
-@dataclass
-class AnalysisResult:
-    """Scores and stage effects of one analysis.
-
-    Attributes
-    ----------
-    scores
-        Per stage name, ``[n_queries, n_examples of the stage]``: the predicted change of the
-        query's measurement if the example were removed (SOURCE-math §1: with a loss
-        measurement, positive means the example helped).
-    stage_names
-        Stage names in training order (the columns of ``stage_effects``).
-    stage_effects
-        ``[n_queries, n_stages]``: predicted change of the measurement had each stage's updates
-        never been executed.
-    last_stage_exact
-        ``[n_queries]``: the exact value of that change for the last stage, for comparison.
-    config
-        The settings the analysis ran with.
-    """
-
-    scores: dict[str, np.ndarray]
-    stage_names: list[str]
-    stage_effects: np.ndarray
-    last_stage_exact: np.ndarray
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def top(self, query: int, k: int = 10) -> tuple[list[Attribution], list[Attribution]]:
-        """The ``k`` most helpful and ``k`` most harmful training examples for one query.
-
-        Returns
-        -------
-        helpful, harmful
-            Highest and lowest scores across all stages, each best first.
-        """
-        flat = [
-            (stage, index, float(score))
-            for stage in self.stage_names
-            for index, score in enumerate(self.scores[stage][query])
-        ]
-        flat.sort(key=lambda item: item[2])
-        harmful = [Attribution(*item) for item in flat[:k]]
-        helpful = [Attribution(*item) for item in reversed(flat[-k:])]
-        return helpful, harmful
 
 
 def analyze(
@@ -244,13 +189,13 @@ def analyze(
             storage_options,
             name,
             [result.scores[n] for n in result.stage_names],
-            {_EFFECTS: result.stage_effects, _LAST_EXACT: result.last_stage_exact},
+            result.stage_effects,
+            result.last_stage_exact,
             {"stage_names": result.stage_names, "config": config},
         )
     return result
 
 
-_EFFECTS, _LAST_EXACT = "stage_effects", "last_stage_exact"
 Scores = dict[str, np.ndarray]
 Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
 
@@ -344,15 +289,3 @@ def _tracin(
     work.load(final_state)
     u = work.query_grads(queries)
     return scores, {s.index: u for s in run.stages}
-
-
-def load_analysis(
-    store: str | os.PathLike[str],
-    name: str = "default",
-    storage_options: dict[str, Any] | None = None,
-) -> AnalysisResult:
-    """Reopen an analysis written into ``store`` by :func:`analyze`, without recomputing."""
-    info, score_arrays, arrays = open_run(store, storage_options).analysis(name)
-    names = list(info["stage_names"])
-    scores = {n: a[...] for n, a in zip(names, score_arrays, strict=True)}
-    return AnalysisResult(scores, names, arrays[_EFFECTS], arrays[_LAST_EXACT], info["config"])

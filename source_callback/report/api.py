@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from source_callback.analysis.api import AnalysisResult, load_analysis
 from source_callback.analysis.inputs import check_dataset
+from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.report.page import Section, document
 from source_callback.report.render import Renderer, default_renderer
 from source_callback.report.sections import (

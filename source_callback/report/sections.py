@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from source_callback.analysis.api import AnalysisResult, Attribution
+from source_callback.analysis.results import AnalysisResult, Attribution
 from source_callback.describe import batch_label, optimizer_label, stage_span
 from source_callback.report import plots
 from source_callback.report.page import Section, paragraph, png_image, table

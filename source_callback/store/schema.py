@@ -67,8 +67,10 @@ FROZEN = "frozen"
 # index, plus named result arrays; attributes hold the configuration and a committed flag.
 ANALYSES = "analyses"
 ANALYSIS_SCORES = "scores"
+ANALYSIS_EFFECTS = "stage_effects"  # [queries, stages]
+ANALYSIS_LAST_EXACT = "last_stage_exact"  # [queries]
 ATTR_ANALYSIS = "analysis"  # {"stage_names": [...], "config": {...}}
-SCORE_CHUNK = (256, 4096)
+SCORE_CHUNK = (256, 4096)  # [queries, training examples]: a column block reads on its own
 
 
 def scores_key(stage_index: int) -> str:

@@ -288,34 +288,85 @@ def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
         )
 
 
+class AnalysisWriter:
+    """One analysis being written under ``analyses/<name>/``, replacing one of the same name.
+
+    The group is created uncommitted with empty (zero) score arrays, one per stage, which the
+    caller fills by blocks of training examples (``writer.scores[stage][:, a:b] = block``, best
+    one chunk of ``schema.SCORE_CHUNK`` wide at a time), so that ``[queries, examples]`` never
+    has to be in memory; :meth:`commit` adds the other result arrays and commits. Nothing
+    outside ``analyses/`` is touched.
+
+    Parameters
+    ----------
+    url, storage_options
+        The store.
+    name
+        The analysis's name: non-empty, without ``/``, not starting with ``__``.
+    shapes
+        ``(queries, examples of the stage)`` per stage, in stage order.
+    dtype
+        Floating dtype of the scores.
+    info
+        The ``analysis`` attribute: ``{"stage_names": [...], "config": {...}}``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: location.StorageOptions,
+        name: str,
+        shapes: Sequence[tuple[int, int]],
+        dtype: np.dtype | type[np.floating],
+        info: dict[str, Any],
+    ) -> None:
+        if not name or "/" in name or name.startswith("__"):
+            raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
+        root = location.open_group(location.normalize(url), storage_options, mode="r+")
+        if root is None:
+            raise StoreError(f"no store at {url} to write the analysis into")
+        schema.check_format(root, url)
+        self.group = root.require_group(schema.ANALYSES).create_group(
+            name,
+            overwrite=True,
+            attributes={schema.ATTR_ANALYSIS: info, schema.ATTR_COMMITTED: False},
+        )
+        score_group = self.group.create_group(schema.ANALYSIS_SCORES)
+        self.scores: list[zarr.Array] = [
+            score_group.create_array(
+                schema.scores_key(index),
+                shape=shape,
+                chunks=tuple(
+                    min(c, max(s, 1)) for c, s in zip(schema.SCORE_CHUNK, shape, strict=True)
+                ),
+                dtype=dtype,
+                fill_value=0,
+            )
+            for index, shape in enumerate(shapes)
+        ]
+
+    def commit(self, stage_effects: np.ndarray, last_stage_exact: np.ndarray) -> None:
+        """Write the stage effects (``[queries, stages]`` and ``[queries]``) and commit."""
+        self.group.create_array(schema.ANALYSIS_EFFECTS, data=stage_effects)
+        self.group.create_array(schema.ANALYSIS_LAST_EXACT, data=last_stage_exact)
+        self.group.attrs[schema.ATTR_COMMITTED] = True
+
+
 def write_analysis(
     url: str,
     storage_options: location.StorageOptions,
     name: str,
     scores: Sequence[np.ndarray],
-    arrays: Mapping[str, np.ndarray],
+    stage_effects: np.ndarray,
+    last_stage_exact: np.ndarray,
     info: dict[str, Any],
 ) -> None:
-    """Write one analysis under ``analyses/<name>/``, replacing one of the same name.
+    """Write an analysis held in memory (per stage ``[queries, examples]`` scores) and commit.
 
-    Nothing outside ``analyses/`` is touched; the group counts only once ``committed`` is set.
+    See :class:`AnalysisWriter` for the arguments and for writing scores block by block.
     """
-    if not name or "/" in name or name.startswith("__"):
-        raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
-    root = location.open_group(location.normalize(url), storage_options, mode="r+")
-    if root is None:
-        raise StoreError(f"no store at {url} to write the analysis into")
-    schema.check_format(root, url)
-    analyses = root.require_group(schema.ANALYSES)
-    group = analyses.create_group(
-        name, overwrite=True, attributes={schema.ATTR_ANALYSIS: info, schema.ATTR_COMMITTED: False}
-    )
-    score_group = group.create_group(schema.ANALYSIS_SCORES)
-    for index, values in enumerate(scores):
-        chunks = tuple(
-            min(c, max(s, 1)) for c, s in zip(schema.SCORE_CHUNK, values.shape, strict=True)
-        )
-        score_group.create_array(schema.scores_key(index), data=values, chunks=chunks)
-    for key, values in arrays.items():
-        group.create_array(key, data=values)
-    group.attrs[schema.ATTR_COMMITTED] = True
+    shapes = [values.shape for values in scores]
+    writer = AnalysisWriter(url, storage_options, name, shapes, np.result_type(*scores), info)
+    for target, values in zip(writer.scores, scores, strict=True):
+        target[...] = values
+    writer.commit(stage_effects, last_stage_exact)
