@@ -31,7 +31,7 @@ from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule
 from source_callback.store.reader import Run, open_run
-from source_callback.store.schema import ROLE_END, ROLE_START
+from source_callback.store.schema import ROLE_END, ROLE_START, Stage
 from source_callback.store.writer import write_analysis
 
 Method = Literal["source", "fast-source", "if", "tracin"]
@@ -207,6 +207,18 @@ def _state_sources(segment: Segment, averaged: bool) -> list[StateSource]:
     return [lambda c=c: checkpoint_state(c) for c in segment.checkpoints]
 
 
+def _accumulate(scores: Scores, stage: Stage, part: np.ndarray) -> None:
+    """Add one segment's ``part`` to its stage's scores, divided by N_s, in place.
+
+    In place because scores can be large (``[Q, N_s]``).
+    """
+    part /= stage.num_examples
+    if stage.name in scores:
+        scores[stage.name] += part
+    else:
+        scores[stage.name] = part
+
+
 def _last_segments(plan: list[Segment]) -> dict[int, int]:
     return {segment.stage: number for number, segment in enumerate(plan)}
 
@@ -238,7 +250,7 @@ def _source(
         stage = run.stages[segment.stage]
         label = f"segment {number + 1}/{len(plan)}"
         part = work.scores(work.train[stage.name], states, responses[number], label)
-        scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
+        _accumulate(scores, stage, part)
     return scores, {k: arrivals[n] for k, n in _last_segments(plan).items()}
 
 
@@ -285,7 +297,7 @@ def _tracin(
             weight = {n: tau.get(n, 0.0) / len(segment.checkpoints) for n in u}
             vectors = {n: u[n] * weight[n] for n in u}
             part = work.scores(work.train[stage.name], [lambda s=state: s], vectors, "tracin")
-            scores[stage.name] = scores.get(stage.name, 0) + part / stage.num_examples
+            _accumulate(scores, stage, part)
     work.load(final_state)
     u = work.query_grads(queries)
     return scores, {s.index: u for s in run.stages}

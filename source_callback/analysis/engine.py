@@ -136,17 +136,22 @@ class Engine:
     def scores(
         self, dataset: Dataset, states: list[StateSource], vectors: ModuleTensors, label: str
     ) -> np.ndarray:
-        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of ``dataset``: ``[Q, N]``."""
-        total = None
+        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of ``dataset``: ``[Q, N]``.
+
+        Accumulated in place into one float64 array: memory holds one ``[Q, N]`` copy (keeping
+        per-batch rows for a concatenation held several, and fragmented the heap as N grew).
+        """
+        queries = len(next(iter(vectors.values())))
+        total = np.zeros((queries, len(dataset)))  # type: ignore[arg-type]
         for i, state in enumerate(states):
             self.load(state())
-            rows = [
-                contract(self.model, self.modules, self.task.loss, batch, vectors)
-                for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}")
-            ]
-            part = torch.cat(rows).T
-            total = part if total is None else total + part
-        return (total / len(states)).cpu().numpy()
+            start = 0
+            for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}"):
+                rows = contract(self.model, self.modules, self.task.loss, batch, vectors)
+                total[:, start : start + len(rows)] += rows.T.cpu().numpy()
+                start += len(rows)
+        total /= len(states)
+        return total
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{module: [Q, out, in]}``."""
