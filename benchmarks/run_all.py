@@ -35,6 +35,7 @@ from settings import Setting, rotated_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("accuracy", "segments", "overhead", "recording", "speed")
+SPEED_PLOTS = ("breakdown", "memory", "kronfluence")  # docs/img/speed_<name>.png
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 MODES: dict[str, dict[str, Any]] = {
@@ -405,8 +406,10 @@ def main() -> None:
         speed_md = out / "speed.md"
         command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), f"--{args.mode}"]
         command += ["--out", str(out / "speed.json"), "--markdown", str(speed_md)]
-        subprocess.run(command, check=True)
-        sections["speed"] = speed_md.read_text().strip()
+        subprocess.run([*command, "--img-dir", str(images)], check=True)
+        prefix = "img/" if write_docs else ""
+        plots = [f"![{name}]({prefix}speed_{name}.png)" for name in SPEED_PLOTS]
+        sections["speed"] = "\n\n".join([speed_md.read_text().strip(), *plots])
 
     (out / "benchmarks.md").write_text(
         "\n\n".join(f"## {name}\n\n{body}" for name, body in sections.items())
