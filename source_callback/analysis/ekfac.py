@@ -236,7 +236,9 @@ def corrected_eigenvalues(
     def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
         q_a, q_s = bases[name]
         if scale is None:
-            rotated = torch.einsum("bto,op,bti,iq->bpq", s.double(), q_s, a.double(), q_a)
+            # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
+            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py).
+            rotated = (s.double() @ q_s).transpose(1, 2) @ (a.double() @ q_a)
         else:
             g = per_example(a, s) * scale[name]
             rotated = torch.einsum("op,boi,iq->bpq", q_s, g, q_a)
