@@ -1,4 +1,4 @@
-"""The ``source-callback`` command line: ``inspect`` summarizes a record, ``report`` writes HTML."""
+"""The ``source-callback`` command line: ``inspect`` a record, ``analyze`` it, ``report`` on it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import fsspec
 import numpy as np
 import torch
 
+from source_callback import AnalysisResult, Task, analyze
 from source_callback.describe import batch_label, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
@@ -248,6 +250,52 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
+SHOWN_QUERIES = 5  # queries whose stage effects ``analyze`` prints
+
+
+def analysis_summary(result: AnalysisResult, store: str, name: str | None) -> str:
+    """What ``source-callback analyze`` prints: the stage effects of the first queries.
+
+    Parameters
+    ----------
+    result
+        The analysis.
+    store
+        Where it was run.
+    name
+        The name it was stored under, or ``None`` when it was not stored.
+
+    Returns
+    -------
+    str
+        The method, numbers of queries and examples, a table of stage effects and where the
+        result is stored.
+
+    """
+    queries = len(result.stage_effects)
+    sizes = ", ".join(f"{n} ({result.scores[n].shape[1]:,} examples)" for n in result.stage_names)
+    rows = [
+        (str(q), *(f"{value:+.4g}" for value in result.stage_effects[q]))
+        for q in range(min(queries, SHOWN_QUERIES))
+    ]
+    more = [f"  ... {queries - SHOWN_QUERIES} more"] if queries > SHOWN_QUERIES else []
+    where = (
+        "not stored (name null)"
+        if name is None
+        else f"stored in {store} under analyses/{name}; show it with: {PROG} report {store} "
+        f"--analysis {name}"
+    )
+    return "\n".join(
+        [
+            f"{result.config['method']} analysis of {queries} queries; stages {sizes}",
+            "stage effects (predicted change of each query's measurement without the stage):",
+            *_format_table(("query", *result.stage_names), rows),
+            *more,
+            where,
+        ]
+    )
+
+
 # -- command line ----------------------------------------------------------------------------
 
 
@@ -302,6 +350,13 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _device(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -309,43 +364,93 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def data_function(spec: str) -> tuple[str, str]:
-    """The ``(module, function)`` named by ``--data MODULE:FUNCTION``.
+def import_spec(spec: str) -> tuple[str, str]:
+    """The ``(module, name)`` of a ``MODULE:NAME`` argument (``--data``, ``--module``).
 
     Parameters
     ----------
     spec
-        E.g. ``"mydata:training_sets"``.
+        E.g. ``"mydata:training_sets"`` or ``"project.models:Net"``.
 
     Returns
     -------
     tuple of str
-        Module and function name.
+        Module and attribute name.
 
     Raises
     ------
     argparse.ArgumentTypeError
-        ``spec`` is not of the form ``MODULE:FUNCTION``.
+        ``spec`` is not of the form ``MODULE:NAME``.
 
     """
-    module, _, function = spec.partition(":")
-    if not module or not function:
-        raise argparse.ArgumentTypeError(f"expected MODULE:FUNCTION, got {spec!r}")
-    return module, function
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise argparse.ArgumentTypeError(
+            f"expected MODULE:FUNCTION (or MODULE:CLASS), got {spec!r}"
+        )
+    return module, name
 
 
-def load_datasets(module_name: str, function_name: str) -> Mapping[str, Any]:
+def call_user_code(spec: tuple[str, str], origin: str, **kwargs: Any) -> Any:
+    """Import the user's module and call one of its functions or classes.
+
+    Only ever called for code the user names (``--data``, ``--module``, the ``analyze``
+    configuration): user code runs when the user asks for it, never otherwise.
+
+    Parameters
+    ----------
+    spec
+        Module and name, from :func:`import_spec`. The module is importable from the working
+        directory or ``sys.path``, e.g. ``mydata`` or ``project.data``.
+    origin
+        Where the user named it, for messages: ``"--data"``, ``"config 'queries'"``, ...
+    **kwargs
+        Passed to the call.
+
+    Returns
+    -------
+    Any
+        What the call returned.
+
+    Raises
+    ------
+    ValueError
+        The module cannot be imported, has no such callable, or refuses the keyword arguments.
+
+    """
+    module_name, name = spec
+    label = f"{origin} {module_name}:{name}"
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)  # as ``python -m`` would, for a module beside the user
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"{label}: cannot import {module_name!r}: {error}") from error
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise ValueError(f"{label}: {module_name!r} has no function or class {name!r}")
+        try:
+            return function(**kwargs)
+        except TypeError as error:  # most often keyword arguments it does not take
+            raise ValueError(f"{label}: calling it with {kwargs} failed: {error}") from error
+    finally:
+        sys.path.remove(cwd)
+
+
+def load_datasets(
+    module_name: str, function_name: str, origin: str = "--data"
+) -> Mapping[str, Any]:
     """Import the user's module and call its function that returns the training datasets.
-
-    Only ever called for ``--data``: user code runs when the user names it, never otherwise.
 
     Parameters
     ----------
     module_name
-        Importable from the working directory or ``sys.path``, e.g. ``mydata`` or
-        ``project.data``.
+        Importable from the working directory or ``sys.path``.
     function_name
         A function of that module, called without arguments.
+    origin
+        Where the user named it, for messages.
 
     Returns
     -------
@@ -358,26 +463,94 @@ def load_datasets(module_name: str, function_name: str) -> Mapping[str, Any]:
         The module cannot be imported, has no such function, or it returned no mapping.
 
     """
-    spec = f"{module_name}:{function_name}"
-    cwd = os.getcwd()
-    sys.path.insert(0, cwd)  # as ``python -m`` would, for a module beside the user
-    try:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ValueError(f"--data {spec}: cannot import {module_name!r}: {error}") from error
-        function = getattr(module, function_name, None)
-        if not callable(function):
-            raise ValueError(f"--data {spec}: {module_name!r} has no function {function_name!r}")
-        datasets = function()
-    finally:
-        sys.path.remove(cwd)
+    datasets = call_user_code((module_name, function_name), origin)
     if not isinstance(datasets, Mapping):
         raise ValueError(
-            f"--data {spec} returned {type(datasets).__name__}, not a mapping "
-            "{stage name: dataset}"
+            f"{origin} {module_name}:{function_name} returned {type(datasets).__name__}, not a "
+            "mapping {stage name: dataset}"
         )
     return datasets
+
+
+#: Keys of an ``analyze`` configuration file besides the analyze() options below.
+CONFIG_REQUIRED = ("task", "data", "queries")
+#: analyze() keyword arguments a configuration file may set, as they are.
+ANALYZE_OPTIONS = (
+    "method",
+    "segments",
+    "batch_size",
+    "name",
+    "seed",
+    "fisher",
+    "optimizer_model",
+    "momentum_tail",
+    "adam_variant",
+    "damping",
+    "preconditioner_floor",
+)
+
+
+def read_analyze_config(path: str) -> dict[str, Any]:
+    """The configuration of ``source-callback analyze``: a JSON file, or TOML (``.toml``).
+
+    Parameters
+    ----------
+    path
+        The file. It holds ``task`` (a built-in task name, or ``MODULE:NAME`` called without
+        arguments to make a :class:`~source_callback.Task`), ``data`` (``MODULE:FUNCTION``
+        returning ``{stage name: training dataset}``), ``queries`` (``MODULE:FUNCTION``
+        returning the query dataset), optionally ``model_kwargs`` (keyword arguments of the
+        model's constructor) and any of ``ANALYZE_OPTIONS``.
+
+    Returns
+    -------
+    dict
+        The configuration, checked for missing and unknown keys.
+
+    Raises
+    ------
+    ValueError
+        The file does not parse, is not a table, or lacks or has unknown keys.
+    OSError
+        The file cannot be read.
+
+    """
+    with open(path, "rb") as file:
+        content = file.read()
+    try:
+        config = tomllib.loads(content.decode()) if path.endswith(".toml") else json.loads(content)
+    except (ValueError, UnicodeDecodeError) as error:  # JSON and TOML decode errors
+        raise ValueError(f"config {path}: cannot parse it: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path}: expected a table of settings, got {config!r}")
+    missing = [key for key in CONFIG_REQUIRED if key not in config]
+    if missing:
+        raise ValueError(
+            f"config {path}: missing key(s) {', '.join(missing)} (needs task, data and queries)"
+        )
+    unknown = sorted(set(config) - {*CONFIG_REQUIRED, "model_kwargs", *ANALYZE_OPTIONS})
+    if unknown:
+        raise ValueError(
+            f"config {path}: unknown key(s) {', '.join(unknown)}; known: "
+            f"{', '.join((*CONFIG_REQUIRED, 'model_kwargs', *ANALYZE_OPTIONS))}"
+        )
+    wrong = [key for key in CONFIG_REQUIRED if not isinstance(config[key], str)]
+    if not isinstance(config.get("model_kwargs", {}), dict):
+        wrong.append("model_kwargs")
+    if wrong:
+        raise ValueError(
+            f"config {path}: {', '.join(wrong)} must be text (task, data, queries) or a table "
+            "(model_kwargs)"
+        )
+    return config
+
+
+def _config_spec(config: Mapping[str, Any], key: str) -> tuple[str, str]:
+    """The ``MODULE:NAME`` that configuration ``key`` holds."""
+    try:
+        return import_spec(config[key])
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"config {key!r}: {error}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,14 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     Returns
     -------
     argparse.ArgumentParser
-        A parser with the subcommands ``inspect`` and ``report``; each sets ``run``, the
-        function that carries it out.
+        A parser with the subcommands ``inspect``, ``analyze`` and ``report``; each sets
+        ``run``, the function that carries it out.
 
     """
     from source_callback import __version__
 
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Inspect and report on source-callback training records."
+        prog=PROG, description="Inspect, analyze and report on source-callback training records."
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -404,6 +577,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_arguments(inspect)
     inspect.set_defaults(run=_run_inspect)
+    analyze_ = commands.add_parser(
+        "analyze",
+        help="attribute queries to training examples and stages, into the store",
+        description="Run analyze() on a record and store the result under analyses/NAME: the "
+        "model is built by --module MODULE:CLASS, everything else comes from --config (JSON, "
+        "or TOML for a .toml file): task (a built-in name, or MODULE:NAME), data "
+        "(MODULE:FUNCTION returning {stage name: training dataset}), queries (MODULE:FUNCTION "
+        "returning the query dataset), optionally model_kwargs and analyze() options: "
+        f"{', '.join(ANALYZE_OPTIONS)}. This imports and runs your code: the modules named "
+        "there and in --module, from the working directory or sys.path.",
+    )
+    _add_store_arguments(analyze_)
+    analyze_.add_argument(
+        "--module",
+        required=True,
+        type=import_spec,
+        metavar="MODULE:CLASS",
+        help="the trained architecture: CLASS(**model_kwargs) builds it (weights come from the "
+        "store)",
+    )
+    analyze_.add_argument(
+        "--config", required=True, metavar="PATH", help="the analysis settings (JSON or TOML)"
+    )
+    analyze_.add_argument(
+        "--device", default="cpu", type=_device, help="where to compute, e.g. cuda (cpu)"
+    )
+    analyze_.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyze_.set_defaults(run=_run_analyze)
     report = commands.add_parser(
         "report",
         help="write an HTML report of a run and an analysis",
@@ -434,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--data",
-        type=data_function,
+        type=import_spec,
         metavar="MODULE:FUNCTION",
         help="show the top examples themselves: imports MODULE (from the working directory "
         "or sys.path) and calls FUNCTION(), which returns {stage name: training dataset}. "
@@ -448,6 +649,31 @@ def _run_inspect(args: argparse.Namespace, storage_options: dict[str, Any] | Non
     """Open the store and print its summary to standard output."""
     run = open_run(args.store, storage_options=storage_options)
     print(summarize(run, storage_options))
+
+
+def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
+    """Build the model and data from the user's code, analyze, and print a summary."""
+    config = read_analyze_config(args.config)
+    model = call_user_code(args.module, "--module", **config.get("model_kwargs", {}))
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--module built a {type(model).__name__}, not a torch.nn.Module")
+    task = config["task"]
+    if ":" in task:
+        task = call_user_code(_config_spec(config, "task"), "config 'task'")
+        if not isinstance(task, Task):
+            raise ValueError(f"config 'task' made a {type(task).__name__}, not a Task")
+    options = {key: config[key] for key in ANALYZE_OPTIONS if key in config}
+    result = analyze(
+        args.store,
+        model=model.to(args.device),
+        task=task,
+        train=load_datasets(*_config_spec(config, "data"), origin="config 'data'"),
+        queries=call_user_code(_config_spec(config, "queries"), "config 'queries'"),
+        storage_options=storage_options,
+        verbose=not args.quiet,
+        **options,
+    )
+    print(analysis_summary(result, args.store, options.get("name", "default")))
 
 
 def _run_report(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
@@ -478,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         Exit status: 0 on success, 1 when the command fails (a store that cannot be read, an
-        unknown analysis: one line on standard error), 2 on a usage error.
+        unknown analysis, user code that cannot be imported, a bad configuration: one line on
+        standard error), 2 on a usage error.
 
     """
     parser = build_parser()

@@ -106,3 +106,13 @@ class StepCountingClassifier(TinyClassifier):
 def two_stage_recipe(model: TinyClassifier, stage: str) -> None:
     """The optimizer of each stage of ``record_two_stages``: SGD with momentum, then AdamW."""
     model.optimizer_factory = sgd_momentum if stage == "pretrain" else adamw
+
+
+def two_stage_sets() -> dict[str, TensorDataset]:
+    """The training sets of test_cli's two-stage record, for ``analyze --config``'s data."""
+    return {"pretrain": make_dataset(48), "finetune": make_dataset(40, seed=1)}
+
+
+def query_set() -> TensorDataset:
+    """Three query examples, for ``analyze --config``'s queries."""
+    return make_dataset(3, seed=7)

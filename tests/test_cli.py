@@ -1,7 +1,9 @@
-"""The ``source-callback inspect`` command, in-process and as ``python -m source_callback``."""
+"""The ``source-callback`` ``inspect`` and ``analyze`` commands, in-process and as
+``python -m source_callback``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -9,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import zarr
-from models import TinyClassifier, loader, make_dataset, trainer
+from models import TinyClassifier, loader, query_set, trainer, two_stage_sets
 
-from source_callback import SourceCallback, open_run
+from source_callback import SourceCallback, analyze, load_analysis, open_run
 from source_callback.cli import main, parse_storage_options
 from source_callback.store.writer import StoreWriter
 
@@ -45,11 +48,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pl.seed_everything(0, verbose=False)
     model = TinyClassifier(optimizer=_sgd, scheduler=_halve_every_4_steps)
     callback = SourceCallback(path, stage="pretrain", checkpoints_per_stage=2)
-    trainer([callback], root, max_epochs=2).fit(model, loader(make_dataset(48)))
+    data = two_stage_sets()
+    trainer([callback], root, max_epochs=2).fit(model, loader(data["pretrain"]))
     model.net[0].requires_grad_(False)
     model.optimizer_factory, model.scheduler_factory = _adamw_two_groups, None
     callback.next_stage("finetune")
-    trainer([callback], root, max_epochs=1).fit(model, loader(make_dataset(40, seed=1)))
+    trainer([callback], root, max_epochs=1).fit(model, loader(data["finetune"]))
     return path
 
 
@@ -223,3 +227,132 @@ def test_python_dash_m_entry_point(store: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "pretrain" in result.stdout and "finetune" in result.stdout
     assert "checkpoints (6, 6 committed)" in result.stdout
+
+
+ANALYZE_CONFIG = {
+    "task": "classification",
+    "data": "models:two_stage_sets",
+    "queries": "models:query_set",
+    "model_kwargs": {"hidden": 8},
+    "segments": 1,
+    "batch_size": 16,
+    "name": "cli",
+}
+
+
+def analyze_cli(
+    capsys: pytest.CaptureFixture[str], store: Path, config: Path, *args: str
+) -> tuple[int, str, str]:
+    argv = ["analyze", str(store), "--module", "models:TinyClassifier", "--config", str(config)]
+    code = main([*argv, "--quiet", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_analyze_stores_what_analyze_computes(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    config = tmp_path / "analysis.json"
+    config.write_text(json.dumps(ANALYZE_CONFIG))
+    code, out, err = analyze_cli(capsys, copy, config)
+    assert (code, err) == (0, "")
+    assert "source analysis of 3 queries; stages pretrain (48 examples), finetune (40" in out
+    assert f"stored in {copy} under analyses/cli" in out
+    rows = out.split("without the stage):\n")[1].splitlines()
+    assert rows[0].split() == ["query", "pretrain", "finetune"]
+    stored = load_analysis(copy, "cli")
+    first = [float(v) for v in rows[1].split()[1:]]
+    np.testing.assert_allclose(first, stored.stage_effects[0], rtol=1e-3)
+    direct = analyze(
+        copy,
+        model=TinyClassifier(),
+        task="classification",
+        train=two_stage_sets(),
+        queries=query_set(),
+        segments=1,
+        batch_size=16,
+        name=None,
+        verbose=False,
+    )
+    for stage in ("pretrain", "finetune"):
+        np.testing.assert_allclose(np.asarray(stored.scores[stage]), direct.scores[stage])
+
+
+def test_analyze_reads_toml(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    config = tmp_path / "analysis.toml"
+    config.write_text(
+        'task = "classification"\ndata = "models:two_stage_sets"\nqueries = "models:query_set"\n'
+        'method = "tracin"\nsegments = 1\nname = "tracin"\n'
+    )
+    code, out, err = analyze_cli(capsys, copy, config)
+    assert (code, err) == (0, ""), err
+    assert out.startswith("tracin analysis of 3 queries")
+    assert load_analysis(copy, "tracin").config["method"] == "tracin"
+
+
+@pytest.mark.parametrize(
+    ("module", "config", "code", "message"),
+    [
+        ("no_such_module_q:Net", {}, 1, "--module no_such_module_q:Net: cannot import"),
+        ("models:Absent", {}, 1, "'models' has no function or class 'Absent'"),
+        (
+            "models:make_dataset",
+            {"model_kwargs": {}},
+            1,
+            "--module built a TensorDataset, not a torch.nn.Module",
+        ),
+        ("models:TinyClassifier", {"model_kwargs": {"width": 3}}, 1, "unexpected keyword"),
+        ("models:TinyClassifier", {"data": None}, 1, "missing key(s) data (needs task, data"),
+        ("models:TinyClassifier", {"epochs": 3}, 1, "unknown key(s) epochs; known: task"),
+        ("models:TinyClassifier", {"queries": "models"}, 1, "config 'queries': expected MODULE"),
+        ("models:TinyClassifier", {"queries": "models:nothing"}, 1, "has no function or class"),
+        ("models:TinyClassifier", {"task": "ranking"}, 1, "unknown task 'ranking'"),
+        ("models:TinyClassifier", {"task": 1, "model_kwargs": [8]}, 1, "task, model_kwargs must"),
+        ("models:TinyClassifier", {"task": "models:query_set"}, 1, "not a Task"),
+        ("models:TinyClassifier", {"data": "models:query_set"}, 1, "not a mapping"),
+        ("models", {}, 2, "expected MODULE:FUNCTION (or MODULE:CLASS), got 'models'"),
+    ],
+)
+def test_analyze_errors(
+    store: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    module: str,
+    config: dict[str, Any],
+    code: int,
+    message: str,
+) -> None:
+    settings = {k: v for k, v in {**ANALYZE_CONFIG, **config}.items() if v is not None}
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps(settings))
+    argv = ["analyze", str(store), "--module", module, "--config", str(path), "--quiet"]
+    result = main(argv)
+    out, err = capsys.readouterr()
+    assert (result, out) == (code, "")
+    assert message in err, err
+    assert code == 2 or len(err.strip().splitlines()) == 1  # failures: one line
+    assert not (store / "analyses" / "cli").exists()
+
+
+def test_analyze_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--module MODULE:CLASS" in help_text and "model_kwargs" in help_text
+    assert main(["analyze", str(tmp_path / "x.zarr"), "--config", "c.json"]) == 2
+    assert "the following arguments are required: --module" in capsys.readouterr().err
+    argv = ["analyze", "x.zarr", "--module", "m:C", "--config", "c.json", "--device", "gpu9"]
+    assert main(argv) == 2
+    assert "--device" in capsys.readouterr().err
+    code, out, err = analyze_cli(capsys, tmp_path / "x.zarr", tmp_path / "absent.json")
+    assert (code, out) == (1, "")
+    assert "No such file" in err and "absent.json" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{task: 1")
+    code, _, err = analyze_cli(capsys, tmp_path / "x.zarr", bad)
+    assert code == 1 and f"config {bad}: cannot parse it" in err

@@ -298,7 +298,7 @@ def test_cli_report_with_data(
     examples = re.findall(r'<img class="example" src="([^"]*)"', out.read_text(encoding="utf-8"))
     assert len(examples) == 3 * 2 * 1
     code, _, err = report(capsys, *args, "--data", "report_test_data:absent")
-    assert code == 1 and "has no function 'absent'" in err
+    assert code == 1 and "has no function or class 'absent'" in err
 
 
 @pytest.mark.parametrize(
