@@ -107,13 +107,13 @@ def lds_table(results: list[dict[str, Any]]) -> str:
         "|---|---|---|" + "---|" * len(methods),
     ]
     for r in results:
-        by_method, ceiling = r["epochs"]["methods"], r["epochs"]["ceiling"]
+        by_method, value = r["epochs"]["methods"], r["epochs"]["ceiling"]
+        ceiling = "–" if value is None else f"{value:.2f}"
         for kind in ("single", "ensemble"):
             if kind not in by_method[methods[0]]:
                 continue
             label = r["title"] + (f", ensemble of {r['models']}" if kind == "ensemble" else "")
             cells = [_interval(by_method[m][kind]) for m in methods]
-            ceiling = "–" if ceiling is None else f"{ceiling:.2f}"
             lines.append(f"| {label} | {r['examples']} | {ceiling} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -355,6 +355,11 @@ def main() -> None:
         default=",".join(PARTS),
         help=f"comma-separated subset of {', '.join(PARTS)} (default: all)",
     )
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="rewrite the tables and plots from the saved results.json without measuring",
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
@@ -374,39 +379,46 @@ def main() -> None:
     results.update({"mode": args.mode, "config": config, "environment": environment()})
     sections: dict[str, str] = {}
 
+    measure = not args.tables_only
     if "accuracy" in parts:
-        started = time.perf_counter()
-        results.update(accuracy(config, work, args.processes))
-        results["accuracy_minutes"] = (time.perf_counter() - started) / 60
-        saved.write_text(json.dumps(results, indent=1))
+        if measure:
+            started = time.perf_counter()
+            results.update(accuracy(config, work, args.processes))
+            results["accuracy_minutes"] = (time.perf_counter() - started) / 60
+            saved.write_text(json.dumps(results, indent=1))
         plot_lds(results["lds"], images / "lds.png")
         image = ("img/" if write_docs else "") + "lds.png"
         sections.update(accuracy_sections(results, config, image))
     if "segments" in parts:
-        results["segments"] = segment_counts(config, work, args.processes)
-        saved.write_text(json.dumps(results, indent=1))
+        if measure:
+            results["segments"] = segment_counts(config, work, args.processes)
+            saved.write_text(json.dumps(results, indent=1))
         sections["segments"] = segments_table(results["segments"])
     if "overhead" in parts:
-        print("recording overhead", flush=True)
-        results["overhead"] = {
-            s.name: recording_overhead(s, work, config["overhead_reps"])
-            for s in (rotated_digits(adam=False), rotated_digits(adam=True))
-        }
+        if measure:
+            print("recording overhead", flush=True)
+            results["overhead"] = {
+                s.name: recording_overhead(s, work, config["overhead_reps"])
+                for s in (rotated_digits(adam=False), rotated_digits(adam=True))
+            }
+            saved.write_text(json.dumps(results, indent=1))
         sections["overhead"] = overhead_table(results["overhead"])
-    saved.write_text(json.dumps(results, indent=1))
     if "recording" in parts:
-        print("recording overhead of a longer run", flush=True)
-        reps = ["--quick"] if args.mode == "quick" else ["--reps", "6"]
-        command = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *reps]
-        command += ["--out", str(out / "overhead.json")]
-        printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        report = printed[printed.index("model:") :].split("\nwrote ")[0].rstrip()
-        sections["overhead-long"] = f"```\n{report}\n```"
+        if measure:
+            print("recording overhead of a longer run", flush=True)
+            reps = ["--quick"] if args.mode == "quick" else ["--reps", "6"]
+            command = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *reps]
+            command += ["--out", str(out / "overhead.json")]
+            printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results["recording"] = printed[printed.index("model:") :].split("\nwrote ")[0].rstrip()
+            saved.write_text(json.dumps(results, indent=1))
+        sections["overhead-long"] = f"```\n{results['recording']}\n```"
     if "speed" in parts:
         speed_md = out / "speed.md"
-        command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), f"--{args.mode}"]
-        command += ["--out", str(out / "speed.json"), "--markdown", str(speed_md)]
-        subprocess.run([*command, "--img-dir", str(images)], check=True)
+        if measure:
+            command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), f"--{args.mode}"]
+            command += ["--out", str(out / "speed.json"), "--markdown", str(speed_md)]
+            subprocess.run([*command, "--img-dir", str(images)], check=True)
         prefix = "img/" if write_docs else ""
         plots = [f"![{name}]({prefix}speed_{name}.png)" for name in SPEED_PLOTS]
         sections["speed"] = "\n\n".join([speed_md.read_text().strip(), *plots])
