@@ -99,15 +99,20 @@ def _interval(values: list[float]) -> str:
     return f"{mean:.3f} ({low:.2f}–{high:.2f})"
 
 
-def lds_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table: LDS per setting and method, single model and ensemble."""
+def lds_table(results: list[dict[str, Any]], length: str = "epochs") -> str:
+    """Markdown table: LDS per setting and method, single model and ensemble.
+
+    Against the retrainings of ``length`` (on the settings measured with it).
+    """
     methods = list(lds.METHODS)
     lines = [
         "| setting | N | ceiling | " + " | ".join(methods) + " |",
         "|---|---|---|" + "---|" * len(methods),
     ]
     for r in results:
-        by_method, value = r["epochs"]["methods"], r["epochs"]["ceiling"]
+        if length not in r:
+            continue
+        by_method, value = r[length]["methods"], r[length]["ceiling"]
         ceiling = "–" if value is None else f"{value:.2f}"
         for kind in ("single", "ensemble"):
             if kind not in by_method[methods[0]]:
@@ -186,23 +191,6 @@ def plot_lds(results: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def steps_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table: LDS of the linear settings when retrainings keep the recorded steps."""
-    methods = list(lds.METHODS)
-    lines = [
-        "| setting | ceiling | " + " | ".join(methods) + " |",
-        "|---|---|" + "---|" * len(methods),
-    ]
-    for r in results:
-        if "steps" not in r:
-            continue
-        cells = [_interval(r["steps"]["methods"][m]["single"]) for m in methods]
-        ceiling = r["steps"]["ceiling"]
-        ceiling = "–" if ceiling is None else f"{ceiling:.2f}"
-        lines.append(f"| {r['title']} | {ceiling} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def removal_table(result: dict[str, Any]) -> str:
@@ -303,7 +291,7 @@ def accuracy_sections(results: dict[str, Any], config: dict[str, Any], image: st
     )
     return {
         "lds": "\n\n".join([intro, lds_table(results["lds"]), f"![LDS per method]({image})"]),
-        "lds-steps": steps_table(results["lds"]),
+        "lds-steps": lds_table(results["lds"], "steps"),
         "variants": variants_table(results["lds"]),
         "removal": removal_table(results["removal"]),
         "stages": stage_table(results["stages"]),
