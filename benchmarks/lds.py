@@ -50,8 +50,8 @@ SGD_VARIANTS = {"SOURCE, no momentum tail": {"method": "source", "momentum_tail"
 ADAM_VARIANTS = {"SOURCE, diagonal Adam": {"method": "source", "adam_variant": "diagonal"}}
 
 SETTINGS = {
-    "logistic-breast-cancer": lambda epochs: logistic_breast_cancer(epochs),
-    "linear-diabetes": lambda epochs: linear_diabetes(epochs),
+    "logistic-breast-cancer": logistic_breast_cancer,
+    "linear-diabetes": linear_diabetes,
     "noisy-mlp-digits": lambda _: noisy_mlp_digits(),
     "rotated-digits-sgd": lambda _: rotated(adam=False),
     "rotated-digits-adamw": lambda _: rotated(adam=True),

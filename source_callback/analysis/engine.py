@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from source_callback.analysis import ekfac
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
-from source_callback.analysis.inputs import batches, on_device
+from source_callback.analysis.inputs import batches, evaluate, on_device
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError
 
@@ -161,8 +161,5 @@ class Engine:
 
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
-        with torch.no_grad():
-            values = [
-                self.task.measurement(self.model, b) for b in self.data(queries, "measurement")
-            ]
-        return torch.cat(values).double().cpu().numpy()
+        values = evaluate(self.task.measurement, self.model, self.data(queries, "measurement"))
+        return values.double().cpu().numpy()

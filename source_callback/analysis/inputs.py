@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -98,6 +98,14 @@ def on_device(loader: DataLoader, device: torch.device) -> Iterator[Any]:
     """Iterate ``loader`` with every batch moved to ``device``."""
     for batch in loader:
         yield to_device(batch, device)
+
+
+def evaluate(
+    fn: Callable[[nn.Module, Any], torch.Tensor], model: nn.Module, batches: Iterable[Any]
+) -> torch.Tensor:
+    """``fn(model, batch)`` of every batch, concatenated along the first axis, without grad."""
+    with torch.no_grad():
+        return torch.cat([fn(model, batch) for batch in batches])
 
 
 def checkpoint_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from source_callback.analysis.inputs import batches
+from source_callback.analysis.inputs import batches, evaluate, on_device
 
 
 def removal_masks(scores: np.ndarray, k: int) -> np.ndarray:
@@ -69,7 +71,9 @@ class ClassPredictions:
         """Predicted class of every query, ``[Q]``."""
         model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad():
-            loader = batches(self.queries, self.batch_size)
-            out = [model(x.to(device)).argmax(-1) for x, *_ in loader]
-        return torch.cat(out).cpu().numpy()
+        loader = on_device(batches(self.queries, self.batch_size), device)
+        return evaluate(_predicted_class, model, loader).cpu().numpy()
+
+
+def _predicted_class(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    return model(batch[0]).argmax(-1)

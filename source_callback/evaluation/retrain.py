@@ -30,7 +30,7 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from source_callback.analysis.inputs import batches, check_datasets, on_device
+from source_callback.analysis.inputs import batches, check_datasets, evaluate, on_device
 from source_callback.analysis.task import Task
 from source_callback.errors import SourceCallbackError
 from source_callback.optim import OptimizerRecord, describe_optimizer
@@ -172,12 +172,8 @@ class TaskMeasurement:
         """The measurement of every query under ``model`` (put in eval mode)."""
         model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad():
-            values = [
-                self.task.measurement(model, batch)
-                for batch in on_device(batches(self.queries, self.batch_size), device)
-            ]
-        return torch.cat(values).double().cpu().numpy()
+        loader = on_device(batches(self.queries, self.batch_size), device)
+        return evaluate(self.task.measurement, model, loader).double().cpu().numpy()
 
 
 class _CheckOptimizer(pl.Callback):
