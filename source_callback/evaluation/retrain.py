@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -63,8 +63,10 @@ class StageRecipe:
     ----------
     name
         Stage name.
-    epochs
-        Passes over the stage's data (fractional when the stage stopped mid-epoch).
+    num_examples
+        Size of the stage's training set.
+    num_steps
+        Optimizer steps the stage took.
     batch_size
         Examples per optimizer micro-batch across all processes (per-process size × world).
     accumulate_grad_batches
@@ -75,18 +77,21 @@ class StageRecipe:
         Lightning precision setting.
     optimizer
         The recorded optimizer, which the retrained stage must reproduce.
-    num_steps
-        Optimizer steps the stage took.
     """
 
     name: str
-    epochs: float
+    num_examples: int
+    num_steps: int
     batch_size: int
     accumulate_grad_batches: int
     drop_last: bool
     precision: str
     optimizer: OptimizerRecord
-    num_steps: int
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the stage's data (fractional when the stage stopped mid-epoch)."""
+        return self.num_steps / self.steps_per_epoch(self.num_examples)
 
     def steps_per_epoch(self, num_examples: int) -> int:
         """Optimizer steps in one epoch over ``num_examples`` examples."""
@@ -130,18 +135,18 @@ def _stage_recipe(stage: Stage, epochs: np.ndarray) -> StageRecipe:
     for drop_last in (False, True):
         recipe = StageRecipe(
             stage.name,
-            1.0,
+            stage.num_examples,
+            len(epochs),
             batch,
             stage.accumulate_grad_batches,
             drop_last,
             stage.precision,
             stage.optimizer,
-            len(epochs),
         )
         per_epoch = recipe.steps_per_epoch(stage.num_examples)
         # A stage stopped by max_steps inside its first epoch ran fewer steps than an epoch.
         if per_epoch == first_epoch or (single_epoch and per_epoch > first_epoch):
-            return replace(recipe, epochs=len(epochs) / per_epoch)
+            return recipe
     raise RetrainError(
         f"stage {stage.name!r}: {first_epoch} optimizer steps in its first epoch do not match "
         f"{stage.num_examples} examples in batches of {batch} with "
