@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from torch import nn
@@ -24,15 +24,20 @@ from source_callback.analysis.optimizers import (
     module_rates,
     segment_operator,
 )
-from source_callback.analysis.results import AnalysisResult
+from source_callback.analysis.parallel import Workers
+from source_callback.analysis.results import AnalysisResult, load_analysis
+from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScores
 from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
 from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule
 from source_callback.store.reader import Run, open_run
-from source_callback.store.schema import ROLE_END, ROLE_START, Stage
-from source_callback.store.writer import write_analysis
+from source_callback.store.schema import ROLE_END, ROLE_START
+from source_callback.store.writer import AnalysisWriter, write_analysis
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 Method = Literal["source", "fast-source", "if", "tracin"]
 METHODS = ("source", "fast-source", "if", "tracin")
@@ -58,6 +63,12 @@ def analyze(
     adam_variant: AdamVariant = "preconditioned",
     damping: float = 0.1,
     preconditioner_floor: float = 0.01,
+    out_of_core: bool = False,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    fabric: Fabric | None = None,
     verbose: bool = True,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
@@ -112,12 +123,28 @@ def analyze(
     name
         The result is also written into the store under ``analyses/<name>/`` (replacing one of
         that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
+    out_of_core
+        Add the scores up in the store, one block of training examples at a time, instead of
+        in memory; the returned scores are then Zarr arrays read where sliced (as from
+        :func:`load_analysis`). Memory no longer grows with the number of training examples.
+        Needs ``name``.
+    accelerator, devices, num_nodes, strategy
+        Run every data pass data-parallel on Lightning Fabric (``Fabric(accelerator=...,
+        devices=..., num_nodes=..., strategy=...)``, launched here): each process takes a share
+        of the data, and writes its own blocks of the scores into the store (needs ``name``).
+        ``strategy="ddp"`` re-runs the calling script once per extra device, as Lightning's
+        ``Trainer`` does. The defaults run in this process; see the "Scaling out" guide.
+    fabric
+        An already launched :class:`lightning.fabric.Fabric` to run on instead. Without one,
+        a ``torch.distributed`` process group that is already initialised (``torchrun``,
+        SLURM) is used as it is.
     verbose
-        Show progress bars.
+        Show progress bars (rank 0 only).
 
     Returns
     -------
     AnalysisResult
+        The same on every process of a distributed analysis.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -134,8 +161,22 @@ def analyze(
     if fisher == "exact" and not isinstance(task, ExactFisherTask):
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
     check_datasets(run, train)
+    workers = start_workers(model, fabric, accelerator, devices, num_nodes, strategy)
+    if (out_of_core or workers.distributed) and name is None:
+        raise ValueError(
+            "out-of-core and distributed analyses write their scores into the store: pass a "
+            "name for the analysis (name='default')."
+        )
     work = Engine(
-        prepare_model(model, run), task, train, batch_size, fisher, seed, verbose, collate_fn
+        prepare_model(model, run).to(workers.device),
+        task,
+        train,
+        batch_size,
+        fisher,
+        seed,
+        verbose,
+        collate_fn,
+        workers,
     )
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
@@ -149,16 +190,37 @@ def analyze(
                 )
     last = len(run.stages) - 1
     final_state = checkpoint_state(by_role[last, ROLE_END])
+    config = {
+        "method": method,
+        "segments": [[s.start, s.end] for s in plan],
+        "momentum_tail": momentum_tail,
+        "fisher": fisher,
+        "seed": seed,
+        "optimizer_model": None
+        if optimizer_model is None
+        else str(UpdateRule(optimizer_model).value),
+        "modules": sorted(work.modules),
+    }
+    stage_names = [s.name for s in run.stages]
+    shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
+    info = {"stage_names": stage_names, "config": config}
+    writer: AnalysisWriter | None = None
+    sink: ScoreSink
+    if out_of_core or workers.distributed:
+        writer = _open_writer(workers, run.url, storage_options, name, shapes, info)  # type: ignore[arg-type]
+        sink = StoredScores(writer.scores)
+    else:
+        sink = memory = MemoryScores(shapes)
 
     if method in ("source", "fast-source"):
         adam = AdamOptions(adam_variant, damping, preconditioner_floor)
-        scores, arrivals = _source(
-            work, run, plan, queries, final_state, method, optimizer_model, adam
+        arrivals = _source(
+            work, run, plan, queries, final_state, method, optimizer_model, adam, sink
         )
     elif method == "if":
-        scores, arrivals = _influence(work, run, queries, final_state, damping)
+        arrivals = _influence(work, run, queries, final_state, damping, sink)
     else:
-        scores, arrivals = _tracin(work, run, plan, queries, final_state)
+        arrivals = _tracin(work, run, plan, queries, final_state, sink)
 
     work.load(final_state)
     f_final = work.measurement(queries)
@@ -171,32 +233,70 @@ def analyze(
     work.load(checkpoint_state(by_role[last, ROLE_START]))
     last_exact = work.measurement(queries) - f_final
 
-    config = {
-        "method": method,
-        "segments": [[s.start, s.end] for s in plan],
-        "momentum_tail": momentum_tail,
-        "fisher": fisher,
-        "seed": seed,
-        "optimizer_model": None
-        if optimizer_model is None
-        else str(UpdateRule(optimizer_model).value),
-        "modules": sorted(work.modules),
-    }
-    result = AnalysisResult(scores, [s.name for s in run.stages], effects, last_exact, config)
-    if name is not None:
-        write_analysis(
-            run.url,
-            storage_options,
-            name,
-            [result.scores[n] for n in result.stage_names],
-            result.stage_effects,
-            result.last_stage_exact,
-            {"stage_names": result.stage_names, "config": config},
+    if writer is None:
+        result = AnalysisResult(
+            dict(zip(stage_names, memory.arrays, strict=True)),
+            stage_names,
+            effects,
+            last_exact,
+            config,
         )
+        if name is not None:
+            write_analysis(run.url, storage_options, name, memory.arrays, effects, last_exact, info)
+        return result
+    workers.barrier()  # every rank's blocks are written
+    if workers.rank == 0:
+        writer.commit(effects, last_exact)
+    workers.barrier()
+    result = load_analysis(run.url, name, storage_options)  # type: ignore[arg-type]
+    if not out_of_core:
+        result.scores = {n: np.asarray(a[...]) for n, a in result.scores.items()}
     return result
 
 
-Scores = dict[str, np.ndarray]
+def start_workers(
+    model: nn.Module,
+    fabric: Fabric | None,
+    accelerator: str,
+    devices: int | str,
+    num_nodes: int,
+    strategy: str,
+) -> Workers:
+    """The processes to analyze on: a given Fabric, one launched here, or an existing group."""
+    if fabric is None and (accelerator, devices, num_nodes, strategy) != ("auto", 1, 1, "auto"):
+        from lightning.fabric import Fabric
+
+        fabric = Fabric(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy
+        )
+        fabric.launch()
+    if fabric is not None:
+        return Workers(fabric.device, distributed=fabric.world_size > 1)
+    return Workers(next(model.parameters()).device, distributed=True)
+
+
+def _open_writer(
+    workers: Workers,
+    url: str,
+    storage_options: dict[str, Any] | None,
+    name: str,
+    shapes: list[tuple[int, int]],
+    info: dict[str, Any],
+) -> AnalysisWriter:
+    """Rank 0 creates the analysis's arrays; the other ranks open them once they exist."""
+    writer = None
+    if workers.rank == 0:
+        writer = workers.run(
+            lambda: AnalysisWriter(url, storage_options, name, shapes, np.float64, info)
+        )
+    else:
+        workers.check()
+    workers.barrier()
+    if writer is None:
+        writer = AnalysisWriter.reopen(url, storage_options, name)
+    return writer
+
+
 Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
 
 
@@ -205,18 +305,6 @@ def _state_sources(segment: Segment, averaged: bool) -> list[StateSource]:
     if averaged:
         return [lambda: average_states([checkpoint_state(c) for c in segment.checkpoints])]
     return [lambda c=c: checkpoint_state(c) for c in segment.checkpoints]
-
-
-def _accumulate(scores: Scores, stage: Stage, part: np.ndarray) -> None:
-    """Add one segment's ``part`` to its stage's scores, divided by N_s, in place.
-
-    In place because scores can be large (``[Q, N_s]``).
-    """
-    part /= stage.num_examples
-    if stage.name in scores:
-        scores[stage.name] += part
-    else:
-        scores[stage.name] = part
 
 
 def _last_segments(plan: list[Segment]) -> dict[int, int]:
@@ -232,7 +320,8 @@ def _source(
     method: str,
     optimizer_model: UpdateRule | str | None,
     adam: AdamOptions,
-) -> tuple[Scores, Arrivals]:
+    sink: ScoreSink,
+) -> Arrivals:
     """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score."""
     steps = run.steps()
     operators, segment_states = [], []
@@ -245,18 +334,24 @@ def _source(
         operators.append(segment_operator(work, segment, stage, rule, states, steps, label, adam))
     work.load(final_state)
     responses, arrivals = sweep(operators, work.query_grads(queries))
-    scores: Scores = {}
     for number, (segment, states) in enumerate(zip(plan, segment_states, strict=True)):
         stage = run.stages[segment.stage]
         label = f"segment {number + 1}/{len(plan)}"
-        part = work.scores(work.train[stage.name], states, responses[number], label)
-        _accumulate(scores, stage, part)
-    return scores, {k: arrivals[n] for k, n in _last_segments(plan).items()}
+        weight = 1 / stage.num_examples  # type: ignore[operator]
+        work.scores(
+            work.train[stage.name], states, responses[number], label, sink, stage.index, weight
+        )
+    return {k: arrivals[n] for k, n in _last_segments(plan).items()}
 
 
 def _influence(
-    work: Engine, run: Run, queries: Dataset, final_state: State, damping: float
-) -> tuple[Scores, Arrivals]:
+    work: Engine,
+    run: Run,
+    queries: Dataset,
+    final_state: State,
+    damping: float,
+    sink: ScoreSink,
+) -> Arrivals:
     """EK-FAC influence at the final parameters on all stages' data pooled (SOURCE-math §7).
 
     Damping is ``damping`` times each module's mean eigenvalue. Stage effects use the final
@@ -270,23 +365,27 @@ def _influence(
     vectors = {
         n: c.apply(u[n], lambda lam, n=n: 1 / (lam + delta[n])) for n, c in curvature.items()
     }
-    scores = {
-        s.name: work.scores(work.train[s.name], [lambda: final_state], vectors, "influence")
-        / len(pooled)
-        for s in run.stages
-    }
-    return scores, {s.index: u for s in run.stages}
+    for s in run.stages:
+        states = [lambda: final_state]
+        work.scores(
+            work.train[s.name], states, vectors, "influence", sink, s.index, 1 / len(pooled)
+        )
+    return {s.index: u for s in run.stages}
 
 
 def _tracin(
-    work: Engine, run: Run, plan: list[Segment], queries: Dataset, final_state: State
-) -> tuple[Scores, Arrivals]:
+    work: Engine,
+    run: Run,
+    plan: list[Segment],
+    queries: Dataset,
+    final_state: State,
+    sink: ScoreSink,
+) -> Arrivals:
     """TracInCP (SOURCE-math §7): ``Σ_c (τ_ℓ / C_ℓ N_s) ∇f(θ_c)ᵀ ∇L(z_m, θ_c)``.
 
     Stage effects use the final query gradient without propagation.
     """
     steps = run.steps()
-    scores: Scores = {}
     for number, segment in enumerate(plan):
         stage = run.stages[segment.stage]
         tau, _ = module_rates(work, segment, stage, steps)
@@ -296,8 +395,15 @@ def _tracin(
             u = work.query_grads(queries, f"segment {number + 1}/{len(plan)} query gradients")
             weight = {n: tau.get(n, 0.0) / len(segment.checkpoints) for n in u}
             vectors = {n: u[n] * weight[n] for n in u}
-            part = work.scores(work.train[stage.name], [lambda s=state: s], vectors, "tracin")
-            _accumulate(scores, stage, part)
+            work.scores(
+                work.train[stage.name],
+                [lambda s=state: s],
+                vectors,
+                "tracin",
+                sink,
+                stage.index,
+                1 / stage.num_examples,  # type: ignore[operator]
+            )
     work.load(final_state)
     u = work.query_grads(queries)
-    return scores, {s.index: u for s in run.stages}
+    return {s.index: u for s in run.stages}

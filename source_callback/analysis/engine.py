@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -14,8 +14,11 @@ from tqdm.auto import tqdm
 from source_callback.analysis import ekfac
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
+from source_callback.analysis.parallel import Blocks, Workers
+from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError
+from source_callback.store.schema import SCORE_CHUNK
 
 State = dict[str, torch.Tensor]
 #: Loads a state when a pass needs it, so that a run's checkpoints are never all in memory.
@@ -23,7 +26,11 @@ StateSource = Callable[[], State]
 
 
 class Engine:
-    """The data passes of one analysis: holds the model copy, the data and the settings."""
+    """The data passes of one analysis: holds the model copy, the data and the settings.
+
+    Every pass covers this rank's share of the data (:class:`Workers`); sums and rows are
+    combined across ranks before a pass returns, so callers see whole-data results.
+    """
 
     def __init__(
         self,
@@ -35,16 +42,20 @@ class Engine:
         seed: int,
         verbose: bool,
         collate_fn: Any,
+        workers: Workers | None = None,
     ) -> None:
         self.model = model
         self.task = task
         self.train = train
         self.batch_size = batch_size
         self.exact = fisher == "exact"
-        self.generator = torch.Generator().manual_seed(seed)
-        self.verbose = verbose
+        self.seed = seed
+        self.generator = torch.Generator()
+        self.passes = 0
         self.collate_fn = collate_fn
         self.device = next(model.parameters()).device
+        self.workers = workers or Workers(self.device)
+        self.verbose = verbose and self.workers.rank == 0
         self.modules = ekfac.tracked_modules(model)
         if not self.modules:
             raise AnalysisError("the model has no trainable nn.Linear or nn.Conv2d to analyze")
@@ -53,16 +64,32 @@ class Engine:
         """Put ``state``'s parameters and buffers into the model."""
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
 
-    def data(self, dataset: Dataset, desc: str) -> Any:
-        """Batches of ``dataset`` on the model's device, with a progress bar."""
-        loader = batches(dataset, self.batch_size, self.collate_fn)
-        return tqdm(
+    def data(
+        self, dataset: Dataset, desc: str, blocks: Blocks | None = None, seeded: bool = False
+    ) -> Iterator[Any]:
+        """Batches of ``dataset`` (this rank's ``blocks``; all by default) on the model's device.
+
+        With ``seeded``, the pseudo-label generator is reseeded before each batch from the
+        seed, the pass and the batch's first index, so that the draws do not depend on how
+        the batches are split between ranks.
+        """
+        if blocks is None:
+            blocks = [(0, len(dataset))]  # type: ignore[arg-type]
+        loader = batches(dataset, self.batch_size, self.collate_fn, blocks)
+        self.passes += 1
+        starts = (first for start, stop in blocks for first in range(start, stop, self.batch_size))
+        progress = tqdm(
             on_device(loader, self.device),
             total=len(loader),
             desc=desc,
             disable=not self.verbose,
             leave=False,
         )
+        for first, batch in zip(starts, progress, strict=True):
+            if seeded:
+                entropy = np.random.SeedSequence([self.seed, self.passes, first])
+                self.generator.manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> 1))
+            yield batch
 
     def curvature(
         self,
@@ -79,41 +106,65 @@ class Engine:
         those a stage trains); all tracked modules by default.
         """
         modules = self.modules if modules is None else modules
+        blocks = self.workers.blocks(len(dataset), self.batch_size)  # type: ignore[arg-type]
+        count = self.workers.total(sum(stop - start for start, stop in blocks))
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
-            self.load(state())
-            covs = ekfac.covariances(
-                self.model,
-                modules,
-                self.task,
-                self.data(dataset, f"{label} factors {i + 1}/{len(states)}"),
-                self.generator,
-                self.exact,
-                scale,
-            )
-            for name, cov in covs.items():
-                a, s = cov.mean()
-                a_sum[name] = a_sum.get(name, 0) + a
-                s_sum[name] = s_sum.get(name, 0) + s
+            desc = f"{label} factors {i + 1}/{len(states)}"
+
+            def factors(state: StateSource = state, desc: str = desc) -> dict[str, torch.Tensor]:
+                self.load(state())
+                covs = ekfac.covariances(
+                    self.model,
+                    modules,
+                    self.task,
+                    self.data(dataset, desc, blocks, seeded=True),
+                    self.generator,
+                    self.exact,
+                    scale,
+                )
+                sums = {}
+                for name, module in modules.items():
+                    out, in_ = self._shape(module)
+                    cov = covs.get(name)
+                    sums[f"a/{name}"] = cov.a if cov else self._zeros(in_, in_)
+                    sums[f"s/{name}"] = cov.s if cov else self._zeros(out, out)
+                return sums
+
+            for key, total in self.workers.sum(self.workers.run(factors)).items():
+                side, name = key.split("/", 1)
+                target = a_sum if side == "a" else s_sum
+                target[name] = target.get(name, 0) + total / count
         bases = {
             n: (ekfac.eigh_float64(a_sum[n])[1], ekfac.eigh_float64(s_sum[n])[1]) for n in a_sum
         }
         lam_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
-            self.load(state())
-            lam = ekfac.corrected_eigenvalues(
-                self.model,
-                modules,
-                bases,
-                self.task,
-                self.data(dataset, f"{label} eigenvalues {i + 1}/{len(states)}"),
-                self.generator,
-                self.exact,
-                scale,
-            )
-            for name, value in lam.items():
-                lam_sum[name] = lam_sum.get(name, 0) + value
+            desc = f"{label} eigenvalues {i + 1}/{len(states)}"
+
+            def eigenvalues(
+                state: StateSource = state, desc: str = desc
+            ) -> dict[str, torch.Tensor]:
+                self.load(state())
+                mean = ekfac.corrected_eigenvalues(
+                    self.model,
+                    modules,
+                    bases,
+                    self.task,
+                    self.data(dataset, desc, blocks, seeded=True),
+                    self.generator,
+                    self.exact,
+                    scale,
+                )
+                local = sum(stop - start for start, stop in blocks)
+                return {
+                    name: mean[name] * local if name in mean else self._zeros(*self._shape(m))
+                    for name, m in modules.items()
+                }
+
+            for name, value in self.workers.sum(self.workers.run(eigenvalues)).items():
+                lam_sum[name] = lam_sum.get(name, 0) + value / count
         out = {}
         for name, (q_a, q_s) in bases.items():
             eigenvalues = lam_sum[name] / len(states)
@@ -125,6 +176,14 @@ class Engine:
             out[name] = ekfac.ModuleCurvature(q_a, q_s, eigenvalues)
         return out
 
+    def _shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(out, in (+1))`` of a module's parameter matrix."""
+        rows, columns = ekfac.weight_matrix(module, module.weight, module.bias).shape
+        return rows, columns
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
+
     def module_matrices(self, state: State) -> ModuleTensors:
         """Tracked parameters of a state as ``[out, in (+1)]`` matrices."""
         out = {}
@@ -134,32 +193,72 @@ class Engine:
         return out
 
     def scores(
-        self, dataset: Dataset, states: list[StateSource], vectors: ModuleTensors, label: str
-    ) -> np.ndarray:
-        """``(1/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` for every example of ``dataset``: ``[Q, N]``.
+        self,
+        dataset: Dataset,
+        states: list[StateSource],
+        vectors: ModuleTensors,
+        label: str,
+        sink: ScoreSink,
+        stage: int,
+        weight: float = 1.0,
+    ) -> None:
+        """Add ``(weight/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` of every example of ``dataset`` to ``sink``.
 
-        Accumulated in place into one float64 array: memory holds one ``[Q, N]`` copy (keeping
-        per-batch rows for a concatenation held several, and fragmented the heap as N grew).
+        This rank's examples are scored one block of ``SCORE_CHUNK[1]`` at a time (the width
+        of a stored score chunk), so a block is handed to the sink whole and no two ranks ever
+        write into one chunk; memory holds one ``[Q, block]`` buffer.
         """
+        width = SCORE_CHUNK[1]
+        blocks = self.workers.blocks(len(dataset), width)  # type: ignore[arg-type]
         queries = len(next(iter(vectors.values())))
-        total = np.zeros((queries, len(dataset)))  # type: ignore[arg-type]
-        for i, state in enumerate(states):
-            self.load(state())
-            start = 0
-            for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}"):
-                rows = contract(self.model, self.modules, self.task.loss, batch, vectors)
-                total[:, start : start + len(rows)] += rows.T.cpu().numpy()
-                start += len(rows)
-        total /= len(states)
-        return total
+        factor = weight / len(states)
+
+        def score() -> None:
+            for i, state in enumerate(states):
+                self.load(state())
+                pending = iter(blocks)
+                start, stop = next(pending, (0, 0))
+                buffer = self._zeros(queries, stop - start)
+                filled = 0
+                for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}", blocks):
+                    rows = contract(self.model, self.modules, self.task.loss, batch, vectors)
+                    buffer[:, filled : filled + len(rows)] = rows.T
+                    filled += len(rows)
+                    if filled == stop - start:
+                        sink.add(stage, start, (buffer * factor).cpu().numpy())
+                        start, stop = next(pending, (0, 0))
+                        buffer, filled = self._zeros(queries, stop - start), 0
+
+        self.workers.run(score)
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{module: [Q, out, in]}``."""
-        return per_example_grads(
-            self.model, self.modules, self.task.measurement, self.data(queries, label)
+        blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
+        local = self.workers.run(
+            lambda: per_example_grads(
+                self.model,
+                self.modules,
+                self.task.measurement,
+                self.data(queries, label, blocks),
+                {name: self._shape(module) for name, module in self.modules.items()},
+            )
         )
+        return {
+            name: self.workers.gather(grads, len(queries), self.batch_size)  # type: ignore[arg-type]
+            for name, grads in local.items()
+        }
 
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
-        values = evaluate(self.task.measurement, self.model, self.data(queries, "measurement"))
-        return values.double().cpu().numpy()
+        blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
+        local = self.workers.run(
+            lambda: (
+                evaluate(
+                    self.task.measurement, self.model, self.data(queries, "measurement", blocks)
+                ).double()
+                if blocks
+                else self._zeros(0)
+            )
+        )
+        values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
+        return values.cpu().numpy()

@@ -15,11 +15,16 @@ PerExample = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def per_example_grads(
-    model: nn.Module, modules: dict[str, nn.Module], fn: PerExample, batches: Iterable[Any]
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    fn: PerExample,
+    batches: Iterable[Any],
+    shapes: dict[str, tuple[int, int]],
 ) -> ModuleTensors:
     """Gradients of ``fn`` (one value per example) for every example: ``{module: [N, out, in]}``.
 
-    Used for queries, whose count is small; never for training data.
+    Used for queries, whose count is small; never for training data. ``shapes`` gives each
+    module's ``(out, in)``, for the empty result of no batches.
     """
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
 
@@ -30,7 +35,13 @@ def per_example_grads(
         for batch in batches:
             fn(model, batch).sum().backward()
             model.zero_grad(set_to_none=True)
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+    device = next(model.parameters()).device
+    return {
+        name: torch.cat(chunks)
+        if chunks
+        else torch.zeros((0, *shapes[name]), dtype=torch.float64, device=device)
+        for name, chunks in parts.items()
+    }
 
 
 def contract(

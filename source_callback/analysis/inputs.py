@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,9 +78,25 @@ def check_dataset(stage: Stage, dataset: Dataset) -> None:
         )
 
 
-def batches(dataset: Dataset, batch_size: int, collate_fn: Any = None) -> DataLoader:
-    """Deterministic batches over ``dataset`` in its own order."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Any = None,
+    blocks: Sequence[tuple[int, int]] | None = None,
+) -> DataLoader:
+    """Deterministic batches over ``dataset`` in its own order.
+
+    With ``blocks`` (``(start, stop)`` ranges of indices), only those examples, each block cut
+    into batches of its own so that no batch spans two blocks.
+    """
+    if blocks is None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    sampler = [
+        list(range(first, min(first + batch_size, stop)))
+        for start, stop in blocks
+        for first in range(start, stop, batch_size)
+    ]
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -345,6 +345,21 @@ class AnalysisWriter:
             for index, shape in enumerate(shapes)
         ]
 
+    @classmethod
+    def reopen(
+        cls, url: str, storage_options: location.StorageOptions, name: str
+    ) -> AnalysisWriter:
+        """The uncommitted analysis ``name`` another process created, to write blocks into."""
+        root = location.open_group(location.normalize(url), storage_options, mode="r+")
+        group = None if root is None else root.get(f"{schema.ANALYSES}/{name}")
+        if not isinstance(group, zarr.Group) or group.attrs.get(schema.ATTR_COMMITTED, True):
+            raise StoreError(f"no analysis {name!r} being written in {url}")
+        writer = cls.__new__(cls)
+        writer.group = group
+        scores = group[schema.ANALYSIS_SCORES]
+        writer.scores = [array for _, array in sorted(scores.arrays())]
+        return writer
+
     def commit(self, stage_effects: np.ndarray, last_stage_exact: np.ndarray) -> None:
         """Write the stage effects (``[queries, stages]`` and ``[queries]``) and commit."""
         self.group.create_array(schema.ANALYSIS_EFFECTS, data=stage_effects)
@@ -370,3 +385,51 @@ def write_analysis(
     for target, values in zip(writer.scores, scores, strict=True):
         target[...] = values
     writer.commit(stage_effects, last_stage_exact)
+
+
+def create_cache(
+    url: str, storage_options: location.StorageOptions, name: str, info: dict[str, Any]
+) -> zarr.Group:
+    """Create ``analyses/<name>/cache/`` (replacing one), uncommitted, with ``info`` attached.
+
+    ``info`` is the ``cache`` attribute (``{"config": {...}, "projection": {...}}``). The rest of
+    ``analyses/<name>/`` is left alone; the group holds empty ``operators/`` and ``gradients/``
+    subgroups. Call :func:`commit_cache` once everything is written.
+    """
+    if not name or "/" in name or name.startswith("__"):
+        raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
+    root = location.open_group(location.normalize(url), storage_options, mode="r+")
+    if root is None:
+        raise StoreError(f"no store at {url} to write the cache into")
+    schema.check_format(root, url)
+    analysis = root.require_group(schema.ANALYSES).require_group(name)
+    group = analysis.create_group(
+        schema.ANALYSIS_CACHE,
+        overwrite=True,
+        attributes={schema.ATTR_CACHE: info, schema.ATTR_COMMITTED: False},
+    )
+    group.create_group(schema.CACHE_OPERATORS)
+    group.create_group(schema.CACHE_GRADIENTS)
+    return group
+
+
+def create_cache_array(group: zarr.Group, key: str, rows: int, width: int) -> zarr.Array:
+    """An empty ``[rows, width]`` float32 array of cached gradients (NaN until written).
+
+    Chunked by :func:`schema.cache_chunks`: whole 4096-row blocks written by different
+    processes never share a chunk.
+    """
+    return group.create_array(
+        key,
+        shape=(rows, width),
+        chunks=schema.cache_chunks(width),
+        dtype=schema.CACHE_DTYPE,
+        fill_value=math.nan,
+        compressors=schema.cache_codecs(),
+        overwrite=True,
+    )
+
+
+def commit_cache(group: zarr.Group) -> None:
+    """Mark a cache group created by :func:`create_cache` as completely written."""
+    group.attrs[schema.ATTR_COMMITTED] = True

@@ -1,0 +1,248 @@
+"""The projected-gradient cache of an analysis: what scoring new queries needs, without data.
+
+Under ``analyses/<name>/cache/`` (layout in :mod:`source_callback.store.schema`) an analysis
+keeps its segment operators (to sweep new query gradients back, SOURCE-math §3), the
+description of its :class:`~source_callback.analysis.projection.KroneckerProjection`, a
+configuration to check a later analysis against, and per segment the projected training
+gradients ``[N_s, D]``. The gradients are stored as **float32** (half the size of float64; the
+projection's own error is far larger than float32 rounding); scores are accumulated in float64.
+
+Operators are stored without pickle: their structure (dataclasses of a fixed list, dicts, lists,
+floats, ``None``) as a JSON attribute in which every tensor is replaced by the name of an array
+written with the store's tensor encoding, so dtypes and values come back exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import zarr
+
+from source_callback.analysis.ekfac import ModuleCurvature
+from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
+from source_callback.errors import StoreError
+from source_callback.store import location, schema
+from source_callback.store.reader import read_tensors
+from source_callback.store.writer import create_cache_array, write_tensors
+
+#: The dataclasses an operator attribute may name: nothing else is ever constructed on reading.
+SERIALIZABLE: dict[str, type] = {
+    cls.__name__: cls for cls in (EkfacOperator, DiagonalExpOperator, ModuleCurvature)
+}
+
+#: Training examples per block of the gradient arrays: whole chunks, one score chunk wide.
+BLOCK_ROWS = schema.SCORE_CHUNK[1]
+
+
+# -- operators ---------------------------------------------------------------------------------
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON form of ``value``; its tensors are added to ``tensors`` under their array names."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        key = schema.cache_tensor_key(len(tensors))
+        # eigh and qr return column-major matrices, and BLAS rounding depends on the operands'
+        # layout: a permuted tensor is stored contiguous with its permutation, so that the
+        # operator read back computes bit-identical products.
+        order = sorted(range(tensor.ndim), key=lambda d: -tensor.stride(d))
+        dense = tensor.permute(order)
+        if order != list(range(tensor.ndim)) and dense.is_contiguous():
+            tensors[key] = dense
+            return {schema.SPEC_TENSOR: [key, order]}
+        tensors[key] = tensor
+        return {schema.SPEC_TENSOR: key}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if SERIALIZABLE.get(name) is not type(value):
+            raise TypeError(f"cannot store a {type(value).__qualname__} in an operator")
+        fields = {
+            f.name: _encode(getattr(value, f.name), tensors) for f in dataclasses.fields(value)
+        }
+        return {schema.SPEC_DATACLASS: {schema.SPEC_TYPE: name, schema.SPEC_FIELDS: fields}}
+    if isinstance(value, Mapping):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("only dicts with string keys can be stored in an operator")
+        return {schema.SPEC_DICT: [[key, _encode(item, tensors)] for key, item in value.items()]}
+    if isinstance(value, list | tuple):
+        return {schema.SPEC_LIST: [_encode(item, tensors) for item in value]}
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        # repr (what JSON writes) round-trips a finite float exactly; JSON has no NaN or inf.
+        return float(value) if math.isfinite(value) else {schema.SPEC_FLOAT: repr(float(value))}
+    raise TypeError(f"cannot store a {type(value).__qualname__} in an operator")
+
+
+def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`_encode`."""
+    if not isinstance(node, dict):
+        return node
+    if len(node) != 1:
+        raise StoreError(f"malformed operator attribute node with keys {sorted(node)}")
+    ((tag, body),) = node.items()
+    if tag == schema.SPEC_TENSOR:
+        if isinstance(body, str):
+            return tensors[body]
+        key, order = body
+        return tensors[key].permute(sorted(range(len(order)), key=order.__getitem__))
+    if tag == schema.SPEC_DATACLASS:
+        cls = SERIALIZABLE.get(body[schema.SPEC_TYPE])
+        if cls is None:
+            raise StoreError(f"unknown operator type {body[schema.SPEC_TYPE]!r} in the store")
+        fields = body[schema.SPEC_FIELDS]
+        return cls(**{key: _decode(item, tensors) for key, item in fields.items()})
+    if tag == schema.SPEC_DICT:
+        return {key: _decode(item, tensors) for key, item in body}
+    if tag == schema.SPEC_LIST:
+        return [_decode(item, tensors) for item in body]
+    if tag == schema.SPEC_FLOAT:
+        return float(body)
+    raise StoreError(f"unknown operator attribute tag {tag!r}")
+
+
+def write_operators(group: zarr.Group, operators: Sequence[SegmentOperator]) -> None:
+    """Write segment operators into ``group``, one subgroup per segment in order.
+
+    Each operator (an :class:`EkfacOperator` or :class:`DiagonalExpOperator`) is stored as its
+    JSON structure plus its tensors on the CPU, dtypes unchanged.
+    """
+    for index, operator in enumerate(operators):
+        tensors: dict[str, torch.Tensor] = {}
+        spec = _encode(operator, tensors)
+        sub = group.create_group(
+            schema.segment_key(index), overwrite=True, attributes={schema.ATTR_OPERATOR: spec}
+        )
+        write_tensors(sub, tensors)
+
+
+def read_operators(
+    group: zarr.Group, device: torch.device | str | None = None
+) -> list[SegmentOperator]:
+    """The operators written by :func:`write_operators`, in segment order, tensors on ``device``."""
+    keys = sorted(group.group_keys())
+    expected = [schema.segment_key(i) for i in range(len(keys))]
+    if keys != expected:
+        raise StoreError(f"cached operators {keys} in {group.path} are not segments 0..n-1")
+    operators = []
+    for key in keys:
+        sub = group[key]
+        tensors = {name: t.to(device) for name, t in read_tensors(sub).items()}
+        operators.append(_decode(sub.attrs[schema.ATTR_OPERATOR], tensors))
+    return operators
+
+
+# -- the cache group ---------------------------------------------------------------------------
+
+
+def cache_info(config: Mapping[str, Any], projection: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``cache`` attribute: a JSON-normalised ``config`` and the projection's description.
+
+    Normalised (tuples become lists) so that it compares equal to what is read back.
+    """
+    return json.loads(json.dumps({"config": config, "projection": projection}))
+
+
+def open_cache(
+    url: str,
+    storage_options: location.StorageOptions,
+    name: str,
+    mode: Literal["r", "r+"] = "r",
+) -> zarr.Group | None:
+    """The cache group of analysis ``name``, or ``None`` when there is none.
+
+    ``mode="r+"`` for the processes that fill in gradient blocks.
+    """
+    url = location.normalize(url)
+    root = location.open_existing(url, storage_options, mode=mode)
+    if root is None:
+        raise StoreError(f"no store at {url}")
+    schema.check_format(root, url)
+    node = root.get(f"{schema.ANALYSES}/{name}/{schema.ANALYSIS_CACHE}")
+    return node if isinstance(node, zarr.Group) else None
+
+
+def cache_differences(
+    group: zarr.Group | None, config: Mapping[str, Any], projection: Mapping[str, Any]
+) -> list[str]:
+    """Why a stored cache cannot serve an analysis with ``config`` and ``projection``.
+
+    Empty when it can: it exists, was committed, and its configuration and projection equal the
+    given ones (after JSON normalisation).
+    """
+    if group is None:
+        return ["no cache is stored"]
+    if not group.attrs.get(schema.ATTR_COMMITTED, False):
+        return ["the stored cache was never committed (its writing was interrupted)"]
+    stored = group.attrs.get(schema.ATTR_CACHE, {})
+    wanted = cache_info(config, projection)
+    problems = []
+    old, new = stored.get("config", {}), wanted["config"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            problems.append(f"{key}: stored {old.get(key)!r}, wanted {new.get(key)!r}")
+    if stored.get("projection") != wanted["projection"]:
+        problems.append(
+            f"projection: stored {stored.get('projection')!r}, wanted {wanted['projection']!r}"
+        )
+    return problems
+
+
+def stored_projection(group: zarr.Group) -> dict[str, Any]:
+    """A cache group's projection description (``KroneckerProjection.from_description``)."""
+    return dict(group.attrs[schema.ATTR_CACHE]["projection"])
+
+
+def create_gradients(group: zarr.Group, segment: int, rows: int, width: int) -> zarr.Array:
+    """The empty ``[rows, width]`` gradient array of ``segment`` in a cache group."""
+    return create_cache_array(
+        group[schema.CACHE_GRADIENTS], schema.segment_key(segment), rows, width
+    )
+
+
+def gradients(group: zarr.Group, segment: int) -> zarr.Array:
+    """The gradient array of ``segment`` in a cache group."""
+    return group[schema.CACHE_GRADIENTS][schema.segment_key(segment)]
+
+
+def blocks(rows: int, size: int = BLOCK_ROWS) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive row blocks: the units one writer process owns."""
+    for start in range(0, rows, size):
+        yield start, min(start + size, rows)
+
+
+def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a gradient array, ``[stop - start, D]`` float32.
+
+    Raises
+    ------
+    StoreError
+        Some of the rows were never written (NaN, the fill value).
+    """
+    values = np.asarray(array[start:stop])
+    if np.isnan(values).any():
+        raise StoreError(
+            f"cached gradients {array.path} rows {start}:{stop} hold NaN: they were never "
+            "written (an interrupted cache) or the gradients overflowed."
+        )
+    return values
+
+
+def cached_scores(array: zarr.Array, projected: torch.Tensor, size: int = BLOCK_ROWS) -> np.ndarray:
+    """``⟨projected[q], row_m⟩`` for every row of a gradient array: ``[Q, N]`` float64.
+
+    ``projected`` is ``[Q, D]`` (``KroneckerProjection.project`` of the query-side vectors);
+    the products run on its device, one row block at a time.
+    """
+    queries = projected.double()
+    out = np.empty((queries.shape[0], array.shape[0]))
+    for start, stop in blocks(array.shape[0], size):
+        rows = torch.from_numpy(read_rows(array, start, stop)).to(queries.device, torch.float64)
+        out[:, start:stop] = (queries @ rows.T).cpu().numpy()
+    return out

@@ -1,0 +1,100 @@
+"""Analyze a recorded run on several CPU processes (gloo), for ``tests/test_distributed.py``.
+
+Usage: ``python analyze_ddp.py STORE OUT MODE``. ``MODE`` is
+
+- ``fabric``: ``analyze(..., devices=2, strategy="ddp")`` launches the ranks itself (Lightning
+  Fabric re-executes this script for rank 1);
+- ``external``: the script runs under ``torchrun`` and initialises the process group itself;
+- ``fail``: like ``fabric``, with a training set that raises on rank 1 only.
+
+Each rank saves its result as ``OUT/rank<r>.npz`` and prints ``DONE rank=<r>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import TinyClassifier, make_dataset
+
+from source_callback import analyze
+
+#: Pretraining spans two score blocks (4096 wide), so each rank scores one; fine-tuning spans
+#: one, so rank 1 has no score block there.
+SIZES = {"pretrain": 5000, "finetune": 300}
+QUERIES = 21  # not a multiple of the batch size: ranks hold unequal numbers of query rows
+BATCH = 64
+
+
+def training_sets() -> dict[str, TensorDataset]:
+    return {
+        "pretrain": make_dataset(SIZES["pretrain"], seed=0),
+        "finetune": make_dataset(SIZES["finetune"], seed=1),
+    }
+
+
+def query_set() -> TensorDataset:
+    return make_dataset(QUERIES, seed=7)
+
+
+class FailsOnRankOne(Dataset):
+    """A dataset that raises on rank 1 of an initialised process group."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise RuntimeError("rank one cannot read its data")
+        return self.data[index]
+
+
+def analyze_run(store: str, **kwargs: Any) -> Any:
+    """The analysis every mode runs (and the single-process reference)."""
+    return analyze(
+        store,
+        model=TinyClassifier(),
+        task="classification",
+        train=kwargs.pop("train", training_sets()),
+        queries=query_set(),
+        batch_size=BATCH,
+        segments=2,
+        verbose=False,
+        **kwargs,
+    )
+
+
+def main() -> None:
+    store, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    torch.set_num_threads(1)
+    kwargs: dict[str, Any] = {"name": "failed" if mode == "fail" else "distributed"}
+    if mode == "external":
+        dist.init_process_group("gloo")
+    else:
+        kwargs.update(accelerator="cpu", devices=2, strategy="ddp")
+    if mode == "fail":
+        kwargs["train"] = {name: FailsOnRankOne(data) for name, data in training_sets().items()}
+    result = analyze_run(store, **kwargs)
+    rank = dist.get_rank()
+    np.savez(
+        out / f"rank{rank}.npz",
+        effects=result.stage_effects,
+        last_exact=result.last_stage_exact,
+        **{f"scores_{name}": np.asarray(values) for name, values in result.scores.items()},
+    )
+    print(f"DONE rank={rank}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

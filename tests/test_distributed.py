@@ -1,0 +1,77 @@
+"""``analyze`` on 2 CPU processes (gloo): Fabric-launched and torchrun-launched ranks give the
+single-process result, and a rank that fails makes every rank fail with its error, without a hang.
+
+The ranks run ``tests/scripts/analyze_ddp.py`` in subprocesses (Fabric's DDP launcher re-executes
+the calling script), against a run recorded here once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from models import adamw, loader, sgd_momentum, trainer
+from processes import SCRIPTS, load_script
+from test_ddp import run_script
+
+from source_callback import SourceCallback, load_analysis, open_run
+from source_callback.analysis.results import AnalysisResult
+
+ANALYZE_DDP = SCRIPTS / "analyze_ddp.py"
+script = load_script(ANALYZE_DDP)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> tuple[str, AnalysisResult]:
+    """A two-stage run (SGD with momentum, then AdamW) and its single-process analysis."""
+    root = tmp_path_factory.mktemp("distributed")
+    store = str(root / "run.zarr")
+    model = script.TinyClassifier(optimizer=sgd_momentum)
+    callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=4)
+    sets = script.training_sets()
+    trainer([callback], root, max_epochs=1).fit(model, loader(sets["pretrain"], script.BATCH))
+    model.optimizer_factory = adamw
+    callback.next_stage("finetune")
+    trainer([callback], root, max_epochs=2).fit(model, loader(sets["finetune"], 32))
+    return store, script.analyze_run(store, name=None)
+
+
+def _assert_equal_results(saved: dict[str, np.ndarray], expected: AnalysisResult) -> None:
+    for name in expected.stage_names:
+        np.testing.assert_allclose(
+            saved[f"scores_{name}"], expected.scores[name], rtol=1e-9, atol=1e-12
+        )
+    np.testing.assert_allclose(saved["effects"], expected.stage_effects, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(saved["last_exact"], expected.last_stage_exact, rtol=1e-9)
+
+
+@pytest.mark.parametrize("launch", ["fabric", "external"])
+def test_two_ranks_equal_one_process(recorded, tmp_path, launch: str) -> None:
+    store, expected = recorded
+    command = [str(ANALYZE_DDP), store, str(tmp_path), launch]
+    if launch == "external":
+        command = ["-m", "torch.distributed.run", "--nproc_per_node=2", *command]
+    code, output = run_script(command)
+    assert code == 0, output
+    assert "DONE rank=0" in output and "DONE rank=1" in output, output
+    for rank in (0, 1):  # every rank returns the whole result
+        _assert_equal_results(dict(np.load(tmp_path / f"rank{rank}.npz")), expected)
+    stored = load_analysis(store, "distributed")
+    assert stored.config == expected.config
+    _assert_equal_results(
+        {
+            **{f"scores_{n}": np.asarray(stored.scores[n][...]) for n in stored.stage_names},
+            "effects": stored.stage_effects,
+            "last_exact": stored.last_stage_exact,
+        },
+        expected,
+    )
+
+
+def test_a_failing_rank_fails_every_rank(recorded, tmp_path) -> None:
+    store, _ = recorded
+    code, output = run_script([str(ANALYZE_DDP), store, str(tmp_path), "fail"])
+    assert code != 0, output
+    assert "DONE" not in output, output
+    assert "RuntimeError: rank one cannot read its data" in output, output  # rank 1's own error
+    assert "RankFailedError: rank 1 of the distributed analysis failed" in output, output
+    assert "failed" not in open_run(store).analyses  # nothing half-written is committed
