@@ -16,9 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from source_callback.analysis.cache import (
+    add_cached_scores,
     cache_differences,
     cache_info,
-    cached_scores,
     create_gradients,
     gradients,
     open_cache,
@@ -30,6 +30,7 @@ from source_callback.analysis.cache import (
 from source_callback.analysis.ekfac import ModuleCurvature, tracked_modules
 from source_callback.analysis.gradients import contract
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
+from source_callback.analysis.scores import MemoryScores
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, sweep
 from source_callback.errors import StoreError
 from source_callback.store import schema
@@ -233,7 +234,10 @@ def test_cached_scores_equal_contractions_of_training_gradients(tmp_path: Path) 
     }
     reopened = open_cache(url, None, "default")
     rebuilt = KroneckerProjection.from_description(stored_projection(reopened))
-    scores = cached_scores(gradients(reopened, 0), rebuilt.project(vectors), size=16)
+    sink = MemoryScores([(3, 50)])
+    blocks = [(0, 16), (16, 32), (32, 48), (48, 50)]
+    add_cached_scores(gradients(reopened, 0), rebuilt.project(vectors), blocks, sink, 0, 1.0)
+    scores = sink.arrays[0]
     exact = torch.cat(
         [contract(model, modules, _loss, (x[i : i + 25], y[i : i + 25]), vectors) for i in (0, 25)]
     ).T

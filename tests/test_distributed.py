@@ -35,10 +35,15 @@ def recorded(tmp_path_factory) -> tuple[str, AnalysisResult]:
     return store, script.analyze_run(store, name=None)
 
 
-def _assert_equal_results(saved: dict[str, np.ndarray], expected: AnalysisResult) -> None:
+def _assert_equal_results(
+    saved: dict[str, np.ndarray], expected: AnalysisResult, launch: str
+) -> None:
+    # The torchrun launch scores from a float32 cache of gradients.
+    tolerance = 1e-6 if launch == "external" else 1e-12
     for name in expected.stage_names:
+        scale = np.abs(expected.scores[name]).max()
         np.testing.assert_allclose(
-            saved[f"scores_{name}"], expected.scores[name], rtol=1e-9, atol=1e-12
+            saved[f"scores_{name}"], expected.scores[name], rtol=0, atol=tolerance * scale
         )
     np.testing.assert_allclose(saved["effects"], expected.stage_effects, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(saved["last_exact"], expected.last_stage_exact, rtol=1e-9)
@@ -54,9 +59,9 @@ def test_two_ranks_equal_one_process(recorded, tmp_path, launch: str) -> None:
     assert code == 0, output
     assert "DONE rank=0" in output and "DONE rank=1" in output, output
     for rank in (0, 1):  # every rank returns the whole result
-        _assert_equal_results(dict(np.load(tmp_path / f"rank{rank}.npz")), expected)
+        _assert_equal_results(dict(np.load(tmp_path / f"rank{rank}.npz")), expected, launch)
     stored = load_analysis(store, "distributed")
-    assert stored.config == expected.config
+    assert {**stored.config, "cache": None} == expected.config
     _assert_equal_results(
         {
             **{f"scores_{n}": np.asarray(stored.scores[n][...]) for n in stored.stage_names},
@@ -64,6 +69,7 @@ def test_two_ranks_equal_one_process(recorded, tmp_path, launch: str) -> None:
             "last_exact": stored.last_stage_exact,
         },
         expected,
+        launch,
     )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from source_callback.analysis.cache import GradientCache
 from source_callback.analysis.engine import Engine, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.inputs import (
@@ -25,6 +26,7 @@ from source_callback.analysis.optimizers import (
     segment_operator,
 )
 from source_callback.analysis.parallel import Workers
+from source_callback.analysis.projection import KroneckerProjection
 from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScores
 from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
@@ -64,6 +66,8 @@ def analyze(
     damping: float = 0.1,
     preconditioner_floor: float = 0.01,
     out_of_core: bool = False,
+    cache: Literal["projected"] | None = None,
+    projection_dim: int = 32,
     accelerator: str = "auto",
     devices: int | str = 1,
     num_nodes: int = 1,
@@ -128,6 +132,17 @@ def analyze(
         in memory; the returned scores are then Zarr arrays read where sliced (as from
         :func:`load_analysis`). Memory no longer grows with the number of training examples.
         Needs ``name``.
+    cache
+        ``"projected"``: keep what scoring needs besides the queries under
+        ``analyses/<name>/cache/`` — the segment operators and every training example's
+        gradient, averaged over its segment's checkpoints and compressed by a per-module
+        Kronecker random projection (float32) — and score from it. A later call with the same
+        settings and any queries reuses it and makes no pass over the training data. Needs
+        ``name``; ``method`` ``"source"`` or ``"fast-source"``.
+    projection_dim
+        With ``cache="projected"``: each module's ``[out, in]`` gradient is projected to
+        ``[min(k, out), min(k, in)]`` with ``k = projection_dim`` (exact where ``k`` covers a
+        side). Larger is more accurate and takes more disk; see the benchmarks.
     accelerator, devices, num_nodes, strategy
         Run every data pass data-parallel on Lightning Fabric (``Fabric(accelerator=...,
         devices=..., num_nodes=..., strategy=...)``, launched here): each process takes a share
@@ -148,6 +163,12 @@ def analyze(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if cache not in (None, "projected"):
+        raise ValueError(f"cache must be None or 'projected', got {cache!r}")
+    if cache and method not in ("source", "fast-source"):
+        raise ValueError(
+            f"cache='projected' serves method 'source' or 'fast-source', not {method!r}"
+        )
     if fisher not in ("sampled", "exact"):
         raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
     run = open_run(store, storage_options)
@@ -162,10 +183,10 @@ def analyze(
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
     check_datasets(run, train)
     workers = start_workers(model, fabric, accelerator, devices, num_nodes, strategy)
-    if (out_of_core or workers.distributed) and name is None:
+    if (out_of_core or workers.distributed or cache) and name is None:
         raise ValueError(
-            "out-of-core and distributed analyses write their scores into the store: pass a "
-            "name for the analysis (name='default')."
+            "out-of-core, cached and distributed analyses write into the store: pass a name "
+            "for the analysis (name='default')."
         )
     work = Engine(
         prepare_model(model, run).to(workers.device),
@@ -200,6 +221,7 @@ def analyze(
         if optimizer_model is None
         else str(UpdateRule(optimizer_model).value),
         "modules": sorted(work.modules),
+        "cache": {"kind": cache, "projection_dim": projection_dim} if cache else None,
     }
     stage_names = [s.name for s in run.stages]
     shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
@@ -214,8 +236,30 @@ def analyze(
 
     if method in ("source", "fast-source"):
         adam = AdamOptions(adam_variant, damping, preconditioner_floor)
+        gradient_cache = None
+        if cache:
+            settings = {
+                **config,
+                "adam": [adam_variant, damping, preconditioner_floor],
+                "batch_size": batch_size,
+                "projection_dim": projection_dim,
+                "stages": [[s.name, s.num_examples, s.fingerprint] for s in run.stages],
+            }
+            projection = KroneckerProjection.for_modules(
+                work.modules, projection_dim, seed, work.device
+            )
+            gradient_cache = GradientCache(run.url, storage_options, name, settings, projection)  # type: ignore[arg-type]
         arrivals = _source(
-            work, run, plan, queries, final_state, method, optimizer_model, adam, sink
+            work,
+            run,
+            plan,
+            queries,
+            final_state,
+            method,
+            optimizer_model,
+            adam,
+            sink,
+            gradient_cache,
         )
     elif method == "if":
         arrivals = _influence(work, run, queries, final_state, damping, sink)
@@ -321,26 +365,42 @@ def _source(
     optimizer_model: UpdateRule | str | None,
     adam: AdamOptions,
     sink: ScoreSink,
+    cache: GradientCache | None,
 ) -> Arrivals:
-    """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score."""
-    steps = run.steps()
-    operators, segment_states = [], []
-    for number, segment in enumerate(plan):
-        stage = run.stages[segment.stage]
-        rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
-        states = _state_sources(segment, averaged=method == "fast-source")
-        segment_states.append(states)
-        label = f"segment {number + 1}/{len(plan)}"
-        operators.append(segment_operator(work, segment, stage, rule, states, steps, label, adam))
+    """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score.
+
+    With a cache, the operators and training gradients come from it when it matches, and are
+    written into it otherwise.
+    """
+    states = [_state_sources(segment, averaged=method == "fast-source") for segment in plan]
+    datasets = [work.train[run.stages[segment.stage].name] for segment in plan]
+    operators = cache.stored_operators(work) if cache else None
+    fitted = operators is None
+    if operators is None:
+        steps = run.steps()
+        operators = []
+        for number, (segment, segment_states) in enumerate(zip(plan, states, strict=True)):
+            stage = run.stages[segment.stage]
+            rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
+            label = f"segment {number + 1}/{len(plan)}"
+            operators.append(
+                segment_operator(work, segment, stage, rule, segment_states, steps, label, adam)
+            )
     work.load(final_state)
     responses, arrivals = sweep(operators, work.query_grads(queries))
-    for number, (segment, states) in enumerate(zip(plan, segment_states, strict=True)):
-        stage = run.stages[segment.stage]
-        label = f"segment {number + 1}/{len(plan)}"
-        weight = 1 / stage.num_examples  # type: ignore[operator]
-        work.scores(
-            work.train[stage.name], states, responses[number], label, sink, stage.index, weight
-        )
+    stages = [segment.stage for segment in plan]
+    weights = [1 / run.stages[index].num_examples for index in stages]  # type: ignore[operator]
+    if cache is not None:
+        if fitted:
+            cache.build(work, datasets, operators, states)
+        cache.score(work, responses, stages, weights, sink)
+    else:
+        for number, (segment_states, dataset) in enumerate(zip(states, datasets, strict=True)):
+            label = f"segment {number + 1}/{len(plan)}"
+            vectors = responses[number]
+            work.scores(
+                dataset, segment_states, vectors, label, sink, stages[number], weights[number]
+            )
     return {k: arrivals[n] for k, n in _last_segments(plan).items()}
 
 

@@ -16,29 +16,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import zarr
+from torch.utils.data import Dataset
 
 from source_callback.analysis.ekfac import ModuleCurvature
+from source_callback.analysis.engine import Engine, StateSource
+from source_callback.analysis.gradients import ModuleTensors
+from source_callback.analysis.projection import KroneckerProjection
+from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
 from source_callback.errors import StoreError
 from source_callback.store import location, schema
 from source_callback.store.reader import read_tensors
-from source_callback.store.writer import create_cache_array, write_tensors
+from source_callback.store.writer import (
+    commit_cache,
+    create_cache,
+    create_cache_array,
+    write_tensors,
+)
+
+log = logging.getLogger(__name__)
 
 #: The dataclasses an operator attribute may name: nothing else is ever constructed on reading.
 SERIALIZABLE: dict[str, type] = {
     cls.__name__: cls for cls in (EkfacOperator, DiagonalExpOperator, ModuleCurvature)
 }
-
-#: Training examples per block of the gradient arrays: whole chunks, one score chunk wide.
-BLOCK_ROWS = schema.SCORE_CHUNK[1]
-
 
 # -- operators ---------------------------------------------------------------------------------
 
@@ -211,12 +221,6 @@ def gradients(group: zarr.Group, segment: int) -> zarr.Array:
     return group[schema.CACHE_GRADIENTS][schema.segment_key(segment)]
 
 
-def blocks(rows: int, size: int = BLOCK_ROWS) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive row blocks: the units one writer process owns."""
-    for start in range(0, rows, size):
-        yield start, min(start + size, rows)
-
-
 def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a gradient array, ``[stop - start, D]`` float32.
 
@@ -234,15 +238,111 @@ def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
     return values
 
 
-def cached_scores(array: zarr.Array, projected: torch.Tensor, size: int = BLOCK_ROWS) -> np.ndarray:
-    """``⟨projected[q], row_m⟩`` for every row of a gradient array: ``[Q, N]`` float64.
+def add_cached_scores(
+    array: zarr.Array,
+    projected: torch.Tensor,
+    blocks: Sequence[tuple[int, int]],
+    sink: ScoreSink,
+    stage: int,
+    weight: float,
+) -> None:
+    """Add ``weight·⟨projected[q], row_m⟩`` for the rows of ``blocks`` of a gradient array.
 
     ``projected`` is ``[Q, D]`` (``KroneckerProjection.project`` of the query-side vectors);
-    the products run on its device, one row block at a time.
+    the products run on its device in float64, one row block at a time.
     """
     queries = projected.double()
-    out = np.empty((queries.shape[0], array.shape[0]))
-    for start, stop in blocks(array.shape[0], size):
+    for start, stop in blocks:
         rows = torch.from_numpy(read_rows(array, start, stop)).to(queries.device, torch.float64)
-        out[:, start:stop] = (queries @ rows.T).cpu().numpy()
-    return out
+        sink.add(stage, start, ((queries @ rows.T) * weight).cpu().numpy())
+
+
+@dataclass
+class GradientCache:
+    """An analysis's cache as ``analyze`` uses it: reuse it when it matches, else build it.
+
+    Parameters
+    ----------
+    url, storage_options, name
+        The store and the analysis the cache belongs to.
+    config
+        Every setting that shapes the operators or the cached gradients.
+    projection
+        The projection of the training gradients and query-side vectors.
+    """
+
+    url: str
+    storage_options: location.StorageOptions
+    name: str
+    config: dict[str, Any]
+    projection: KroneckerProjection
+    group: zarr.Group | None = None
+
+    def stored_operators(self, work: Engine) -> list[SegmentOperator] | None:
+        """The stored segment operators if the stored cache matches; ``None`` to rebuild."""
+        group = open_cache(self.url, self.storage_options, self.name)
+        problems = cache_differences(group, self.config, self.projection.describe())
+        operators = None
+        if not problems:
+            self.group = group
+            operators = read_operators(group[schema.CACHE_OPERATORS], work.device)  # type: ignore[index]
+        elif group is not None:
+            log.info("rebuilding the cache of analysis %r: %s", self.name, "; ".join(problems))
+        work.workers.barrier()  # every rank has looked before rank 0 may replace it
+        return operators
+
+    def build(
+        self,
+        work: Engine,
+        datasets: Sequence[Dataset],
+        operators: Sequence[SegmentOperator],
+        states: Sequence[list[StateSource]],
+    ) -> None:
+        """Write the operators and every segment's projected training gradients, then commit.
+
+        ``datasets[ℓ]`` and ``states[ℓ]`` are segment ℓ's training set and states. Rank 0
+        creates the arrays; every rank fills its own blocks of rows.
+        """
+        workers = work.workers
+        if workers.rank == 0:
+
+            def create() -> zarr.Group:
+                info = cache_info(self.config, self.projection.describe())
+                group = create_cache(self.url, self.storage_options, self.name, info)
+                write_operators(group[schema.CACHE_OPERATORS], operators)
+                for number, dataset in enumerate(datasets):
+                    create_gradients(group, number, len(dataset), self.projection.dim)  # type: ignore[arg-type]
+                return group
+
+            self.group = workers.run(create)
+        else:
+            workers.check()
+        workers.barrier()
+        if self.group is None:
+            self.group = open_cache(self.url, self.storage_options, self.name, mode="r+")
+        for number, (dataset, segment_states) in enumerate(zip(datasets, states, strict=True)):
+            array = gradients(self.group, number)  # type: ignore[arg-type]
+            label = f"segment {number + 1}/{len(datasets)}"
+            work.cache_gradients(dataset, segment_states, self.projection, array, label)
+        workers.barrier()
+        if workers.rank == 0:
+            commit_cache(self.group)  # type: ignore[arg-type]
+
+    def score(
+        self,
+        work: Engine,
+        responses: Sequence[ModuleTensors],
+        stages: Sequence[int],
+        weights: Sequence[float],
+        sink: ScoreSink,
+    ) -> None:
+        """Add each segment's scores from its cached gradients: ``weight·⟨P v_ℓ, P g_m⟩``."""
+        for number, (response, stage, weight) in enumerate(
+            zip(responses, stages, weights, strict=True)
+        ):
+            array = gradients(self.group, number)  # type: ignore[arg-type]
+            blocks = work.workers.blocks(array.shape[0], schema.SCORE_CHUNK[1])
+            projected = self.projection.project(response)
+            work.workers.run(
+                lambda: add_cached_scores(array, projected, blocks, sink, stage, weight)  # noqa: B023
+            )

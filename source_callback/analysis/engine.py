@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -15,10 +16,11 @@ from source_callback.analysis import ekfac
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
 from source_callback.analysis.parallel import Blocks, Workers
+from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError
-from source_callback.store.schema import SCORE_CHUNK
+from source_callback.store.schema import CACHE_DTYPE, SCORE_CHUNK
 
 State = dict[str, torch.Tensor]
 #: Loads a state when a pass needs it, so that a run's checkpoints are never all in memory.
@@ -230,6 +232,42 @@ class Engine:
                         buffer, filled = self._zeros(queries, stop - start), 0
 
         self.workers.run(score)
+
+    def cache_gradients(
+        self,
+        dataset: Dataset,
+        states: list[StateSource],
+        projection: KroneckerProjection,
+        array: zarr.Array,
+        label: str,
+    ) -> None:
+        """Write the projected training gradients, averaged over ``states``, into ``array``.
+
+        Block by block (``SCORE_CHUNK[1]`` rows, whole chunks of ``array``) with every state
+        applied to a block before it is written, so the mean needs no read-back; the states
+        are read from the store once and held on the CPU.
+        """
+        blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
+
+        def write() -> None:
+            held = [state() for state in states]
+            for start, stop in blocks:
+                total = self._zeros(stop - start, projection.dim)
+                for i, state in enumerate(held):
+                    self.load(state)
+                    desc = f"{label} gradients {start}:{stop} {i + 1}/{len(held)}"
+                    total += torch.cat(
+                        [
+                            projected_grads(
+                                self.model, self.modules, self.task.loss, batch, projection
+                            )
+                            for batch in self.data(dataset, desc, [(start, stop)])
+                        ]
+                    )
+                # float32 by design: the cache's precision (see analysis/cache.py)
+                array[start:stop] = (total / len(held)).cpu().numpy().astype(CACHE_DTYPE)
+
+        self.workers.run(write)
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{module: [Q, out, in]}``."""

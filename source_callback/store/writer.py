@@ -295,7 +295,7 @@ class AnalysisWriter:
     caller fills by blocks of training examples (``writer.scores[stage][:, a:b] = block``, best
     one chunk of ``schema.SCORE_CHUNK`` wide at a time), so that ``[queries, examples]`` never
     has to be in memory; :meth:`commit` adds the other result arrays and commits. Nothing
-    outside ``analyses/`` is touched.
+    outside ``analyses/`` is touched, nor the analysis's projected-gradient cache.
 
     Parameters
     ----------
@@ -326,11 +326,22 @@ class AnalysisWriter:
         if root is None:
             raise StoreError(f"no store at {url} to write the analysis into")
         schema.check_format(root, url)
-        self.group = root.require_group(schema.ANALYSES).create_group(
-            name,
-            overwrite=True,
-            attributes={schema.ATTR_ANALYSIS: info, schema.ATTR_COMMITTED: False},
-        )
+        analyses = root.require_group(schema.ANALYSES)
+        existing = analyses.get(name)
+        if isinstance(existing, zarr.Group) and schema.ANALYSIS_CACHE in existing:
+            # Keep the analysis's projected-gradient cache: results are replaced, the cache
+            # serves them all. Uncommitted first, so that a crash leaves nothing half-valid.
+            self.group = existing
+            self.group.attrs.update({schema.ATTR_ANALYSIS: info, schema.ATTR_COMMITTED: False})
+            for member in list(self.group.keys()):
+                if member != schema.ANALYSIS_CACHE:
+                    del self.group[member]
+        else:
+            self.group = analyses.create_group(
+                name,
+                overwrite=True,
+                attributes={schema.ATTR_ANALYSIS: info, schema.ATTR_COMMITTED: False},
+            )
         score_group = self.group.create_group(schema.ANALYSIS_SCORES)
         self.scores: list[zarr.Array] = [
             score_group.create_array(

@@ -5,6 +5,8 @@ Usage: ``python analyze_ddp.py STORE OUT MODE``. ``MODE`` is
 - ``fabric``: ``analyze(..., devices=2, strategy="ddp")`` launches the ranks itself (Lightning
   Fabric re-executes this script for rank 1);
 - ``external``: the script runs under ``torchrun`` and initialises the process group itself;
+  the analysis builds an exact projected-gradient cache (``projection_dim`` 16 covers every
+  layer) and keeps its scores out of core;
 - ``fail``: like ``fabric``, with a training set that raises on rank 1 only.
 
 Each rank saves its result as ``OUT/rank<r>.npz`` and prints ``DONE rank=<r>``.
@@ -81,6 +83,7 @@ def main() -> None:
     kwargs: dict[str, Any] = {"name": "failed" if mode == "fail" else "distributed"}
     if mode == "external":
         dist.init_process_group("gloo")
+        kwargs.update(cache="projected", projection_dim=16, out_of_core=True)
     else:
         kwargs.update(accelerator="cpu", devices=2, strategy="ddp")
     if mode == "fail":

@@ -1,0 +1,174 @@
+"""``analyze`` at scale, in one process: out-of-core scores and cached projected gradients.
+
+Ground truth is the plain in-memory analysis of the same record: out-of-core scores must equal
+it, and cached scores must equal it where the projection is exact (``projection_dim`` at least
+every dimension of the model), up to the cache's float32 storage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from models import TinyClassifier, adamw, loader, make_dataset, sgd_momentum, trainer
+from scipy.stats import spearmanr
+from torch.utils.data import Dataset, TensorDataset
+
+from source_callback import AnalysisResult, SourceCallback, analyze, load_analysis, open_run
+from source_callback.analysis.cache import cache_differences, open_cache
+from source_callback.fingerprint import dataset_fingerprint
+
+EXACT_K = 16  # at least every side of TinyClassifier's layers (6+1, 8+1, 8, 3)
+
+
+class Counting(Dataset):
+    """A dataset that counts the items read from it."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        self.reads += 1
+        return self.data[index]
+
+
+def _sets() -> dict[str, TensorDataset]:
+    return {"pretrain": make_dataset(120, seed=0), "finetune": make_dataset(72, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """Two stages: SGD with momentum, then AdamW."""
+    root = tmp_path_factory.mktemp("scaling")
+    path = str(root / "run.zarr")
+    model = TinyClassifier(optimizer=sgd_momentum)
+    callback = SourceCallback(path, stage="pretrain", checkpoints_per_stage=4)
+    sets = _sets()
+    trainer([callback], root, max_epochs=2).fit(model, loader(sets["pretrain"], 16))
+    model.optimizer_factory = adamw
+    callback.next_stage("finetune")
+    trainer([callback], root, max_epochs=2).fit(model, loader(sets["finetune"], 16))
+    return path
+
+
+def _analyze(store: str, queries: Dataset, **kwargs: Any) -> AnalysisResult:
+    options: dict[str, Any] = {"train": _sets(), "name": None, "verbose": False}
+    options.update(kwargs)
+    return analyze(store, model=TinyClassifier(), task="classification", queries=queries, **options)
+
+
+@pytest.fixture(scope="module")
+def exact(store) -> AnalysisResult:
+    return _analyze(store, make_dataset(5, seed=7))
+
+
+def _assert_scores_close(result: AnalysisResult, expected: AnalysisResult, rtol: float) -> None:
+    for name in expected.stage_names:
+        scale = np.abs(expected.scores[name]).max()
+        np.testing.assert_allclose(
+            np.asarray(result.scores[name][...]), expected.scores[name], atol=rtol * scale, rtol=0
+        )
+
+
+def test_out_of_core_scores_equal_in_memory_and_stay_in_the_store(store, exact) -> None:
+    result = _analyze(store, make_dataset(5, seed=7), name="ooc", out_of_core=True)
+    assert all(isinstance(a, zarr.Array) for a in result.scores.values())
+    _assert_scores_close(result, exact, rtol=1e-12)
+    np.testing.assert_allclose(result.stage_effects, exact.stage_effects, rtol=1e-12)
+    assert result.top(0, k=4) == exact.top(0, k=4)
+    reopened = load_analysis(store, "ooc")
+    _assert_scores_close(reopened, exact, rtol=1e-12)
+    assert reopened.config == exact.config
+
+
+def test_cache_with_an_exact_projection_equals_exact_scores(store, exact) -> None:
+    result = _analyze(
+        store, make_dataset(5, seed=7), name="cached", cache="projected", projection_dim=EXACT_K
+    )
+    _assert_scores_close(result, exact, rtol=1e-6)  # float32 cache
+    np.testing.assert_allclose(result.stage_effects, exact.stage_effects, rtol=1e-12)
+
+
+def test_new_queries_are_scored_from_the_cache_without_reading_training_data(store) -> None:
+    kwargs = {"name": "reuse", "cache": "projected", "projection_dim": EXACT_K}
+    _analyze(store, make_dataset(5, seed=7), **kwargs)
+    new_queries = make_dataset(4, seed=11)
+    counted = {name: Counting(data) for name, data in _sets().items()}
+    result = _analyze(store, new_queries, train=counted, **kwargs)
+    for name, data in counted.items():  # only the fingerprint check read anything
+        baseline = Counting(data.data)
+        dataset_fingerprint(baseline)
+        assert data.reads == baseline.reads, name
+    _assert_scores_close(result, _analyze(store, new_queries), rtol=1e-6)
+    assert load_analysis(store, "reuse").scores["pretrain"].shape == (4, 120)
+
+
+def test_a_cache_of_other_settings_is_rebuilt(store) -> None:
+    queries = make_dataset(5, seed=7)
+    _analyze(store, queries, name="rebuilt", cache="projected", projection_dim=EXACT_K)
+    result = _analyze(
+        store, queries, name="rebuilt", cache="projected", projection_dim=EXACT_K, segments=2
+    )
+    _assert_scores_close(result, _analyze(store, queries, segments=2), rtol=1e-6)
+
+
+def test_a_small_projection_approximates_and_improves_with_its_dimension(store, exact) -> None:
+    rho = {}
+    for k in (1, 4):
+        result = _analyze(
+            store, make_dataset(5, seed=7), name=f"k{k}", cache="projected", projection_dim=k
+        )
+        rho[k] = spearmanr(result.scores["pretrain"].ravel(), exact.scores["pretrain"].ravel())[0]
+    assert 0 < rho[1] < rho[4] < 1
+
+
+class FailsAfter(Counting):
+    """A counting dataset that raises once more than ``limit`` items have been read."""
+
+    def __init__(self, data: TensorDataset, limit: int) -> None:
+        super().__init__(data)
+        self.limit = limit
+
+    def __getitem__(self, index: int) -> Any:
+        if self.reads >= self.limit:
+            raise RuntimeError("the disk went away")
+        return super().__getitem__(index)
+
+
+def test_an_interrupted_analysis_is_never_committed_and_its_cache_is_rebuilt(store) -> None:
+    queries = make_dataset(5, seed=7)
+    kwargs = {"name": "crash", "cache": "projected", "projection_dim": EXACT_K, "out_of_core": True}
+    counted = {name: Counting(data) for name, data in _sets().items()}
+    _analyze(store, queries, train=counted, **{**kwargs, "name": "counted"})
+    _analyze(store, queries, **{**kwargs, "segments": 2})
+    assert "crash" in open_run(store).analyses
+    # Pretraining's last reads write the cached gradients of its last segment: fail there, in
+    # rebuilding the cache for other settings.
+    sets = _sets()
+    failing = {**sets, "pretrain": FailsAfter(sets["pretrain"], counted["pretrain"].reads - 10)}
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        _analyze(store, queries, train=failing, **kwargs)
+    assert "crash" not in open_run(store).analyses  # the old results were replaced, not kept
+    cache = open_cache(store, None, "crash")
+    assert cache is not None and "never committed" in cache_differences(cache, {}, {})[0]
+    result = _analyze(store, queries, **kwargs)
+    _assert_scores_close(result, _analyze(store, queries), rtol=1e-6)
+    assert "crash" in open_run(store).analyses
+
+
+def test_cache_and_out_of_core_need_a_name_and_cache_needs_source(store) -> None:
+    queries = make_dataset(2, seed=7)
+    with pytest.raises(ValueError, match="pass a name"):
+        _analyze(store, queries, cache="projected")
+    with pytest.raises(ValueError, match="pass a name"):
+        _analyze(store, queries, out_of_core=True)
+    with pytest.raises(ValueError, match="serves method 'source' or 'fast-source'"):
+        _analyze(store, queries, cache="projected", method="tracin", name="x")
+    with pytest.raises(ValueError, match="cache must be None or 'projected'"):
+        _analyze(store, queries, cache="exact", name="x")
