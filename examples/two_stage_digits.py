@@ -53,6 +53,15 @@ def training_sets() -> dict[str, TensorDataset]:
     return {name: rotated_digits(turns) for name, turns, _ in STAGES}
 
 
+def held_out_queries() -> TensorDataset:
+    """The held-out digits in the fine-tuning orientation (270°), never trained on.
+
+    For ``source-callback analyze`` configurations:
+    ``"queries": "examples.two_stage_digits:held_out_queries"``.
+    """
+    return rotated_digits([3], held_out=True)
+
+
 class DigitsMLP(pl.LightningModule):
     """A 64-128-10 MLP; the optimizer recipe is chosen per stage."""
 
