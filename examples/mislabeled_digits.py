@@ -148,8 +148,12 @@ def self_influence(
         f"\n{corrupted.sum()} of {len(train)} training labels corrupted; self-influence of "
         f"{len(chosen)} examples ({flags.sum()} corrupted)\n"
     )
-    best = min(inspected_count(len(chosen)), flags.sum())
-    print(f"  {'method':<8} {'AUC':>6}   corrupted in the top {INSPECTED:.0%} (at most {best})")
+    inspected = inspected_count(len(chosen))
+    best = min(inspected, flags.sum())
+    print(
+        f"  {'method':<8} {'AUC':>6}   corrupted found among the top {INSPECTED:.0%} "
+        f"({inspected} inspected: at most {best} of {flags.sum()} can be found)"
+    )
     for method, auc, found, note in rows:
         share = f"{found}/{flags.sum()} ({found / flags.sum():.0%})"
         print(f"  {method:<8} {auc:6.3f}   {share:<16} {note}")
