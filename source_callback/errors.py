@@ -33,3 +33,7 @@ class AnalysisError(SourceCallbackError):
 
 class UnsupportedOptimizerError(AnalysisError):
     """The record's optimizer has no model in the analysis."""
+
+
+class RankFailedError(AnalysisError):
+    """Another process of a distributed analysis failed; its error is in the message."""

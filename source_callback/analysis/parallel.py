@@ -16,14 +16,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from source_callback.errors import AnalysisError
+from source_callback.errors import RankFailedError
 
 T = TypeVar("T")
 Blocks = list[tuple[int, int]]
-
-
-class RankFailedError(AnalysisError):
-    """Another rank of a distributed analysis failed; its error is in the message."""
 
 
 class Workers:
