@@ -131,7 +131,7 @@ def analyze(
         Add the scores up in the store, one block of training examples at a time, instead of
         in memory; the returned scores are then Zarr arrays read where sliced (as from
         :func:`load_analysis`). Memory no longer grows with the number of training examples.
-        Needs ``name``.
+        Needs ``name``; a later analysis of the same name replaces what those arrays read.
     cache
         ``"projected"``: keep what scoring needs besides the queries under
         ``analyses/<name>/cache/`` — the segment operators and every training example's
