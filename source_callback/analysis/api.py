@@ -328,17 +328,14 @@ def _open_writer(
     info: dict[str, Any],
 ) -> AnalysisWriter:
     """Rank 0 creates the analysis's arrays; the other ranks open them once they exist."""
-    writer = None
-    if workers.rank == 0:
-        writer = workers.run(
-            lambda: AnalysisWriter(url, storage_options, name, shapes, np.float64, info)
+    created = workers.run(
+        lambda: (
+            AnalysisWriter(url, storage_options, name, shapes, np.float64, info)
+            if workers.rank == 0
+            else None
         )
-    else:
-        workers.check()
-    workers.barrier()
-    if writer is None:
-        writer = AnalysisWriter.reopen(url, storage_options, name)
-    return writer
+    )
+    return workers.run(lambda: created or AnalysisWriter.reopen(url, storage_options, name))
 
 
 Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end

@@ -280,15 +280,19 @@ class GradientCache:
 
     def stored_operators(self, work: Engine) -> list[SegmentOperator] | None:
         """The stored segment operators if the stored cache matches; ``None`` to rebuild."""
-        group = open_cache(self.url, self.storage_options, self.name)
-        problems = cache_differences(group, self.config, self.projection.describe())
-        operators = None
-        if not problems:
+
+        def look() -> list[SegmentOperator] | None:
+            group = open_cache(self.url, self.storage_options, self.name)
+            problems = cache_differences(group, self.config, self.projection.describe())
+            if problems:
+                if group is not None:
+                    log.info("rebuilding the cache of %r: %s", self.name, "; ".join(problems))
+                return None
             self.group = group
-            operators = read_operators(group[schema.CACHE_OPERATORS], work.device)  # type: ignore[index]
-        elif group is not None:
-            log.info("rebuilding the cache of analysis %r: %s", self.name, "; ".join(problems))
-        work.workers.barrier()  # every rank has looked before rank 0 may replace it
+            return read_operators(group[schema.CACHE_OPERATORS], work.device)  # type: ignore[index]
+
+        operators = work.workers.run(look)
+        work.workers.barrier()  # every rank has looked before rank 0 may replace the cache
         return operators
 
     def build(
@@ -304,22 +308,19 @@ class GradientCache:
         creates the arrays; every rank fills its own blocks of rows.
         """
         workers = work.workers
-        if workers.rank == 0:
 
-            def create() -> zarr.Group:
+        def create() -> None:
+            if workers.rank == 0:
                 info = cache_info(self.config, self.projection.describe())
                 group = create_cache(self.url, self.storage_options, self.name, info)
                 write_operators(group[schema.CACHE_OPERATORS], operators)
                 for number, dataset in enumerate(datasets):
                     create_gradients(group, number, len(dataset), self.projection.dim)  # type: ignore[arg-type]
-                return group
 
-            self.group = workers.run(create)
-        else:
-            workers.check()
-        workers.barrier()
-        if self.group is None:
-            self.group = open_cache(self.url, self.storage_options, self.name, mode="r+")
+        workers.run(create)  # every rank's run ends together: the arrays exist after it
+        self.group = workers.run(
+            lambda: open_cache(self.url, self.storage_options, self.name, mode="r+")
+        )
         for number, (dataset, segment_states) in enumerate(zip(datasets, states, strict=True)):
             array = gradients(self.group, number)  # type: ignore[arg-type]
             label = f"segment {number + 1}/{len(datasets)}"
