@@ -104,6 +104,20 @@ def test_projected_grads_equal_projection_of_materialised_gradients(make, k: int
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("make", [_mlp_batch, _conv_batch], ids=["linear", "conv2d"])
+def test_scaled_projected_grads_project_the_scaled_gradients(make) -> None:
+    """With ``scale`` (Adam's P^{1/2} in the cache) a module's rows are P_s (scale ∘ G) P_aᵀ."""
+    model, batch = make()
+    modules = tracked_modules(model)
+    projection = KroneckerProjection.for_modules(modules, k=2, seed=0)
+    grads = _autograd_per_example(model, modules, batch)
+    first = projection.names[0]
+    scale = {first: torch.rand(projection.shapes[first], dtype=torch.float64) + 0.5}
+    expected = projection.project({n: g * scale.get(n, 1.0) for n, g in grads.items()})
+    got = projected_grads(model, modules, _loss, batch, projection, scale=scale)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_conv_gradient_is_summed_over_patches_per_example() -> None:
     """Each example's projected conv gradient depends on that example only (tokens = patches)."""
     model, (x, y) = _conv_batch()

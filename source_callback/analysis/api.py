@@ -390,7 +390,7 @@ def _source(
     if cache is not None:
         if fitted:
             cache.build(work, datasets, operators, states)
-        cache.score(work, responses, stages, weights, sink)
+        cache.score(work, operators, responses, stages, weights, sink)
     else:
         for number, (segment_states, dataset) in enumerate(zip(states, datasets, strict=True)):
             label = f"segment {number + 1}/{len(plan)}"

@@ -324,7 +324,8 @@ class GradientCache:
         for number, (dataset, segment_states) in enumerate(zip(datasets, states, strict=True)):
             array = gradients(self.group, number)  # type: ignore[arg-type]
             label = f"segment {number + 1}/{len(datasets)}"
-            work.cache_gradients(dataset, segment_states, self.projection, array, label)
+            scale = _balance(operators[number])
+            work.cache_gradients(dataset, segment_states, self.projection, array, label, scale)
         workers.barrier()
         if workers.rank == 0:
             commit_cache(self.group)  # type: ignore[arg-type]
@@ -332,18 +333,39 @@ class GradientCache:
     def score(
         self,
         work: Engine,
+        operators: Sequence[SegmentOperator],
         responses: Sequence[ModuleTensors],
         stages: Sequence[int],
         weights: Sequence[float],
         sink: ScoreSink,
     ) -> None:
-        """Add each segment's scores from its cached gradients: ``weight·⟨P v_ℓ, P g_m⟩``."""
+        """Add each segment's scores from its cached gradients: ``weight·⟨P(v_ℓ/s), P(s∘g_m)⟩``.
+
+        ``s`` is the segment's balance (:func:`_balance`), the same as when the gradients
+        were cached.
+        """
         for number, (response, stage, weight) in enumerate(
             zip(responses, stages, weights, strict=True)
         ):
             array = gradients(self.group, number)  # type: ignore[arg-type]
             blocks = work.workers.blocks(array.shape[0], schema.SCORE_CHUNK[1])
-            projected = self.projection.project(response)
+            scale = _balance(operators[number])
+            projected = self.projection.project(
+                {n: v / scale[n] if n in scale else v for n, v in response.items()}
+            )
             work.workers.run(
                 lambda: add_cached_scores(array, projected, blocks, sink, stage, weight)  # noqa: B023
             )
+
+
+def _balance(operator: SegmentOperator) -> dict[str, torch.Tensor]:
+    """Per module, ``s`` such that scores are taken as ``⟨P(v / s), P(s ∘ g)⟩``: ``P^{1/2}``.
+
+    The score ``⟨v, g⟩`` does not depend on ``s``, but a random projection's error grows with
+    ``‖v‖·‖g‖``. Under Adam ``v = P^{1/2} φ(H') P^{1/2} u`` carries the whole preconditioner,
+    which concentrates it on a few coordinates (measured: a projection of ``v`` and ``g`` was no
+    better than chance); splitting it as ``P^{1/2}`` on each side balances the two. Other
+    operators keep ``s = 1``.
+    """
+    sqrt_p = getattr(operator, "sqrt_p", None)
+    return dict(sqrt_p) if sqrt_p else {}

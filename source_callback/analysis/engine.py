@@ -240,8 +240,12 @@ class Engine:
         projection: KroneckerProjection,
         array: zarr.Array,
         label: str,
+        scale: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write the projected training gradients, averaged over ``states``, into ``array``.
+
+        ``scale`` multiplies a module's gradients before they are projected (see
+        :func:`~source_callback.analysis.projection.projected_grads`).
 
         Block by block (``SCORE_CHUNK[1]`` rows, whole chunks of ``array``) with every state
         applied to a block before it is written, so the mean needs no read-back; the states
@@ -259,7 +263,12 @@ class Engine:
                     total += torch.cat(
                         [
                             projected_grads(
-                                self.model, self.modules, self.task.loss, batch, projection
+                                self.model,
+                                self.modules,
+                                self.task.loss,
+                                batch,
+                                projection,
+                                scale=scale,
                             )
                             for batch in self.data(dataset, desc, [(start, stop)])
                         ]

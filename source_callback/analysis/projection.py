@@ -211,13 +211,16 @@ def projected_grads(
     batch: Any,
     projection: KroneckerProjection,
     dtype: torch.dtype = torch.float64,
+    scale: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Projected per-example gradients of ``fn`` for one batch: ``[B, projection.dim]``.
 
     Per module ``Σ_tok (P_s s)(P_a a)ᵀ``, from the hooked activations ``a`` and output
     gradients ``s``; no per-example ``[out, in]`` gradient is formed. ``fn(model, batch)``
     gives one value per example (e.g. ``task.loss``). Computed in ``dtype`` on the device of
-    ``fn``'s values; a module no gradient reaches contributes zeros.
+    ``fn``'s values; a module no gradient reaches contributes zeros. A module in ``scale``
+    (an ``[out, in]`` matrix) is projected as ``P_s (scale ∘ G) P_aᵀ`` instead, which does
+    form its per-example gradients ``G``.
 
     Parameters
     ----------
@@ -242,11 +245,19 @@ def projected_grads(
     def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
         p_s, p_a = projection.factors(name, s.device, dtype)
         s, a = s.to(dtype), a.to(dtype)
-        if p_s is not None:
-            s = s @ p_s.T
-        if p_a is not None:
-            a = a @ p_a.T
-        block = (s.transpose(1, 2) @ a).reshape(s.shape[0], -1)  # [B, k_o·k_i]
+        if scale is not None and name in scale:
+            g = (s.transpose(1, 2) @ a) * scale[name].to(s.device, dtype)  # [B, out, in]
+            if p_s is not None:
+                g = p_s @ g
+            if p_a is not None:
+                g = g @ p_a.T
+            block = g.reshape(s.shape[0], -1)
+        else:
+            if p_s is not None:
+                s = s @ p_s.T
+            if p_a is not None:
+                a = a @ p_a.T
+            block = (s.transpose(1, 2) @ a).reshape(s.shape[0], -1)  # [B, k_o·k_i]
         parts[name] = block if name not in parts else parts[name] + block
 
     with Capture(hooked, on_grads):

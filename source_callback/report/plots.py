@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from source_callback.analysis.results import ScoreArray, column_blocks
 from source_callback.store.reader import Checkpoint
 from source_callback.store.schema import Stage
 
@@ -193,13 +194,57 @@ def stage_effects_figure(
     return _png(figure)
 
 
-def score_histograms_figure(scores: Mapping[str, np.ndarray], stage_names: Sequence[str]) -> bytes:
+def _finite_blocks(scores: ScoreArray) -> Iterator[np.ndarray]:
+    """The finite scores of each block of training examples, as float64."""
+    for start, stop in column_blocks(scores):
+        values = np.asarray(scores[:, start:stop], dtype=np.float64).ravel()
+        yield values[np.isfinite(values)]
+
+
+def streamed_histogram(
+    scores: ScoreArray, bins: int = HISTOGRAM_BINS
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``np.histogram`` of the finite scores, read one block of training examples at a time.
+
+    A first pass finds the range and a second counts into ``bins`` equal bins over it, so
+    memory stays one block whatever the size of ``scores``.
+
+    Parameters
+    ----------
+    scores
+        ``[queries, examples]``: in memory, or a stored Zarr array (read twice, block by block).
+    bins
+        Number of equal-width bins.
+
+    Returns
+    -------
+    counts, edges, size
+        As ``np.histogram(finite, bins)`` gives them for all finite scores ``finite`` at once
+        (``bins + 1`` edges), and how many finite scores there are.
+
+    """
+    size, low, high = 0, np.inf, -np.inf
+    for values in _finite_blocks(scores):
+        if values.size:
+            size += values.size
+            low, high = min(low, values.min()), max(high, values.max())
+    # np.histogram's own choice of edges: (0, 1) when empty, ±0.5 around a single value.
+    edges = np.histogram_bin_edges(np.empty(0), bins, range=(low, high) if size else None)
+    counts = np.zeros(bins, dtype=np.int64)
+    if size:
+        for values in _finite_blocks(scores):
+            counts += np.histogram(values, edges)[0]
+    return counts, edges, size
+
+
+def score_histograms_figure(scores: Mapping[str, ScoreArray], stage_names: Sequence[str]) -> bytes:
     """One histogram per stage of its scores over all queries and training examples.
 
     Parameters
     ----------
     scores
-        ``[queries, examples of the stage]`` per stage name.
+        ``[queries, examples of the stage]`` per stage name, in memory or stored (read one block
+        of training examples at a time, see :func:`streamed_histogram`).
     stage_names
         The stages to draw, in order.
 
@@ -214,11 +259,11 @@ def score_histograms_figure(scores: Mapping[str, np.ndarray], stage_names: Seque
     figure = Figure(figsize=(WIDTH, 2.6 * rows), dpi=DPI, layout="constrained")
     grid = figure.subplots(rows, columns, squeeze=False)
     for k, (axes, name) in enumerate(zip(grid.flat, stage_names, strict=False)):
-        values = np.asarray(scores[name], dtype=np.float64).ravel()
-        values = values[np.isfinite(values)]
-        axes.hist(values, bins=HISTOGRAM_BINS, color=f"C{k}", log=True)
+        counts, edges, size = streamed_histogram(scores[name])
+        # One weighted sample per bin draws the same bars as hist() of the scores themselves.
+        axes.hist(edges[:-1], bins=edges, weights=counts, color=f"C{k}", log=True)
         axes.axvline(0, color="0.35", linewidth=0.8)
-        axes.set_title(f"{name} ({values.size:,} scores)", fontsize=9)
+        axes.set_title(f"{name} ({size:,} scores)", fontsize=9)
         axes.set_xlabel("score", fontsize=8)
         axes.tick_params(labelsize=7)
     for axes in grid.flat[len(stage_names) :]:

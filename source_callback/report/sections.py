@@ -200,8 +200,7 @@ def top_examples_section(
                 "note",
             )
         )
-    for query in queries:
-        helpful, harmful = result.top(query, k=top)
+    for query, (helpful, harmful) in zip(queries, result.top_many(queries, k=top), strict=True):
         effects = ", ".join(
             f"{stage} {_signed(value)}"
             for stage, value in zip(result.stage_names, result.stage_effects[query], strict=True)
