@@ -25,6 +25,9 @@ HISTOGRAM_BINS = 50
 #: The learning-rate axis is logarithmic when the largest rate is this many times the smallest.
 LOG_SCALE_RATIO = 10.0
 
+#: Most query labels on the stage-effects chart's axis.
+MAX_TICKS = 20
+
 
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
@@ -187,7 +190,8 @@ def stage_effects_figure(
         label=f"exact, {stage_names[-1]}",
     )
     axes.axhline(0, color="0.35", linewidth=0.8)
-    axes.set_xticks(positions, [str(q) for q in queries])
+    step = -(-len(queries) // MAX_TICKS)  # label every step-th query so labels never overlap
+    axes.set_xticks(positions[::step], [str(q) for q in queries][::step])
     axes.set_xlabel("query")
     axes.set_ylabel("change if the stage\nhad not run")
     _legend_outside(axes)
