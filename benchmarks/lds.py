@@ -137,6 +137,24 @@ def _retrain(
     )
 
 
+def subset_measurements(
+    setting: Setting,
+    store: Path,
+    masks: np.ndarray,
+    seeds: int,
+    processes: int,
+    length: str = "epochs",
+) -> np.ndarray:
+    """Each query's loss after retraining the recorded run on each subset of the attributed stage.
+
+    ``masks``: ``[J, N]`` kept examples of ``setting.attributed`` (the other stages are kept
+    whole); returns ``[J, seeds, Q]``, as :func:`linear_datamodeling_score` takes it.
+    """
+    measure = TaskMeasurement(resolve_task(setting.task), setting.queries)
+    keep = {setting.attributed: masks}
+    return _retrain(setting, store, keep, seeds, processes, measure, length)
+
+
 def lds(
     setting: Setting,
     workdir: Path,
@@ -159,7 +177,6 @@ def lds(
     scores, seconds, _ = attribute(setting, stores, methods)
     size = len(setting.train[setting.attributed])  # type: ignore[arg-type]
     masks = random_subsets(size, subsets, alpha, seed=0)
-    measure = TaskMeasurement(resolve_task(setting.task), setting.queries)
     out: dict[str, Any] = {
         "setting": setting.name,
         "title": setting.title,
@@ -175,8 +192,7 @@ def lds(
     }
     for length in lengths:
         start = time.perf_counter()
-        keep = {setting.attributed: masks}
-        measured = _retrain(setting, stores[0], keep, seeds, processes, measure, length)
+        measured = subset_measurements(setting, stores[0], masks, seeds, processes, length)
         rows = {}
         for label, per_model in scores.items():
             single = linear_datamodeling_score(per_model[0], masks, measured)

@@ -142,7 +142,8 @@ def analyze(
     projection_dim
         With ``cache="projected"``: each module's ``[out, in]`` gradient is projected to
         ``[min(k, out), min(k, in)]`` with ``k = projection_dim`` (exact where ``k`` covers a
-        side). Larger is more accurate and takes more disk; see the benchmarks.
+        side). Larger is more accurate and takes more disk; Adam stages need a larger ``k``
+        than SGD ones for the same accuracy (see the benchmarks).
     accelerator, devices, num_nodes, strategy
         Run every data pass data-parallel on Lightning Fabric (``Fabric(accelerator=...,
         devices=..., num_nodes=..., strategy=...)``, launched here): each process takes a share
