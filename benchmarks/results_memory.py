@@ -10,12 +10,18 @@ subprocess, which reports its peak resident memory (``VmHWM``) after imports and
     python benchmarks/results_memory.py           # 10^6 × 10^3 (4 GB on disk; a few minutes)
     python benchmarks/results_memory.py --quick   # 10^5 × 10^2 (40 MB), plus reading it all
     python benchmarks/results_memory.py --dir /big/disk --out results_memory.json
+
+The measuring half — ``measure`` on any stored analysis, in a fresh process
+(``measure_in_subprocess``), with the peak-memory helpers — is also what
+``benchmarks/analyze_memory.py`` uses on the analysis that ``analyze(out_of_core=True)`` wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -28,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from source_callback import load_analysis
-from source_callback.analysis.results import column_blocks
+from source_callback.analysis.results import AnalysisResult, Attribution, column_blocks
 from source_callback.store.writer import AnalysisWriter, StoreWriter
 
 NAME = "synthetic"
@@ -40,8 +46,8 @@ K = 10
 PLANTED = [("finetune", 29_998), ("pretrain", 4096), ("pretrain", 4095), ("finetune", 0)]
 
 
-def _peak_mb() -> float:
-    """Peak resident memory of this process so far, in MB.
+def peak_mb() -> float:
+    """Peak resident memory of this process so far (or since :func:`reset_peak`), in MB.
 
     Linux's ``VmHWM``: ``getrusage``'s ``ru_maxrss`` carries the parent's peak across
     ``fork``/``exec``, which would hide a small child's own peak behind the writer's.
@@ -52,6 +58,34 @@ def _peak_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB (bytes on macOS)
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, in MB (``VmRSS``; the peak where unknown)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return peak_mb()
+
+
+def reset_peak() -> bool:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); whether it could.
+
+    Importing torch and Lightning peaks above what some operations use; after a reset,
+    :func:`peak_mb` is the operation's own peak.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def on_disk_mb(path: Path) -> float:
+    """Size of the files under ``path`` (a store or one of its groups), in MB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def write_store(path: Path, queries: int, sizes: dict[str, int], seed: int = 0) -> float:
@@ -82,48 +116,159 @@ def write_store(path: Path, queries: int, sizes: dict[str, int], seed: int = 0) 
     return time.perf_counter() - start
 
 
-def measure(operation: str, path: Path) -> dict[str, Any]:
-    """Run one operation on the stored analysis (in this process); peak memory and check."""
-    result = load_analysis(path, NAME)
-    exact_totals = np.load(path.parent / "totals.npy")
-    queries = len(result.stage_effects)
-    loaded = _peak_mb()
+def asked_queries(queries: int) -> list[int]:
+    """The queries whose top ``K`` the ``top`` operation asks for: the first two, the last."""
+    return sorted({0, 1, queries - 1})
+
+
+def expected_path(path: Path, name: str) -> Path:
+    """Where :func:`write_expected` saves what analysis ``name`` of the store must give."""
+    return path.parent / f"{name}.expected.json"
+
+
+def write_expected(scores: dict[str, np.ndarray], path: Path, name: str) -> None:
+    """Save what ``measure`` must find for analysis ``name`` of the store at ``path``.
+
+    From the analysis's scores in memory (the stages in order), computed independently of
+    the library's block-wise reading: each stage's row sums (and sums of magnitudes, to scale
+    the tolerance) and, for :func:`asked_queries`, the ``K`` highest and lowest
+    ``(stage, index)``, ties to the earlier position.
+    """
+    stages = list(scores)
+    rows = np.concatenate([scores[s] for s in stages], axis=1)
+    where = [(s, i) for s in stages for i in range(scores[s].shape[1])]
+    top: dict[str, list[list[list[Any]]]] = {}
+    positions = np.arange(rows.shape[1])
+    for query in asked_queries(rows.shape[0]):
+        values = rows[query]
+        sides = [np.lexsort((positions, -values))[:K], np.lexsort((positions, values))[:K]]
+        top[str(query)] = [[list(where[p]) for p in side] for side in sides]
+    expected = {
+        "totals": [scores[s].sum(axis=1).tolist() for s in stages],
+        "magnitudes": [np.abs(scores[s]).sum(axis=1).tolist() for s in stages],
+        "top": top,
+    }
+    expected_path(path, name).write_text(json.dumps(expected))
+
+
+def _check_top(
+    result: AnalysisResult,
+    answers: list[tuple[list[Attribution], list[Attribution]]],
+    path: Path,
+    name: str,
+) -> bool:
+    """Whether the ``top`` answers for :func:`asked_queries` are right.
+
+    The synthetic analysis: its planted extremes; another: the saved expectation if there is
+    one, else consistency (``K`` per side, ordered, each score the stored one).
+    """
+    asked = asked_queries(len(result.stage_effects))
+    if name == NAME:
+        helpful, harmful = answers[0][0], answers[1][1]
+        ok = [(a.stage, a.index) for a in helpful[: len(PLANTED)]] == PLANTED
+        return ok and [(a.stage, a.index) for a in harmful[: len(PLANTED)]] == PLANTED
+    expected = expected_path(path, name)
+    if expected.exists():
+        top = json.loads(expected.read_text())["top"]
+        return all(
+            [[a.stage, a.index] for a in side] == top[str(query)][number]
+            for query, answer in zip(asked, answers, strict=True)
+            for number, side in enumerate(answer)
+        )
+    ok = True
+    for query, (helpful, harmful) in zip(asked, answers, strict=True):
+        for side, sign in ((helpful, 1), (harmful, -1)):
+            scores = [a.score for a in side]
+            ok &= len(side) == K and all(sign * (a - b) >= 0 for a, b in itertools.pairwise(scores))
+            ok &= all(float(result.scores[a.stage][query, a.index]) == a.score for a in side)
+        ok &= helpful[0].score >= harmful[0].score
+    return bool(ok)
+
+
+def _check_totals(totals: np.ndarray, path: Path, name: str) -> bool:
+    """Whether per-stage sums are right: exact ones of the synthetic analysis or the saved
+    expectation (to 1e-12 of the sum of magnitudes), else only finite and of their shape."""
+    if name == NAME:
+        return bool(np.allclose(totals, np.load(path.parent / "totals.npy"), rtol=1e-9))
+    expected_file = expected_path(path, name)
+    if expected_file.exists():
+        expected = json.loads(expected_file.read_text())
+        exact = np.array(expected["totals"]).T
+        scale = np.array(expected["magnitudes"]).T
+        return bool(np.all(np.abs(totals - exact) <= 1e-12 * scale + 1e-300))
+    return bool(np.isfinite(totals).all())
+
+
+def measure(operation: str, path: Path, name: str = NAME) -> dict[str, Any]:
+    """Run one operation on stored analysis ``name`` (in this process); peak memory and check.
+
+    ``top`` asks for :func:`asked_queries`; ``stage_totals`` sums every stage; ``read_all``
+    reads every score into memory (the eager way, for comparison) and sums it. The peak is
+    taken right after the operation, before its answer is checked.
+    """
+    result = load_analysis(path, name)
+    loaded = peak_mb()
+    asked = asked_queries(len(result.stage_effects))
     start = time.perf_counter()
     if operation == "top":
-        helpful, _ = result.top(0, K)
-        _, harmful = result.top(1, K)
-        result.top(queries - 1, K)
-        ok = [(a.stage, a.index) for a in helpful[: len(PLANTED)]] == PLANTED
-        ok &= [(a.stage, a.index) for a in harmful[: len(PLANTED)]] == PLANTED
-        calls = 3
+        answers = [result.top(q, K) for q in asked]
     elif operation == "stage_totals":
-        ok = np.allclose(result.stage_totals(), exact_totals, rtol=1e-9)
-        calls = 1
-    elif operation == "read_all":  # the eager way, for comparison: every score in memory
+        totals = result.stage_totals()
+    elif operation == "read_all":
         scores = [np.asarray(result.scores[s]) for s in result.stage_names]
         totals = np.stack([s.sum(axis=1, dtype=np.float64) for s in scores], axis=1)
-        ok = np.allclose(totals, exact_totals, rtol=1e-9)
-        calls = 1
     else:
         raise ValueError(operation)
-    seconds = (time.perf_counter() - start) / calls
+    seconds = (time.perf_counter() - start) / (len(asked) if operation == "top" else 1)
+    peak = peak_mb()
+    if operation == "top":
+        ok = _check_top(result, answers, path, name)
+    else:
+        ok = _check_totals(totals, path, name)
     return {
         "operation": operation,
-        "ok": bool(ok),
+        "ok": ok,
         "seconds_per_call": seconds,
         "peak_rss_after_load_mb": loaded,
-        "peak_rss_mb": _peak_mb(),
+        "peak_rss_mb": peak,
     }
 
 
-def _in_subprocess(operation: str, path: Path) -> dict[str, Any]:
+def in_subprocess(
+    script: Path | str, *args: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python script *args`` in a fresh process; the JSON object its stdout ends with.
+
+    ``env`` is added to this process's environment.
+    """
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", operation, str(path)],
-        check=True,
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"{Path(script).name} {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-4000:]}"
+        )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_in_subprocess(operation: str, path: Path, name: str = NAME) -> dict[str, Any]:
+    """:func:`measure` in a fresh process, so that its peak memory is the operation's own."""
+    return in_subprocess(__file__, "--measure", operation, str(path), "--name", name)
+
+
+def print_operation(figures: dict[str, Any]) -> None:
+    """One line of a :func:`measure` result."""
+    print(
+        f"  {figures['operation']:<13} peak RSS {figures['peak_rss_mb']:7.0f} MB "
+        f"(after imports and load_analysis {figures['peak_rss_after_load_mb']:.0f} MB), "
+        f"{figures['seconds_per_call']:.2f} s per call, "
+        f"{'correct' if figures['ok'] else 'WRONG'}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -134,9 +279,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--measure", nargs=2, metavar=("OPERATION", "STORE"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--name", default=NAME, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
+        print(json.dumps(measure(args.measure[0], Path(args.measure[1]), args.name)))
         return {}
     setting = QUICK if args.quick else FULL
     queries, sizes = setting["queries"], setting["sizes"]
@@ -145,14 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         store = workdir / "run.zarr"
         written = write_store(store, queries, sizes)
-        on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         report: dict[str, Any] = {
             "queries": queries,
             "examples": examples,
             "scores_mb": queries * examples * 4 / 2**20,
-            "on_disk_mb": on_disk / 2**20,
+            "on_disk_mb": on_disk_mb(store),
             "write_seconds": written,
-            "write_peak_rss_mb": _peak_mb(),
+            "write_peak_rss_mb": peak_mb(),
             "operations": [],
         }
         print(
@@ -162,14 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         operations = ["top", "stage_totals"] + (["read_all"] if args.quick else [])
         for operation in operations:
-            figures = _in_subprocess(operation, store)
+            figures = measure_in_subprocess(operation, store)
             report["operations"].append(figures)
-            print(
-                f"  {operation:<13} peak RSS {figures['peak_rss_mb']:7.0f} MB "
-                f"(after imports and load_analysis {figures['peak_rss_after_load_mb']:.0f} MB), "
-                f"{figures['seconds_per_call']:.2f} s per call, "
-                f"{'correct' if figures['ok'] else 'WRONG'}"
-            )
+            print_operation(figures)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.out:

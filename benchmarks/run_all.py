@@ -7,6 +7,11 @@ Results go to ``benchmarks/results/<mode>/`` (``results.json``, ``benchmarks.md`
 ``--docs`` also writes the generated sections into docs/benchmarks.md (between the
 ``<!-- generated:NAME -->`` markers) and the plots into docs/img/; ``--full`` implies it.
 The speed benchmark (benchmarks/speed.py) runs in a subprocess and writes its own section.
+Parts (``--parts``, default all): accuracy, segments, overhead, recording, speed, cache (the
+projected-gradient cache against exact scores, benchmarks/cache.py), scale (memory of
+``analyze(out_of_core=True)`` on up to 10^6 training examples × 10^3 queries,
+benchmarks/analyze_memory.py, in a subprocess; with ``--full`` about 8 minutes and 8 GB of
+temporary disk).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import torch
 import zarr
 
 matplotlib.use("Agg")
+import cache as cache_benchmark
 import lds
 import matplotlib.pyplot as plt
 from settings import Setting, rotated_digits
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("accuracy", "segments", "overhead", "recording", "speed")
+PARTS = ("accuracy", "segments", "overhead", "recording", "speed", "cache", "scale")
 SPEED_PLOTS = ("breakdown", "memory", "kronfluence")  # docs/img/speed_<name>.png
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -410,6 +416,25 @@ def main() -> None:
         prefix = "img/" if write_docs else ""
         plots = [f"![{name}]({prefix}speed_{name}.png)" for name in SPEED_PLOTS]
         sections["speed"] = "\n\n".join([speed_md.read_text().strip(), *plots])
+    if "scale" in parts:
+        scale_md = out / "analyze_memory.md"
+        if measure:
+            print("out-of-core analysis memory", flush=True)
+            command = [sys.executable, str(ROOT / "benchmarks" / "analyze_memory.py")]
+            command += ["--quick"] if args.mode == "quick" else []
+            command += ["--out", str(out / "analyze_memory.json"), "--markdown", str(scale_md)]
+            subprocess.run(command, check=True)
+        sections["scale-memory"] = scale_md.read_text().strip()
+    if "cache" in parts:
+        if measure:
+            print("projected-gradient cache", flush=True)
+            results["cache"] = cache_benchmark.run(args.mode, work, args.processes)
+            saved.write_text(json.dumps(results, indent=1))
+        cache_benchmark.plot_cache(results["cache"], images / "cache.png")
+        image = ("img/" if write_docs else "") + "cache.png"
+        intro = cache_benchmark.cache_intro(results["cache"], results["environment"])
+        table = cache_benchmark.cache_table(results["cache"])
+        sections["cache"] = "\n\n".join([intro, table, f"![cache accuracy]({image})"])
 
     (out / "benchmarks.md").write_text(
         "\n\n".join(f"## {name}\n\n{body}" for name, body in sections.items())
