@@ -11,6 +11,7 @@ from models import TinyClassifier
 from torch import nn
 from torch.nn import functional as F
 
+from source_callback.analysis import gradients
 from source_callback.analysis.ekfac import tracked_modules, weight_matrix
 from source_callback.analysis.gradients import contract
 from source_callback.analysis.projection import KroneckerProjection, module_shape, projected_grads
@@ -83,6 +84,22 @@ def test_projection_with_k_above_every_dimension_reproduces_contract(make) -> No
     )  # [Q, B]
     exact = contract(model, modules, _loss, batch, vectors)  # [B, Q]
     torch.testing.assert_close(estimate, exact.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("make", [_mlp_batch, _conv_batch], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("elements", [1, 100, 2**24])
+def test_contract_equals_inner_products_with_autograd_gradients(
+    make, elements: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``contract``'s chunks of per-example gradients (down to one example) change nothing."""
+    model, batch = make()
+    modules = tracked_modules(model)
+    monkeypatch.setattr(gradients, "CONTRACT_ELEMENTS", elements)
+    vectors = _random_vectors({n: module_shape(m) for n, m in modules.items()}, queries=3)
+    grads = _autograd_per_example(model, modules, batch)
+    expected = sum(torch.einsum("boi,qoi->bq", grads[n], vectors[n]) for n in modules)
+    got = contract(model, modules, _loss, batch, vectors)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("make", [_mlp_batch, _conv_batch], ids=["linear", "conv2d"])
