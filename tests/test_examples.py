@@ -104,7 +104,7 @@ def test_mislabeled_digits(tmp_path, examples_path, one_thread, capsys) -> None:
     model = record(store, train, epochs=2, checkpoints=3, progress=False)
     aucs = self_influence(store, model, train, corrupted, queries=150, verbose=False)
     out = capsys.readouterr().out
-    assert "corrupted in the top 10%" in out and "tracin" in out
+    assert "corrupted found among the top 10%" in out and "tracin" in out
     assert aucs["source"] > 0.9 and min(aucs.values()) > 0.8, aucs
     influence = load_analysis(store, "if")  # self-influence gᵀ(H + δ)⁻¹g / N is positive
     assert (np.asarray(influence.scores["train"])[np.arange(150), np.arange(150)] > 0).all()
