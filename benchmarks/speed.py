@@ -88,7 +88,7 @@ from two_stage_digits import run as record_digits  # noqa: E402
 
 from source_callback import ClassificationTask, analyze, open_run  # noqa: E402
 from source_callback.analysis import api, ekfac, optimizers  # noqa: E402
-from source_callback.analysis.engine import Engine  # noqa: E402
+from source_callback.analysis.engine import Engine, batch_seed  # noqa: E402
 from source_callback.analysis.segments import plan_segments  # noqa: E402
 from source_callback.store.reader import Run  # noqa: E402
 
@@ -753,25 +753,37 @@ def kronfluence_importable() -> bool:
     return True
 
 
-def make_kronfluence_task(generator: torch.Generator | None = None) -> Any:
+def make_kronfluence_task(shared: tuple[int, int] | None = None) -> Any:
     """A kronfluence ``Task`` matching ours: summed cross-entropy, sampled labels for the Fisher.
 
     The measurement is each query's cross-entropy loss, like ``ClassificationTask("loss")``.
     Labels are sampled from the softmax with torch's global generator (kronfluence's usual
-    way), or with ``generator`` exactly as ``ClassificationTask.pseudo_loss`` draws them: given
-    a generator seeded like ours, both then see the same pseudo-labels, since both make a
-    covariance pass and then an eigenvalue pass over the data in order with the same batches.
+    way), or, with ``shared = (seed, N)``, exactly as ``analyze(seed=seed)`` draws them for the
+    influence function on N pooled examples: each batch from a generator reseeded with
+    ``engine.batch_seed(seed, pass, first index)``. Both make a covariance pass (1) and then an
+    eigenvalue pass (2) over the data in order with the same batches, so both see the same
+    pseudo-labels.
     """
     from kronfluence.task import Task as KfTask
 
+    generator = torch.Generator()
+    seen = 0  # training examples sampled so far, over both passes
+
     class ClassificationKfTask(KfTask):
         def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> Any:
+            nonlocal seen
             x, y = batch
             logits = model(x)
             if sample:
+                draw = None
+                if shared is not None:
+                    seed, total = shared
+                    generator.manual_seed(batch_seed(seed, 1 + seen // total, seen % total))
+                    seen += len(x)
+                    draw = generator
                 with torch.no_grad():
                     probs = torch.softmax(logits.detach().double(), dim=-1)
-                    y = torch.multinomial(probs, num_samples=1, generator=generator).flatten()
+                    y = torch.multinomial(probs, num_samples=1, generator=draw).flatten()
             return F.cross_entropy(logits, y, reduction="sum")
 
         def compute_measurement(self, batch: Any, model: nn.Module) -> Any:
@@ -809,7 +821,7 @@ def kronfluence_scores(
     torch.manual_seed(seed)  # kronfluence samples labels from the global generator
     times: dict[str, float] = {}
     start = time.perf_counter()
-    task = make_kronfluence_task(torch.Generator().manual_seed(seed) if shared_draws else None)
+    task = make_kronfluence_task((seed, len(pooled)) if shared_draws else None)  # type: ignore[arg-type]
     prepared = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(
         analysis_name="speed",

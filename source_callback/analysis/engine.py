@@ -27,6 +27,17 @@ State = dict[str, torch.Tensor]
 StateSource = Callable[[], State]
 
 
+def batch_seed(seed: int, data_pass: int, first: int) -> int:
+    """Seed of the pseudo-labels of the batch starting at example ``first`` of a data pass.
+
+    ``data_pass`` counts the analysis's passes over data from 1. A function of these three
+    numbers only, so the draws do not depend on which process takes the batch.
+    """
+    return int(
+        np.random.SeedSequence([seed, data_pass, first]).generate_state(1, np.uint64)[0] >> 1
+    )
+
+
 class Engine:
     """The data passes of one analysis: holds the model copy, the data and the settings.
 
@@ -89,8 +100,7 @@ class Engine:
         )
         for first, batch in zip(starts, progress, strict=True):
             if seeded:
-                entropy = np.random.SeedSequence([self.seed, self.passes, first])
-                self.generator.manual_seed(int(entropy.generate_state(1, np.uint64)[0] >> 1))
+                self.generator.manual_seed(batch_seed(self.seed, self.passes, first))
             yield batch
 
     def curvature(
