@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from source_callback import AnalysisResult, analyze
-from source_callback.analysis.projection import module_shape
+from source_callback.analysis.ekfac import module_shape
 from source_callback.evaluation import linear_datamodeling_score, noise_ceiling, random_subsets
 from source_callback.evaluation.lds import spearman_rows
 

@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from source_callback.analysis import gradients
-from source_callback.analysis.ekfac import tracked_modules, weight_matrix
+from source_callback.analysis.ekfac import module_shape, tracked_modules, weight_matrix
 from source_callback.analysis.gradients import contract
-from source_callback.analysis.projection import KroneckerProjection, module_shape, projected_grads
+from source_callback.analysis.projection import KroneckerProjection, projected_grads
 
 
 def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

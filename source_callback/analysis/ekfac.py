@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -37,6 +38,13 @@ def module_param_names(name: str, module: nn.Module) -> tuple[str, str | None]:
     """Qualified names of a tracked module's weight and bias (``None`` without bias)."""
     prefix = f"{name}." if name else ""
     return f"{prefix}weight", (f"{prefix}bias" if module.bias is not None else None)
+
+
+def module_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a tracked module's gradient matrix (``in`` counts the bias column)."""
+    weight = module.weight
+    fan_in = int(np.prod(weight.shape[1:])) + (1 if module.bias is not None else 0)
+    return int(weight.shape[0]), fan_in
 
 
 def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

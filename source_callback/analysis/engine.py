@@ -119,7 +119,7 @@ class Engine:
         """
         modules = self.modules if modules is None else modules
         blocks = self.workers.blocks(len(dataset), self.batch_size)  # type: ignore[arg-type]
-        count = self.workers.total(sum(stop - start for start, stop in blocks))
+        count = len(dataset)  # type: ignore[arg-type]
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
@@ -138,7 +138,7 @@ class Engine:
                 )
                 sums = {}
                 for name, module in modules.items():
-                    out, in_ = self._shape(module)
+                    out, in_ = ekfac.module_shape(module)
                     cov = covs.get(name)
                     sums[f"a/{name}"] = cov.a if cov else self._zeros(in_, in_)
                     sums[f"s/{name}"] = cov.s if cov else self._zeros(out, out)
@@ -171,7 +171,9 @@ class Engine:
                 )
                 local = sum(stop - start for start, stop in blocks)
                 return {
-                    name: mean[name] * local if name in mean else self._zeros(*self._shape(m))
+                    name: mean[name] * local
+                    if name in mean
+                    else self._zeros(*ekfac.module_shape(m))
                     for name, m in modules.items()
                 }
 
@@ -187,11 +189,6 @@ class Engine:
                 )
             out[name] = ekfac.ModuleCurvature(q_a, q_s, eigenvalues)
         return out
-
-    def _shape(self, module: nn.Module) -> tuple[int, int]:
-        """``(out, in (+1))`` of a module's parameter matrix."""
-        rows, columns = ekfac.weight_matrix(module, module.weight, module.bias).shape
-        return rows, columns
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -297,7 +294,7 @@ class Engine:
                 self.modules,
                 self.task.measurement,
                 self.data(queries, label, blocks),
-                {name: self._shape(module) for name, module in self.modules.items()},
+                {name: ekfac.module_shape(module) for name, module in self.modules.items()},
             )
         )
         return {

@@ -80,14 +80,6 @@ class Workers:
                 dist.all_reduce(tensors[name])
         return tensors
 
-    def total(self, value: int) -> int:
-        """An integer summed over ranks."""
-        if not self.distributed:
-            return value
-        tensor = torch.tensor([value], dtype=torch.int64, device=self._collective_device)
-        dist.all_reduce(tensor)
-        return int(tensor.item())
-
     def gather(self, local: torch.Tensor, count: int, width: int) -> torch.Tensor:
         """The rows of every rank, in order: ``local`` holds this rank's :meth:`blocks` rows."""
         if not self.distributed:
@@ -116,7 +108,3 @@ class Workers:
     def _blocks_of(self, rank: int, count: int, width: int) -> Blocks:
         starts = range(rank * width, count, self.world_size * width)
         return [(start, min(start + width, count)) for start in starts]
-
-    @property
-    def _collective_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -21,18 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from source_callback.analysis.ekfac import Capture
+from source_callback.analysis.ekfac import Capture, module_shape
 from source_callback.analysis.gradients import ModuleTensors, PerExample
 
 #: Value of the ``kind`` entry of a projection's description.
 KIND = "kronecker-gaussian-v1"
-
-
-def module_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of a tracked module's gradient matrix (``in`` counts the bias column)."""
-    weight = module.weight
-    fan_in = int(np.prod(weight.shape[1:])) + (1 if module.bias is not None else 0)
-    return int(weight.shape[0]), fan_in
 
 
 def _gaussian(seed: int, name: str, side: str, rows: int, cols: int) -> np.ndarray:
