@@ -288,6 +288,17 @@ def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
         )
 
 
+def _analyses(url: str, storage_options: location.StorageOptions, name: str) -> zarr.Group:
+    """The store's ``analyses`` group, opened to write analysis ``name`` into (checked)."""
+    if not name or "/" in name or name.startswith("__"):
+        raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
+    root = location.open_group(location.normalize(url), storage_options, mode="r+")
+    if root is None:
+        raise StoreError(f"no store at {url} to write analysis {name!r} into")
+    schema.check_format(root, url)
+    return root.require_group(schema.ANALYSES)
+
+
 class AnalysisWriter:
     """One analysis being written under ``analyses/<name>/``, replacing one of the same name.
 
@@ -320,13 +331,7 @@ class AnalysisWriter:
         dtype: np.dtype | type[np.floating],
         info: dict[str, Any],
     ) -> None:
-        if not name or "/" in name or name.startswith("__"):
-            raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
-        root = location.open_group(location.normalize(url), storage_options, mode="r+")
-        if root is None:
-            raise StoreError(f"no store at {url} to write the analysis into")
-        schema.check_format(root, url)
-        analyses = root.require_group(schema.ANALYSES)
+        analyses = _analyses(url, storage_options, name)
         existing = analyses.get(name)
         if isinstance(existing, zarr.Group) and schema.ANALYSIS_CACHE in existing:
             # Keep the analysis's projected-gradient cache: results are replaced, the cache
@@ -407,17 +412,14 @@ def create_cache(
     ``analyses/<name>/`` is left alone; the group holds empty ``operators/`` and ``gradients/``
     subgroups. Call :func:`commit_cache` once everything is written.
     """
-    if not name or "/" in name or name.startswith("__"):
-        raise ValueError(f"an analysis name must be a non-empty name without '/', got {name!r}")
-    root = location.open_group(location.normalize(url), storage_options, mode="r+")
-    if root is None:
-        raise StoreError(f"no store at {url} to write the cache into")
-    schema.check_format(root, url)
-    analysis = root.require_group(schema.ANALYSES).require_group(name)
-    group = analysis.create_group(
-        schema.ANALYSIS_CACHE,
-        overwrite=True,
-        attributes={schema.ATTR_CACHE: info, schema.ATTR_COMMITTED: False},
+    group = (
+        _analyses(url, storage_options, name)
+        .require_group(name)
+        .create_group(
+            schema.ANALYSIS_CACHE,
+            overwrite=True,
+            attributes={schema.ATTR_CACHE: info, schema.ATTR_COMMITTED: False},
+        )
     )
     group.create_group(schema.CACHE_OPERATORS)
     group.create_group(schema.CACHE_GRADIENTS)
