@@ -80,6 +80,7 @@ from results_memory import (
     rss_mb,
     write_expected,
 )
+from settings import trainer
 
 from source_callback import SourceCallback, analyze, load_analysis, open_run
 from source_callback.analysis.engine import Engine
@@ -201,17 +202,9 @@ def record(store: Path, sizes: dict[str, int], seed: int = 0) -> None:
     for name, dataset in training_sets(sizes).items():
         model.recipe = name
         callback.next_stage(name)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            callbacks=[callback],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(store.parent),
+        trainer(1, [callback], store.parent).fit(
+            model, DataLoader(dataset, batch_size=TRAIN_BATCH, shuffle=True)
         )
-        trainer.fit(model, DataLoader(dataset, batch_size=TRAIN_BATCH, shuffle=True))
 
 
 @contextmanager

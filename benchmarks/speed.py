@@ -86,6 +86,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 from two_stage_digits import STAGES, DigitsMLP, rotated_digits  # noqa: E402
 from two_stage_digits import run as record_digits  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from settings import trainer  # noqa: E402
+
 from source_callback import ClassificationTask, analyze, open_run  # noqa: E402
 from source_callback.analysis import api, ekfac, optimizers  # noqa: E402
 from source_callback.analysis.engine import Engine, batch_seed  # noqa: E402
@@ -515,7 +518,6 @@ def synthetic(n: int, seed: int) -> TensorDataset:
 
 def record_synthetic(cfg: Config, store: Path, n: int) -> None:
     """Train the digits MLP (SGD recipe) for one epoch on ``synthetic(n)``, recording it."""
-    import lightning.pytorch as pl
 
     from source_callback import SourceCallback
 
@@ -526,18 +528,8 @@ def record_synthetic(cfg: Config, store: Path, n: int) -> None:
     callback = SourceCallback(
         str(store), stage="pretrain", checkpoints_per_stage=cfg.mem_checkpoints_per_stage
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(store.parent),
-    )
     data = DataLoader(synthetic(n, cfg.seed), batch_size=64, shuffle=True)
-    trainer.fit(model, data)
+    trainer(1, [callback], store.parent).fit(model, data)
 
 
 def rss_bytes() -> int:

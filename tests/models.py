@@ -65,6 +65,18 @@ class TinyClassifier(pl.LightningModule):
         }
 
 
+class ConvNet(nn.Module):
+    """A strided, padded convolution and a linear head: 2×5×5 inputs, 4 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
 def loader(dataset: TensorDataset, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 

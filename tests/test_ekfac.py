@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import ConvNet
 from torch import nn
 
 from source_callback.analysis.ekfac import (
@@ -55,16 +56,6 @@ def test_single_linear_layer_ekfac_equals_exact_gauss_newton(bias: bool) -> None
     flat = weight_matrix(layer, params[weight_name], params.get(bias_name)).detach().reshape(-1)
     exact = torch.autograd.functional.hessian(mean_loss, flat)  # = GNH: the model is linear
     torch.testing.assert_close(curvature.dense(), exact, rtol=1e-10, atol=1e-12)
-
-
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
-        self.fc = nn.Linear(3 * 3 * 3, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
 def test_captured_gradients_and_eigenvalues_match_per_example_autograd() -> None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from models import TinyClassifier
+from models import ConvNet, TinyClassifier
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,16 +20,6 @@ from source_callback.analysis.projection import KroneckerProjection, projected_g
 def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="none")
-
-
-class ConvNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
-        self.fc = nn.Linear(3 * 3 * 3, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
 def _mlp_batch() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
