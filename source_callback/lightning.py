@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -82,6 +83,10 @@ class SourceCallback(Callback):
         Passed to fsspec for URLs (credentials, ``endpoint_url``, ...).
     flush_every
         Step rows buffered in memory before a block is appended to the store.
+    renamed
+        For the first stage this callback records into a store that already holds stages:
+        which tensors of the model continue which of the previous stage's, where the matching
+        rules cannot tell (see :meth:`next_stage`).
 
     Examples
     --------
@@ -102,6 +107,7 @@ class SourceCallback(Callback):
         checkpoints_per_stage: int = 6,
         storage_options: dict[str, Any] | None = None,
         flush_every: int = 256,
+        renamed: dict[str, str | None] | None = None,
     ) -> None:
         if not isinstance(checkpoints_per_stage, int) or checkpoints_per_stage < 1:
             raise ValueError(
@@ -112,11 +118,14 @@ class SourceCallback(Callback):
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict of fsspec options")
         self._validate_stage_name(stage)
+        self._validate_renamed(renamed)
         self.store = None if store is None else location.normalize(store)
         self.storage_options = storage_options
         self.checkpoints_per_stage = checkpoints_per_stage
         self.flush_every = flush_every
         self._next_name = stage
+        self._renamed = renamed
+        self._previous_tensors: dict[str, weakref.ref[torch.Tensor]] = {}
         self._url: str | None = None
         self._recorder: Recorder | None = None
         self._resume: dict[str, Any] | None = None
@@ -126,6 +135,19 @@ class SourceCallback(Callback):
     def _validate_stage_name(name: str | None) -> None:
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ValueError(f"a stage name must be a non-empty string, got {name!r}")
+
+    @staticmethod
+    def _validate_renamed(renamed: dict[str, str | None] | None) -> None:
+        if renamed is not None and not (
+            isinstance(renamed, dict)
+            and all(
+                isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in renamed.items()
+            )
+        ):
+            raise TypeError(
+                "renamed must map tensor names of the new stage's model to names in the "
+                f"previous stage's model (or None for a new tensor), got {renamed!r}"
+            )
 
     def _reset_stage(self) -> None:
         self._active = False
@@ -145,10 +167,28 @@ class SourceCallback(Callback):
 
     # -- public API --------------------------------------------------------------------------
 
-    def next_stage(self, name: str) -> None:
-        """Name the stage that the next ``trainer.fit()`` records."""
+    def next_stage(self, name: str, *, renamed: dict[str, str | None] | None = None) -> None:
+        """Name the stage that the next ``trainer.fit()`` records.
+
+        The next stage's model may differ from the last one's: wrapped (``get_peft_model``,
+        ``torch.compile``), with tensors added (adapters, a new head) or dropped. Its tensors
+        are matched to the previous stage's by object identity (when this callback recorded
+        that stage), by name, and by name without wrapper components (``base_model.model``,
+        ``_orig_mod``, ``base_layer``); see :mod:`source_callback.lineage`.
+
+        Parameters
+        ----------
+        name
+            The stage's name, unique in the store.
+        renamed
+            Matches the rules cannot make or would make wrongly: a tensor name of the new
+            model -> the previous stage's name, or ``None`` for a tensor that is new (e.g. a
+            re-initialised head of the same name).
+        """
         self._validate_stage_name(name)
+        self._validate_renamed(renamed)
         self._next_name = name
+        self._renamed = renamed
 
     @property
     def url(self) -> str | None:
@@ -196,6 +236,13 @@ class SourceCallback(Callback):
         for name, param in pl_module.named_parameters():
             (trainable if id(param) in trainable_ids else frozen)[name] = param
         return trainable, frozen, persistent_buffers(pl_module)
+
+    def _identity(self, pl_module: pl.LightningModule) -> dict[str, str]:
+        """Tensor names of ``pl_module`` -> the last recorded stage's names for the same objects."""
+        alive = ((name, ref()) for name, ref in self._previous_tensors.items())
+        previous = {id(t): name for name, t in alive if t is not None}
+        current = {**dict(pl_module.named_parameters()), **persistent_buffers(pl_module)}
+        return {name: previous[id(t)] for name, t in current.items() if id(t) in previous}
 
     def _optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return optimizer_state_by_name(self._optimizer, self._names, self._rule)
@@ -262,22 +309,24 @@ class SourceCallback(Callback):
                 optimizer=description,
                 trainable=list(trainable),
                 frozen=list(frozen),
+                manifest=model_manifest(pl_module),
             )
             try:
                 recorded = self._recorder.begin_stage(
                     template,
-                    model_manifest(pl_module),
                     frozen,
                     trainable,
                     buffers,
                     self._optimizer_state(),
+                    identity=self._identity(pl_module),
+                    renamed=self._renamed,
                 )
             except errors.StoreError as exc:
                 error = exc
         _raise_on_all_ranks(trainer, error)
         summary = None if recorded is None else (recorded.index, recorded.name, recorded.first_step)
         self._stage_index, self._stage_name, self._first_step = trainer.strategy.broadcast(summary)
-        self._next_name = None
+        self._next_name = self._renamed = None
         self._origin = trainer.global_step
         self._rows_in_stage = 0
 
@@ -309,11 +358,15 @@ class SourceCallback(Callback):
             return
         error = None
         if self._recorder is not None:
-            trainable, _, buffers = self._model_views(pl_module)
+            trainable, frozen, buffers = self._model_views(pl_module)
             try:
                 self._recorder.end_stage(trainable, buffers, self._optimizer_state())
             except errors.StoreError as exc:
                 error = exc
+            # The next stage's tensors are matched to these by identity where they are the same.
+            self._previous_tensors = {
+                name: weakref.ref(t) for name, t in {**trainable, **frozen, **buffers}.items()
+            }
         self._reset_stage()
         _raise_on_all_ranks(trainer, error)
 

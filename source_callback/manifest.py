@@ -1,11 +1,14 @@
 """A model's manifest: the names, kinds, shapes and dtypes of its parameters and buffers.
 
-Recording stores it once per run; later stages and the analysis compare their model with it.
+Every stage records the manifest of the model it trains; the analysis compares its model with
+the last stage's. A tensor reachable under several names (a tied ``lm_head``/input embedding) is
+listed once, under the name ``named_parameters()`` gives it, with its other names as
+``aliases``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,10 +26,33 @@ def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: b for name, b in module.named_buffers() if name in state}
 
 
+def tensor_aliases(module: torch.nn.Module) -> dict[str, list[str]]:
+    """Other names of tensors reachable under several names (tied weights), by first name.
+
+    Example: ``{"transformer.wte.weight": ["lm_head.weight"]}`` for GPT-2.
+    """
+    state = module.state_dict(keep_vars=True)
+    found: dict[int, list[str]] = {}
+    named: Iterable[tuple[str, torch.Tensor]] = [
+        *module.named_parameters(remove_duplicate=False),
+        *((n, b) for n, b in module.named_buffers(remove_duplicate=False) if n in state),
+    ]
+    for name, tensor in named:
+        found.setdefault(id(tensor), []).append(name)
+    return {names[0]: names[1:] for names in found.values() if len(names) > 1}
+
+
 def model_manifest(module: torch.nn.Module) -> Manifest:
-    """Names, kinds (``parameter``/``buffer``), shapes and dtypes of ``module``'s tensors."""
+    """Names, kinds (``parameter``/``buffer``), shapes, dtypes and aliases of the tensors."""
+    aliases = tensor_aliases(module)
     return [
-        {"name": name, "kind": kind, "shape": list(t.shape), "dtype": str(t.dtype)}
+        {
+            "name": name,
+            "kind": kind,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype),
+            **({"aliases": aliases[name]} if name in aliases else {}),
+        }
         for kind, items in (
             ("parameter", module.named_parameters()),
             ("buffer", persistent_buffers(module).items()),
@@ -44,7 +70,8 @@ def manifest_differences(
     problems = [f"missing {name}" for name in old.keys() - new.keys()]
     problems += [f"unexpected {name}" for name in new.keys() - old.keys()]
     for name in old.keys() & new.keys():
-        for key in ("kind", "shape", "dtype"):
-            if old[name][key] != new[name][key]:
-                problems.append(f"{name}: {key} {old[name][key]} recorded, {new[name][key]} now")
+        for key in ("kind", "shape", "dtype", "aliases"):
+            before, now = old[name].get(key, []), new[name].get(key, [])
+            if before != now:
+                problems.append(f"{name}: {key} {before} recorded, {now} now")
     return sorted(problems)

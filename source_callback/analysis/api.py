@@ -19,6 +19,7 @@ from source_callback.analysis.inputs import (
     checkpoint_state,
     prepare_model,
 )
+from source_callback.analysis.namespace import RunView
 from source_callback.analysis.optimizers import (
     AdamOptions,
     AdamVariant,
@@ -33,8 +34,9 @@ from source_callback.analysis.segments import Segment, SegmentSpec, plan_segment
 from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.errors import AnalysisError
+from source_callback.manifest import model_manifest
 from source_callback.optim import UpdateRule
-from source_callback.store.reader import Run, open_run
+from source_callback.store.reader import open_run
 from source_callback.store.schema import ROLE_END, ROLE_START
 from source_callback.store.writer import AnalysisWriter, write_analysis
 
@@ -172,17 +174,19 @@ def analyze(
         )
     if fisher not in ("sampled", "exact"):
         raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
-    run = open_run(store, storage_options)
-    incomplete = [s.name for s in run.stages if not s.complete]
-    if not run.stages or incomplete:
+    recorded = open_run(store, storage_options)
+    incomplete = [s.name for s in recorded.stages if not s.complete]
+    if not recorded.stages or incomplete:
         raise AnalysisError(
-            f"{run.url} has incomplete stage(s) {incomplete or 'none recorded'}; analyze needs "
+            f"{recorded.url} has incomplete stage(s) {incomplete or 'none recorded'}; analyze needs "
             "every stage recorded to its end."
         )
     task = resolve_task(task)
     if fisher == "exact" and not isinstance(task, ExactFisherTask):
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
+    run = RunView(recorded, model_manifest(model))
     check_datasets(run, train)
+    run.check_continuity()
     workers = start_workers(model, fabric, accelerator, devices, num_nodes, strategy)
     if (out_of_core or workers.distributed or cache) and name is None:
         raise ValueError(
@@ -203,15 +207,8 @@ def analyze(
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
     )
-    by_role = {(c.stage, c.role): c for c in run.checkpoints if c.committed}
-    for stage in run.stages:
-        for role in (ROLE_START, ROLE_END):
-            if (stage.index, role) not in by_role:
-                raise AnalysisError(
-                    f"stage {stage.name!r} has no committed {role} checkpoint in {run.url}"
-                )
     last = len(run.stages) - 1
-    final_state = checkpoint_state(by_role[last, ROLE_END])
+    final_state = checkpoint_state(run.boundary(last, ROLE_END))
     config = {
         "method": method,
         "segments": [[s.start, s.end] for s in plan],
@@ -271,11 +268,11 @@ def analyze(
     f_final = work.measurement(queries)
     effects = np.zeros((len(f_final), len(run.stages)))
     for stage in run.stages:
-        before = work.module_matrices(checkpoint_state(by_role[stage.index, ROLE_START]))
-        after = work.module_matrices(checkpoint_state(by_role[stage.index, ROLE_END]))
+        before = work.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_START)))
+        after = work.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_END)))
         delta = {n: after[n] - before[n] for n in after}
         effects[:, stage.index] = -dot(arrivals[stage.index], delta).cpu().numpy()
-    work.load(checkpoint_state(by_role[last, ROLE_START]))
+    work.load(checkpoint_state(run.boundary(last, ROLE_START)))
     last_exact = work.measurement(queries) - f_final
 
     if writer is None:
@@ -355,7 +352,7 @@ def _last_segments(plan: list[Segment]) -> dict[int, int]:
 
 def _source(
     work: Engine,
-    run: Run,
+    run: RunView,
     plan: list[Segment],
     queries: Dataset,
     final_state: State,
@@ -404,7 +401,7 @@ def _source(
 
 def _influence(
     work: Engine,
-    run: Run,
+    run: RunView,
     queries: Dataset,
     final_state: State,
     damping: float,
@@ -433,7 +430,7 @@ def _influence(
 
 def _tracin(
     work: Engine,
-    run: Run,
+    run: RunView,
     plan: list[Segment],
     queries: Dataset,
     final_state: State,

@@ -10,22 +10,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from source_callback.errors import AnalysisError, ManifestMismatchError
+from source_callback.analysis.namespace import CheckpointView, RunView
+from source_callback.errors import AnalysisError
 from source_callback.fingerprint import dataset_fingerprint
-from source_callback.manifest import manifest_differences, model_manifest
 from source_callback.store.reader import Checkpoint, Run
 from source_callback.store.schema import Stage
 
 
-def prepare_model(model: nn.Module, run: Run) -> nn.Module:
-    """A private copy of ``model`` in eval mode, checked against the recorded manifest."""
-    problems = manifest_differences(run.manifest, model_manifest(model))
-    if problems:
-        shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
-        raise ManifestMismatchError(
-            f"the model passed to analyze() does not match the one recorded in {run.url}: "
-            f"{shown}. Pass an instance of the architecture that was trained."
-        )
+def prepare_model(model: nn.Module, run: RunView) -> nn.Module:
+    """A private copy of ``model`` in eval mode, with gradients for what some stage trained.
+
+    ``run`` was built from ``model``'s manifest (which checked it against the record).
+    """
     copy_ = copy.deepcopy(model).eval()
     # Gradients are needed for exactly the parameters some stage trained (the instance passed
     # in may be freshly built with everything trainable, or with adapters' bases frozen).
@@ -35,7 +31,7 @@ def prepare_model(model: nn.Module, run: Run) -> nn.Module:
     return copy_
 
 
-def check_datasets(run: Run, train: Mapping[str, Dataset]) -> None:
+def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
     """Every recorded stage has a dataset of the recorded size and fingerprint."""
     names = [s.name for s in run.stages]
     unknown = sorted(set(train) - set(names))
@@ -124,7 +120,7 @@ def evaluate(
         return torch.cat([fn(model, batch) for batch in batches])
 
 
-def checkpoint_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+def checkpoint_state(checkpoint: Checkpoint | CheckpointView) -> dict[str, torch.Tensor]:
     """A checkpoint's parameters and buffers as a state dict; refuse non-finite values."""
     state = {**checkpoint.params(), **checkpoint.buffers()}
     bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from source_callback.analysis.namespace import CheckpointView, RunView
 from source_callback.errors import AnalysisError, UnsupportedOptimizerError
 from source_callback.optim import UpdateRule
 from source_callback.store.reader import Checkpoint, Run
@@ -46,7 +47,7 @@ class Segment:
     stage: int
     start: int
     end: int
-    checkpoints: tuple[Checkpoint, ...]
+    checkpoints: tuple[Checkpoint | CheckpointView, ...]
     lr_mass: np.ndarray
     max_rate: np.ndarray
 
@@ -144,7 +145,7 @@ def _boundaries(stage: Stage, spec: int | Sequence[int]) -> list[int]:
 
 
 def plan_segments(
-    run: Run,
+    run: Run | RunView,
     segments: SegmentSpec = 3,
     *,
     momentum_tail: bool = True,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from source_callback.errors import InterruptedStageError, StoreError
+from source_callback.lineage import Continuation, match_stages
 from source_callback.record.plan import interior_steps
 from source_callback.store import schema
 from source_callback.store.writer import StepRow, StoreWriter, TensorDict
@@ -106,9 +107,18 @@ class Recorder:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def check_can_begin(self, manifest: list[dict[str, Any]]) -> None:
-        """Raise if a new stage cannot be appended; writes nothing."""
-        self.writer.check_manifest(manifest)
+    def check_can_begin(
+        self,
+        stage: schema.Stage,
+        identity: Mapping[str, str] | None = None,
+        renamed: Mapping[str, str | None] | None = None,
+    ) -> Continuation | None:
+        """Raise if ``stage`` cannot be appended; writes nothing.
+
+        Returns how the stage's model (``stage.manifest``) continues the last recorded stage's
+        (``None`` for a run's first stage); see :func:`source_callback.lineage.match_stages`
+        for ``identity`` and ``renamed``.
+        """
         stages = self.writer.stages
         if stages and not stages[-1].complete:
             last = stages[-1]
@@ -118,27 +128,36 @@ class Recorder:
                 "trainer.fit(..., ckpt_path=<the Lightning checkpoint>) and the same store, or "
                 "record the new run into a new store; the store was not modified."
             )
-
-    def begin_stage(
-        self,
-        stage: schema.Stage,
-        manifest: list[dict[str, Any]],
-        frozen: TensorDict,
-        params: TensorDict,
-        buffers: TensorDict,
-        optimizer_state: Mapping[str, TensorDict],
-    ) -> schema.Stage:
-        """Start a stage: its entry, its frozen parameters and its stage-start checkpoint.
-
-        ``stage`` carries what the training framework knows; its position in the run (index,
-        first step, checkpoint plan, status) is filled in here. Returns the recorded stage.
-        """
-        self.check_can_begin(manifest)
-        if stage.name in [s.name for s in self.writer.stages]:
+        if stage.name in [s.name for s in stages]:
             raise StoreError(
                 f"stage {stage.name!r} is already recorded in {self.writer.url}. Give the new "
                 "stage another name (SourceCallback(stage=...) or callback.next_stage(...))."
             )
+        if not stages:
+            return None
+        previous = schema.stage_manifest(stages[-1], self.writer.root)
+        return match_stages(
+            previous, stage.manifest or [], identity=identity, renamed=renamed, stage=stage.name
+        )
+
+    def begin_stage(
+        self,
+        stage: schema.Stage,
+        frozen: TensorDict,
+        params: TensorDict,
+        buffers: TensorDict,
+        optimizer_state: Mapping[str, TensorDict],
+        *,
+        identity: Mapping[str, str] | None = None,
+        renamed: Mapping[str, str | None] | None = None,
+    ) -> schema.Stage:
+        """Start a stage: its entry, its frozen parameters and its stage-start checkpoint.
+
+        ``stage`` carries what the training framework knows, including the model's manifest;
+        its position in the run (index, first step, checkpoint plan, status) and how its model
+        continues the previous stage's are filled in here. Returns the recorded stage.
+        """
+        continuation = self.check_can_begin(stage, identity, renamed)
         self.stage_index = len(self.writer.stages)
         self.first_step = self.next_step = self.writer.num_steps
         local = interior_steps(stage.estimated_steps or math.inf, stage.checkpoints_per_stage)
@@ -151,8 +170,8 @@ class Recorder:
             first_step=self.first_step,
             last_step=None,
             planned_checkpoints=planned,
+            continues=None if continuation is None else continuation.to_json(),
         )
-        self.writer.set_manifest(manifest)
         self.writer.add_stage(stage)
         if frozen:
             self._submit(self.writer.write_frozen, self.stage_index, to_cpu(frozen))

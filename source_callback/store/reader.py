@@ -14,6 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from source_callback.errors import StoreError
+from source_callback.lineage import Continuation
 from source_callback.manifest import Manifest
 from source_callback.optim import OptimizerRecord
 from source_callback.store import location, schema
@@ -201,8 +202,27 @@ class Run:
 
     @property
     def manifest(self) -> Manifest:
-        """The model's parameters and buffers (name, kind, shape, dtype)."""
-        return list(self._root.attrs.get(schema.ATTR_MANIFEST, []))
+        """The last stage's model: its parameters and buffers (name, kind, shape, dtype)."""
+        if not self.stages:
+            return []
+        return self.stage_manifest(len(self.stages) - 1)
+
+    def stage_manifest(self, index: int) -> Manifest:
+        """The parameters and buffers of stage ``index``'s model."""
+        return schema.stage_manifest(self.stages[index], self._root)
+
+    def continuation(self, index: int) -> Continuation | None:
+        """How stage ``index``'s tensors continue stage ``index - 1``'s (``None`` for the first).
+
+        Stores of format version 1 recorded one model for the whole run: every tensor continues
+        the one of its name.
+        """
+        if index == 0:
+            return None
+        stage = self.stages[index]
+        if stage.continues is None:
+            return Continuation.same_names(self.stage_manifest(index))
+        return Continuation.from_json(stage.continues)
 
     @cached_property
     def stages(self) -> list[Stage]:

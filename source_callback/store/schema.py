@@ -1,4 +1,4 @@
-"""The store's schema: every group, array and attribute name of format version 1.
+"""The store's schema: every group, array and attribute name of format version 2.
 
 This is the only module that spells the store's names. The writer and the reader import them
 from here; ``docs/store-format.md`` documents the same layout for people.
@@ -18,13 +18,13 @@ from source_callback.errors import FormatVersionError, NotAStoreError
 from source_callback.optim import OptimizerRecord
 
 FORMAT_NAME = "source-callback"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Root attributes.
 ATTR_FORMAT = "source_callback"  # {"format": FORMAT_NAME, "version": FORMAT_VERSION}
 ATTR_VERSIONS = "library_versions"
 ATTR_STATUS = "status"
-ATTR_MANIFEST = "model_manifest"
+ATTR_MANIFEST = "model_manifest"  # format 1 only: the run's one manifest (now per stage)
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"
 
@@ -148,6 +148,13 @@ _NUMPY_LACKS = {
 }
 
 
+def stage_manifest(stage: Stage, root: zarr.Group) -> list[dict[str, Any]]:
+    """The manifest of ``stage``'s model (the run's one manifest in format-1 stores)."""
+    if stage.manifest is not None:
+        return stage.manifest
+    return list(root.attrs.get(ATTR_MANIFEST, []))
+
+
 def check_format(root: zarr.Group, url: str) -> None:
     """Raise unless ``root`` is a source-callback store of a version this library reads."""
     marker = root.attrs.get(ATTR_FORMAT)
@@ -256,6 +263,14 @@ class Stage:
         The optimizer's description.
     trainable, frozen
         Names of the parameters the optimizer updates, and of the others.
+    manifest
+        The model's tensors in this stage (:func:`source_callback.manifest.model_manifest`);
+        ``None`` in stores of format version 1, where the run's one manifest holds.
+    continues
+        This stage's tensor name -> ``[the previous stage's name, how it was matched]`` for
+        every tensor that continues one of the previous stage
+        (:class:`source_callback.lineage.Continuation`); ``None`` for the first stage and in
+        stores of format version 1 (where every tensor continues the one of its name).
 
     """
 
@@ -276,6 +291,8 @@ class Stage:
     optimizer: OptimizerRecord
     trainable: list[str]
     frozen: list[str]
+    manifest: list[dict[str, Any]] | None = None
+    continues: dict[str, list[str]] | None = None
 
     @property
     def num_steps(self) -> int | None:
@@ -296,6 +313,7 @@ class Stage:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Stage:
         """Inverse of :meth:`to_json`."""
-        values = {f.name: data[f.name] for f in fields(cls)}
+        # Fields with defaults are absent from stores of earlier format versions.
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         values["optimizer"] = OptimizerRecord.from_json(data["optimizer"])
         return cls(**values)

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from source_callback.errors import ManifestMismatchError, StoreError
-from source_callback.manifest import manifest_differences
+from source_callback.errors import StoreError
 from source_callback.store import location, schema
 
 TensorDict = Mapping[str, torch.Tensor]
@@ -98,26 +97,7 @@ class StoreWriter:
             schema.check_format(root, url)
         return cls(root, url)
 
-    # -- model manifest and stages -----------------------------------------------------------
-
-    def check_manifest(self, manifest: list[dict[str, Any]]) -> None:
-        """Raise when ``manifest`` differs from the recorded one (no-op on a new store)."""
-        recorded = self.root.attrs.get(schema.ATTR_MANIFEST)
-        if recorded is None:
-            return
-        problems = manifest_differences(recorded, manifest)
-        if problems:
-            shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
-            raise ManifestMismatchError(
-                f"the model does not match the one recorded in {self.url} ({len(problems)} "
-                f"difference(s): {shown}). Record this model into a new store, or pass the "
-                "model architecture the store was recorded with; the store was not modified."
-            )
-
-    def set_manifest(self, manifest: list[dict[str, Any]]) -> None:
-        """Record the model manifest (first stage only; later stages are checked against it)."""
-        if schema.ATTR_MANIFEST not in self.root.attrs:
-            self.root.attrs[schema.ATTR_MANIFEST] = manifest
+    # -- stages -----------------------------------------------------------
 
     @property
     def stages(self) -> list[schema.Stage]:

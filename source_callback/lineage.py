@@ -1,0 +1,234 @@
+"""Which tensor of one stage is which of the next: models that change between stages.
+
+A stage may wrap or rename the model (peft's ``get_peft_model``, ``torch.compile``), add tensors
+(adapters, a new head) or drop some. Each stage records its own manifest and, for every tensor
+that continues a tensor of the previous stage, that tensor's name there and how the two were
+matched (``Continuation``). Recording decides the matching; the analysis composes the stages'
+matches to follow every tensor of its model back through the stages in which it existed.
+
+Matching, in order of precedence:
+
+1. ``explicit``: names the user gave (``SourceCallback.next_stage(..., renamed={new: old})``;
+   ``old=None`` marks a tensor as new).
+2. ``identity``: the same tensor object, when the recording process saw both stages.
+3. ``name``: the same name.
+4. ``rule``: the same name after removing the components that wrappers insert
+   (:data:`WRAPPER_COMPONENTS`): ``_orig_mod`` (``torch.compile``), ``base_model.model``
+   (peft's model wrapper) and ``base_layer`` (a layer wrapped by a peft adapter).
+
+A match must keep the kind, shape and dtype; one that does not, or a name that several tensors
+claim, is an error naming the tensors: nothing is matched silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from source_callback.errors import ManifestMismatchError
+from source_callback.manifest import Manifest
+
+#: Name components that wrappers insert, removed before names are compared (rule ``rule``).
+WRAPPER_COMPONENTS: tuple[tuple[str, ...], ...] = (
+    ("base_model", "model"),
+    ("_orig_mod",),
+    ("base_layer",),
+)
+
+EXPLICIT, IDENTITY, NAME, RULE = "explicit", "identity", "name", "rule"
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without wrapper components (:data:`WRAPPER_COMPONENTS`).
+
+    Examples
+    --------
+    >>> unwrapped_name("model.base_model.model.layers.0.q_proj.base_layer.weight")
+    'model.layers.0.q_proj.weight'
+    >>> unwrapped_name("_orig_mod.head.bias")
+    'head.bias'
+
+    """
+    parts = name.split(".")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        for component in WRAPPER_COMPONENTS:
+            if tuple(parts[i : i + len(component)]) == component and i + len(component) < len(
+                parts
+            ):
+                i += len(component)
+                break
+        else:
+            out.append(parts[i])
+            i += 1
+    return ".".join(out)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """How a stage's tensors continue the previous stage's.
+
+    Attributes
+    ----------
+    previous
+        This stage's tensor name -> the previous stage's name, for every continued tensor.
+    matched_by
+        This stage's tensor name -> ``explicit``, ``identity``, ``name`` or ``rule``.
+    """
+
+    previous: dict[str, str]
+    matched_by: dict[str, str]
+
+    def to_json(self) -> dict[str, list[str]]:
+        """Plain-JSON form: ``{name: [previous name, how]}``."""
+        return {name: [old, self.matched_by[name]] for name, old in self.previous.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, list[str]]) -> Continuation:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            {name: entry[0] for name, entry in data.items()},
+            {name: entry[1] for name, entry in data.items()},
+        )
+
+    @classmethod
+    def same_names(cls, manifest: Manifest) -> Continuation:
+        """Every tensor continues the one of the same name (stores of format version 1)."""
+        names = [e["name"] for e in manifest]
+        return cls(dict(zip(names, names, strict=True)), dict.fromkeys(names, NAME))
+
+
+def _mismatch(new: Mapping[str, Any], old: Mapping[str, Any]) -> str | None:
+    for key in ("kind", "shape", "dtype"):
+        if new[key] != old[key]:
+            return f"{key} {old[key]} in the previous stage, {new[key]} now"
+    return None
+
+
+def match_stages(
+    previous: Manifest,
+    current: Manifest,
+    *,
+    identity: Mapping[str, str] | None = None,
+    renamed: Mapping[str, str | None] | None = None,
+    stage: str = "the new stage",
+) -> Continuation:
+    """Match the tensors of ``current`` (a new stage's manifest) to those of ``previous``.
+
+    Parameters
+    ----------
+    previous, current
+        The previous stage's manifest and the new stage's.
+    identity
+        Current name -> previous name of tensors known to be the same object.
+    renamed
+        Current name -> previous name (or ``None``: a new tensor), given by the user.
+    stage
+        The new stage's name, for messages.
+
+    Raises
+    ------
+    ManifestMismatchError
+        A match changes a tensor's kind, shape or dtype; several tensors claim one previous
+        tensor; ``renamed`` names a tensor that does not exist; or nothing continues.
+    """
+    old = {e["name"]: e for e in previous}
+    new = {e["name"]: e for e in current}
+    renamed = dict(renamed or {})
+    unknown = [n for n in renamed if n not in new] + [
+        o for o in renamed.values() if o is not None and o not in old
+    ]
+    if unknown:
+        raise ManifestMismatchError(
+            f"renamed= for stage {stage!r} names tensors the models do not have: {unknown}. "
+            "Keys are names in the new stage's model, values names in the previous stage's."
+        )
+    matches: dict[str, tuple[str, str]] = {
+        n: (o, EXPLICIT) for n, o in renamed.items() if o is not None
+    }
+    open_new = [n for n in new if n not in renamed]
+    for n in open_new:
+        if identity and n in identity and identity[n] in old:
+            matches[n] = (identity[n], IDENTITY)
+    taken = {o for o, _ in matches.values()}
+    unmatched_old = [o for o in old if o not in taken]
+    for n in (n for n in open_new if n not in matches and n in unmatched_old):
+        matches[n] = (n, NAME)
+    taken = {o for o, _ in matches.values()}
+    by_rule: dict[str, list[str]] = {}
+    for o in (o for o in old if o not in taken):
+        by_rule.setdefault(unwrapped_name(o), []).append(o)
+    claims: dict[str, list[str]] = {}
+    for n in (n for n in open_new if n not in matches):
+        candidates = by_rule.get(unwrapped_name(n), [])
+        if len(candidates) > 1:
+            raise ManifestMismatchError(
+                f"tensor {n} of stage {stage!r} could continue any of {candidates} of the "
+                "previous stage. Say which with next_stage(..., renamed={new name: old name})."
+            )
+        if candidates:
+            claims.setdefault(candidates[0], []).append(n)
+    for o, claimants in claims.items():
+        if len(claimants) > 1:
+            raise ManifestMismatchError(
+                f"tensors {claimants} of stage {stage!r} all continue {o} of the previous stage "
+                "by name. Say which one does with next_stage(..., renamed={new name: old name})."
+            )
+        matches[claimants[0]] = (o, RULE)
+    problems = [
+        f"{n} (continues {o} by {how}): {why}"
+        for n, (o, how) in sorted(matches.items())
+        if (why := _mismatch(new[n], old[o])) is not None
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+        raise ManifestMismatchError(
+            f"the model of stage {stage!r} does not continue the previous stage's "
+            f"({len(problems)} difference(s): {shown}). If the stage replaces these tensors on "
+            "purpose, mark them as new with next_stage(..., renamed={name: None}); otherwise "
+            "record this model into a new store. The store was not modified."
+        )
+    if old and not matches:
+        raise ManifestMismatchError(
+            f"no tensor of the model of stage {stage!r} continues one of the previous stage's "
+            f"({len(old)} tensors, e.g. {next(iter(old))}): it is another model. Record it into "
+            "a new store. The store was not modified."
+        )
+    return Continuation(
+        {n: o for n, (o, _) in matches.items()}, {n: how for n, (_, how) in matches.items()}
+    )
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """What a stage changed in the model, for people: ``inspect`` and the report.
+
+    Attributes
+    ----------
+    renamed
+        ``(previous name, name, how matched)`` of continued tensors whose name changed.
+    added
+        Names of tensors the previous stage did not have.
+    dropped
+        Names of the previous stage's tensors this stage does not have.
+    kept
+        Number of tensors continued under the same name.
+    """
+
+    renamed: list[tuple[str, str, str]]
+    added: list[str]
+    dropped: list[str]
+    kept: int
+
+
+def stage_change(previous: Manifest, current: Manifest, continuation: Continuation) -> StageChange:
+    """Summarise ``continuation`` between two manifests."""
+    continued = continuation.previous
+    return StageChange(
+        renamed=sorted((o, n, continuation.matched_by[n]) for n, o in continued.items() if n != o),
+        added=[e["name"] for e in current if e["name"] not in continued],
+        dropped=sorted({e["name"] for e in previous} - set(continued.values())),
+        kept=sum(1 for n, o in continued.items() if n == o),
+    )
