@@ -18,6 +18,7 @@ import torch
 from source_callback import AnalysisResult, Task, analyze
 from source_callback.describe import batch_label, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
+from source_callback.lineage import stage_change
 from source_callback.manifest import Manifest
 from source_callback.store.reader import Checkpoint, Run, open_run
 from source_callback.store.schema import Stage
@@ -105,6 +106,40 @@ def _manifest_lines(manifest: Manifest) -> list[str]:
             f"  {label:<10}  {len(entries)} tensors, {numel:,} values, {format_bytes(nbytes)}"
         )
     return ["model", *lines]
+
+
+SHOWN_CHANGES = 5  # renamed, added and dropped tensors listed per stage by ``inspect``
+
+
+def _listed(label: str, names: Sequence[str]) -> list[str]:
+    """``label`` and the first names, one a line, then how many more."""
+    more = len(names) - SHOWN_CHANGES
+    lines = [f"      {label if i == 0 else '':<8} {n}" for i, n in enumerate(names[:SHOWN_CHANGES])]
+    return lines + ([f"      {'':<8} ... {more} more"] if more > 0 else [])
+
+
+def _model_change_lines(run: Run) -> list[str]:
+    """Per stage after the first: how its model's tensors continue the previous stage's."""
+    lines = []
+    for index in range(1, len(run.stages)):
+        continuation = run.continuation(index)
+        assert continuation is not None
+        change = stage_change(
+            run.stage_manifest(index - 1), run.stage_manifest(index), continuation
+        )
+        how = sorted(set(continuation.matched_by.values()))
+        counts = ", ".join(
+            f"{sum(1 for v in continuation.matched_by.values() if v == h)} by {h}" for h in how
+        )
+        lines.append(
+            f"  {index} {run.stages[index].name}: {len(continuation.previous)} tensors continue "
+            f"({counts or 'none'}), {len(change.added)} added, {len(change.dropped)} dropped"
+        )
+        renamed = [f"{old} -> {new} ({by})" for old, new, by in change.renamed]
+        lines += _listed("renamed", renamed)
+        lines += _listed("added", change.added)
+        lines += _listed("dropped", change.dropped)
+    return ["model changes between stages", *lines] if lines else []
 
 
 def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]:
@@ -243,6 +278,7 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
         )
     sections += [
         _manifest_lines(run.manifest),
+        *filter(None, [_model_change_lines(run)]),
         _stage_lines(stages, stage_column),
         _learning_rate_lines(stages, stage_column, learning_rates),
         _checkpoint_lines(run.checkpoints, stages),

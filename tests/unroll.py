@@ -76,6 +76,17 @@ def call(model: nn.Module, params: Params, *args: torch.Tensor) -> torch.Tensor:
     return functional_call(model, params, args)
 
 
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    """``√v`` whose derivative is 0 where ``v`` is 0.
+
+    Adam's second moment is exactly 0 where a gradient always was (embedding rows of tokens no
+    batch held, for every ε): there the update does not depend on ε, but the plain square
+    root's infinite slope times a zero derivative would give NaN.
+    """
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, 1.0).sqrt(), 0.0)
+
+
 def adam_replay(
     model: nn.Module,
     start: Params,
@@ -87,29 +98,35 @@ def adam_replay(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     decoupled: bool = True,
+    frozen: frozenset[str] = frozenset(),
 ) -> Params:
-    """PyTorch Adam (``decoupled=False``) or AdamW with per-example loss weights."""
+    """PyTorch Adam (``decoupled=False``) or AdamW with per-example loss weights.
+
+    Parameters in ``frozen`` enter the loss (carrying their graph) but are not updated.
+    """
     params = _differentiable(start)
-    m = {n: torch.zeros_like(p) for n, p in params.items()}
-    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    trained = [n for n in params if n not in frozen]
+    m = {n: torch.zeros_like(params[n]) for n in trained}
+    v = {n: torch.zeros_like(params[n]) for n in trained}
     beta1, beta2 = betas
     for k, (idx, lr) in enumerate(zip(batches, lrs, strict=True), start=1):
         objective = (weights[idx] * loss(model, params, idx)).mean()
         grads = dict(
             zip(
-                params,
-                torch.autograd.grad(objective, list(params.values()), create_graph=True),
+                trained,
+                torch.autograd.grad(objective, [params[n] for n in trained], create_graph=True),
                 strict=True,
             )
         )
-        new = {}
-        for n, p in params.items():
+        new = dict(params)
+        for n in trained:
+            p = params[n]
             g = grads[n] if decoupled else grads[n] + weight_decay * p
             if decoupled:
                 p = p * (1 - lr * weight_decay)
             m[n] = beta1 * m[n] + (1 - beta1) * g
             v[n] = beta2 * v[n] + (1 - beta2) * g * g
-            denom = (v[n] / (1 - beta2**k)).sqrt() + eps
+            denom = _sqrt(v[n] / (1 - beta2**k)) + eps
             new[n] = p - lr / (1 - beta1**k) * m[n] / denom
         params = new
     return params

@@ -178,8 +178,8 @@ def analyze(
     incomplete = [s.name for s in recorded.stages if not s.complete]
     if not recorded.stages or incomplete:
         raise AnalysisError(
-            f"{recorded.url} has incomplete stage(s) {incomplete or 'none recorded'}; analyze needs "
-            "every stage recorded to its end."
+            f"{recorded.url} has incomplete stage(s) {incomplete or 'none recorded'}; analyze "
+            "needs every stage recorded to its end."
         )
     task = resolve_task(task)
     if fisher == "exact" and not isinstance(task, ExactFisherTask):

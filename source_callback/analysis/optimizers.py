@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -91,37 +91,58 @@ def adam_preconditioner(
     coordinate by at most about the learning rate per step whatever its gradient, but the
     fixed-P linearisation would amplify any gradient there by ``1/eps``; the floor, relative to
     the parameter's median, bounds that amplification.
+
+    A parameter whose ``v̂`` is zero everywhere at a checkpoint has received no gradient yet
+    (LoRA's ``A`` while ``B`` is still zero): that checkpoint says nothing about its scale and
+    does not contribute. Where no checkpoint of the segment has one, the first later checkpoint
+    of the stage that does gives it (``segment.later``).
     """
-    sums: dict[str, torch.Tensor] = {}
-    used = 0
-    for checkpoint in segment.checkpoints:
+    modules = stage_modules(engine, stage)
+    params = [p for n, m in modules.items() for p in filter(None, ekfac.module_param_names(n, m))]
+    roots: dict[str, list[tuple[torch.Tensor, float]]] = {p: [] for p in params}
+
+    def collect(checkpoint: Any, wanted: list[str]) -> bool:
+        """Add the checkpoint's scale of each ``wanted`` parameter; False without state."""
         state = checkpoint.optimizer_state()
         if not state:
-            continue
-        used += 1
+            return False
         row = checkpoint.step - 1  # the state is the one after the previous step
-        per_param = {}
-        modules = stage_modules(engine, stage)
-        for name, module in modules.items():
-            for param in filter(None, ekfac.module_param_names(name, module)):
-                group = group_of(stage, param)
-                entry = state[param]
-                v = entry.get("max_exp_avg_sq", entry["exp_avg_sq"]).double()
-                beta2, eps = steps["beta2"][row, group], steps["eps"][row, group]
-                root = (v / (1 - beta2 ** entry["step"].double())).sqrt()
-                root = root.clamp_min(floor * float(root.median()))
-                per_param[param] = 1 / (root + eps)
-        for name, module in modules.items():
-            weight, bias = ekfac.module_param_names(name, module)
-            matrix = ekfac.weight_matrix(module, per_param[weight], per_param.get(bias))
-            sums[name] = sums.get(name, 0) + matrix.to(engine.device)
-    if not used:
+        for param in wanted:
+            group = group_of(stage, param)
+            entry = state[param]
+            v = entry.get("max_exp_avg_sq", entry["exp_avg_sq"]).double()
+            beta2 = steps["beta2"][row, group]
+            root = (v / (1 - beta2 ** entry["step"].double())).sqrt()
+            if root.any():
+                roots[param].append((root, float(steps["eps"][row, group])))
+        return True
+
+    if not sum(collect(c, params) for c in segment.checkpoints):
         raise AnalysisError(
             f"segment of steps {segment.start}..{segment.end - 1} in stage {stage.name!r} has no "
             "checkpoint with Adam state (only the stage start). Use fewer segments, or record "
             "with a larger checkpoints_per_stage."
         )
-    return {name: total / used for name, total in sums.items()}
+    for checkpoint in segment.later:
+        pending = [p for p in params if not roots[p]]
+        if not pending:
+            break
+        collect(checkpoint, pending)
+    per_param = {}
+    shapes = {n: p.shape for n, p in engine.model.named_parameters(remove_duplicate=False)}
+    for param, found in roots.items():
+        if not found:  # no gradient all stage long: v̂ = 0, P = 1/eps as Adam has it
+            eps = float(steps["eps"][segment.start, group_of(stage, param)])
+            found = [(torch.zeros(shapes[param], dtype=torch.float64), eps)]
+        per_param[param] = sum(
+            1 / (root.clamp_min(floor * float(root.median())) + eps) for root, eps in found
+        ) / len(found)
+    out = {}
+    for name, module in modules.items():
+        weight, bias = ekfac.module_param_names(name, module)
+        matrix = ekfac.weight_matrix(module, per_param[weight], per_param.get(bias or ""))
+        out[name] = matrix.to(engine.device)
+    return out
 
 
 def module_rates(

@@ -41,6 +41,9 @@ class Segment:
         τ per parameter group: the sum of effective learning rates over the segment's steps.
     max_rate
         The largest effective learning rate of a step in the segment, per parameter group.
+    later
+        The stage's committed checkpoints after the segment, stage-end included: where a
+        parameter's optimizer state comes from when none inside the segment has one yet.
 
     """
 
@@ -50,6 +53,7 @@ class Segment:
     checkpoints: tuple[Checkpoint | CheckpointView, ...]
     lr_mass: np.ndarray
     max_rate: np.ndarray
+    later: tuple[Checkpoint | CheckpointView, ...] = ()
 
     @property
     def num_steps(self) -> int:
@@ -181,7 +185,8 @@ def plan_segments(
                 f"stages: {[s.name for s in run.stages]}"
             )
     steps = run.steps()
-    committed = [c for c in run.checkpoints if c.committed and c.role != ROLE_END]
+    every = [c for c in run.checkpoints if c.committed]
+    committed = [c for c in every if c.role != ROLE_END]
     out = []
     for stage in run.stages:
         spec = segments.get(stage.name, 1) if isinstance(segments, Mapping) else segments
@@ -197,5 +202,6 @@ def plan_segments(
                     "segments, or record with a larger checkpoints_per_stage."
                 )
             rows = rates[start - stage.first_step : end - stage.first_step]
-            out.append(Segment(stage.index, start, end, inside, rows.sum(0), rows.max(0)))
+            later = tuple(c for c in every if c.stage == stage.index and c.step >= end)
+            out.append(Segment(stage.index, start, end, inside, rows.sum(0), rows.max(0), later))
     return out
