@@ -154,3 +154,36 @@ def test_llama_lora_scores_match_unrolling(llama_lora) -> None:
     ]
     print(f"Llama + LoRA: Spearman {both:.3f}, per stage {per_stage[0]:.3f} / {per_stage[1]:.3f}")
     assert both > 0.0
+
+
+def test_batches_in_hugging_face_form_and_clear_errors() -> None:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from source_callback.analysis.task import ClassificationTask
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=24,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    model = LlamaForSequenceClassification(config)
+    ids = torch.randint(1, 24, (4, 6))
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 2, 1, 2]),
+    }
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    torch.testing.assert_close(ClassificationTask().loss(model, batch), expected)
+    lm = CausalLM(tiny_llama())
+    with pytest.raises(TypeError, match=r"got a list of 2 items.*mapping with 'input_ids'"):
+        LanguageModelingTask().loss(lm, [ids, ids])
+    with pytest.raises(TypeError, match=r"got a mapping with keys \['ids'\].*'labels'"):
+        ClassificationTask().loss(model, {"ids": ids})

@@ -7,6 +7,7 @@ same methods works.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -47,15 +48,47 @@ class ExactFisherTask(Task, Protocol):
         ...
 
 
-def _split(batch: Any) -> tuple[Any, torch.Tensor]:
-    if isinstance(batch, dict):
-        return batch["input"], batch["target"]
-    inputs, targets = batch[0], batch[1]
-    return inputs, targets
+SUPERVISED_FORMS = (
+    "a pair (inputs, targets), a mapping with 'input' and 'target', or a Hugging Face mapping "
+    "with 'labels' (its other entries, e.g. 'input_ids' and 'attention_mask', are passed to the "
+    "model as keyword arguments)"
+)
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"a mapping with keys {sorted(batch)}"
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)} items"
+    return f"a {type(batch).__name__}"
+
+
+def _outputs(out: Any) -> torch.Tensor:
+    """The model's output tensor: itself, or a Hugging Face output's ``logits``."""
+    return getattr(out, "logits", out)
+
+
+def _forward(model: nn.Module, batch: Any, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs on a supervised batch, and the batch's targets."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return _outputs(model(**inputs)), batch["labels"]
+    if isinstance(batch, Mapping) and {"input", "target"} <= batch.keys():
+        return _outputs(model(batch["input"])), batch["target"]
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return _outputs(model(batch[0])), batch[1]
+    raise TypeError(
+        f"{task} got {_describe(batch)} as a batch; it expects {SUPERVISED_FORMS}. Make the "
+        "dataset (or collate_fn) return one of those, or pass a Task of your own."
+    )
 
 
 class ClassificationTask:
-    """Cross-entropy classification: ``batch = (inputs, labels)``, the model returns logits.
+    """Cross-entropy classification; the model returns logits (or an output with ``.logits``).
+
+    A batch is ``(inputs, labels)``, ``{"input": ..., "target": ...}``, or a Hugging Face
+    mapping with ``labels`` whose other entries (``input_ids``, ``attention_mask``, ...) are
+    the model's keyword arguments.
 
     Parameters
     ----------
@@ -72,13 +105,12 @@ class ClassificationTask:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example cross-entropy."""
-        inputs, labels = _split(batch)
-        return F.cross_entropy(model(inputs), labels, reduction="none")
+        logits, labels = _forward(model, batch, type(self).__name__)
+        return F.cross_entropy(logits, labels, reduction="none")
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-query loss or margin."""
-        inputs, labels = _split(batch)
-        logits = model(inputs)
+        logits, labels = _forward(model, batch, type(self).__name__)
         if self.kind == "loss":
             return F.cross_entropy(logits, labels, reduction="none")
         correct = logits.gather(1, labels[:, None])[:, 0]
@@ -87,8 +119,7 @@ class ClassificationTask:
 
     def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Cross-entropy against labels sampled from the softmax."""
-        inputs, _ = _split(batch)
-        logits = model(inputs)
+        logits, _ = _forward(model, batch, type(self).__name__)
         probs = torch.softmax(logits.detach().double(), dim=1)
         sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
         return F.cross_entropy(logits, sampled, reduction="none")
@@ -96,8 +127,7 @@ class ClassificationTask:
     def exact_pseudo_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """One loss per class: ``⟨r_k, logits⟩`` with ``Σ_k r_k r_kᵀ = diag(p) − ppᵀ``."""
         # diag(p) − ppᵀ = Σ_k r_k r_kᵀ with r_k = √p_k (e_k − p); ⟨r_k, logits⟩ has gradient Jᵀr_k.
-        inputs, _ = _split(batch)
-        logits = model(inputs)
+        logits, _ = _forward(model, batch, type(self).__name__)
         p = torch.softmax(logits.detach(), dim=1)
         eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
         r = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])  # [K, B, C]
@@ -105,7 +135,7 @@ class ClassificationTask:
 
 
 class RegressionTask:
-    """Mean-squared-error regression: ``batch = (inputs, targets)``.
+    """Mean-squared-error regression; batches as for :class:`ClassificationTask`.
 
     The per-example loss is the squared error averaged over output dimensions (so its dataset
     mean is ``F.mse_loss``); the measurement is the same per-query loss.
@@ -113,8 +143,7 @@ class RegressionTask:
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-example squared error, averaged over output dimensions."""
-        inputs, targets = _split(batch)
-        out = model(inputs)
+        out, targets = _forward(model, batch, type(self).__name__)
         return ((out - targets.reshape(out.shape)) ** 2).reshape(len(out), -1).mean(1)
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -124,8 +153,7 @@ class RegressionTask:
     def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Squared error against targets sampled around the prediction."""
         # L = mean_d (f_d − y_d)²: H_out = (2/D) I, matched by y ~ N(f, D/2 · I).
-        inputs, _ = _split(batch)
-        out = model(inputs)
+        out, _ = _forward(model, batch, type(self).__name__)
         flat = out.reshape(len(out), -1)
         dims = flat.shape[1]
         noise = torch.randn(flat.shape, generator=generator, dtype=torch.float64)
@@ -135,8 +163,7 @@ class RegressionTask:
     def exact_pseudo_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """One loss per output dimension: ``√(2/D) f_d``."""
         # H_out = (2/D) I = Σ_k r_k r_kᵀ with r_k = √(2/D) e_k.
-        inputs, _ = _split(batch)
-        out = model(inputs)
+        out, _ = _forward(model, batch, type(self).__name__)
         flat = out.reshape(len(out), -1)
         dims = flat.shape[1]
         return (2 / dims) ** 0.5 * flat.T
@@ -163,10 +190,17 @@ class LanguageModelingTask:
 
     @staticmethod
     def _logits_and_labels(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(
+                f"LanguageModelingTask got {_describe(batch)} as a batch; it expects a mapping "
+                "with 'input_ids' [batch, tokens] and optionally 'attention_mask' and 'labels' "
+                "(-100 where no loss), as Hugging Face tokenizers and collators make. Make the "
+                "dataset return such dicts, or pass a Task of your own."
+            )
         inputs = batch["input_ids"]
         mask = batch.get("attention_mask")
         out = model(inputs) if mask is None else model(inputs, attention_mask=mask)
-        logits = getattr(out, "logits", out)
+        logits = _outputs(out)
         labels = batch.get("labels", inputs).clone()
         if mask is not None:
             labels[mask == 0] = -100
