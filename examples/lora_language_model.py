@@ -228,20 +228,22 @@ class TransformerLM(pl.LightningModule):
         if self.stage == "pretrain":
             return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
         optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
-        total = self.trainer.estimated_stepping_batches
-        warmup = max(1, total // 10)
-        scheduler = SequentialLR(
-            optimizer,
-            [
-                LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup),
-                CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
-            ],
-            milestones=[warmup],
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return warmup_cosine(optimizer, int(self.trainer.estimated_stepping_batches))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int) -> dict[str, Any]:
+    """Lightning's optimizer configuration: a linear warmup over a tenth of ``total`` steps,
+    then cosine decay, stepped every optimizer step."""
+    warmup = max(1, total // 10)
+    scheduler = SequentialLR(
+        optimizer,
+        [
+            LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup),
+            CosineAnnealingLR(optimizer, T_max=max(1, total - warmup)),
+        ],
+        milestones=[warmup],
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def record(store: Path, quick: bool = False, progress: bool = True) -> TransformerLM:
@@ -309,10 +311,25 @@ def attribute(
         batch_size=64,
         verbose=not quick,
     )
+    show(model, query, result, train, top)
+    return completion, result
+
+
+def show(
+    model: nn.Module,
+    query: Sequences,
+    result: AnalysisResult,
+    train: dict[str, Sequences],
+    top: int,
+) -> None:
+    """Print the query, its most helpful and harmful training sequences, and stage effects."""
     with torch.no_grad():
         nll = float(LanguageModelingTask().measurement(model, next(iter(DataLoader(query)))))
+    prompt_tokens = int((query.labels[0] == -100).sum())
+    prompt, completion = decode(query.ids[0, :prompt_tokens]), decode(query.ids[0, prompt_tokens:])
     print(f"\nprompt:     {prompt}\ncompletion: {completion}   (negative log-likelihood {nll:.3f})")
-    for stage, title in (("finetune", "fine-tuning facts"), ("pretrain", "pretraining stories")):
+    first, last = result.stage_names
+    for stage, title in ((last, "fine-tuning facts"), (first, "pretraining stories")):
         order = result.scores[stage][0].argsort()
         for side, indices in (("helpful", order[::-1][:top]), ("harmful", order[:top])):
             print(f"\nmost {side} {title} (score: the loss's rise if removed)")
@@ -325,8 +342,7 @@ def attribute(
     )
     print(f"\nstage effects on the completion's loss (removing the stage): {effects}")
     exact = result.last_stage_exact[0]
-    print(f"exact effect of removing finetune: {exact:+.3f} (the above is first order)")
-    return completion, result
+    print(f"exact effect of removing {last}: {exact:+.3f} (the above is first order)")
 
 
 def main() -> None:

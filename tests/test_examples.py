@@ -108,3 +108,28 @@ def test_mislabeled_digits(tmp_path, examples_path, one_thread, capsys) -> None:
     assert aucs["source"] > 0.9 and min(aucs.values()) > 0.8, aucs
     influence = load_analysis(store, "if")  # self-influence gᵀ(H + δ)⁻¹g / N is positive
     assert (np.asarray(influence.scores["train"])[np.arange(150), np.arange(150)] > 0).all()
+
+
+def test_hf_lora_finetune(tmp_path, examples_path, one_thread, capsys) -> None:
+    pytest.importorskip("peft")
+    from hf_lora_finetune import attribute, record
+    from lora_language_model import PLACES
+
+    store = tmp_path / "hf.zarr"
+    model = record(store, quick=True, progress=False)
+    run = open_run(store)
+    pretrain, finetune = run.stages
+    adapters = {name for name, _ in model.named_parameters() if ".lora_" in name}
+    assert len(adapters) == 2 * 7 * 2  # layers × projections × (A, B)
+    assert set(finetune.trainable) == adapters and not pretrain.frozen
+    continuation = run.continuation(1)
+    assert set(continuation.previous.values()) == set(pretrain.trainable)
+    assert set(continuation.matched_by.values()) == {"identity"}
+    assert set(finetune.frozen) == set(continuation.previous)  # the base model, frozen for LoRA
+
+    completion, result = attribute(store, model, "the fox lives in the", quick=True)
+    out = capsys.readouterr().out
+    assert "most helpful fine-tuning facts" in out and "stage effects" in out
+    assert completion.split()[0] in PLACES  # the fine-tuned model answers with a place
+    assert result.scores["pretrain"].shape == (1, pretrain.num_examples)
+    assert np.isfinite(result.stage_effects).all()
