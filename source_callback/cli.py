@@ -18,7 +18,6 @@ import torch
 from source_callback import AnalysisResult, Task, analyze
 from source_callback.describe import batch_label, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
-from source_callback.lineage import stage_change
 from source_callback.manifest import Manifest
 from source_callback.store.reader import Checkpoint, Run, open_run
 from source_callback.store.schema import Stage
@@ -119,24 +118,15 @@ def _listed(label: str, names: Sequence[str]) -> list[str]:
 
 
 def _model_change_lines(run: Run) -> list[str]:
-    """Per stage after the first: how its model's tensors continue the previous stage's."""
+    """Per stage that changed the model: how its tensors continue the previous stage's."""
     lines = []
     for index in range(1, len(run.stages)):
-        continuation = run.continuation(index)
-        assert continuation is not None
-        change = stage_change(
-            run.stage_manifest(index - 1), run.stage_manifest(index), continuation
-        )
-        how = sorted(set(continuation.matched_by.values()))
-        counts = ", ".join(
-            f"{sum(1 for v in continuation.matched_by.values() if v == h)} by {h}" for h in how
-        )
-        lines.append(
-            f"  {index} {run.stages[index].name}: {len(continuation.previous)} tensors continue "
-            f"({counts or 'none'}), {len(change.added)} added, {len(change.dropped)} dropped"
-        )
-        renamed = [f"{old} -> {new} ({by})" for old, new, by in change.renamed]
-        lines += _listed("renamed", renamed)
+        change = run.stage_change(index)
+        assert change is not None
+        if not change.changed:
+            continue
+        lines.append(f"  {index} {run.stages[index].name}: {change.summary()}")
+        lines += _listed("renamed", [f"{old} -> {new} ({by})" for old, new, by in change.renamed])
         lines += _listed("added", change.added)
         lines += _listed("dropped", change.dropped)
     return ["model changes between stages", *lines] if lines else []

@@ -213,14 +213,28 @@ class StageChange:
         Names of tensors the previous stage did not have.
     dropped
         Names of the previous stage's tensors this stage does not have.
-    kept
-        Number of tensors continued under the same name.
+    matched_by
+        How many continued tensors each rule matched, e.g. ``{"identity": 12}``.
     """
 
     renamed: list[tuple[str, str, str]]
     added: list[str]
     dropped: list[str]
-    kept: int
+    matched_by: dict[str, int]
+
+    @property
+    def changed(self) -> bool:
+        """Whether any tensor was renamed, added or dropped."""
+        return bool(self.renamed or self.added or self.dropped)
+
+    def summary(self) -> str:
+        """One line, e.g. ``12 tensors continue (12 by identity), 4 added, 0 dropped``."""
+        continued = sum(self.matched_by.values())
+        how = ", ".join(f"{n} by {rule}" for rule, n in sorted(self.matched_by.items()))
+        return (
+            f"{continued} tensors continue ({how or 'none'}), {len(self.added)} added, "
+            f"{len(self.dropped)} dropped"
+        )
 
 
 def stage_change(previous: Manifest, current: Manifest, continuation: Continuation) -> StageChange:
@@ -230,5 +244,8 @@ def stage_change(previous: Manifest, current: Manifest, continuation: Continuati
         renamed=sorted((o, n, continuation.matched_by[n]) for n, o in continued.items() if n != o),
         added=[e["name"] for e in current if e["name"] not in continued],
         dropped=sorted({e["name"] for e in previous} - set(continued.values())),
-        kept=sum(1 for n, o in continued.items() if n == o),
+        matched_by={
+            rule: sum(1 for how in continuation.matched_by.values() if how == rule)
+            for rule in set(continuation.matched_by.values())
+        },
     )

@@ -11,6 +11,7 @@ from torch import nn
 from source_callback import AnalysisError, ManifestMismatchError, SourceCallback, analyze, open_run
 from source_callback.lineage import match_stages, unwrapped_name
 from source_callback.manifest import model_manifest
+from source_callback.report import write_report
 
 
 def _entry(name: str, shape=(2, 2), kind="parameter", dtype="torch.float32") -> dict:
@@ -114,6 +115,10 @@ def test_a_head_added_in_a_later_stage_is_constant_before(tmp_path) -> None:
     store, data = _record_two_stages(tmp_path)
     run = open_run(store)
     assert set(run.continuation(1).previous) == {e["name"] for e in run.stage_manifest(0)}
+    assert run.stage_change(1).added == ["extra.weight", "extra.bias"]
+    page = write_report(store, out=tmp_path / "report.html").read_text()
+    assert "Model changes between stages" in page
+    assert "Stage 1 (second): 4 tensors continue (4 by name), 2 added, 0 dropped." in page
     result = analyze(
         store,
         model=WithHead(),

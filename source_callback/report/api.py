@@ -16,6 +16,7 @@ from source_callback.report.page import Section, document
 from source_callback.report.render import Renderer, default_renderer
 from source_callback.report.sections import (
     analysis_section,
+    model_changes_section,
     run_section,
     stages_section,
     top_examples_section,
@@ -125,6 +126,7 @@ def write_report(
     sections: list[Section] = [
         run_section(run),
         stages_section(run, steps.get(STEP_STAGE, np.empty(0, dtype=np.int32))),
+        *filter(None, [model_changes_section(run)]),
     ]
     if run.num_steps:
         sections.append(training_section(run, run.learning_rates(), steps[STEP_LOSS], segments))

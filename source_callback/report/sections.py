@@ -78,6 +78,37 @@ def stages_section(run: Run, stage_column: np.ndarray) -> Section:
     return Section("stages", "Stages", [body])
 
 
+def model_changes_section(run: Run) -> Section | None:
+    """Per stage that changed the model: which tensors continue which, which were added or
+    dropped; ``None`` when no stage changed it.
+    """
+    parts = []
+    for index in range(1, len(run.stages)):
+        change = run.stage_change(index)
+        assert change is not None
+        if not change.changed:
+            continue
+        parts.append(paragraph(f"Stage {index} ({run.stages[index].name}): {change.summary()}."))
+        details = []
+        if change.renamed:
+            rows = [[escape(old), escape(new), escape(by)] for old, new, by in change.renamed]
+            details.append(table(("previous stage", "this stage", "matched by"), rows))
+        for label, names in (("added", change.added), ("dropped", change.dropped)):
+            if names:
+                details.append(paragraph(f"{label}: " + ", ".join(names)))
+        if details:
+            parts.append(f"<details><summary>tensors</summary>{''.join(details)}</details>")
+    if not parts:
+        return None
+    note = (
+        "A stage's model may be wrapped, renamed or extended (LoRA adapters, a new head). The "
+        "analysis follows each tensor through the stages in which it existed."
+    )
+    return Section(
+        "model-changes", "Model changes between stages", [*parts, paragraph(note, "note")]
+    )
+
+
 def training_section(
     run: Run,
     learning_rates: np.ndarray,

@@ -14,7 +14,7 @@ import zarr
 from zarr.core.sync import sync
 
 from source_callback.errors import StoreError
-from source_callback.lineage import Continuation
+from source_callback.lineage import Continuation, StageChange, stage_change
 from source_callback.manifest import Manifest
 from source_callback.optim import OptimizerRecord
 from source_callback.store import location, schema
@@ -210,6 +210,15 @@ class Run:
     def stage_manifest(self, index: int) -> Manifest:
         """The parameters and buffers of stage ``index``'s model."""
         return schema.stage_manifest(self.stages[index], self._root)
+
+    def stage_change(self, index: int) -> StageChange | None:
+        """What stage ``index`` changed in the model (``None`` for the first stage)."""
+        continuation = self.continuation(index)
+        if continuation is None:
+            return None
+        return stage_change(
+            self.stage_manifest(index - 1), self.stage_manifest(index), continuation
+        )
 
     def continuation(self, index: int) -> Continuation | None:
         """How stage ``index``'s tensors continue stage ``index - 1``'s (``None`` for the first).
