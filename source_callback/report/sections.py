@@ -79,8 +79,9 @@ def stages_section(run: Run, stage_column: np.ndarray) -> Section:
 
 
 def model_changes_section(run: Run) -> Section | None:
-    """Per stage that changed the model: which tensors continue which, which were added or
-    dropped; ``None`` when no stage changed it.
+    """Which tensors continue which, were added or dropped, per stage that changed the model.
+
+    ``None`` when no stage changed it.
     """
     parts = []
     for index in range(1, len(run.stages)):
