@@ -35,7 +35,8 @@ import numpy as np
 
 from source_callback import load_analysis
 from source_callback.analysis.results import AnalysisResult, Attribution, column_blocks
-from source_callback.store.writer import AnalysisWriter, StoreWriter
+from source_callback.store.analyses import AnalysisWriter
+from source_callback.store.writer import StoreWriter
 
 NAME = "synthetic"
 FULL = {"queries": 1000, "sizes": {"pretrain": 700_001, "finetune": 299_999}}

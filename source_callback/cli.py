@@ -19,8 +19,9 @@ from source_callback import AnalysisResult, Task, analyze
 from source_callback.describe import batch_label, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
+from source_callback.store.analyses import StoredAnalysis
 from source_callback.store.reader import Checkpoint, Run, open_run
-from source_callback.store.schema import Stage
+from source_callback.store.schema import INFO_CREATED, Stage
 
 PROG = "source-callback"
 EXIT_FAILURE = 1  # the command could not do its job
@@ -216,6 +217,30 @@ def _checkpoint_lines(checkpoints: Sequence[Checkpoint], stages: Sequence[Stage]
     return lines
 
 
+def _analysis_lines(analyses: Sequence[StoredAnalysis]) -> list[str]:
+    """One row per stored analysis: method, when, queries, segments, cache and status."""
+    rows = []
+    for entry in analyses:
+        config = entry.info.get("config", {})
+        if entry.committed:
+            status = "committed" + ("; a newer write was interrupted" if entry.writing else "")
+        else:
+            status = "never committed (interrupted)" if entry.writing else "empty"
+        rows.append(
+            (
+                entry.name,
+                str(config.get("method", "-")),
+                str(entry.info.get(INFO_CREATED, "-")),
+                str(entry.queries) if entry.committed else "-",
+                str(len(config.get("segments", []))) if entry.committed else "-",
+                "yes" if entry.cache else "no",
+                status,
+            )
+        )
+    headers = ("name", "method", "committed at", "queries", "segments", "cache", "status")
+    return [f"analyses ({len(rows)})", *(_format_table(headers, rows) if rows else ["  none"])]
+
+
 def store_size(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
     """Total size of a store's files as stored (compressed).
 
@@ -253,8 +278,8 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
     Returns
     -------
     str
-        Several sections separated by blank lines: store, model, stages, learning rates and
-        checkpoints.
+        Several sections separated by blank lines: store, model (and its changes between
+        stages), stages, learning rates, checkpoints and stored analyses.
 
     """
     steps = run.steps()  # empty until the first block of steps is written
@@ -272,6 +297,7 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
         _stage_lines(stages, stage_column),
         _learning_rate_lines(stages, stage_column, learning_rates),
         _checkpoint_lines(run.checkpoints, stages),
+        _analysis_lines(run.stored_analyses()),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections)
 

@@ -21,7 +21,6 @@ from source_callback.analysis.cache import (
     cache_info,
     create_gradients,
     gradients,
-    open_cache,
     read_operators,
     read_rows,
     stored_projection,
@@ -34,8 +33,15 @@ from source_callback.analysis.scores import MemoryScores
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, sweep
 from source_callback.errors import StoreError
 from source_callback.store import schema
+from source_callback.store.analyses import (
+    commit_cache,
+    create_cache,
+    open_cache,
+    reopen_cache,
+    write_analysis,
+)
 from source_callback.store.reader import open_run
-from source_callback.store.writer import StoreWriter, commit_cache, create_cache, write_analysis
+from source_callback.store.writer import StoreWriter
 
 SHAPES = {"net.0": (8, 7), "net.2": (3, 9), "": (2, 5)}
 
@@ -117,6 +123,7 @@ def test_operators_round_trip_exactly_and_act_identically(tmp_path: Path) -> Non
     operators = _operators()
     group = create_cache(url, None, "default", cache_info({}, {}))
     write_operators(group[schema.CACHE_OPERATORS], operators)
+    commit_cache(group)
 
     reopened = open_cache(url, None, "default")
     assert reopened is not None
@@ -179,7 +186,7 @@ def test_cache_arrays_are_float32_zstd_and_chunked_within_4096_row_blocks(
     assert rows * 2 * cols * 4 > schema.CACHE_CHUNK_BYTES or rows == schema.SCORE_CHUNK[1]
     (codec,) = array.compressors
     assert isinstance(codec, zarr.codecs.BloscCodec) and codec.cname.value == "zstd"
-    assert gradients(open_cache(url, None, "default"), 2).chunks == (rows, cols)
+    assert gradients(reopen_cache(url, None, "default"), 2).chunks == (rows, cols)
 
 
 def test_a_row_wider_than_the_chunk_limit_is_split_into_columns() -> None:
@@ -194,12 +201,13 @@ def test_blocks_written_by_separate_writers_touch_only_their_chunks(tmp_path: Pa
     create_gradients(group, 0, rows=9000, width=width)
     block = np.random.default_rng(0).standard_normal((4096, width)).astype(np.float32)
     # A second "process": opens the store on its own and writes rows 4096..8191 only.
-    writer = gradients(open_cache(url, None, "default", mode="r+"), 0)
+    writer = gradients(reopen_cache(url, None, "default"), 0)
     writer[4096:8192] = block
     stored = sorted(
         int(p.parent.name) for p in (Path(url) / writer.path / "c").rglob("*") if p.is_file()
     )
     assert stored == [4, 5, 6, 7]
+    commit_cache(group)
     array = gradients(open_cache(url, None, "default"), 0)
     np.testing.assert_array_equal(read_rows(array, 4096, 8192), block)
     with pytest.raises(StoreError, match="never"):
@@ -272,12 +280,18 @@ def test_cache_lives_beside_the_analysis_and_leaves_it_intact(tmp_path: Path) ->
     group = create_cache(url, None, "default", cache_info({"a": 1}, {}))
     create_gradients(group, 0, rows=3, width=2)
     commit_cache(group)
-    # Replacing the cache drops the old one's contents only.
+    # A new cache is written beside the committed one, which stays readable until it commits.
     group = create_cache(url, None, "default", cache_info({"a": 2}, {}))
     assert list(group[schema.CACHE_GRADIENTS].array_keys()) == []
+    old = open_cache(url, None, "default")
+    assert old.attrs[schema.ATTR_CACHE]["config"] == {"a": 1}
+    assert list(old[schema.CACHE_GRADIENTS].array_keys()) == [schema.segment_key(0)]
+    commit_cache(group)
+    assert open_cache(url, None, "default").attrs[schema.ATTR_CACHE]["config"] == {"a": 2}
+    assert old.path not in zarr.open_group(url, mode="r")  # the superseded version is deleted
     run = open_run(url)
     assert run.analyses == ["default"]
     _, arrays, others = run.analysis("default")
     np.testing.assert_array_equal(arrays[0][...], scores[0])
     assert set(others) == {schema.ANALYSIS_EFFECTS, schema.ANALYSIS_LAST_EXACT}
-    assert group.path == f"{schema.ANALYSES}/default/{schema.ANALYSIS_CACHE}"
+    assert group.path.startswith(f"{schema.ANALYSES}/default/{schema.CACHE_VERSION}-")

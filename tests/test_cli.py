@@ -84,7 +84,8 @@ def test_inspect_summarizes_the_run(store: Path, capsys: pytest.CaptureFixture[s
     assert "finetune  group 1: 0.001 (constant)" in out
     assert "checkpoints (6, 6 committed)" in out
     assert "warning" not in out
-    checkpoint_rows = [line.split() for line in out.split("checkpoints (")[1].splitlines()[2:]]
+    checkpoints = out.split("checkpoints (")[1].split("\n\n")[0]
+    checkpoint_rows = [line.split() for line in checkpoints.splitlines()[2:]]
     assert [(r[0], r[1], r[2], r[3]) for r in checkpoint_rows] == [
         ("0", "pretrain", "stage-start", "yes"),
         ("6", "pretrain", "interior", "yes"),
@@ -94,6 +95,7 @@ def test_inspect_summarizes_the_run(store: Path, capsys: pytest.CaptureFixture[s
         ("17", "finetune", "stage-end", "yes"),
     ]
     assert "size on disk    unknown" not in out
+    assert "analyses (0)\n  none" in out
 
 
 def test_inspect_warns_about_uncommitted_checkpoints(
@@ -278,6 +280,28 @@ def test_analyze_stores_what_analyze_computes(
     )
     for stage in ("pretrain", "finetune"):
         np.testing.assert_allclose(np.asarray(stored.scores[stage]), direct.scores[stage])
+    code, out, _ = inspect(capsys, str(copy))
+    listed = out.split("analyses (1)\n")[1].splitlines()
+    assert listed[0].split() == [
+        "name",
+        "method",
+        "committed",
+        "at",
+        "queries",
+        "segments",
+        "cache",
+        "status",
+    ]
+    name, method, when, queries, segments, cache, status = listed[1].split()
+    assert (name, method, queries, segments, cache, status) == (
+        "cli",
+        "source",
+        "3",
+        "2",
+        "no",
+        "committed",
+    )
+    assert when.startswith("20") and when.endswith("+00:00")
 
 
 def test_analyze_reads_toml(

@@ -14,8 +14,10 @@ import zarr
 
 from source_callback import AnalysisResult, load_analysis
 from source_callback.analysis.results import column_blocks
-from source_callback.store.schema import ANALYSES, ANALYSIS_SCORES, SCORE_CHUNK, scores_key
-from source_callback.store.writer import AnalysisWriter, StoreWriter
+from source_callback.store.analyses import AnalysisWriter
+from source_callback.store.reader import open_run
+from source_callback.store.schema import SCORE_CHUNK
+from source_callback.store.writer import StoreWriter
 
 WIDTH = SCORE_CHUNK[1]
 #: Stage sizes: two chunks and a partial one, less than one chunk, exactly one chunk.
@@ -187,11 +189,10 @@ def test_top_many_reads_each_chunk_once(stored) -> None:
     """One pass for all queries: as many chunk reads as chunks, whatever the number of queries."""
     path, scores = stored
     store = zarr.storage.LoggingStore(zarr.storage.LocalStore(path, read_only=True))
+    stored_arrays = open_run(path).analysis("synthetic")[1]
     arrays = {
-        name: zarr.open_array(
-            store, path=f"{ANALYSES}/synthetic/{ANALYSIS_SCORES}/{scores_key(i)}", mode="r"
-        )
-        for i, name in enumerate(scores)
+        name: zarr.open_array(store, path=array.path, mode="r")
+        for name, array in zip(scores, stored_arrays, strict=True)
     }
     chunks = sum(len(list(column_blocks(a))) for a in arrays.values())
     assert chunks == 5

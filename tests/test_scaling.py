@@ -17,8 +17,9 @@ from scipy.stats import spearmanr
 from torch.utils.data import Dataset, TensorDataset
 
 from source_callback import AnalysisResult, SourceCallback, analyze, load_analysis, open_run
-from source_callback.analysis.cache import cache_differences, open_cache
 from source_callback.fingerprint import dataset_fingerprint
+from source_callback.store.analyses import open_cache
+from source_callback.store.schema import ATTR_COMMITTED
 
 EXACT_K = 16  # at least every side of TinyClassifier's layers (6+1, 8+1, 8, 3)
 
@@ -141,12 +142,12 @@ class FailsAfter(Counting):
         return super().__getitem__(index)
 
 
-def test_an_interrupted_analysis_is_never_committed_and_its_cache_is_rebuilt(store) -> None:
+def test_an_interrupted_analysis_keeps_the_committed_one_and_its_cache(store) -> None:
     queries = make_dataset(5, seed=7)
     kwargs = {"name": "crash", "cache": "projected", "projection_dim": EXACT_K, "out_of_core": True}
     counted = {name: Counting(data) for name, data in _sets().items()}
     _analyze(store, queries, train=counted, **{**kwargs, "name": "counted"})
-    _analyze(store, queries, **{**kwargs, "segments": 2})
+    before = _analyze(store, queries, **{**kwargs, "segments": 2})
     assert "crash" in open_run(store).analyses
     # Pretraining's last reads write the cached gradients of its last segment: fail there, in
     # rebuilding the cache for other settings.
@@ -154,9 +155,15 @@ def test_an_interrupted_analysis_is_never_committed_and_its_cache_is_rebuilt(sto
     failing = {**sets, "pretrain": FailsAfter(sets["pretrain"], counted["pretrain"].reads - 10)}
     with pytest.raises(RuntimeError, match="the disk went away"):
         _analyze(store, queries, train=failing, **kwargs)
-    assert "crash" not in open_run(store).analyses  # the old results were replaced, not kept
+    run = open_run(store)
+    (entry,) = [e for e in run.stored_analyses() if e.name == "crash"]
+    assert entry.committed and entry.writing and entry.cache  # the new versions were left
+    kept = load_analysis(store, "crash")
+    assert kept.config["segments"] == before.config["segments"]
+    for name in before.scores:  # the committed analysis reads back bit for bit
+        np.testing.assert_array_equal(np.asarray(kept.scores[name][...]), before.scores[name][...])
     cache = open_cache(store, None, "crash")
-    assert cache is not None and "never committed" in cache_differences(cache, {}, {})[0]
+    assert cache is not None and cache.attrs[ATTR_COMMITTED]  # the old settings' cache
     result = _analyze(store, queries, **kwargs)
     _assert_scores_close(result, _analyze(store, queries), rtol=1e-6)
     assert "crash" in open_run(store).analyses

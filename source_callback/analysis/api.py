@@ -36,9 +36,9 @@ from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.errors import AnalysisError
 from source_callback.manifest import model_manifest
 from source_callback.optim import UpdateRule
+from source_callback.store.analyses import AnalysisWriter, write_analysis
 from source_callback.store.reader import open_run
 from source_callback.store.schema import ROLE_END, ROLE_START
-from source_callback.store.writer import AnalysisWriter, write_analysis
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric

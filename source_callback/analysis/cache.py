@@ -1,6 +1,6 @@
 """The projected-gradient cache of an analysis: what scoring new queries needs, without data.
 
-Under ``analyses/<name>/cache/`` (layout in :mod:`source_callback.store.schema`) an analysis
+In a cache version of ``analyses/<name>/`` (:mod:`source_callback.store.analyses`) an analysis
 keeps its segment operators (to sweep new query gradients back, SOURCE-math §3), the
 description of its :class:`~source_callback.analysis.projection.KroneckerProjection`, a
 configuration to check a later analysis against, and per segment the projected training
@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,13 +35,15 @@ from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
 from source_callback.errors import StoreError
 from source_callback.store import location, schema
-from source_callback.store.reader import read_tensors
-from source_callback.store.writer import (
+from source_callback.store.analyses import (
     commit_cache,
     create_cache,
     create_cache_array,
-    write_tensors,
+    open_cache,
+    reopen_cache,
 )
+from source_callback.store.reader import read_tensors
+from source_callback.store.writer import write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -157,25 +159,6 @@ def cache_info(config: Mapping[str, Any], projection: Mapping[str, Any]) -> dict
     Normalised (tuples become lists) so that it compares equal to what is read back.
     """
     return json.loads(json.dumps({"config": config, "projection": projection}))
-
-
-def open_cache(
-    url: str,
-    storage_options: location.StorageOptions,
-    name: str,
-    mode: Literal["r", "r+"] = "r",
-) -> zarr.Group | None:
-    """The cache group of analysis ``name``, or ``None`` when there is none.
-
-    ``mode="r+"`` for the processes that fill in gradient blocks.
-    """
-    url = location.normalize(url)
-    root = location.open_existing(url, storage_options, mode=mode)
-    if root is None:
-        raise StoreError(f"no store at {url}")
-    schema.check_format(root, url)
-    node = root.get(f"{schema.ANALYSES}/{name}/{schema.ANALYSIS_CACHE}")
-    return node if isinstance(node, zarr.Group) else None
 
 
 def cache_differences(
@@ -318,9 +301,7 @@ class GradientCache:
                     create_gradients(group, number, len(dataset), self.projection.dim)  # type: ignore[arg-type]
 
         workers.run(create)  # every rank's run ends together: the arrays exist after it
-        self.group = workers.run(
-            lambda: open_cache(self.url, self.storage_options, self.name, mode="r+")
-        )
+        self.group = workers.run(lambda: reopen_cache(self.url, self.storage_options, self.name))
         for number, (dataset, segment_states) in enumerate(zip(datasets, states, strict=True)):
             array = gradients(self.group, number)  # type: ignore[arg-type]
             label = f"segment {number + 1}/{len(datasets)}"

@@ -18,6 +18,7 @@ from source_callback.lineage import Continuation, StageChange, stage_change
 from source_callback.manifest import Manifest
 from source_callback.optim import OptimizerRecord
 from source_callback.store import location, schema
+from source_callback.store.analyses import StoredAnalysis, read_analysis, stored_analyses
 from source_callback.store.schema import Stage
 
 
@@ -307,22 +308,18 @@ class Run:
     @property
     def analyses(self) -> list[str]:
         """Names of the committed analyses stored in the run."""
-        group = self._root.get(schema.ANALYSES)
-        if not isinstance(group, zarr.Group):
-            return []
-        return sorted(
-            name for name, sub in group.groups() if sub.attrs.get(schema.ATTR_COMMITTED, False)
-        )
+        return [entry.name for entry in stored_analyses(self._root) if entry.committed]
+
+    def stored_analyses(self) -> list[StoredAnalysis]:
+        """Every analysis name in the run, with what it holds (committed or not)."""
+        return stored_analyses(self._root)
 
     def analysis(self, name: str) -> tuple[dict[str, Any], list[zarr.Array], dict[str, np.ndarray]]:
         """A stored analysis: its info, score arrays (lazy, one per stage) and other arrays."""
-        if name not in self.analyses:
+        found = read_analysis(self._root, name)
+        if found is None:
             raise KeyError(f"no analysis {name!r} in {self.url}; stored: {self.analyses}")
-        group = self._root[schema.ANALYSES][name]
-        scores = group[schema.ANALYSIS_SCORES]
-        arrays = [scores[schema.scores_key(i)] for i in range(len(dict(scores.arrays())))]
-        others = {key: array[...] for key, array in group.arrays()}
-        return dict(group.attrs[schema.ATTR_ANALYSIS]), arrays, others
+        return found
 
     def __repr__(self) -> str:
         return (

@@ -62,10 +62,17 @@ ROLE_END = "stage-end"
 # Non-trainable parameters, once per stage: ``frozen/<stage index>/<name>``.
 FROZEN = "frozen"
 
-# Results written back by the analysis.
-# ``analyses/<name>/``: ``scores/<stage index>`` [queries, stage examples] chunked by training
+# Results written back by the analysis (``source_callback.store.analyses`` owns this layout).
+# ``analyses/<name>/`` holds versions: ``results-<token>/`` and ``cache-<token>/``; its attribute
+# ``committed_versions`` ({"results": key, "cache": key}) names the committed one of each kind.
+# A results version: ``scores/<stage index>`` [queries, stage examples] chunked by training
 # index, plus named result arrays; attributes hold the configuration and a committed flag.
+# (Stores written before versions hold one results layout directly in ``analyses/<name>/``.)
 ANALYSES = "analyses"
+ATTR_VERSIONS = "committed_versions"
+RESULTS_VERSION = "results"
+CACHE_VERSION = "cache"
+INFO_CREATED = "created"  # key of the ``analysis`` attribute: when the results were committed
 ANALYSIS_SCORES = "scores"
 ANALYSIS_EFFECTS = "stage_effects"  # [queries, stages]
 ANALYSIS_LAST_EXACT = "last_stage_exact"  # [queries]
@@ -78,12 +85,13 @@ def scores_key(stage_index: int) -> str:
     return f"{stage_index:04d}"
 
 
-# Projected-gradient cache of an analysis: ``analyses/<name>/cache/``, attributes ``cache`` and
-# ``committed``. ``operators/<segment>/`` holds one segment operator: its structure as JSON in
-# the ``operator`` attribute, its tensors as arrays named by ``cache_tensor_key``.
+# Projected-gradient cache of an analysis: a ``cache-<token>/`` version of ``analyses/<name>/``
+# (``analyses/<name>/cache/`` before versions), attributes ``cache`` and ``committed``.
+# ``operators/<segment>/`` holds one segment operator: its structure as JSON in the
+# ``operator`` attribute, its tensors as arrays named by ``cache_tensor_key``.
 # ``gradients/<segment>`` is ``[N_s, D]`` float32: each training example's projected gradient
 # (mean over the segment's checkpoints), rows in training-index order, NaN until written.
-ANALYSIS_CACHE = "cache"
+ANALYSIS_CACHE = "cache"  # the cache's place before versions
 CACHE_OPERATORS = "operators"
 CACHE_GRADIENTS = "gradients"
 ATTR_CACHE = "cache"  # {"config": {...}, "projection": {...}}
