@@ -24,6 +24,7 @@ from source_callback.analysis.ekfac import (
 )
 from source_callback.analysis.gradients import contract, per_example_grads
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
+from source_callback.analysis.task import LanguageModelingTask
 from source_callback.analysis.units import ModuleSelection, Unit, find_units
 from source_callback.errors import AnalysisError
 
@@ -346,3 +347,27 @@ def test_module_selection_patterns() -> None:
         ModuleSelection.of({"only": ["x"]})
     with pytest.raises(TypeError):
         ModuleSelection.of("ln_f")
+
+
+@pytest.mark.parametrize("build", ["gpt2", "llama"])
+def test_hugging_face_query_gradients_and_contractions_equal_autograd(build: str) -> None:
+    """Every unit of a tiny GPT-2 (tie, Conv1D, broadcast position embeddings, LayerNorms) and
+    Llama (RMSNorm): hooked per-example gradients equal autograd's, example by example."""
+    from test_hf_models import LM, Tokens
+
+    model = LM(build).double()
+    units = find_units(model).units
+    task = LanguageModelingTask()
+    ids = Tokens(5, seed=3).ids
+    examples = [{"input_ids": ids[i : i + 1]} for i in range(len(ids))]
+    expected = autograd_per_example(model, units, task.loss, examples)
+    got = per_example_grads(model, units, task.loss, [{"input_ids": ids}])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+    g = torch.Generator().manual_seed(5)
+    vectors = {
+        n: torch.randn(2, *u.shape, generator=g, dtype=torch.float64) for n, u in units.items()
+    }
+    truth = sum(torch.einsum("boi,qoi->bq", expected[n], vectors[n]) for n in units)
+    got_contract = contract(model, units, task.loss, {"input_ids": ids}, vectors)
+    torch.testing.assert_close(got_contract, truth, rtol=1e-9, atol=1e-12)

@@ -37,30 +37,54 @@ class Capture:
     pass (a tied parameter or a module called twice has several), as soon as all have arrived;
     :meth:`backward` hands over any left (uses no gradient reached). Call :meth:`reset` before
     each forward pass.
+
+    A call whose output has a batch dimension of 1 while the model's input has B examples (GPT-2's
+    position embeddings: position ids ``[1, T]`` broadcast over the batch) would only give the
+    batch's summed gradient; its output is expanded to B rows instead (the same values
+    downstream), so that each example's gradient stays separate. B is the leading dimension of
+    the model's first tensor argument.
     """
 
-    def __init__(self, units: dict[str, Unit], on_grads: OnGrads) -> None:
+    def __init__(self, model: nn.Module, units: dict[str, Unit], on_grads: OnGrads) -> None:
+        self.model = model
         self.units = units
         self.on_grads = on_grads
         self.inputs: dict[str, list[tuple[int, Side]]] = {}
         self._calls: dict[str, int] = {}
         self._pending: dict[str, list[Factored]] = {}
         self._handles: list[Any] = []
+        self._batch = 1
+
+    def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first = next(
+            (x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.ndim), None
+        )
+        self._batch = 1 if first is None else first.shape[0]
+
+    def _broadcast(self, x: Any) -> Any:
+        """``x`` expanded to the batch when it is a tensor with a batch dimension of 1."""
+        if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 < self._batch:
+            return x.expand(self._batch, *x.shape[1:])
+        return x
 
     def _forward_hook(self, name: str, index: int) -> Callable[..., None]:
         use = self.units[name].uses[index]
 
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> None:
+        ) -> torch.Tensor | None:
             if is_replaying():
-                return
+                return None
             if not isinstance(output, torch.Tensor):
                 raise AnalysisError(
                     f"module {use.name!r} of unit {name!r} returns a {type(output).__name__}, "
                     "not a tensor, so its gradient cannot be captured; leave it out with "
                     f"modules={{'exclude': [{name!r}]}}."
                 )
+            if output.ndim and output.shape[0] == 1 < self._batch:
+                args = tuple(map(self._broadcast, args))
+                kwargs = {k: self._broadcast(v) for k, v in kwargs.items()}
+                output = self._broadcast(output)
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
             if known is not None:
@@ -68,6 +92,7 @@ class Capture:
             if output.requires_grad:
                 self._calls[name] = self._calls.get(name, 0) + 1
                 output.register_hook(lambda grad: self._arrive(name, use.factored(data, grad)))
+            return output
 
         return hook
 
@@ -90,6 +115,9 @@ class Capture:
             self.on_grads(name, self._pending.pop(name))
 
     def __enter__(self) -> Capture:
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._batch_hook, with_kwargs=True)
+        )
         for name, unit in self.units.items():
             for index, use in enumerate(unit.uses):
                 self._handles.append(
@@ -205,7 +233,7 @@ def covariances(
             if dense[1]:
                 sums[name].add(1, torch.einsum("boi,boj->ij", g, g))
 
-    with Capture(units, on_grads) as capture:
+    with Capture(model, units, on_grads) as capture:
         for size in pseudo_passes(model, capture, task, batches, generator, exact):
             for name in units:
                 if scale is None:
@@ -254,7 +282,7 @@ def corrected_eigenvalues(
         sums[name] = total + sums.get(name, 0)
 
     count = 0
-    with Capture(units, on_grads) as capture:
+    with Capture(model, units, on_grads) as capture:
         for size in pseudo_passes(model, capture, task, batches, generator, exact):
             count += size
     return {name: sums[name] / count for name in sums}

@@ -77,11 +77,25 @@ class Engine:
         self.workers = workers or Workers(self.device)
         self.verbose = verbose and self.workers.rank == 0
         self.modules = ekfac.tracked_modules(model) if units is None else units
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        self.aliases = {
+            n: canonical[id(p)]
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if canonical[id(p)] != n
+        }
         if not self.modules:
             raise AnalysisError("no unit of the model's trained parameters is selected")
 
     def load(self, state: State) -> None:
-        """Put ``state``'s parameters and buffers into the model."""
+        """Put ``state``'s parameters and buffers into the model.
+
+        A tied parameter may be named once in ``state`` (as ``named_parameters()`` names it):
+        its other names are filled in from it.
+        """
+        state = {
+            **{alias: state[name] for alias, name in self.aliases.items() if name in state},
+            **state,
+        }
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
 
     def data(

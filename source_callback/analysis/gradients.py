@@ -32,7 +32,7 @@ def per_example_grads(
     def on_grads(name: str, grads: list[Factored]) -> None:
         batch_grads[name] = per_example(grads)
 
-    with Capture(units, on_grads) as capture:
+    with Capture(model, units, on_grads) as capture:
         for batch in batches:
             capture.reset()
             batch_grads: dict[str, torch.Tensor] = {}
@@ -69,7 +69,7 @@ def contract(
     def on_grads(name: str, grads: list[Factored]) -> None:
         total.extend(part.contract(vectors[name]) for part in grads)
 
-    with Capture(units, on_grads) as capture:
+    with Capture(model, units, on_grads) as capture:
         values = fn(model, batch)
         capture.backward(values.sum())
         model.zero_grad(set_to_none=True)

@@ -258,7 +258,7 @@ def projected_grads(
             block = block.flatten(1)  # [B, k_o·k_i]
         parts[name] = block
 
-    with Capture(hooked, on_grads) as capture:
+    with Capture(model, hooked, on_grads) as capture:
         values = fn(model, batch)
         capture.backward(values.sum())
         model.zero_grad(set_to_none=True)

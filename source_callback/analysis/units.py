@@ -26,7 +26,7 @@ import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -574,6 +574,9 @@ def find_units(model: nn.Module, diagonal_above: int | None = None) -> Units:
 
 # -- selection ---------------------------------------------------------------------------------
 
+#: What ``analyze(modules=...)`` accepts (see :meth:`ModuleSelection.of`).
+SelectionSpec = Union["ModuleSelection", Mapping[str, Sequence[str]], Sequence[str], None]
+
 
 @dataclass(frozen=True)
 class ModuleSelection:
@@ -600,9 +603,7 @@ class ModuleSelection:
             object.__setattr__(self, field_name, tuple(value))
 
     @classmethod
-    def of(
-        cls, spec: ModuleSelection | Mapping[str, Sequence[str]] | Sequence[str] | None
-    ) -> ModuleSelection:
+    def of(cls, spec: SelectionSpec) -> ModuleSelection:
         """A selection from ``analyze(modules=...)``.
 
         ``None`` (all units), a list of include patterns, a mapping with ``include`` and
@@ -628,7 +629,7 @@ class ModuleSelection:
 
     def apply(self, units: Mapping[str, Unit]) -> dict[str, Unit]:
         """The selected units; an include pattern that matches nothing is an error."""
-        for pattern in self.include + self.exclude:
+        for pattern in self.include:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in units):
                 raise AnalysisError(
                     f"modules= pattern {pattern!r} matches no unit; units: {sorted(units)[:12]}"
