@@ -105,16 +105,14 @@ def recorded(request, tmp_path_factory):
 
 def _analyze(recorded, **options):
     build, store, data = recorded
+    settings = {"segments": 1, "batch_size": 8, "name": None, **options}
     return analyze(
         store,
         model=LM(build),
         task="language_modeling",
         train={"lm": data},
         queries=Tokens(3, seed=2),
-        segments=1,
-        batch_size=8,
-        name=None,
-        **options,
+        **settings,
     )
 
 
@@ -151,3 +149,11 @@ def test_an_analysis_that_will_not_fit_stops_before_any_pass(recorded, monkeypat
     with pytest.raises(AnalysisError, match="would hold about") as error:
         _analyze(recorded, verbose=False)
     assert "Largest units: 'model." in str(error.value)
+
+
+def test_the_projected_cache_serves_every_kind_of_unit(recorded) -> None:
+    """With ``projection_dim`` above every side the projection is exact: the cached scores
+    (float32 gradients) equal the direct ones."""
+    direct = _analyze(recorded, verbose=False)
+    cached = _analyze(recorded, verbose=False, cache="projected", projection_dim=64, name="c")
+    np.testing.assert_allclose(cached.scores["lm"], direct.scores["lm"], rtol=2e-3, atol=1e-6)
