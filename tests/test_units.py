@@ -371,3 +371,32 @@ def test_hugging_face_query_gradients_and_contractions_equal_autograd(build: str
     truth = sum(torch.einsum("boi,qoi->bq", expected[n], vectors[n]) for n in units)
     got_contract = contract(model, units, task.loss, {"input_ids": ids}, vectors)
     torch.testing.assert_close(got_contract, truth, rtol=1e-9, atol=1e-12)
+
+
+class SharedPositions(nn.Module):
+    """Position embeddings of ``arange(T)`` (no batch dimension), broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.position = nn.Embedding(LENGTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])
+        return self.head(torch.tanh(self.embed(ids) + self.position(positions)))
+
+
+def test_calls_shared_by_the_batch_keep_per_example_gradients() -> None:
+    torch.manual_seed(0)
+    model = SharedPositions().double()
+    units = _units(model, None)
+    task = ProbeTask(3)
+    batch = (_tokens(4, 5),)
+    expected = autograd_per_example(model, units, task.loss, split(batch))
+    got = per_example_grads(model, units, task.loss, [batch])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+    one = per_example_grads(model, units, task.loss, [(batch[0][:1],)])  # a batch of one
+    for name in units:
+        torch.testing.assert_close(one[name], expected[name][:1], rtol=1e-10, atol=1e-12)

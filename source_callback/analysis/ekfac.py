@@ -38,11 +38,12 @@ class Capture:
     :meth:`backward` hands over any left (uses no gradient reached). Call :meth:`reset` before
     each forward pass.
 
-    A call whose output has a batch dimension of 1 while the model's input has B examples (GPT-2's
-    position embeddings: position ids ``[1, T]`` broadcast over the batch) would only give the
-    batch's summed gradient; its output is expanded to B rows instead (the same values
-    downstream), so that each example's gradient stays separate. B is the leading dimension of
-    the model's first tensor argument.
+    A call whose inputs and output are shared by the batch (GPT-2's position embeddings: position
+    ids ``[1, T]``; ``embedding(arange(T))``: ``[T]``, broadcast over the batch) would only give
+    the batch's summed gradient; its output is expanded to B rows instead (a batch dimension
+    prepended unless it has one of 1), the same values downstream, so that each example's
+    gradient stays separate. B is the leading dimension of the model's first tensor argument;
+    a shared tensor whose leading dimension happens to equal B cannot be told apart.
     """
 
     def __init__(self, model: nn.Module, units: dict[str, Unit], on_grads: OnGrads) -> None:
@@ -61,11 +62,17 @@ class Capture:
         )
         self._batch = 1 if first is None else first.shape[0]
 
-    def _broadcast(self, x: Any) -> Any:
-        """``x`` expanded to the batch when it is a tensor with a batch dimension of 1."""
-        if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 < self._batch:
-            return x.expand(self._batch, *x.shape[1:])
-        return x
+    def _shared(self, x: Any) -> bool:
+        """Whether ``x`` is a tensor whose leading dimension is not the batch's."""
+        return isinstance(x, torch.Tensor) and (not x.ndim or x.shape[0] != self._batch)
+
+    def _broadcast(self, x: Any, prepend: bool) -> Any:
+        """A shared tensor expanded to the batch (a batch dimension prepended first)."""
+        if not self._shared(x):
+            return x
+        if prepend:
+            x = x[None]
+        return x.expand(self._batch, *x.shape[1:])
 
     def _forward_hook(self, name: str, index: int) -> Callable[..., None]:
         use = self.units[name].uses[index]
@@ -81,10 +88,12 @@ class Capture:
                     "not a tensor, so its gradient cannot be captured; leave it out with "
                     f"modules={{'exclude': [{name!r}]}}."
                 )
-            if output.ndim and output.shape[0] == 1 < self._batch:
-                args = tuple(map(self._broadcast, args))
-                kwargs = {k: self._broadcast(v) for k, v in kwargs.items()}
-                output = self._broadcast(output)
+            tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+            if self._shared(output) and all(map(self._shared, tensors)):
+                prepend = not output.ndim or output.shape[0] != 1
+                args = tuple(self._broadcast(x, prepend) for x in args)
+                kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
+                output = self._broadcast(output, prepend)
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
             if known is not None:
