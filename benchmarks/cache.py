@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from source_callback import AnalysisResult, analyze
-from source_callback.analysis.ekfac import module_shape
+from source_callback.analysis.ekfac import tracked_modules
 from source_callback.evaluation import linear_datamodeling_score, noise_ceiling, random_subsets
 from source_callback.evaluation.lds import spearman_rows
 
@@ -77,8 +77,8 @@ OPTIONS: dict[str, Any] = {"method": "source", "batch_size": 256, "verbose": Fal
 
 
 def module_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``(out, in)`` of each linear layer's gradient matrix (``in`` counts the bias)."""
-    return {n: module_shape(m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    """``(out, in)`` of each unit's gradient matrix (``in`` counts the bias)."""
+    return {n: unit.shape for n, unit in tracked_modules(model).items()}
 
 
 def covering_dim(shapes: dict[str, tuple[int, int]]) -> int:

@@ -12,6 +12,7 @@ from source_callback.analysis.task import (
     RegressionTask,
     Task,
 )
+from source_callback.analysis.units import ModuleSelection
 from source_callback.errors import (
     AnalysisError,
     FormatVersionError,
@@ -41,6 +42,7 @@ __all__ = [
     "InterruptedStageError",
     "LanguageModelingTask",
     "ManifestMismatchError",
+    "ModuleSelection",
     "NotAStoreError",
     "RankFailedError",
     "RegressionTask",

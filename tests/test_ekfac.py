@@ -12,9 +12,7 @@ from source_callback.analysis.ekfac import (
     corrected_eigenvalues,
     covariances,
     eigh_float64,
-    module_param_names,
     tracked_modules,
-    weight_matrix,
 )
 from source_callback.analysis.task import ClassificationTask, RegressionTask
 
@@ -31,8 +29,7 @@ def _fit_curvature(model, task, batches, exact=True) -> dict[str, ModuleCurvatur
     covs = covariances(model, modules, task, batches, gen, exact=exact)
     bases = {}
     for name, cov in covs.items():
-        a, s = cov.mean()
-        bases[name] = (eigh_float64(a)[1], eigh_float64(s)[1])
+        bases[name] = tuple(None if f is None else eigh_float64(f)[1] for f in cov.mean())
     lam = corrected_eigenvalues(model, modules, bases, task, batches, gen, exact=exact)
     return {n: ModuleCurvature(bases[n][0], bases[n][1], lam[n]) for n in lam}
 
@@ -45,7 +42,7 @@ def test_single_linear_layer_ekfac_equals_exact_gauss_newton(bias: bool) -> None
     y = torch.randn(40, 3, dtype=torch.float64)
     curvature = _fit_curvature(layer, RegressionTask(), _batches(x, y, 16))[""]
 
-    weight_name, bias_name = module_param_names("", layer)
+    unit = tracked_modules(layer)[""]
     params = dict(layer.named_parameters())
 
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
@@ -53,7 +50,7 @@ def test_single_linear_layer_ekfac_equals_exact_gauss_newton(bias: bool) -> None
         out = x @ matrix[:, :4].T + (matrix[:, 4] if bias else 0)
         return ((out - y) ** 2).mean()
 
-    flat = weight_matrix(layer, params[weight_name], params.get(bias_name)).detach().reshape(-1)
+    flat = unit.matrix(params).detach().reshape(-1)
     exact = torch.autograd.functional.hessian(mean_loss, flat)  # = GNH: the model is linear
     torch.testing.assert_close(curvature.dense(), exact, rtol=1e-10, atol=1e-12)
 
@@ -75,10 +72,9 @@ def test_captured_gradients_and_eigenvalues_match_per_example_autograd() -> None
         for i in range(len(x)):
             losses = task.exact_pseudo_losses(model, (x[i : i + 1], y[i : i + 1]))
             for k in range(losses.shape[0]):
-                grads = torch.autograd.grad(
-                    losses[k, 0], [module.weight, module.bias], retain_graph=True
-                )
-                g = weight_matrix(module, *grads)
+                params = [model.get_parameter(p) for p in module.params]
+                grads = torch.autograd.grad(losses[k, 0], params, retain_graph=True)
+                g = module.matrix(dict(zip(module.params, grads, strict=True)))
                 brute += (q_s.T @ g @ q_a) ** 2
         torch.testing.assert_close(
             curvature[name].eigenvalues, brute / len(x), rtol=1e-9, atol=1e-14

@@ -113,7 +113,7 @@ def test_analyze_a_language_model_record(tmp_path) -> None:
     )
     scores = result.scores["lm"]
     assert scores.shape == (3, 24) and np.isfinite(scores).all() and np.abs(scores).max() > 0
-    assert result.config["modules"] == ["head"]  # embeddings are not tracked
+    assert result.config["modules"] == ["embed", "head"]  # embeddings are units too
     # the last stage's exact effect: f at the stage's start minus f at the end
     start = TinyLM()
     start.load_state_dict(open_run(tmp_path / "lm.zarr").checkpoints[0].params())

@@ -10,9 +10,10 @@ import torch
 from models import ConvNet, TinyClassifier
 from torch import nn
 from torch.nn import functional as F
+from unitgrads import autograd_per_example, split
 
-from source_callback.analysis import gradients
-from source_callback.analysis.ekfac import module_shape, tracked_modules, weight_matrix
+from source_callback.analysis import units
+from source_callback.analysis.ekfac import tracked_modules
 from source_callback.analysis.gradients import contract
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 
@@ -45,19 +46,10 @@ def _random_vectors(shapes: dict[str, tuple[int, int]], queries: int) -> dict[st
 
 
 def _autograd_per_example(
-    model: nn.Module, modules: dict[str, nn.Module], batch: tuple[torch.Tensor, torch.Tensor]
+    model: nn.Module, modules: dict[str, units.Unit], batch: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Per-example ``[out, in]`` gradients from one plain backward pass per example (no hooks)."""
-    x, y = batch
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    for i in range(len(x)):
-        model.zero_grad(set_to_none=True)
-        _loss(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
-        for name, module in modules.items():
-            bias = None if module.bias is None else module.bias.grad
-            grads[name].append(weight_matrix(module, module.weight.grad, bias))
-    model.zero_grad(set_to_none=True)
-    return {name: torch.stack(parts) for name, parts in grads.items()}
+    return autograd_per_example(model, modules, _loss, split(batch))
 
 
 @pytest.mark.parametrize("make", [_mlp_batch, _conv_batch], ids=["linear", "conv2d"])
@@ -84,8 +76,8 @@ def test_contract_equals_inner_products_with_autograd_gradients(
     """``contract``'s chunks of per-example gradients (down to one example) change nothing."""
     model, batch = make()
     modules = tracked_modules(model)
-    monkeypatch.setattr(gradients, "CONTRACT_ELEMENTS", elements)
-    vectors = _random_vectors({n: module_shape(m) for n, m in modules.items()}, queries=3)
+    monkeypatch.setattr(units, "CHUNK_ELEMENTS", elements)
+    vectors = _random_vectors({n: m.shape for n, m in modules.items()}, queries=3)
     grads = _autograd_per_example(model, modules, batch)
     expected = sum(torch.einsum("boi,qoi->bq", grads[n], vectors[n]) for n in modules)
     got = contract(model, modules, _loss, batch, vectors)
@@ -101,7 +93,7 @@ def test_projected_grads_equal_projection_of_materialised_gradients(make, k: int
     projection = KroneckerProjection.for_modules(modules, k=k, seed=0)
     assert any(p is not None for p in projection.a.values())
     grads = _autograd_per_example(model, modules, batch)
-    assert {n: module_shape(m) for n, m in modules.items()} == {
+    assert {n: m.shape for n, m in modules.items()} == {
         n: tuple(g.shape[1:]) for n, g in grads.items()
     }
     expected = projection.project(grads)

@@ -1,166 +1,402 @@
-"""Unit tests of the framework-free pieces: plan, fingerprint, optimizer model, tensor encoding."""
+"""Every kind of unit against brute force: per-example autograd gradients of tiny modules.
+
+Hugging Face ``Conv1D``, embeddings (padding index, repeated tokens), LayerNorm/RMSNorm weights,
+a standalone bias, a tied Linear + Embedding pair and identity (diagonal) large sides: the hooks'
+query gradients, contractions, projections, Kronecker factors and corrected eigenvalues equal
+what plain autograd gives per example.
+"""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.pytorch_utils import Conv1D
+from unitgrads import autograd_per_example, split
 
-from source_callback.fingerprint import dataset_fingerprint, sample_indices
-from source_callback.optim import (
-    UpdateRule,
-    WeightDecay,
-    classify,
-    describe_optimizer,
-    optimizer_state_by_name,
-    step_hyperparameters,
+from source_callback.analysis import units as units_module
+from source_callback.analysis.ekfac import (
+    ModuleCurvature,
+    corrected_eigenvalues,
+    covariances,
+    eigh_float64,
 )
-from source_callback.record.plan import interior_steps
-from source_callback.store import schema
+from source_callback.analysis.gradients import contract, per_example_grads
+from source_callback.analysis.projection import KroneckerProjection, projected_grads
+from source_callback.analysis.task import LanguageModelingTask
+from source_callback.analysis.units import ModuleSelection, Unit, find_units
+from source_callback.errors import AnalysisError
+
+VOCAB, WIDTH, LENGTH = 6, 4, 5
 
 
-@pytest.mark.parametrize(
-    ("steps", "parts", "expected"),
-    [
-        (60, 6, [10, 20, 30, 40, 50]),
-        (16, 6, [3, 5, 8, 11, 13]),
-        (3, 6, [1, 2]),
-        (1, 6, []),
-        (100, 1, []),
-        (math.inf, 6, []),
-    ],
-)
-def test_interior_steps(steps: float, parts: int, expected: list[int]) -> None:
-    assert interior_steps(steps, parts) == expected
+class ProbeTask:
+    """Per-example losses of a model's output ``[B, ..., C]``: any functions will do here.
+
+    ``exact_pseudo_losses`` gives two different ones, so that the factors and eigenvalues sum
+    two backward passes per forward pass.
+    """
+
+    def __init__(self, outputs: int) -> None:
+        g = torch.Generator().manual_seed(11)
+        self.weights = torch.randn(2, outputs, generator=g, dtype=torch.float64)
+
+    def _out(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
+        out = model(batch[0])
+        return out.reshape(out.shape[0], -1, out.shape[-1])  # [B, T, C]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
+        out = self._out(model, batch)
+        return (torch.tanh(out) @ self.weights[0]).sum(1) + out.square().sum((1, 2)) / 4
+
+    def exact_pseudo_losses(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
+        out = self._out(model, batch)
+        return torch.stack([(torch.tanh(out) @ w).sum(1) for w in self.weights])
 
 
-def test_sample_indices_cover_ends_and_are_unique() -> None:
-    idx = sample_indices(1000)
-    assert idx[0] == 0 and idx[-1] == 999 and len(set(idx)) == len(idx) == 16
-    assert sample_indices(5) == [0, 1, 2, 3, 4]
+class Conv1DNet(nn.Module):
+    """GPT-2's projection layer (weight ``[in, out]``) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = Conv1D(5, 3)  # nf=5 outputs, nx=3 inputs
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x)))
 
 
-def test_fingerprint_stable_and_sensitive() -> None:
-    x = torch.arange(40.0).reshape(20, 2)
-    y = torch.arange(20)
-    ds = torch.utils.data.TensorDataset(x, y)
-    same = torch.utils.data.TensorDataset(x.clone(), y.clone())
-    assert dataset_fingerprint(ds) == dataset_fingerprint(same)
-    changed = x.clone()
-    changed[19, 1] += 1  # the last item is always sampled
-    assert dataset_fingerprint(torch.utils.data.TensorDataset(changed, y)) != dataset_fingerprint(
-        ds
-    )
-    shorter = torch.utils.data.TensorDataset(x[:19], y[:19])
-    assert dataset_fingerprint(shorter) != dataset_fingerprint(ds)
-    # dtype matters, not just values
-    as_f64 = torch.utils.data.TensorDataset(x.double(), y)
-    assert dataset_fingerprint(as_f64) != dataset_fingerprint(ds)
+class EmbeddingNet(nn.Module):
+    """Token embeddings with a padding index into a Linear head, over sequences."""
+
+    def __init__(self, padding_idx: int | None = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH, padding_idx=padding_idx)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids)))
 
 
-def test_fingerprint_of_dicts_strings_and_iterables() -> None:
-    items = [{"text": f"s{i}", "label": i % 2, "ids": np.arange(i)} for i in range(30)]
-    assert dataset_fingerprint(items) == dataset_fingerprint([dict(d) for d in items])
-    items2 = [*items[:-1], {"text": "other", "label": 1, "ids": np.arange(29)}]
-    assert dataset_fingerprint(items2) != dataset_fingerprint(items)
+class NormNet(nn.Module):
+    """LayerNorm (weight and bias), Llama's RMSNorm, and a Linear whose weight is frozen."""
 
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):  # pragma: no cover - never iterated
-            yield 1
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.rms = LlamaRMSNorm(WIDTH)
+        self.shift = nn.Linear(WIDTH, 3)
+        self.shift.weight.requires_grad_(False)  # its bias alone is trained: a standalone bias
+        with torch.no_grad():
+            for p in (self.norm.weight, self.norm.bias, self.rms.weight):
+                p.add_(torch.randn_like(p) / 3)
 
-    assert dataset_fingerprint(Stream()) is None
-
-
-def _params() -> list[torch.nn.Parameter]:
-    return [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
-
-
-@pytest.mark.parametrize(
-    ("make", "rule", "decay"),
-    [
-        (lambda p: torch.optim.SGD(p, lr=0.1), UpdateRule.SGD, WeightDecay.NONE),
-        (
-            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4),
-            UpdateRule.SGD_MOMENTUM,
-            WeightDecay.COUPLED,
-        ),
-        (lambda p: torch.optim.Adam(p, weight_decay=0.1), UpdateRule.ADAM, WeightDecay.COUPLED),
-        (lambda p: torch.optim.Adam(p), UpdateRule.ADAM, WeightDecay.NONE),
-        (
-            lambda p: torch.optim.Adam(p, weight_decay=0.1, decoupled_weight_decay=True),
-            UpdateRule.ADAMW,
-            WeightDecay.DECOUPLED,
-        ),
-        (lambda p: torch.optim.AdamW(p), UpdateRule.ADAMW, WeightDecay.DECOUPLED),
-        (lambda p: torch.optim.Adagrad(p), UpdateRule.UNKNOWN, WeightDecay.NONE),
-    ],
-)
-def test_classify(make, rule: UpdateRule, decay: WeightDecay) -> None:
-    assert classify(make(_params())) == (rule, decay)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.rms(torch.tanh(self.norm(self.inner(x))))
+        return self.shift(hidden)
 
 
-def test_subclass_counts_as_unknown() -> None:
-    class MySGD(torch.optim.SGD):
-        pass
+class TiedNet(nn.Module):
+    """GPT-2's tie: the output head's weight is the embedding's (``[V, D]`` both)."""
 
-    assert classify(MySGD(_params(), lr=0.1))[0] is UpdateRule.UNKNOWN
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.lm_head.weight = self.embed.weight
 
-
-def test_describe_optimizer_groups_and_json_roundtrip() -> None:
-    a, b = _params()
-    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1e-3)
-    record = describe_optimizer(opt, {id(a): "a", id(b): "b"})
-    assert record.class_name == "torch.optim.adamw.AdamW"
-    assert [g.params for g in record.groups] == [["a"], ["b"]]
-    assert record.groups[1].hyperparameters["lr"] == 0.5
-    assert record.groups[0].hyperparameters["betas"] == [0.9, 0.999]
-    assert type(record).from_json(record.to_json()) == record
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.mix(self.embed(ids))))
 
 
-def test_step_hyperparameters_fields_match_schema() -> None:
-    sgd = step_hyperparameters(torch.optim.SGD(_params(), lr=0.1, momentum=0.8).param_groups[0])
-    adam = step_hyperparameters(torch.optim.Adam(_params(), betas=(0.7, 0.9)).param_groups[0])
-    assert tuple(sgd) == tuple(adam) == schema.STEP_GROUP_FIELDS
-    assert sgd["momentum"] == 0.8 and math.isnan(sgd["beta2"]) and math.isnan(sgd["eps"])
-    assert adam["momentum"] == 0.7 and adam["beta2"] == 0.9 and math.isnan(adam["dampening"])
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    ids[:, 1] = ids[:, 0]  # every sequence repeats a token
+    ids[::3, -1] = 0  # and some hold the padding index
+    return ids
 
 
-def test_optimizer_state_by_name_picks_the_needed_state() -> None:
-    a, b = _params()
-    opt = torch.optim.Adam([a, b], lr=0.1)
-    (a.sum() + b.sum()).backward()
-    opt.step()
-    state = optimizer_state_by_name(opt, {id(a): "a", id(b): "b"}, UpdateRule.ADAM)
-    assert set(state) == {"exp_avg_sq", "step"}  # exp_avg is not needed by the analysis
-    assert state["exp_avg_sq"]["b"] is opt.state[b]["exp_avg_sq"]
+Case = tuple[nn.Module, tuple[torch.Tensor], int, int | None]
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.float8_e4m3fn],
-)
-@pytest.mark.parametrize("shape", [(4, 3), ()])
-def test_tensor_encoding_roundtrip_keeps_dtype(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    t = (torch.randn(shape) * 3).to(dtype)
-    encoded = schema.encode_tensor(t)
-    assert isinstance(encoded.array, np.ndarray)
-    back = schema.decode_array(encoded.array, encoded.torch_dtype)
-    assert back.dtype == dtype and back.shape == t.shape
-    assert torch.equal(back.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+def _case(name: str) -> Case:
+    """``(model, batch, outputs, diagonal_above)`` of a named case, float64."""
+    torch.manual_seed(0)
+    if name == "conv1d":
+        return Conv1DNet().double(), (torch.randn(7, 3, dtype=torch.float64),), 4, None
+    if name == "embedding":
+        return EmbeddingNet().double(), (_tokens(7, 1),), 3, None
+    if name == "norms":
+        return NormNet().double(), (torch.randn(7, 2, 3, dtype=torch.float64),), 3, None
+    if name == "tied":
+        return TiedNet().double(), (_tokens(7, 2),), VOCAB, None
+    if name == "tied-diagonal":
+        return TiedNet().double(), (_tokens(7, 2),), VOCAB, VOCAB - 1
+    assert name == "large-side"  # the head's 3 outputs and 4+1 inputs both above 2
+    return EmbeddingNet(None).double(), (_tokens(7, 3),), 3, 2
 
 
-def test_checkpoint_keys_sort_by_step_then_end_before_start() -> None:
-    keys = [
-        schema.checkpoint_key(16, schema.ROLE_START),
-        schema.checkpoint_key(16, schema.ROLE_END),
-        schema.checkpoint_key(3, schema.ROLE_INTERIOR),
-        schema.checkpoint_key(120, schema.ROLE_INTERIOR),
+CASES = ["conv1d", "embedding", "norms", "tied", "tied-diagonal", "large-side"]
+
+
+def _units(model: nn.Module, diagonal_above: int | None) -> dict[str, Unit]:
+    found = find_units(model, diagonal_above)
+    assert not found.uncovered
+    assert sum(u.size for u in found.units.values()) == sum(found.numel.values())
+    return found.units
+
+
+def test_units_of_each_kind() -> None:
+    shapes = {n: (u.shape, u.identity) for n, u in _units(Conv1DNet(), None).items()}
+    assert shapes == {"proj": ((5, 3 + 1), (False, False)), "head": ((4, 6), (False, False))}
+    shapes = {n: (u.shape, u.identity) for n, u in _units(EmbeddingNet(), None).items()}
+    assert shapes["embed"] == ((WIDTH, VOCAB), (False, True))  # [dim, vocab], one-hot columns
+    found = _units(NormNet(), None)
+    assert {n: (u.shape, u.params) for n, u in found.items() if n != "inner"} == {
+        "norm": ((1, 2 * WIDTH), ("norm.weight", "norm.bias")),
+        "rms": ((1, WIDTH), ("rms.weight",)),
+        "shift": ((1, 3), ("shift.bias",)),
+    }
+    tied = _units(TiedNet(), None)
+    assert set(tied) == {"embed+lm_head", "mix"}
+    assert tied["embed+lm_head"].shape == (VOCAB, WIDTH)  # the parameter's own layout
+    assert tied["embed+lm_head"].identity == (False, False)
+    assert _units(TiedNet(), VOCAB - 1)["embed+lm_head"].identity == (True, False)
+
+
+def test_unit_matrices_follow_each_parameter_layout() -> None:
+    model = Conv1DNet()
+    unit = _units(model, None)["proj"]
+    params = dict(model.named_parameters())
+    expected = torch.cat([model.proj.weight.T, model.proj.bias[:, None]], dim=1)
+    torch.testing.assert_close(unit.matrix(params), expected)
+    tied = TiedNet()
+    unit = _units(tied, None)["embed+lm_head"]
+    torch.testing.assert_close(unit.matrix(dict(tied.named_parameters())), tied.embed.weight)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_query_gradients_and_contractions_equal_autograd(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, batch, outputs, diagonal_above = _case(case)
+    units = _units(model, diagonal_above)
+    task = ProbeTask(outputs)
+    expected = autograd_per_example(model, units, task.loss, split(batch))
+    got = per_example_grads(model, units, task.loss, [(batch[0][:3],), (batch[0][3:],)])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+    g = torch.Generator().manual_seed(5)
+    vectors = {
+        n: torch.randn(3, *u.shape, generator=g, dtype=torch.float64) for n, u in units.items()
+    }
+    truth = sum(torch.einsum("boi,qoi->bq", expected[n], vectors[n]) for n in units)
+    for elements in (2**24, 7):  # whole batches, and chunks of one example
+        monkeypatch.setattr(units_module, "CHUNK_ELEMENTS", elements)
+        got_contract = contract(model, units, task.loss, batch, vectors)
+        torch.testing.assert_close(got_contract, truth, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("k", [2, 32])
+def test_projected_gradients_equal_projected_autograd(case: str, k: int) -> None:
+    model, batch, outputs, diagonal_above = _case(case)
+    units = _units(model, diagonal_above)
+    task = ProbeTask(outputs)
+    projection = KroneckerProjection.for_modules(units, k=k, seed=1)
+    expected = projection.project(autograd_per_example(model, units, task.loss, split(batch)))
+    got = projected_grads(model, units, task.loss, batch, projection)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _brute_pseudo_grads(
+    model: nn.Module, units: dict[str, Unit], task: ProbeTask, batch: tuple[torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
+    """Per pseudo-loss k: ``{unit: [N, out, in]}`` by autograd, one example at a time."""
+    return [
+        autograd_per_example(
+            model, units, lambda m, b, k=k: task.exact_pseudo_losses(m, b)[k], split(batch)
+        )
+        for k in range(2)
     ]
-    assert [schema.parse_checkpoint_key(k) for k in sorted(keys)] == [
-        (3, "interior"),
-        (16, "stage-end"),
-        (16, "stage-start"),
-        (120, "interior"),
-    ]
+
+
+def _input_factor(model: nn.Module, unit: Unit, batch: tuple[torch.Tensor]) -> torch.Tensor:
+    """``E[Σ_tok a aᵀ]`` of a single-use unit from its module's inputs (hooked here)."""
+    seen: list[torch.Tensor] = []
+    handle = unit.uses[0].module.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(batch[0])
+    handle.remove()
+    a = seen[0].reshape(-1, seen[0].shape[-1])
+    if unit.uses[0].bias:
+        a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], dim=1)
+    return a.T @ a / len(batch[0])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_factors_and_corrected_eigenvalues_equal_brute_force(case: str) -> None:
+    model, batch, outputs, diagonal_above = _case(case)
+    units = _units(model, diagonal_above)
+    task = ProbeTask(outputs)
+    batches = [(batch[0][:4],), (batch[0][4:],)]
+    gen = torch.Generator()
+    brute = _brute_pseudo_grads(model, units, task, batch)
+    count = len(batch[0])
+
+    covs = covariances(model, units, task, batches, gen, exact=True)
+    ones = {n: torch.ones(u.shape, dtype=torch.float64) for n, u in units.items()}
+    scaled = covariances(model, units, task, batches, gen, exact=True, scale=ones)
+    for name, unit in units.items():
+        a, s = covs[name].mean()
+        assert (a is None) == unit.identity[1] and (s is None) == unit.identity[0]
+        # with a unit scale: E[G Gᵀ] and E[Gᵀ G] of the per-example pseudo-gradients
+        g_gt = sum(torch.einsum("boi,bpi->op", g[name], g[name]) for g in brute) / count
+        gt_g = sum(torch.einsum("boi,boj->ij", g[name], g[name]) for g in brute) / count
+        a_scaled, s_scaled = scaled[name].mean()
+        for got, want, identity in (
+            (s_scaled, g_gt, unit.identity[0]),
+            (a_scaled, gt_g, unit.identity[1]),
+        ):
+            if identity:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        if len(unit.uses) == 1 and a is not None and not unit.uses[0].transposed:
+            torch.testing.assert_close(a, _input_factor(model, unit, batch), rtol=1e-10, atol=1e-12)
+
+    bases = {
+        n: tuple(None if f is None else eigh_float64(f)[1] for f in c.mean())
+        for n, c in covs.items()
+    }
+    eigenvalues = corrected_eigenvalues(model, units, bases, task, batches, gen, exact=True)
+    for name in units:
+        q_a, q_s = bases[name]
+        total = 0
+        for g in brute:
+            rotated = g[name]
+            if q_s is not None:
+                rotated = q_s.T @ rotated
+            if q_a is not None:
+                rotated = rotated @ q_a
+            total = total + rotated.square().sum(0)
+        torch.testing.assert_close(eigenvalues[name], total / count, rtol=1e-9, atol=1e-14)
+
+
+def test_embedding_factor_of_the_output_side_sums_tokens() -> None:
+    """``E[Σ_tok s sᵀ]`` of an embedding, padding tokens excluded, from autograd per token."""
+    model, batch, outputs, _ = _case("embedding")
+    unit = _units(model, None)["embed"]
+    task = ProbeTask(outputs)
+    covs = covariances(model, {"embed": unit}, task, [batch], torch.Generator(), exact=True)
+    ids = batch[0]
+    total = torch.zeros(WIDTH, WIDTH, dtype=torch.float64)
+    for k in range(2):
+        out = model.embed(ids)
+        out.retain_grad()
+        head = model.head(torch.tanh(out))
+        losses = task.exact_pseudo_losses(lambda _, h=head: h, (ids,))
+        losses[k].sum().backward()
+        s = out.grad * (ids != 0)[..., None]
+        total += torch.einsum("bti,btj->ij", s, s)
+    torch.testing.assert_close(covs["embed"].mean()[1], total / len(ids), rtol=1e-10, atol=1e-12)
+
+
+def test_curvature_with_identity_sides_is_consistent_with_its_dense_matrix() -> None:
+    torch.manual_seed(3)
+    q_s = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    lam = torch.rand(3, 4, dtype=torch.float64)
+    for curvature in (ModuleCurvature(None, q_s, lam), ModuleCurvature(None, None, lam)):
+        dense = curvature.dense()
+        v = torch.randn(3, 4, dtype=torch.float64)
+        evals, evecs = torch.linalg.eigh(dense)
+        expected = evecs @ torch.diag(torch.exp(-evals)) @ evecs.T @ v.reshape(-1)
+        got = curvature.apply(v, lambda x: torch.exp(-x))
+        torch.testing.assert_close(got.reshape(-1), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(curvature.diagonal().reshape(-1), dense.diagonal())
+        eye = torch.eye(3, dtype=torch.float64)
+        rows = eye if curvature.q_s is None else curvature.q_s.contiguous()
+        basis = torch.kron(rows, torch.eye(4, dtype=torch.float64))
+        in_basis = torch.diagonal(basis.T @ torch.diag(v.reshape(-1)) @ basis)
+        torch.testing.assert_close(curvature.in_basis(v).reshape(-1), in_basis)
+
+
+def test_embeddings_that_renormalise_are_left_uncovered_with_a_reason() -> None:
+    model = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Linear(3, 2))
+    found = find_units(model)
+    assert set(found.units) == {"1"}
+    assert "max_norm" in found.uncovered["0.weight"]
+
+
+def test_module_selection_patterns() -> None:
+    names = {"transformer.wte+lm_head": 0, "transformer.h.0.mlp.c_fc": 1, "ln_f": 2}
+    units = {n: _units(Conv1DNet(), None)["proj"] for n in names}
+    picked = ModuleSelection.of({"exclude": ["*lm_head*"]}).apply(units)
+    assert set(picked) == {"transformer.h.0.mlp.c_fc", "ln_f"}
+    assert set(ModuleSelection.of(["transformer.*"]).apply(units)) == {
+        "transformer.wte+lm_head",
+        "transformer.h.0.mlp.c_fc",
+    }
+    with pytest.raises(AnalysisError, match="'nothing\\*'"):
+        ModuleSelection.of(["nothing*"]).apply(units)
+    with pytest.raises(ValueError, match="include"):
+        ModuleSelection.of({"only": ["x"]})
+    with pytest.raises(TypeError):
+        ModuleSelection.of("ln_f")
+
+
+@pytest.mark.parametrize("build", ["gpt2", "llama"])
+def test_hugging_face_query_gradients_and_contractions_equal_autograd(build: str) -> None:
+    """Every unit of a tiny GPT-2 (tie, Conv1D, broadcast position embeddings, LayerNorms) and
+    Llama (RMSNorm): hooked per-example gradients equal autograd's, example by example."""
+    from test_hf_models import LM, Tokens
+
+    model = LM(build).double()
+    units = find_units(model).units
+    task = LanguageModelingTask()
+    ids = Tokens(5, seed=3).ids
+    examples = [{"input_ids": ids[i : i + 1]} for i in range(len(ids))]
+    expected = autograd_per_example(model, units, task.loss, examples)
+    got = per_example_grads(model, units, task.loss, [{"input_ids": ids}])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+    g = torch.Generator().manual_seed(5)
+    vectors = {
+        n: torch.randn(2, *u.shape, generator=g, dtype=torch.float64) for n, u in units.items()
+    }
+    truth = sum(torch.einsum("boi,qoi->bq", expected[n], vectors[n]) for n in units)
+    got_contract = contract(model, units, task.loss, {"input_ids": ids}, vectors)
+    torch.testing.assert_close(got_contract, truth, rtol=1e-9, atol=1e-12)
+
+
+class SharedPositions(nn.Module):
+    """Position embeddings of ``arange(T)`` (no batch dimension), broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.position = nn.Embedding(LENGTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])
+        return self.head(torch.tanh(self.embed(ids) + self.position(positions)))
+
+
+def test_calls_shared_by_the_batch_keep_per_example_gradients() -> None:
+    torch.manual_seed(0)
+    model = SharedPositions().double()
+    units = _units(model, None)
+    task = ProbeTask(3)
+    batch = (_tokens(4, 5),)
+    expected = autograd_per_example(model, units, task.loss, split(batch))
+    got = per_example_grads(model, units, task.loss, [batch])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+    one = per_example_grads(model, units, task.loss, [(batch[0][:1],)])  # a batch of one
+    for name in units:
+        torch.testing.assert_close(one[name], expected[name][:1], rtol=1e-10, atol=1e-12)

@@ -10,6 +10,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from source_callback.analysis import memory as footprint
 from source_callback.analysis.cache import GradientCache
 from source_callback.analysis.engine import Engine, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
@@ -33,6 +34,13 @@ from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScore
 from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
 from source_callback.analysis.source import dot, sweep
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
+from source_callback.analysis.units import (
+    ModuleSelection,
+    SelectionSpec,
+    Unit,
+    Units,
+    find_units,
+)
 from source_callback.errors import AnalysisError
 from source_callback.manifest import model_manifest
 from source_callback.optim import UpdateRule
@@ -76,6 +84,8 @@ def analyze(
     strategy: str = "auto",
     fabric: Fabric | None = None,
     verbose: bool = True,
+    modules: SelectionSpec = None,
+    diagonal_above: int | None = None,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
 
@@ -157,12 +167,30 @@ def analyze(
         a ``torch.distributed`` process group that is already initialised (``torchrun``,
         SLURM) is used as it is.
     verbose
-        Show progress bars (rank 0 only).
+        Show progress bars and the coverage (rank 0 only).
+    modules
+        The units to attribute through (a unit: a module's parameters with their own
+        curvature; a parameter tied between modules is one unit named ``"a+b"``): a
+        :class:`~source_callback.ModuleSelection`, a list of ``fnmatch`` include patterns, or
+        ``{"include": [...], "exclude": [...]}``; all by default. The share of each stage's
+        trained parameters covered is ``result.coverage``.
+    diagonal_above
+        Sides of a unit's gradient matrix longer than this (e.g. a 50,000-token output layer)
+        get an identity eigenbasis instead of a dense ``[n, n]`` factor; ``None``: only
+        embeddings' token sides and units of norm weights and standalone biases are diagonal.
 
     Returns
     -------
     AnalysisResult
         The same on every process of a distributed analysis.
+
+    Raises
+    ------
+    AnalysisError
+        Among others: the estimate of the memory the analysis will hold on its device
+        (:mod:`source_callback.analysis.memory`) exceeds what is available; the message names
+        the largest units and settings that fit. The environment variable
+        ``SOURCE_CALLBACK_MEMORY_LIMIT`` (bytes, or e.g. ``"8GiB"``) sets the limit.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -193,20 +221,18 @@ def analyze(
             "out-of-core, cached and distributed analyses write into the store: pass a name "
             "for the analysis (name='default')."
         )
+    copy = prepare_model(model, run).to(workers.device)
+    found = find_units(copy, diagonal_above)
+    selected = ModuleSelection.of(modules).apply(found.units)
     work = Engine(
-        prepare_model(model, run).to(workers.device),
-        task,
-        train,
-        batch_size,
-        fisher,
-        seed,
-        verbose,
-        collate_fn,
-        workers,
+        copy, task, train, batch_size, fisher, seed, verbose, collate_fn, workers, selected
     )
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
     )
+    model_bytes = sum(p.numel() * p.element_size() for p in copy.parameters())
+    footprint.check(selected, footprint.Plan(len(queries), len(plan), model_bytes), work.device)  # type: ignore[arg-type]
+    coverage = _coverage(run, found, selected)
     last = len(run.stages) - 1
     final_state = checkpoint_state(run.boundary(last, ROLE_END))
     config = {
@@ -219,8 +245,12 @@ def analyze(
         if optimizer_model is None
         else str(UpdateRule(optimizer_model).value),
         "modules": sorted(work.modules),
+        "diagonal_above": diagonal_above,
+        "coverage": {name: share for name, (share, _) in coverage.items()},
         "cache": {"kind": cache, "projection_dim": projection_dim} if cache else None,
     }
+    if work.verbose:
+        _print_coverage(coverage, found)
     stage_names = [s.name for s in run.stages]
     shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
     info = {"stage_names": stage_names, "config": config}
@@ -294,6 +324,36 @@ def analyze(
     if not out_of_core:
         result.scores = {n: np.asarray(a[...]) for n, a in result.scores.items()}
     return result
+
+
+def _coverage(
+    run: RunView, found: Units, selected: dict[str, Unit]
+) -> dict[str, tuple[float, list[str]]]:
+    """Per stage: the share of its trained parameters in selected units, and those not in any.
+
+    Shares count parameters (elements), the names are the stage's order.
+    """
+    covered = {p for unit in selected.values() for p in unit.params}
+    out = {}
+    for stage in run.stages:
+        trained = [p for p in stage.trainable if p in found.numel]
+        total = sum(found.numel[p] for p in trained)
+        share = sum(found.numel[p] for p in trained if p in covered) / total if total else 1.0
+        out[stage.name] = (share, [p for p in trained if p not in covered])
+    return out
+
+
+def _print_coverage(coverage: dict[str, tuple[float, list[str]]], found: Units) -> None:
+    """One line per stage; the first parameters no selected unit covers, with the reason."""
+    for stage, (share, missing) in coverage.items():
+        line = f"coverage of stage {stage!r}: {share:.1%} of its trained parameters"
+        if missing:
+            shown = ", ".join(
+                f"{p} ({found.uncovered.get(p, 'not selected')})" for p in missing[:5]
+            )
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            line += f"; not attributed: {shown}{more}"
+        print(line)
 
 
 def start_workers(

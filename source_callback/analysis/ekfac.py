@@ -1,10 +1,10 @@
-"""EK-FAC curvature per tracked module (SOURCE-math §5; Grosse et al. 2023).
+"""EK-FAC curvature per unit (SOURCE-math §5; Grosse et al. 2023).
 
-For every tracked ``nn.Linear`` and ``nn.Conv2d`` the per-example gradient of the weight (with
-the bias as an extra input column) is ``G = Σ_tok s aᵀ``: ``a`` the module's input (unfolded
-patches for convolutions, a 1 appended for the bias) and ``s`` the gradient of the loss with
-respect to the module's output. Hooks capture both, so gradients are only ever formed per
-module and per batch.
+A unit's per-example gradient is ``G = Σ_tok s aᵀ`` (see :mod:`source_callback.analysis.units`
+for the kinds of units and their layouts). Hooks capture each use's ``a`` in the forward pass and
+its ``s`` in the backward pass, so gradients are only ever formed per unit and per batch. A side
+of a unit with an identity eigenbasis (one-hot tokens, diagonal units, sides above a size
+threshold) needs no covariance.
 """
 
 from __future__ import annotations
@@ -13,250 +13,288 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-TRACKED = (nn.Linear, nn.Conv2d)
+from source_callback.analysis.units import Factored, Side, Unit, find_units, is_replaying
+from source_callback.errors import AnalysisError
 
-
-def tracked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules EK-FAC covers, by qualified name: trainable ``Linear`` and ``Conv2d``."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, TRACKED) and module.weight.requires_grad:
-            if isinstance(module, nn.Conv2d) and (
-                module.groups != 1 or module.padding_mode != "zeros"
-            ):
-                continue  # grouped or non-zero-padded convolutions: not modelled
-            out[name] = module
-    return out
+#: Called once per unit and backward pass with the per-example gradients of all its uses.
+OnGrads = Callable[[str, list[Factored]], None]
 
 
-def module_param_names(name: str, module: nn.Module) -> tuple[str, str | None]:
-    """Qualified names of a tracked module's weight and bias (``None`` without bias)."""
-    prefix = f"{name}." if name else ""
-    return f"{prefix}weight", (f"{prefix}bias" if module.bias is not None else None)
-
-
-def module_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out, in)`` of a tracked module's gradient matrix (``in`` counts the bias column)."""
-    weight = module.weight
-    fan_in = int(np.prod(weight.shape[1:])) + (1 if module.bias is not None else 0)
-    return int(weight.shape[0]), fan_in
-
-
-def activations(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """Module input as ``[B, tokens, in (+1 for bias)]``."""
-    if isinstance(module, nn.Conv2d):
-        patches = F.unfold(
-            inputs,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )  # [B, C·kh·kw, L]
-        a = patches.transpose(1, 2)
-    else:
-        a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
-    if module.bias is not None:
-        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
-    return a
-
-
-def output_grads(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient w.r.t. the module's output as ``[B, tokens, out]``."""
-    if isinstance(module, nn.Conv2d):
-        return grad.flatten(2).transpose(1, 2)
-    return grad.reshape(grad.shape[0], -1, grad.shape[-1])
-
-
-def weight_matrix(
-    module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """A module's parameters (or gradients) as one ``[out, in (+1)]`` matrix."""
-    matrix = weight.reshape(weight.shape[0], -1)
-    if bias is not None:
-        matrix = torch.cat([matrix, bias[:, None]], dim=1)
-    return matrix
+def tracked_modules(model: nn.Module, diagonal_above: int | None = None) -> dict[str, Unit]:
+    """The units EK-FAC covers, by name (see :func:`~source_callback.analysis.units.find_units`)."""
+    return find_units(model, diagonal_above).units
 
 
 class Capture:
-    """Context manager that records each tracked module's ``a`` and ``s`` for one batch.
+    """Context manager that records every unit's per-example gradients through hooks.
 
-    After a forward pass, ``a[name]`` holds the activations; after each backward pass,
-    ``on_grads(name, a, s)`` is called for every module (several backward passes through one
-    forward pass are allowed).
+    After each forward pass ``inputs[name]`` holds ``(axis, side)`` of every call's input side
+    (the side of the unit known from the forward pass). In every backward pass
+    ``on_grads(name, parts)`` is called once per unit with the gradients of all its uses in that
+    pass (a tied parameter or a module called twice has several), as soon as all have arrived;
+    :meth:`backward` hands over any left (uses no gradient reached). Call :meth:`reset` before
+    each forward pass.
+
+    A call whose inputs and output are shared by the batch (GPT-2's position embeddings: position
+    ids ``[1, T]``; ``embedding(arange(T))``: ``[T]``, broadcast over the batch) would only give
+    the batch's summed gradient; its output is expanded to B rows instead (a batch dimension
+    prepended unless it has one of 1), the same values downstream, so that each example's
+    gradient stays separate. B is the leading dimension of the model's first tensor argument;
+    a shared tensor whose leading dimension happens to equal B cannot be told apart.
     """
 
-    def __init__(
-        self,
-        modules: dict[str, nn.Module],
-        on_grads: Callable[[str, torch.Tensor, torch.Tensor], None],
-    ) -> None:
-        self.modules = modules
+    def __init__(self, model: nn.Module, units: dict[str, Unit], on_grads: OnGrads) -> None:
+        self.model = model
+        self.units = units
         self.on_grads = on_grads
-        self.a: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, list[tuple[int, Side]]] = {}
+        self._calls: dict[str, int] = {}
+        self._pending: dict[str, list[Factored]] = {}
         self._handles: list[Any] = []
+        self._batch = 1
 
-    def _forward_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.a[name] = activations(module, inputs[0].detach())
-            if output.requires_grad:
-                output.register_hook(
-                    lambda grad: self.on_grads(name, self.a[name], output_grads(module, grad))
+    def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first = next(
+            (x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.ndim), None
+        )
+        self._batch = 1 if first is None else first.shape[0]
+
+    def _shared(self, x: Any) -> bool:
+        """Whether ``x`` is a tensor whose leading dimension is not the batch's."""
+        return isinstance(x, torch.Tensor) and (not x.ndim or x.shape[0] != self._batch)
+
+    def _broadcast(self, x: Any, prepend: bool) -> Any:
+        """A shared tensor expanded to the batch (a batch dimension prepended first)."""
+        if not self._shared(x):
+            return x
+        if prepend:
+            x = x[None]
+        return x.expand(self._batch, *x.shape[1:])
+
+    def _forward_hook(self, name: str, index: int) -> Callable[..., None]:
+        use = self.units[name].uses[index]
+
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> torch.Tensor | None:
+            if is_replaying():
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise AnalysisError(
+                    f"module {use.name!r} of unit {name!r} returns a {type(output).__name__}, "
+                    "not a tensor, so its gradient cannot be captured; leave it out with "
+                    f"modules={{'exclude': [{name!r}]}}."
                 )
+            tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+            if self._shared(output) and all(map(self._shared, tensors)):
+                prepend = not output.ndim or output.shape[0] != 1
+                args = tuple(self._broadcast(x, prepend) for x in args)
+                kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
+                output = self._broadcast(output, prepend)
+            data = use.kind.capture(module, args, kwargs)
+            known = use.inputs(data)
+            if known is not None:
+                self.inputs.setdefault(name, []).append(known)
+            if output.requires_grad:
+                self._calls[name] = self._calls.get(name, 0) + 1
+                output.register_hook(lambda grad: self._arrive(name, use.factored(data, grad)))
+            return output
 
         return hook
 
+    def _arrive(self, name: str, part: Factored) -> None:
+        pending = self._pending.setdefault(name, [])
+        pending.append(part)
+        if len(pending) == self._calls[name]:
+            self.on_grads(name, self._pending.pop(name))
+
+    def reset(self) -> None:
+        """Forget the last forward pass."""
+        self.inputs.clear()
+        self._calls.clear()
+        self._pending.clear()
+
+    def backward(self, value: torch.Tensor, retain_graph: bool = False) -> None:
+        """``value.backward()``, then hand over the gradients of uses that are still waiting."""
+        value.backward(retain_graph=retain_graph)
+        for name in list(self._pending):
+            self.on_grads(name, self._pending.pop(name))
+
     def __enter__(self) -> Capture:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._batch_hook, with_kwargs=True)
+        )
+        for name, unit in self.units.items():
+            for index, use in enumerate(unit.uses):
+                self._handles.append(
+                    use.module.register_forward_hook(
+                        self._forward_hook(name, index), with_kwargs=True
+                    )
+                )
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.a.clear()
+        self.reset()
 
 
-def _backward_each(losses: torch.Tensor) -> Iterator[None]:
+def dense_sum(parts: list[Factored]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(examples, Σ_uses G)``: the summed dense gradients, a chunk of examples at a time."""
+    for rows in parts[0].slices():
+        yield rows, sum(part[rows].dense() for part in parts)  # type: ignore[misc]
+
+
+def _backward_each(capture: Capture, losses: torch.Tensor) -> Iterator[None]:
     """Backpropagate each row of ``[K, B]`` losses (summed over the batch) in turn."""
     for k in range(losses.shape[0]):
-        losses[k].sum().backward(retain_graph=k + 1 < losses.shape[0])
+        capture.backward(losses[k].sum(), retain_graph=k + 1 < losses.shape[0])
         yield
-
-
-def pseudo_backward(
-    task: Any, model: nn.Module, batch: Any, generator: torch.Generator, exact: bool
-) -> Iterator[None]:
-    """Run the backward passes whose captured ``s`` give pseudo-gradients for one batch."""
-    if exact:
-        yield from _backward_each(task.exact_pseudo_losses(model, batch))
-    else:
-        yield from _backward_each(task.pseudo_loss(model, batch, generator)[None])
 
 
 def pseudo_passes(
     model: nn.Module,
-    modules: dict[str, nn.Module],
+    capture: Capture,
     task: Any,
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool,
-    on_grads: Callable[[str, torch.Tensor, torch.Tensor], None],
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Run the pseudo-gradient backward passes of every batch; yield each batch's activations.
+) -> Iterator[int]:
+    """Run the pseudo-gradient backward passes of every batch; yield each batch's size.
 
-    ``on_grads(name, a, s)`` sees every module's activations and output gradients per pass.
+    ``capture.inputs`` holds the batch's input sides when it is yielded.
     """
-    with Capture(modules, on_grads) as capture:
-        for batch in batches:
-            for _ in pseudo_backward(task, model, batch, generator, exact):
-                pass
-            model.zero_grad(set_to_none=True)
-            yield capture.a
+    for batch in batches:
+        capture.reset()
+        if exact:
+            losses = task.exact_pseudo_losses(model, batch)
+        else:
+            losses = task.pseudo_loss(model, batch, generator)[None]
+        for _ in _backward_each(capture, losses):
+            pass
+        model.zero_grad(set_to_none=True)
+        yield losses.shape[1]
 
 
 @dataclass
 class Covariances:
-    """Running sums of ``a aᵀ`` and ``s sᵀ`` (summed over tokens) and the example count."""
+    """Running sums of the two Kronecker factors (per example, tokens summed) and the count.
 
-    a: torch.Tensor
-    s: torch.Tensor
+    ``a`` is the columns' side (``a aᵀ``), ``s`` the rows' (``s sᵀ``); ``None`` for an identity
+    side.
+    """
+
+    a: torch.Tensor | None
+    s: torch.Tensor | None
     count: int = 0
 
-    def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(E[a aᵀ], E[s sᵀ])`` per example."""
-        return self.a / self.count, self.s / self.count
+        return tuple(None if f is None else f / self.count for f in (self.a, self.s))  # type: ignore[return-value]
+
+    def add(self, axis: int, value: torch.Tensor) -> None:
+        """Add to the rows' (0) or the columns' (1) factor."""
+        if axis == 0:
+            self.s = value if self.s is None else self.s + value
+        else:
+            self.a = value if self.a is None else self.a + value
 
 
-def per_example(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients ``G = Σ_tok s aᵀ``: ``[B, out, in]`` (float64)."""
-    return torch.einsum("bto,bti->boi", s.double(), a.double())
+def per_example(parts: list[Factored]) -> torch.Tensor:
+    """Per-example gradients summed over a unit's uses: ``[B, out, in]`` (float64)."""
+    return torch.cat([total for _, total in dense_sum(parts)])
 
 
 def covariances(
     model: nn.Module,
-    modules: dict[str, nn.Module],
+    units: dict[str, Unit],
     task: Any,
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool = False,
     scale: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Covariances]:
-    """One pass over ``batches``: the two Kronecker factors per module (float64).
+    """One pass over ``batches``: the two Kronecker factors per unit (float64).
 
-    Without ``scale``: per-example ``E[a aᵀ]`` and ``E[s sᵀ]`` (tokens summed). With
-    ``scale`` (an ``[out, in]`` matrix per module, e.g. Adam's ``P^{1/2}``): ``E[G'ᵀG']`` and
-    ``E[G'G'ᵀ]`` of the scaled per-example pseudo-gradients ``G' = scale ∘ G``.
+    Without ``scale``: per-example ``E[a aᵀ]`` and ``E[s sᵀ]`` (tokens summed), each use adding
+    its own factors in the unit's layout (a tied parameter sums them over its uses). With
+    ``scale`` (an ``[out, in]`` matrix per unit, e.g. Adam's ``P^{1/2}``): ``E[G'ᵀG']`` and
+    ``E[G'G'ᵀ]`` of the scaled per-example pseudo-gradients ``G' = scale ∘ G`` (``G`` summed
+    over uses). Identity sides are skipped (``None``).
     """
-    sums: dict[str, Covariances] = {}
+    sums = {name: Covariances(None, None) for name in units}
 
-    def entry(name: str, a_dim: int, s_dim: int, device: torch.device) -> Covariances:
-        if name not in sums:
-            zeros = torch.zeros
-            sums[name] = Covariances(
-                zeros(a_dim, a_dim, dtype=torch.float64, device=device),
-                zeros(s_dim, s_dim, dtype=torch.float64, device=device),
-            )
-        return sums[name]
-
-    def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
-        sums_ = entry(name, a.shape[-1], s.shape[-1], s.device)
+    def on_grads(name: str, parts: list[Factored]) -> None:
+        dense = [not flag for flag in units[name].identity]
         if scale is None:
-            s = s.double()
-            sums_.s += torch.einsum("bto,btp->op", s, s)
+            for part in parts:
+                if part.known is not None and dense[1 - part.known]:
+                    sums[name].add(1 - part.known, part.sides[1 - part.known].covariance())
             return
-        g = per_example(a, s) * scale[name]
-        sums_.s += torch.einsum("boi,bpi->op", g, g)
-        sums_.a += torch.einsum("boi,boj->ij", g, g)
+        for _, g in dense_sum(parts):
+            g = g * scale[name]
+            if dense[0]:
+                sums[name].add(0, torch.einsum("boi,bpi->op", g, g))
+            if dense[1]:
+                sums[name].add(1, torch.einsum("boi,boj->ij", g, g))
 
-    for activations_ in pseudo_passes(model, modules, task, batches, generator, exact, on_grads):
-        for name, a in activations_.items():
-            if scale is None:
-                a = a.double()
-                sums[name].a += torch.einsum("bti,btj->ij", a, a)
-            sums[name].count += a.shape[0]
+    with Capture(model, units, on_grads) as capture:
+        for size in pseudo_passes(model, capture, task, batches, generator, exact):
+            for name in units:
+                if scale is None:
+                    for axis, side in capture.inputs.get(name, []):
+                        if not units[name].identity[axis]:
+                            sums[name].add(axis, side.covariance())
+                sums[name].count += size
     return sums
 
 
 def corrected_eigenvalues(
     model: nn.Module,
-    modules: dict[str, nn.Module],
-    bases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    units: dict[str, Unit],
+    bases: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
     task: Any,
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool = False,
     scale: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One pass: ``Λ[i, j] = E_z[(Q_Sᵀ G'_z Q_A)_ij²]`` per module in the given bases.
+    """One pass: ``Λ[i, j] = E_z[(Q_Sᵀ G'_z Q_A)_ij²]`` per unit in the given bases.
 
-    ``G' = G``, or ``scale ∘ G`` when ``scale`` is given (see :func:`covariances`). In exact
+    ``bases[name]`` is ``(Q_A, Q_S)`` (``None``: identity). ``G'`` is the per-example gradient
+    summed over the unit's uses, times ``scale`` when given (see :func:`covariances`). In exact
     mode each of the K backward passes contributes its own squared rotated gradient.
     """
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
 
-    def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
+    def on_grads(name: str, parts: list[Factored]) -> None:
         q_a, q_s = bases[name]
-        if scale is None:
+        if scale is None and len(parts) == 1:
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
-            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py).
-            rotated = (s.double() @ q_s).transpose(1, 2) @ (a.double() @ q_a)
+            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py); a one-hot side
+            # adds up only the tokens present.
+            total = parts[0].rotated(q_s, q_a).squares()
         else:
-            g = per_example(a, s) * scale[name]
-            rotated = torch.einsum("op,boi,iq->bpq", q_s, g, q_a)
-        total = sums.get(name)
-        sums[name] = rotated.square().sum(0) + (0 if total is None else total)
+            total = 0
+            for _, g in dense_sum(parts):
+                if scale is not None:
+                    g = g * scale[name]
+                if q_s is not None:
+                    g = q_s.T @ g
+                if q_a is not None:
+                    g = g @ q_a
+                total = total + g.square().sum(0)
+        sums[name] = total + sums.get(name, 0)
 
-    for activations_ in pseudo_passes(model, modules, task, batches, generator, exact, on_grads):
-        for name, a in activations_.items():
-            counts[name] = counts.get(name, 0) + a.shape[0]
-    return {name: sums[name] / counts[name] for name in sums}
+    count = 0
+    with Capture(model, units, on_grads) as capture:
+        for size in pseudo_passes(model, capture, task, batches, generator, exact):
+            count += size
+    return {name: sums[name] / count for name in sums}
 
 
 def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,30 +303,59 @@ def eigh_float64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh((matrix + matrix.T) / 2)
 
 
+def _square(q: torch.Tensor | None) -> torch.Tensor | None:
+    return None if q is None else q.square()
+
+
+def _sandwich(
+    left: torch.Tensor | None, matrix: torch.Tensor, right: torch.Tensor | None
+) -> torch.Tensor:
+    """``leftᵀ · matrix · right`` over the last two axes (``None``: identity)."""
+    if left is not None:
+        matrix = left.T @ matrix
+    if right is not None:
+        matrix = matrix @ right
+    return matrix
+
+
 @dataclass
 class ModuleCurvature:
-    """EK-FAC of one module: ``H ≈ (Q_A ⊗ Q_S) diag(Λ) (Q_A ⊗ Q_S)ᵀ`` on ``[out, in]`` matrices."""
+    """EK-FAC of one unit: ``H ≈ (Q_A ⊗ Q_S) diag(Λ) (Q_A ⊗ Q_S)ᵀ`` on ``[out, in]`` matrices.
 
-    q_a: torch.Tensor
-    q_s: torch.Tensor
+    ``q_a`` (columns) or ``q_s`` (rows) is ``None`` for an identity side.
+    """
+
+    q_a: torch.Tensor | None
+    q_s: torch.Tensor | None
     eigenvalues: torch.Tensor  # [out, in]
 
     def apply(
         self, matrix: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """``f(H) · vec(matrix)`` for a function ``fn`` of the eigenvalues, as ``[out, in]``."""
-        rotated = self.q_s.T @ matrix.to(self.q_s.dtype) @ self.q_a
-        return self.q_s @ (fn(self.eigenvalues) * rotated) @ self.q_a.T
+        rotated = _sandwich(self.q_s, matrix.to(self.eigenvalues.dtype), self.q_a)
+        values = fn(self.eigenvalues) * rotated
+        q_s, q_a = (None if q is None else q.T for q in (self.q_s, self.q_a))
+        return _sandwich(q_s, values, q_a)
 
     def diagonal(self) -> torch.Tensor:
         """Diagonal of ``H`` as ``[out, in]``: ``(Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ``."""
-        return self.q_s.square() @ self.eigenvalues @ self.q_a.square().T
+        q_s, q_a = _square(self.q_s), _square(self.q_a)
+        return _sandwich(
+            None if q_s is None else q_s.T, self.eigenvalues, None if q_a is None else q_a.T
+        )
 
     def in_basis(self, matrix: torch.Tensor) -> torch.Tensor:
         """Diagonal of ``diag(vec matrix)`` in the eigenbasis: ``(Q_S∘Q_S)ᵀ M (Q_A∘Q_A)``."""
-        return self.q_s.square().T @ matrix.to(self.q_s.dtype) @ self.q_a.square()
+        return _sandwich(_square(self.q_s), matrix.to(self.eigenvalues.dtype), _square(self.q_a))
 
     def dense(self) -> torch.Tensor:
         """The full matrix over row-major ``vec([out, in])`` (small modules only: tests)."""
-        basis = torch.kron(self.q_s, self.q_a)  # row-major vec(Q_S X Q_Aᵀ) = (Q_S ⊗ Q_A) vec(X)
+        out, in_ = self.eigenvalues.shape
+        dtype = self.eigenvalues.dtype
+        q_s = torch.eye(out, dtype=dtype) if self.q_s is None else self.q_s
+        q_a = torch.eye(in_, dtype=dtype) if self.q_a is None else self.q_a
+        basis = torch.kron(
+            q_s.contiguous(), q_a.contiguous()
+        )  # row-major vec(Q_S X Q_Aᵀ) = (Q_S ⊗ Q_A) vec(X)
         return basis @ torch.diag(self.eigenvalues.reshape(-1)) @ basis.T

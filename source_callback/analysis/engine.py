@@ -19,6 +19,7 @@ from source_callback.analysis.parallel import Blocks, Workers
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
+from source_callback.analysis.units import Unit
 from source_callback.errors import AnalysisError
 from source_callback.store.schema import CACHE_DTYPE, SCORE_CHUNK
 
@@ -36,6 +37,11 @@ def batch_seed(seed: int, data_pass: int, first: int) -> int:
     return int(
         np.random.SeedSequence([seed, data_pass, first]).generate_state(1, np.uint64)[0] >> 1
     )
+
+
+def _basis(factor: torch.Tensor | None) -> torch.Tensor | None:
+    """Eigenvectors of a Kronecker factor; ``None`` (identity) for an identity side."""
+    return None if factor is None else ekfac.eigh_float64(factor)[1]
 
 
 class Engine:
@@ -56,6 +62,7 @@ class Engine:
         verbose: bool,
         collate_fn: Any,
         workers: Workers | None = None,
+        units: dict[str, Unit] | None = None,
     ) -> None:
         self.model = model
         self.task = task
@@ -69,12 +76,12 @@ class Engine:
         self.device = next(model.parameters()).device
         self.workers = workers or Workers(self.device)
         self.verbose = verbose and self.workers.rank == 0
-        self.modules = ekfac.tracked_modules(model)
+        self.modules = ekfac.tracked_modules(model) if units is None else units
         if not self.modules:
-            raise AnalysisError("the model has no trainable nn.Linear or nn.Conv2d to analyze")
+            raise AnalysisError("no unit of the model's trained parameters is selected")
 
     def load(self, state: State) -> None:
-        """Put ``state``'s parameters and buffers into the model."""
+        """Put ``state``'s parameters and buffers (every name of a tied one) into the model."""
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
 
     def data(
@@ -109,27 +116,28 @@ class Engine:
         states: list[StateSource],
         label: str,
         scale: dict[str, torch.Tensor] | None = None,
-        modules: dict[str, nn.Module] | None = None,
+        modules: dict[str, Unit] | None = None,
     ) -> dict[str, ekfac.ModuleCurvature]:
         """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on ``dataset``.
 
-        With ``scale`` (Adam's ``P^{1/2}`` per module) it is fitted to the scaled
+        With ``scale`` (Adam's ``P^{1/2}`` per unit) it is fitted to the scaled
         pseudo-gradients, i.e. to ``P^{1/2} H P^{1/2}``. ``modules`` restricts the fit (to
-        those a stage trains); all tracked modules by default.
+        the units a stage trains); all units by default. Identity sides need no factor.
         """
         modules = self.modules if modules is None else modules
+        factored = {n: u for n, u in modules.items() if not all(u.identity)}
         blocks = self.workers.blocks(len(dataset), self.batch_size)  # type: ignore[arg-type]
         count = len(dataset)  # type: ignore[arg-type]
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
-        for i, state in enumerate(states):
+        for i, state in enumerate(states if factored else []):
             desc = f"{label} factors {i + 1}/{len(states)}"
 
             def factors(state: StateSource = state, desc: str = desc) -> dict[str, torch.Tensor]:
                 self.load(state())
                 covs = ekfac.covariances(
                     self.model,
-                    modules,
+                    factored,
                     self.task,
                     self.data(dataset, desc, blocks, seeded=True),
                     self.generator,
@@ -137,20 +145,20 @@ class Engine:
                     scale,
                 )
                 sums = {}
-                for name, module in modules.items():
-                    out, in_ = ekfac.module_shape(module)
-                    cov = covs.get(name)
-                    sums[f"a/{name}"] = cov.a if cov else self._zeros(in_, in_)
-                    sums[f"s/{name}"] = cov.s if cov else self._zeros(out, out)
+                for name, unit in factored.items():
+                    out, in_ = unit.shape
+                    cov = covs[name]
+                    if not unit.identity[1]:
+                        sums[f"a/{name}"] = self._zeros(in_, in_) if cov.a is None else cov.a
+                    if not unit.identity[0]:
+                        sums[f"s/{name}"] = self._zeros(out, out) if cov.s is None else cov.s
                 return sums
 
             for key, total in self.workers.sum(self.workers.run(factors)).items():
                 side, name = key.split("/", 1)
                 target = a_sum if side == "a" else s_sum
                 target[name] = target.get(name, 0) + total / count
-        bases = {
-            n: (ekfac.eigh_float64(a_sum[n])[1], ekfac.eigh_float64(s_sum[n])[1]) for n in a_sum
-        }
+        bases = {n: (_basis(a_sum.get(n)), _basis(s_sum.get(n))) for n in modules}
         lam_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
             desc = f"{label} eigenvalues {i + 1}/{len(states)}"
@@ -171,10 +179,8 @@ class Engine:
                 )
                 local = sum(stop - start for start, stop in blocks)
                 return {
-                    name: mean[name] * local
-                    if name in mean
-                    else self._zeros(*ekfac.module_shape(m))
-                    for name, m in modules.items()
+                    name: mean[name] * local if name in mean else self._zeros(*unit.shape)
+                    for name, unit in modules.items()
                 }
 
             for name, value in self.workers.sum(self.workers.run(eigenvalues)).items():
@@ -191,15 +197,12 @@ class Engine:
         return out
 
     def _zeros(self, *shape: int) -> torch.Tensor:
+        """Float64 zeros on the analysis device."""
         return torch.zeros(shape, dtype=torch.float64, device=self.device)
 
     def module_matrices(self, state: State) -> ModuleTensors:
-        """Tracked parameters of a state as ``[out, in (+1)]`` matrices."""
-        out = {}
-        for name, module in self.modules.items():
-            weight, bias = ekfac.module_param_names(name, module)
-            out[name] = ekfac.weight_matrix(module, state[weight], state[bias] if bias else None)
-        return out
+        """Every unit's parameters in a state as its ``[out, in]`` matrix."""
+        return {name: unit.matrix(state) for name, unit in self.modules.items()}
 
     def scores(
         self,
@@ -286,7 +289,7 @@ class Engine:
         self.workers.run(write)
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
-        """Per-query measurement gradients at the loaded state: ``{module: [Q, out, in]}``."""
+        """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
         local = self.workers.run(
             lambda: per_example_grads(
@@ -294,7 +297,6 @@ class Engine:
                 self.modules,
                 self.task.measurement,
                 self.data(queries, label, blocks),
-                {name: ekfac.module_shape(module) for name, module in self.modules.items()},
             )
         )
         return {

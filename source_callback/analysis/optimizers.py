@@ -20,6 +20,7 @@ from source_callback.analysis import ekfac
 from source_callback.analysis.engine import Engine, StateSource
 from source_callback.analysis.segments import Segment
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
+from source_callback.analysis.units import Unit
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule, WeightDecay
 from source_callback.store.schema import Stage
@@ -64,12 +65,10 @@ def group_of(stage: Stage, param: str) -> int:
     raise AnalysisError(f"parameter {param} is not in stage {stage.name!r}'s optimizer groups")
 
 
-def stage_modules(engine: Engine, stage: Stage) -> dict[str, torch.nn.Module]:
-    """The tracked modules whose weight ``stage`` trained (the others stay fixed in it)."""
+def stage_modules(engine: Engine, stage: Stage) -> dict[str, Unit]:
+    """The units whose first parameter ``stage`` trained (the others stay fixed in it)."""
     return {
-        name: module
-        for name, module in engine.modules.items()
-        if ekfac.module_param_names(name, module)[0] in stage.trainable
+        name: unit for name, unit in engine.modules.items() if unit.params[0] in stage.trainable
     }
 
 
@@ -80,7 +79,7 @@ def adam_preconditioner(
     steps: dict[str, np.ndarray],
     floor: float = 0.01,
 ) -> dict[str, torch.Tensor]:
-    """``P̄ = mean_c 1/(max(√v̂_c, floor·median √v̂_c) + eps)`` per module as ``[out, in]``.
+    """``P̄ = mean_c 1/(max(√v̂_c, floor·median √v̂_c) + eps)`` per unit as ``[out, in]``.
 
     ``v̂ = v / (1 − β2^k)`` is the bias-corrected second moment (``max_exp_avg_sq`` under
     AMSGrad) after k optimizer steps, from the segment's checkpoints; checkpoints without
@@ -98,7 +97,7 @@ def adam_preconditioner(
     of the stage that does gives it (``segment.later``).
     """
     modules = stage_modules(engine, stage)
-    params = [p for n, m in modules.items() for p in filter(None, ekfac.module_param_names(n, m))]
+    params = [param for unit in modules.values() for param in unit.params]
     roots: dict[str, list[tuple[torch.Tensor, float]]] = {p: [] for p in params}
 
     def collect(checkpoint: Any, wanted: list[str]) -> bool:
@@ -137,12 +136,7 @@ def adam_preconditioner(
         per_param[param] = sum(
             1 / (root.clamp_min(floor * float(root.median())) + eps) for root, eps in found
         ) / len(found)
-    out = {}
-    for name, module in modules.items():
-        weight, bias = ekfac.module_param_names(name, module)
-        matrix = ekfac.weight_matrix(module, per_param[weight], per_param.get(bias or ""))
-        out[name] = matrix.to(engine.device)
-    return out
+    return {name: unit.matrix(per_param).to(engine.device) for name, unit in modules.items()}
 
 
 def module_rates(
@@ -150,8 +144,8 @@ def module_rates(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Per module the stage trains: the segment's learning-rate mass τ and mean weight decay λ."""
     tau, decay = {}, {}
-    for name, module in stage_modules(engine, stage).items():
-        group = group_of(stage, ekfac.module_param_names(name, module)[0])
+    for name, unit in stage_modules(engine, stage).items():
+        group = group_of(stage, unit.params[0])
         tau[name] = float(segment.lr_mass[group])
         decay[name] = float(np.mean(steps["weight_decay"][segment.start : segment.end, group]))
     return tau, decay
@@ -168,7 +162,7 @@ def warn_if_unstable(
     """Warn when ``η̃·σ_max > 2``: the trajectory oscillates and the model degrades (§9)."""
     worst, where = 0.0, ""
     for name, c in curvature.items():
-        group = group_of(stage, ekfac.module_param_names(name, engine.modules[name])[0])
+        group = group_of(stage, engine.modules[name].params[0])
         sigma = float((c.eigenvalues + shift[name]).max())
         product = float(segment.max_rate[group]) * sigma
         if product > worst:

@@ -1,11 +1,13 @@
 """Kronecker-structured random projections of per-module gradients (as in LoGra).
 
-A tracked module's per-example gradient is ``G = Σ_tok s aᵀ`` (``[out, in]``, see
-:mod:`source_callback.analysis.ekfac`). It is compressed to ``P_s G P_aᵀ = Σ_tok (P_s s)(P_a a)ᵀ``
+A unit's per-example gradient is ``G = Σ_tok s aᵀ`` (``[out, in]``, see
+:mod:`source_callback.analysis.units`). It is compressed to ``P_s G P_aᵀ = Σ_tok (P_s s)(P_a a)ᵀ``
 (``[k_o, k_i]``) with two Gaussian matrices whose entries have variance ``1/k_o`` and ``1/k_i``,
 so that ``E[P_sᵀP_s] = I`` and ``E[P_aᵀP_a] = I``, and inner products are preserved in
 expectation: ``E⟨P_s V P_aᵀ, P_s G P_aᵀ⟩ = ⟨V, G⟩`` (the two matrices are independent). The
-right side is formed from the projected activations and output gradients, never from ``G``.
+right side is formed from the projected activations and output gradients, never from ``G``
+(a one-hot token side picks the token's column of ``P_a``; a diagonal unit's single row is
+never projected).
 
 Training gradients are projected once and cached; a query-side vector ``V`` (a SOURCE response,
 SOURCE-math §3) is projected the same way, and the score is the inner product of the two.
@@ -21,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from source_callback.analysis.ekfac import Capture, module_shape
+from source_callback.analysis.ekfac import Capture, dense_sum
 from source_callback.analysis.gradients import ModuleTensors, PerExample
+from source_callback.analysis.units import Factored, Unit
 
 #: Value of the ``kind`` entry of a projection's description.
 KIND = "kronecker-gaussian-v1"
@@ -53,7 +56,7 @@ class KroneckerProjection:
     ----------
     shapes
         ``(out, in)`` of each module's gradient matrix by module name (see
-        :func:`module_shape`).
+        :attr:`~source_callback.analysis.units.Unit.shape`).
     k
         Target size of each side.
     seed
@@ -102,13 +105,13 @@ class KroneckerProjection:
     @classmethod
     def for_modules(
         cls,
-        modules: Mapping[str, nn.Module],
+        modules: Mapping[str, Unit],
         k: int,
         seed: int = 0,
         device: torch.device | str | None = None,
     ) -> KroneckerProjection:
-        """The projection of the given tracked modules (``ekfac.tracked_modules``)."""
-        return cls({name: module_shape(m) for name, m in modules.items()}, k, seed, device)
+        """The projection of the given units (``ekfac.tracked_modules``)."""
+        return cls({name: unit.shape for name, unit in modules.items()}, k, seed, device)
 
     # -- storage -----------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ class KroneckerProjection:
 
 def projected_grads(
     model: nn.Module,
-    modules: Mapping[str, nn.Module],
+    modules: Mapping[str, Unit],
     fn: PerExample,
     batch: Any,
     projection: KroneckerProjection,
@@ -208,17 +211,18 @@ def projected_grads(
 ) -> torch.Tensor:
     """Projected per-example gradients of ``fn`` for one batch: ``[B, projection.dim]``.
 
-    Per module ``Σ_tok (P_s s)(P_a a)ᵀ``, from the hooked activations ``a`` and output
-    gradients ``s``; no per-example ``[out, in]`` gradient is formed. ``fn(model, batch)``
-    gives one value per example (e.g. ``task.loss``). Computed in ``dtype`` on the device of
-    ``fn``'s values; a module no gradient reaches contributes zeros. A module in ``scale``
+    Per unit ``Σ_tok (P_s s)(P_a a)ᵀ`` (summed over a tied parameter's uses), from the hooked
+    activations ``a`` and output gradients ``s``; no per-example ``[out, in]`` gradient is
+    formed. ``fn(model, batch)`` gives one value per example (e.g. ``task.loss``). Computed in
+    ``dtype`` on the device of ``fn``'s values; a unit no gradient reaches contributes zeros.
+    A unit in ``scale``
     (an ``[out, in]`` matrix) is projected as ``P_s (scale ∘ G) P_aᵀ`` instead, which does
     form its per-example gradients ``G``.
 
     Parameters
     ----------
     model, modules
-        The model and its tracked modules by name; ``modules`` must hold every module of the
+        The model and its units by name; ``modules`` must hold every unit of the
         projection (others are ignored).
     fn
         Per-example function to differentiate.
@@ -235,27 +239,28 @@ def projected_grads(
     hooked = {name: modules[name] for name in projection.names}
     parts: dict[str, torch.Tensor] = {}
 
-    def on_grads(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
-        p_s, p_a = projection.factors(name, s.device, dtype)
-        s, a = s.to(dtype), a.to(dtype)
+    def on_grads(name: str, grads: list[Factored]) -> None:
+        device = grads[0].rows.values.device
+        p_s, p_a = projection.factors(name, device, dtype)
         if scale is not None and name in scale:
-            g = (s.transpose(1, 2) @ a) * scale[name].to(s.device, dtype)  # [B, out, in]
-            if p_s is not None:
-                g = p_s @ g
-            if p_a is not None:
-                g = g @ p_a.T
-            block = g.reshape(s.shape[0], -1)
+            blocks = []
+            for _, g in dense_sum(grads):
+                g = (g * scale[name].to(device, torch.float64)).to(dtype)
+                if p_s is not None:
+                    g = p_s @ g
+                if p_a is not None:
+                    g = g @ p_a.T
+                blocks.append(g.flatten(1))
+            block = torch.cat(blocks)
         else:
-            if p_s is not None:
-                s = s @ p_s.T
-            if p_a is not None:
-                a = a @ p_a.T
-            block = (s.transpose(1, 2) @ a).reshape(s.shape[0], -1)  # [B, k_o·k_i]
-        parts[name] = block if name not in parts else parts[name] + block
+            t_s, t_a = (None if p is None else p.T for p in (p_s, p_a))
+            block = sum(part.rotated(t_s, t_a).dense().to(dtype) for part in grads)
+            block = block.flatten(1)  # [B, k_o·k_i]
+        parts[name] = block
 
-    with Capture(hooked, on_grads):
+    with Capture(model, hooked, on_grads) as capture:
         values = fn(model, batch)
-        values.sum().backward()
+        capture.backward(values.sum())
         model.zero_grad(set_to_none=True)
     out = torch.zeros(len(values), projection.dim, dtype=dtype, device=values.device)
     for name, block in parts.items():  # a module no gradient reached keeps zeros, as in contract

@@ -143,6 +143,15 @@ class AnalysisResult:
     last_stage_exact: np.ndarray
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def coverage(self) -> dict[str, float]:
+        """Per stage name, the share of its trained parameters the scores attribute through.
+
+        Counted in parameters (elements); ``config["coverage"]``, empty for analyses stored
+        before it was recorded.
+        """
+        return dict(self.config.get("coverage", {}))
+
     def top(self, query: int, k: int = 10) -> tuple[list[Attribution], list[Attribution]]:
         """The ``k`` most helpful and ``k`` most harmful training examples for one query.
 

@@ -1,0 +1,637 @@
+"""Units: the blocks of trained parameters that each get their own curvature (SOURCE-math §5).
+
+A unit's gradient is one ``[out, in]`` matrix. Most units are one module used once; its
+per-example gradient is ``G = Σ_tok s aᵀ`` with ``a`` the module's input (a 1 appended for a
+bias) and ``s`` the gradient of the loss with respect to its output. Each kind of module says how
+its parameters are laid out in that matrix and how ``a`` and ``s`` are captured:
+
+- ``nn.Linear``, ``nn.Conv2d`` (unfolded patches) and Hugging Face's ``Conv1D`` (weight stored
+  ``[in, out]``, so its matrix is the weight's transpose);
+- ``nn.Embedding``: ``a`` is a one-hot token, kept as its index; the matrix is ``[dim, vocab]``;
+- every other module that owns trained parameters (LayerNorm/RMSNorm weights, a Linear's bias
+  whose weight is frozen): a *diagonal* unit, ``[1, n]``, whose per-example gradient is the
+  vector-Jacobian product of the module alone (``torch.func``), so no formula is needed.
+
+A parameter shared by several modules (tied weights, e.g. GPT-2's ``lm_head`` and ``wte``) is one
+unit whose matrix is the parameter's own layout; its gradient is the sum over all uses.
+
+A side of a unit (rows or columns) is an *identity side* when its eigenbasis is taken as the
+identity: one-hot sides (every use is an embedding's token side), every side of a diagonal unit,
+and, on request, sides longer than a threshold (e.g. a 50,000-token ``lm_head`` output).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from source_callback.errors import AnalysisError
+
+#: Most per-example gradient entries formed at once (128 MiB in float64).
+CHUNK_ELEMENTS = 2**24
+_REPLAYING = [False]
+
+
+@contextmanager
+def replaying() -> Iterator[None]:
+    """While a diagonal unit re-runs its module for per-example gradients: capture is off."""
+    _REPLAYING[0] = True
+    try:
+        yield
+    finally:
+        _REPLAYING[0] = False
+
+
+def is_replaying() -> bool:
+    """Whether a module is being re-run by :func:`replaying` (hooks must ignore that call)."""
+    return _REPLAYING[0]
+
+
+# -- factored per-example gradients ------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One side of ``G = Σ_tok rows_t cols_tᵀ`` per example.
+
+    ``values`` is ``[B, T, size]`` (vectors), or ``[B, T]`` integer indices of one-hot vectors
+    of length ``size``.
+    """
+
+    values: torch.Tensor
+    size: int
+
+    @property
+    def onehot(self) -> bool:
+        """Whether the side holds token indices."""
+        return not self.values.is_floating_point()
+
+    def times(self, matrix: torch.Tensor | None) -> Side:
+        """Each vector ``x`` replaced by ``matrixᵀ x`` (``None``: unchanged), as ``[B, T, k]``."""
+        if matrix is None:
+            return self
+        if self.onehot:
+            return Side(matrix[self.values], matrix.shape[1])
+        return Side(self.values.to(matrix.dtype) @ matrix, matrix.shape[1])
+
+    def covariance(self) -> torch.Tensor:
+        """``Σ_{b,t} x xᵀ`` in float64, ``[size, size]``."""
+        if self.onehot:
+            counts = torch.bincount(self.values.reshape(-1), minlength=self.size)
+            return torch.diag(counts.double())
+        x = self.values.double().reshape(-1, self.size)
+        return x.T @ x
+
+    def __getitem__(self, rows: slice) -> Side:
+        return Side(self.values[rows], self.size)
+
+
+def _scatter(dense: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """``Σ_t x_t e_{index_t}ᵀ`` per example: ``[B, T, n]`` and ``[B, T]`` to ``[B, size, n]``."""
+    batch, n = dense.shape[0], dense.shape[-1]
+    flat = index + torch.arange(batch, device=index.device)[:, None] * size
+    out = torch.zeros(batch * size, n, dtype=torch.float64, device=dense.device)
+    out.index_add_(0, flat.reshape(-1), dense.double().reshape(-1, n))
+    return out.reshape(batch, size, n)
+
+
+@dataclass
+class Factored:
+    """A batch's per-example gradients ``G_b = Σ_t rows_bt cols_btᵀ`` of one use of a unit.
+
+    ``known`` is the axis (0 rows, 1 columns) of the side captured in the forward pass (the
+    module's input), ``None`` when neither is.
+    """
+
+    rows: Side
+    cols: Side
+    known: int | None = None
+
+    def __len__(self) -> int:
+        return self.rows.values.shape[0]
+
+    @property
+    def T(self) -> Factored:
+        """``G_bᵀ``."""
+        known = None if self.known is None else 1 - self.known
+        return Factored(self.cols, self.rows, known)
+
+    def __getitem__(self, examples: slice) -> Factored:
+        return Factored(self.rows[examples], self.cols[examples], self.known)
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        """``(rows, cols)``."""
+        return self.rows, self.cols
+
+    def rotated(self, q_rows: torch.Tensor | None, q_cols: torch.Tensor | None) -> Factored:
+        """``Q_rowsᵀ G Q_cols`` (``None``: identity)."""
+        return Factored(self.rows.times(q_rows), self.cols.times(q_cols), self.known)
+
+    def dense(self) -> torch.Tensor:
+        """``[B, rows, cols]`` float64."""
+        if self.cols.onehot:
+            return _scatter(self.rows.values, self.cols.values, self.cols.size).transpose(1, 2)
+        if self.rows.onehot:
+            return _scatter(self.cols.values, self.rows.values, self.rows.size)
+        return self.rows.values.double().transpose(1, 2) @ self.cols.values.double()
+
+    def slices(self) -> Iterator[slice]:
+        """Consecutive groups of examples whose dense gradients hold ≤ ``CHUNK_ELEMENTS``."""
+        step = max(1, CHUNK_ELEMENTS // (self.rows.size * self.cols.size))
+        for start in range(0, len(self), step):
+            yield slice(start, start + step)
+
+    def chunks(self) -> Iterator[Factored]:
+        """The examples of :meth:`slices`, each as a :class:`Factored`."""
+        return (self[rows] for rows in self.slices())
+
+    def squares(self) -> torch.Tensor:
+        """``Σ_b G_b²`` (elementwise), ``[rows, cols]`` float64.
+
+        With a one-hot side only the (example, token) pairs present are formed: a token's column
+        of ``G_b`` is the sum of ``s`` over its occurrences in example b.
+        """
+        if self.rows.onehot:
+            return self.T.squares().T
+        if not self.cols.onehot:
+            return sum(part.dense().square().sum(0) for part in self.chunks())
+        size = self.cols.size
+        index = self.cols.values
+        keys = index + torch.arange(len(self), device=index.device)[:, None] * size
+        unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+        rows = self.rows.values.double().reshape(-1, self.rows.size)
+        sums = torch.zeros(len(unique), self.rows.size, dtype=torch.float64, device=rows.device)
+        sums.index_add_(0, inverse, rows)
+        out = torch.zeros(size, self.rows.size, dtype=torch.float64, device=rows.device)
+        out.index_add_(0, unique % size, sums.square())
+        return out.T
+
+    def contract(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``⟨vectors[q], G_b⟩`` for ``[Q, rows, cols]`` vectors: ``[B, Q]`` float64.
+
+        Dense sides: the gradients of a few examples at a time times all queries' vectors in one
+        product (2-40× faster than going through a ``[B, T, Q, in]`` intermediate,
+        ``benchmarks/speed.py``). A one-hot side gathers the vectors' columns of its tokens.
+        """
+        v = vectors.to(self.rows.values.device, torch.float64)
+        if self.rows.onehot:
+            return self.T.contract(v.transpose(1, 2))
+        if self.cols.onehot:
+            batch, tokens = self.cols.values.shape
+            out = []
+            step = max(1, CHUNK_ELEMENTS // (len(v) * self.rows.size * tokens))
+            for start in range(0, batch, step):
+                part = self[start : start + step]
+                picked = v[:, :, part.cols.values.reshape(-1)]  # [Q, rows, b·T]
+                s = part.rows.values.double().reshape(-1, self.rows.size)
+                values = torch.einsum("qrn,nr->nq", picked, s)
+                out.append(values.reshape(len(part), tokens, -1).sum(1))
+            return torch.cat(out)
+        flat = v.reshape(len(v), -1).T
+        return torch.cat([part.dense().flatten(1) @ flat for part in self.chunks()])
+
+
+# -- kinds of modules --------------------------------------------------------------------------
+
+
+def _hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``transformers.pytorch_utils``), without importing it."""
+    cls = type(module)
+    return any(
+        c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in cls.__mro__
+    )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``[B, ..., n]`` as ``[B, tokens, n]``."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class Kind:
+    """How a kind of module lays out its ``[out, in]`` matrix and captures its gradient.
+
+    ``transposed``: the natural matrix is the transpose of the weight's own layout.
+    """
+
+    transposed = False
+
+    def weight_matrix(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The weight (or a tensor of its shape) as the ``[out, in]`` matrix, bias excluded."""
+        return weight.reshape(weight.shape[0], -1)
+
+    def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What the forward pass must keep for the gradient (detached)."""
+        return args[0].detach()
+
+    def inputs(self, module: nn.Module, data: Any, bias: bool) -> Side | None:
+        """The input side ``a`` (a column of ones appended for a bias)."""
+        a = _rows(data)
+        if bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        return Side(a, a.shape[-1])
+
+    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+        """The per-example gradients of one call, in the natural orientation."""
+        side = self.inputs(module, data, bias)
+        assert side is not None
+        return Factored(Side(_rows(grad), grad.shape[-1]), side, known=1)
+
+
+class LinearKind(Kind):
+    """``nn.Linear``: weight ``[out, in]``."""
+
+
+class Conv2dKind(Kind):
+    """``nn.Conv2d`` over unfolded patches: weight ``[out, C, kh, kw]``."""
+
+    def inputs(self, module: nn.Module, data: Any, bias: bool) -> Side | None:
+        """The unfolded patches, ``[B, L, C·kh·kw (+1)]``."""
+        patches = F.unfold(
+            data,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )  # [B, C·kh·kw, L]
+        return super().inputs(module, patches.transpose(1, 2), bias)
+
+    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+        """Output gradients per patch position, ``[B, L, out]``."""
+        return super().factored(module, data, grad.flatten(2).transpose(1, 2), bias)
+
+
+class Conv1dKind(Kind):
+    """Hugging Face ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
+
+    transposed = True
+
+    def weight_matrix(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's transpose."""
+        return weight.T
+
+
+class EmbeddingKind(Kind):
+    """``nn.Embedding``: ``[dim, vocab]`` gradients from the tokens' output gradients."""
+
+    transposed = True
+
+    def weight_matrix(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """The weight's transpose."""
+        return weight.T
+
+    def inputs(self, module: nn.Module, data: Any, bias: bool) -> Side | None:
+        """The token indices, ``[B, T]``, of one-hot vectors of the vocabulary's size."""
+        return Side(data.reshape(data.shape[0], -1), module.num_embeddings)
+
+    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+        """``s`` per token (zero at the padding index) and the tokens."""
+        tokens = self.inputs(module, data, bias)
+        assert tokens is not None
+        s = _rows(grad)
+        if module.padding_idx is not None:  # the padding row receives no gradient
+            s = s * (tokens.values != module.padding_idx)[..., None]
+        return Factored(Side(s, s.shape[-1]), tokens, known=1)
+
+
+@dataclass
+class DiagonalKind(Kind):
+    """Any module's own trained parameters ``attrs``, flattened into one ``[1, n]`` row.
+
+    The per-example gradient is the vector-Jacobian product of the module alone, re-run on
+    each example's captured inputs (``torch.func.vmap`` of ``vjp``) with its output gradient.
+    """
+
+    attrs: tuple[str, ...] = ()
+
+    def capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call's arguments, tensors detached."""
+
+        def detach(x: Any) -> Any:
+            return x.detach() if isinstance(x, torch.Tensor) else x
+
+        return tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()}
+
+    def inputs(self, module: nn.Module, data: Any, bias: bool) -> Side | None:
+        """None: no side of a diagonal unit is known from the forward pass."""
+        return None
+
+    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+        """``G = 1 · gᵀ`` with ``g`` the per-example gradient of the module's parameters."""
+        args, kwargs = data
+        batch = grad.shape[0]
+        batched = tuple(
+            0 if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == batch else None
+            for x in args
+        )
+        params = {name: getattr(module, name).detach() for name in self.attrs}
+
+        def one(example_args: tuple[Any, ...], g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # each example keeps a batch dimension of 1: modules may require one
+            call_args = tuple(
+                x[None] if dim == 0 else x for x, dim in zip(example_args, batched, strict=True)
+            )
+
+            def run(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return torch.func.functional_call(module, p, call_args, kwargs)
+
+            _, vjp = torch.func.vjp(run, params)
+            grads = vjp(g[None])[0]
+            return tuple(grads[name].reshape(-1) for name in self.attrs)
+
+        with replaying():
+            parts = torch.func.vmap(one, in_dims=(batched, 0))(args, grad)
+        g = torch.cat([p.double() for p in parts], dim=1)  # [B, n]
+        ones = g.new_ones(batch, 1, 1)
+        return Factored(Side(ones, 1), Side(g[:, None, :], g.shape[1]))
+
+
+def kronecker_kind(module: nn.Module) -> Kind | None:
+    """The Kronecker kind of a module (``None`` when it is none of them)."""
+    if isinstance(module, nn.Linear):
+        return LinearKind()
+    if isinstance(module, nn.Conv2d):
+        return Conv2dKind()
+    if isinstance(module, nn.Embedding):
+        return EmbeddingKind()
+    if _hf_conv1d(module):
+        return Conv1dKind()
+    return None
+
+
+def refusal(module: nn.Module) -> str | None:
+    """Why a module of a Kronecker kind cannot be a unit (``None`` when it can)."""
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        return "grouped or non-zero-padded convolution"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+        return "embedding with max_norm (renormalised in place) or sparse gradients"
+    return None
+
+
+# -- units -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Use:
+    """One module through which a unit's parameters enter the forward pass.
+
+    Attributes
+    ----------
+    name
+        The module's qualified name.
+    module
+        The module.
+    kind
+        Its kind.
+    bias
+        Whether its bias belongs to the unit (a column of ones on the input side).
+    transposed
+        Whether the unit's matrix is the transpose of the kind's natural ``[out, in]``.
+    """
+
+    name: str
+    module: nn.Module = field(repr=False)
+    kind: Kind
+    bias: bool
+    transposed: bool
+
+    def factored(self, data: Any, grad: torch.Tensor) -> Factored:
+        """The per-example gradients of one call, in the unit's orientation."""
+        out = self.kind.factored(self.module, data, grad, self.bias)
+        return out.T if self.transposed else out
+
+    def inputs(self, data: Any) -> tuple[int, Side] | None:
+        """``(axis, side)``: the unit side (0 rows, 1 columns) known from the forward pass."""
+        side = self.kind.inputs(self.module, data, self.bias)
+        return None if side is None else (0 if self.transposed else 1, side)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A block of parameters with its own curvature; its gradient is one ``[out, in]`` matrix.
+
+    Attributes
+    ----------
+    name
+        The unit's name: its module's qualified name (tied: the modules' names joined by
+        ``+``).
+    uses
+        The modules its parameters enter through.
+    params
+        Qualified names of its parameters (the names ``named_parameters()`` gives).
+    shape
+        ``(out, in)`` of its gradient matrix.
+    identity
+        Per side (rows, columns): whether its eigenbasis is the identity.
+    """
+
+    name: str
+    uses: tuple[Use, ...]
+    params: tuple[str, ...]
+    shape: tuple[int, int]
+    identity: tuple[bool, bool]
+
+    @property
+    def size(self) -> int:
+        """Number of coordinates (parameters) of the unit."""
+        return self.shape[0] * self.shape[1]
+
+    def matrix(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The unit's parameters (or tensors of their shapes, by name) as ``[out, in]``."""
+        use = self.uses[0]
+        if isinstance(use.kind, DiagonalKind):
+            return torch.cat([tensors[p].reshape(-1) for p in self.params])[None]
+        matrix = use.kind.weight_matrix(use.module, tensors[self.params[0]])
+        if use.transposed:
+            matrix = matrix.T
+        if use.bias:
+            matrix = torch.cat([matrix, tensors[self.params[1]][:, None]], dim=1)
+        return matrix
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """Per trainable parameter (by identity): every ``(module name, attribute, module)``."""
+    out: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                out.setdefault(id(param), []).append((module_name, attr, module))
+    return out
+
+
+def _qualified(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+@dataclass
+class Units:
+    """The units of a model and the trained parameters no unit covers.
+
+    Attributes
+    ----------
+    units
+        By name.
+    uncovered
+        Qualified parameter name → why no unit covers it.
+    numel
+        Size of every trainable parameter by (canonical) name.
+    """
+
+    units: dict[str, Unit]
+    uncovered: dict[str, str]
+    numel: dict[str, int]
+
+
+def find_units(model: nn.Module, diagonal_above: int | None = None) -> Units:
+    """Every trainable parameter's unit, ties detected by tensor identity.
+
+    Parameters
+    ----------
+    model
+        The model; parameters with ``requires_grad`` are the ones covered.
+    diagonal_above
+        Sides of a Kronecker unit longer than this get an identity eigenbasis (``None``: only
+        one-hot sides do).
+    """
+    canonical = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    numel = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    owners = _owners(model)
+    units: dict[str, Unit] = {}
+    uncovered: dict[str, str] = {}
+    covered: set[int] = set()
+
+    def identity(size: int, onehot: bool) -> bool:
+        return onehot or (diagonal_above is not None and size > diagonal_above)
+
+    # Kronecker units: one per trainable weight, over all modules it is the weight of.
+    for pid, places in owners.items():
+        kinds = [(n, m, kronecker_kind(m)) for n, a, m in places if a == "weight"]
+        if len(kinds) != len(places) or any(k is None for _, _, k in kinds):
+            continue
+        reasons = [r for _, m, _ in kinds if (r := refusal(m))]
+        if reasons:
+            uncovered[canonical[pid]] = reasons[0]
+            covered.add(pid)
+            continue
+        tied = len(kinds) > 1
+        uses = []
+        for name, module, kind in kinds:
+            bias = module.bias if isinstance(getattr(module, "bias", None), nn.Parameter) else None
+            own_bias = (
+                not tied and bias is not None and bias.requires_grad and len(owners[id(bias)]) == 1
+            )
+            uses.append(Use(name, module, kind, own_bias, tied and kind.transposed))  # type: ignore[arg-type]
+            if own_bias:
+                covered.add(id(bias))
+        first = uses[0]
+        natural = first.kind.weight_matrix(first.module, model.get_parameter(canonical[pid]))
+        rows, cols = (natural.T if first.transposed else natural).shape
+        cols += int(first.bias)
+        onehot = [
+            all(isinstance(u.kind, EmbeddingKind) and u.transposed == (axis == 0) for u in uses)
+            for axis in (0, 1)
+        ]
+        params = (canonical[pid],) + ((_qualified(first.name, "bias"),) if first.bias else ())
+        name = "+".join(u.name for u in uses)
+        units[name] = Unit(
+            name,
+            tuple(uses),
+            params,
+            (rows, cols),
+            (identity(rows, onehot[0]), identity(cols, onehot[1])),
+        )
+        covered.add(pid)
+
+    # Diagonal units: a module's own remaining trainable parameters.
+    modules: dict[str, tuple[nn.Module, list[str]]] = {}
+    for pid, places in owners.items():
+        if pid in covered:
+            continue
+        if len(places) > 1:
+            uncovered[canonical[pid]] = "shared by several modules that are not all Kronecker kinds"
+            continue
+        module_name, attr, module = places[0]
+        if any(True for child in module.children() for _ in child.parameters()):
+            uncovered[canonical[pid]] = (
+                f"a parameter of {type(module).__name__} used outside its submodules"
+            )
+            continue
+        modules.setdefault(module_name, (module, []))[1].append(attr)
+    for module_name, (module, attrs) in modules.items():
+        params = tuple(_qualified(module_name, a) for a in attrs)
+        size = sum(numel[p] for p in params)
+        use = Use(module_name, module, DiagonalKind(tuple(attrs)), False, False)
+        units[module_name] = Unit(module_name, (use,), params, (1, size), (True, True))
+    return Units(units, uncovered, numel)
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+#: What ``analyze(modules=...)`` accepts (see :meth:`ModuleSelection.of`).
+SelectionSpec = Union["ModuleSelection", Mapping[str, Sequence[str]], Sequence[str], None]
+
+
+@dataclass(frozen=True)
+class ModuleSelection:
+    """Which units an analysis attributes through, by ``fnmatch`` patterns on unit names.
+
+    A unit is selected when it matches some ``include`` pattern (all units when ``include`` is
+    empty) and no ``exclude`` pattern. Unit names are module names (``"transformer.h.0.mlp.c_fc"``;
+    tied parameters: the modules' names joined by ``+``, e.g. ``"transformer.wte+lm_head"``).
+
+    Examples
+    --------
+    >>> ModuleSelection(exclude=("*lm_head*",))
+    ModuleSelection(include=(), exclude=('*lm_head*',))
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field_name in ("include", "exclude"):
+            value = getattr(self, field_name)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"ModuleSelection.{field_name} must be a sequence of strings")
+            object.__setattr__(self, field_name, tuple(value))
+
+    @classmethod
+    def of(cls, spec: SelectionSpec) -> ModuleSelection:
+        """A selection from ``analyze(modules=...)``.
+
+        ``None`` (all units), a list of include patterns, a mapping with ``include`` and
+        ``exclude`` lists, or a selection.
+        """
+        if spec is None:
+            return cls()
+        if isinstance(spec, ModuleSelection):
+            return spec
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - {"include", "exclude"})
+            if unknown:
+                raise ValueError(f"modules= accepts keys 'include' and 'exclude', got {unknown}")
+            return cls(tuple(spec.get("include", ())), tuple(spec.get("exclude", ())))
+        if isinstance(spec, str):
+            raise TypeError("modules= takes a list of patterns, not a single string")
+        return cls(tuple(spec))
+
+    def selects(self, name: str) -> bool:
+        """Whether the unit ``name`` is selected."""
+        included = not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
+        return included and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def apply(self, units: Mapping[str, Unit]) -> dict[str, Unit]:
+        """The selected units; an include pattern that matches nothing is an error."""
+        for pattern in self.include:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in units):
+                raise AnalysisError(
+                    f"modules= pattern {pattern!r} matches no unit; units: {sorted(units)[:12]}"
+                )
+        return {name: unit for name, unit in units.items() if self.selects(name)}
