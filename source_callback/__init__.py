@@ -14,6 +14,8 @@ from source_callback.analysis.task import (
 )
 from source_callback.errors import (
     AnalysisError,
+    Damage,
+    DamagedStoreError,
     FormatVersionError,
     InterruptedStageError,
     ManifestMismatchError,
@@ -37,6 +39,8 @@ __all__ = [
     "Attribution",
     "Checkpoint",
     "ClassificationTask",
+    "Damage",
+    "DamagedStoreError",
     "FormatVersionError",
     "InterruptedStageError",
     "LanguageModelingTask",

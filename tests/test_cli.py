@@ -67,7 +67,7 @@ def test_inspect_summarizes_the_run(store: Path, capsys: pytest.CaptureFixture[s
     code, out, err = inspect(capsys, str(store))
     assert (code, err) == (0, "")
     assert f"store           {store}" in out
-    assert "format version  1" in out
+    assert "format version  2" in out
     assert "status          complete" in out
     assert "torch " in out and "zarr " in out
     assert "parameters  4 tensors, 83 values, 332 B" in out

@@ -173,6 +173,7 @@ def analyze(
     if fisher not in ("sampled", "exact"):
         raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
     run = open_run(store, storage_options)
+    run.require_intact()
     incomplete = [s.name for s in run.stages if not s.complete]
     if not run.stages or incomplete:
         raise AnalysisError(
