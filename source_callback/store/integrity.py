@@ -161,7 +161,7 @@ async def _fetch(
             except (ValueError, RuntimeError, IndexError, TypeError):  # codec errors
                 bad.append((start, stop))
 
-    await asyncio.gather(*(read(start) for start in range(0, length, step)))
+    await _all_or_none(read(start) for start in range(0, length, step))
     return _Fetched(values, bad)
 
 

@@ -296,7 +296,7 @@ class StoreWriter:
         for name in arrays:
             blocks = integrity.row_digests(rows[name], first)
             digests.setdefault(name, [])[first // schema.STEP_ROW_CHUNK :] = list(blocks.values())
-        self.root[schema.STEPS].attrs.update(
+        self.root[schema.STEPS].update_attributes(
             {schema.ATTR_NUM_STEPS: end, schema.ATTR_ROW_DIGESTS: digests}
         )
         self._tail = {name: values[tail_start - first :] for name, values in rows.items()}
@@ -366,7 +366,8 @@ def _commit(
 ) -> None:
     """Write ``sections`` packed into ``group``, then commit it with their index and digests."""
     index = integrity.write_packed(group, sections)
-    group.attrs.update({**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True})
+    # One metadata write (``attrs.update`` would write once per key).
+    group.update_attributes({**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True})
 
 
 def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
