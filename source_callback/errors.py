@@ -43,6 +43,8 @@ class Damage:
     reason: str
 
     def __str__(self) -> str:
+        if not self.names:
+            return f"{self.where}: {self.reason}"
         shown = ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")
         return f"{self.where}: {self.reason} ({len(self.names)}: {shown})"
 

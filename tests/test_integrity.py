@@ -13,6 +13,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+import zarr
 from processes import load_script
 
 from source_callback import DamagedStoreError, StoreError, open_run
@@ -315,3 +316,16 @@ def test_inspect_does_not_vouch_for_contents(
     out = capsys.readouterr().out
     assert "verified" not in out
     assert "committed); contents not checked here: source-callback verify STORE checks them" in out
+
+
+def test_uncommitted_frozen_group_is_a_problem(tmp_path: Path) -> None:
+    """Unlike an uncommitted checkpoint, the stage's checkpoints need their frozen parameters."""
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    zarr.open_group(store / "frozen" / "0000", mode="r+").attrs["committed"] = False
+    run = open_run(store)
+    assert [str(p) for p in run.verify()] == [
+        "frozen parameters of stage 0: were never committed (the write was interrupted)"
+    ]
+    with pytest.raises(StoreError, match="never committed"):
+        run.checkpoints[0].params()

@@ -356,24 +356,14 @@ class Run:
 
     def frozen_params(self, stage: int) -> dict[str, torch.Tensor]:
         """Non-trainable parameters of stage ``stage`` (empty when all were trainable)."""
-        sub = self._frozen_group(stage)
+        sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
         if sub is None:
             return {}
+        if not sub.attrs.get(schema.ATTR_COMMITTED, False):
+            raise StoreError(f"the {_frozen_where(stage)} in {self.url} {_NEVER_COMMITTED}.")
         params = _only(schema.SECTION_PARAMS)
         sections = self._read_group(sub, params, _frozen_where(stage), frozen=True)
         return sections.get(schema.SECTION_PARAMS, {})
-
-    def _frozen_group(self, stage: int) -> zarr.Group | None:
-        """Stage ``stage``'s committed frozen group; ``None`` when it has no frozen parameters."""
-        sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
-        if sub is None:
-            return None
-        if not sub.attrs.get(schema.ATTR_COMMITTED, False):
-            raise StoreError(
-                f"the frozen parameters of stage {stage} in {self.url} were never committed "
-                "(the write was interrupted)."
-            )
-        return sub
 
     def verify(self, checkpoints: Iterable[Checkpoint] | None = None) -> list[Damage]:
         """Read and check the record in full; returns every problem found (none: intact).
@@ -401,10 +391,15 @@ class Run:
         )
         problems = [p for c in chosen for p in c.problems()]
         for stage in stages:
-            sub = self._frozen_group(stage)
-            if sub is not None:
-                where = _frozen_where(stage)
-                problems += self._check_group(sub, _everything, where, frozen=True)[1]
+            sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
+            where = _frozen_where(stage)
+            if sub is None:
+                continue
+            if not sub.attrs.get(schema.ATTR_COMMITTED, False):
+                # Unlike an uncommitted checkpoint, the stage's checkpoints need it.
+                problems.append(Damage(where, (), _NEVER_COMMITTED))
+                continue
+            problems += self._check_group(sub, _everything, where, frozen=True)[1]
         return problems + self._check_steps()[1]
 
     def require_intact(self, checkpoints: Iterable[Checkpoint] | None = None) -> None:
@@ -445,6 +440,9 @@ class Run:
             f"Run({self.url!r}, status={self.status!r}, stages={[s.name for s in self.stages]}, "
             f"steps={self.num_steps}, checkpoints={len(self.checkpoints)})"
         )
+
+
+_NEVER_COMMITTED = "were never committed (the write was interrupted)"
 
 
 def _frozen_where(stage: int) -> str:
