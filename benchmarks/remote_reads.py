@@ -1,7 +1,10 @@
-"""Reading a checkpoint over S3: concurrent ``read_tensors`` against one request per tensor.
+"""Reading a group of one array per tensor over S3: concurrent ``read_tensors`` against one
+request per tensor.
 
-A checkpoint of many small tensors (default 200: the shapes of a small transformer's weights,
-norms and biases) is recorded into a local store through the library's writer, uploaded to a
+That is the layout of format-1 checkpoints and of the analysis cache's operators (format 2
+packs a checkpoint into a few arrays: ``benchmarks/checkpoint_cost.py``). A group of many
+small tensors (default 200: the shapes of a small transformer's weights, norms and biases) is
+written into a local Zarr group with ``store.writer.write_tensors``, uploaded to a
 moto S3 server on 127.0.0.1 (its own process, so that its CPU does not share the client's
 GIL), and read back in one process by both arms, interleaved (AB, BA, ...):
 
@@ -45,12 +48,12 @@ from typing import Any
 import torch
 import zarr
 
-from source_callback import open_run
 from source_callback.store import schema
 from source_callback.store.reader import read_tensors
-from source_callback.store.writer import StoreWriter
+from source_callback.store.writer import write_tensors
 
 BUCKET = "bench"
+GROUP = "tensors"
 
 
 def model_like_tensors(count: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -175,20 +178,19 @@ def upload(local: Path, endpoint: str, prefix: str) -> str:
 
 
 def measure(url: str, options: dict[str, Any], repeats: int) -> dict[str, list[float]]:
-    """Seconds per read of the checkpoint's params, per arm, interleaved AB, BA, ..."""
+    """Seconds per read of the group's tensors, per arm, interleaved AB, BA, ..."""
     arms = {
         "sequential": sequential_read,
         "concurrent": read_tensors,
         "listing": lambda group: dict(group.arrays()),  # the part both arms share
     }
     times: dict[str, list[float]] = {name: [] for name in arms}
-    (key,) = (c.key for c in open_run(url, storage_options=options).checkpoints)
     reference = None
     for repeat in range(repeats + 1):  # the first pair warms connections up and is dropped
         order = list(arms) if repeat % 2 == 0 else list(reversed(arms))
         for name in order:
             root = zarr.open_group(url, mode="r", zarr_format=3, storage_options=options)
-            group = root[schema.CHECKPOINTS][key][schema.CKPT_PARAMS]
+            group = root[GROUP]
             start = time.perf_counter()
             tensors = arms[name](group)
             elapsed = time.perf_counter() - start
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as tmp, moto_server() as endpoint:
         local = Path(tmp) / "run.zarr"
-        StoreWriter.open(str(local)).write_checkpoint(0, schema.ROLE_START, 0, tensors, {}, {})
+        write_tensors(zarr.open_group(local, mode="w").create_group(GROUP), tensors)
         prefix = upload(local, endpoint, "run.zarr")
         for latency_ms in (float(v) for v in args.latency_ms.split(",")):
             with contextlib.ExitStack() as stack:

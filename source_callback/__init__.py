@@ -15,6 +15,8 @@ from source_callback.analysis.task import (
 from source_callback.analysis.units import ModuleSelection
 from source_callback.errors import (
     AnalysisError,
+    Damage,
+    DamagedStoreError,
     FormatVersionError,
     InterruptedStageError,
     ManifestMismatchError,
@@ -38,6 +40,8 @@ __all__ = [
     "Attribution",
     "Checkpoint",
     "ClassificationTask",
+    "Damage",
+    "DamagedStoreError",
     "FormatVersionError",
     "InterruptedStageError",
     "LanguageModelingTask",

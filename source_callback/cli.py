@@ -1,4 +1,4 @@
-"""The ``source-callback`` command line: ``inspect`` a record, ``analyze`` it, ``report`` on it."""
+"""The ``source-callback`` command line: ``inspect``, ``verify``, ``analyze``, ``report``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from source_callback.store.schema import INFO_CREATED, Stage
 PROG = "source-callback"
 EXIT_FAILURE = 1  # the command could not do its job
 EXIT_USAGE = 2  # bad arguments (argparse's status)
+EXIT_DAMAGED = 3  # verify found damage
 
 
 # -- formatting helpers ----------------------------------------------------------------------
@@ -205,7 +206,10 @@ def _checkpoint_lines(checkpoints: Sequence[Checkpoint], stages: Sequence[Stage]
         for c in checkpoints
     ]
     committed = sum(c.committed for c in checkpoints)
-    lines = [f"checkpoints ({len(checkpoints)}, {committed} committed)"]
+    lines = [
+        f"checkpoints ({len(checkpoints)}, {committed} committed); contents not checked here: "
+        f"{PROG} verify STORE checks them"
+    ]
     if rows:
         lines += _format_table(("step", "stage", "role", "committed", "size (uncompressed)"), rows)
     uncommitted = [c.key for c in checkpoints if not c.committed]
@@ -300,6 +304,38 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
         _analysis_lines(run.stored_analyses()),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def verify_report(run: Run) -> tuple[list[str], bool]:
+    """What ``source-callback verify`` prints: one line per problem, then a summary line.
+
+    Parameters
+    ----------
+    run
+        The run, from :func:`source_callback.open_run`.
+
+    Returns
+    -------
+    lines, intact
+        The lines, and whether no problem was found.
+
+    """
+    problems = run.verify()
+    committed = sum(c.committed for c in run.checkpoints)
+    frozen = sum(bool(stage.frozen) for stage in run.stages)
+    checks = (
+        "checksums and digests"
+        if run.format_version > 1
+        else "that they read (format 1 recorded no checksums)"
+    )
+    found = f"{len(problems)} problem(s)" if problems else "intact"
+    skipped = len(run.checkpoints) - committed
+    summary = (
+        f"{run.url}: {found}: {committed} committed checkpoint(s), {frozen} frozen group(s) and "
+        f"{run.num_steps} step row(s) checked for {checks}"
+        + (f"; {skipped} uncommitted checkpoint(s) skipped" if skipped else "")
+    )
+    return [f"damaged: {problem}" for problem in problems] + [summary], not problems
 
 
 SHOWN_QUERIES = 5  # queries whose stage effects ``analyze`` prints
@@ -611,8 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     Returns
     -------
     argparse.ArgumentParser
-        A parser with the subcommands ``inspect``, ``analyze`` and ``report``; each sets
-        ``run``, the function that carries it out.
+        A parser with the subcommands ``inspect``, ``verify``, ``analyze`` and ``report``;
+        each sets ``run``, the function that carries it out (returning an exit status or
+        ``None`` for 0).
 
     """
     from source_callback import __version__
@@ -629,6 +666,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_arguments(inspect)
     inspect.set_defaults(run=_run_inspect)
+    verify = commands.add_parser(
+        "verify",
+        help="check a record for damage",
+        description="Read every committed checkpoint, frozen group and step row and check them "
+        "against the checksums and digests recorded with them. Prints one line per problem "
+        f"and a summary; exits with {EXIT_DAMAGED} when anything is damaged.",
+    )
+    _add_store_arguments(verify)
+    verify.set_defaults(run=_run_verify)
     analyze_ = commands.add_parser(
         "analyze",
         help="attribute queries to training examples and stages, into the store",
@@ -703,6 +749,13 @@ def _run_inspect(args: argparse.Namespace, storage_options: dict[str, Any] | Non
     print(summarize(run, storage_options))
 
 
+def _run_verify(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> int:
+    """Verify the store, print the problems and the summary; the exit status."""
+    lines, intact = verify_report(open_run(args.store, storage_options=storage_options))
+    print("\n".join(lines))
+    return 0 if intact else EXIT_DAMAGED
+
+
 def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
     """Build the model and data from the user's code, analyze, and print a summary."""
     config = read_analyze_config(args.config)
@@ -757,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     int
         Exit status: 0 on success, 1 when the command fails (a store that cannot be read, an
         unknown analysis, user code that cannot be imported, a bad configuration: one line on
-        standard error), 2 on a usage error.
+        standard error), 2 on a usage error, 3 when ``verify`` found damage.
 
     """
     parser = build_parser()
@@ -772,10 +825,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version and usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
-        args.run(args, options)
+        status = args.run(args, options)
     except (SourceCallbackError, OSError, ValueError, KeyError) as error:
         # A KeyError's str() is its message in quotes.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
-    return 0
+    return status or 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 
 class SourceCallbackError(Exception):
     """Base class of the errors this library raises on purpose."""
@@ -17,6 +20,50 @@ class NotAStoreError(StoreError):
 
 class FormatVersionError(StoreError):
     """The store was written by a newer format version than this library reads."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One problem found in a store: where, which tensors or arrays, and what is wrong.
+
+    Attributes
+    ----------
+    where
+        The part of the store: ``checkpoint 0000000010_interior``, ``frozen parameters of
+        stage 1``, ``steps``.
+    names
+        The tensors (or step arrays) affected.
+    reason
+        What is wrong with them.
+
+    """
+
+    where: str
+    names: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        if not self.names:
+            return f"{self.where}: {self.reason}"
+        shown = ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")
+        return f"{self.where}: {self.reason} ({len(self.names)}: {shown})"
+
+
+class DamagedStoreError(StoreError):
+    """Stored data does not match the checksums and digests recorded when it was written.
+
+    ``problems`` lists every problem found.
+    """
+
+    def __init__(self, url: str, problems: Sequence[Damage]) -> None:
+        self.problems = list(problems)
+        lines = "; ".join(str(p) for p in self.problems[:5])
+        more = f"; and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
+        super().__init__(
+            f"{url} is damaged: {lines}{more}. Nothing was read from the damaged part. Restore "
+            "the store from a copy, or leave the damaged checkpoints out of the analysis "
+            "(segments=...); `source-callback verify STORE` lists every problem."
+        )
 
 
 class ManifestMismatchError(StoreError):

@@ -8,7 +8,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import zarr
 from scipy.stats import pearsonr, spearmanr
 from storeutil import tree_digest
 from torch import nn
@@ -22,6 +21,7 @@ from source_callback.analysis.results import load_analysis
 from source_callback.analysis.segments import plan_segments
 from source_callback.analysis.source import EkfacOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
+from source_callback.store.writer import StoreWriter
 
 FEATURES, OUTPUTS = 4, 2
 
@@ -382,9 +382,17 @@ def test_non_finite_checkpoint_is_refused(linear_run, queries, tmp_path) -> None
     store, model, data, _ = linear_run
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
-    key = open_run(copy).checkpoints[1].key
-    weight = zarr.open_array(copy / "checkpoints" / key / "params" / "net.0.weight", mode="r+")
-    weight[0, 0] = np.nan
+    # A diverged run: the checkpoint was recorded holding NaN (rewritten, so its digests match).
+    checkpoint = open_run(copy).checkpoints[1]
+    params = checkpoint.params(include_frozen=False)
+    params["net.0.weight"][0, 0] = np.nan
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for name, values in checkpoint.optimizer_state().items():
+        for state_key, tensor in values.items():
+            state.setdefault(state_key, {})[name] = tensor
+    key = StoreWriter.open(str(copy)).write_checkpoint(
+        checkpoint.step, checkpoint.role, checkpoint.stage, params, checkpoint.buffers(), state
+    )
     with pytest.raises(AnalysisError, match=rf"checkpoint {key} holds NaN or infinite values"):
         _analyze_linear(copy, model, data, queries)
 

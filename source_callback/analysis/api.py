@@ -203,6 +203,7 @@ def analyze(
     if fisher not in ("sampled", "exact"):
         raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
     recorded = open_run(store, storage_options)
+    recorded.require_intact()
     incomplete = [s.name for s in recorded.stages if not s.complete]
     if not recorded.stages or incomplete:
         raise AnalysisError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -13,17 +14,17 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from source_callback.errors import StoreError
+from source_callback.errors import Damage, DamagedStoreError, StoreError
 from source_callback.lineage import Continuation, StageChange, stage_change
 from source_callback.manifest import Manifest
 from source_callback.optim import OptimizerRecord
-from source_callback.store import location, schema
+from source_callback.store import integrity, location, schema
 from source_callback.store.analyses import StoredAnalysis, read_analysis, stored_analyses
 from source_callback.store.schema import Stage
 
 
 def read_tensors(group: zarr.Group) -> dict[str, torch.Tensor]:
-    """Every array of ``group`` as a tensor of its recorded dtype, by name.
+    """Every array of ``group`` as a tensor of its recorded dtype, by name (format-1 layout).
 
     The group's arrays are listed and then read concurrently on Zarr's event loop, at most
     ``zarr.config.get("async.concurrency")`` at a time (environment variable
@@ -120,10 +121,6 @@ class Checkpoint:
     _group: zarr.Group
     _run: Run
 
-    def _sub(self, name: str) -> zarr.Group | None:
-        sub = self._group.get(name)
-        return sub if isinstance(sub, zarr.Group) else None
-
     def _require_committed(self) -> None:
         if not self.committed:
             raise StoreError(
@@ -131,19 +128,34 @@ class Checkpoint:
                 "interrupted); its arrays are incomplete. Use a committed checkpoint."
             )
 
-    def params(self, include_frozen: bool = True) -> dict[str, torch.Tensor]:
-        """Parameters by name: the trainable ones, plus the stage's frozen ones by default."""
+    @property
+    def _where(self) -> str:
+        return f"checkpoint {self.key}"
+
+    def _read(self, wanted: Callable[[str], bool]) -> dict[str, dict[str, torch.Tensor]]:
+        """The wanted sections' tensors, verified: ``{section: {name: tensor}}``."""
         self._require_committed()
-        params = read_tensors(self._group[schema.CKPT_PARAMS])
+        return self._run._read_group(self._group, wanted, self._where)
+
+    def params(self, include_frozen: bool = True) -> dict[str, torch.Tensor]:
+        """Parameters by name: the trainable ones, plus the stage's frozen ones by default.
+
+        Raises
+        ------
+        StoreError
+            The checkpoint was never committed.
+        DamagedStoreError
+            A tensor does not read back as it was written (format 2 checks every read).
+
+        """
+        params = self._read(_only(schema.SECTION_PARAMS)).get(schema.SECTION_PARAMS, {})
         if include_frozen:
             params.update(self._run.frozen_params(self.stage))
         return params
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Module buffers (e.g. batch-norm statistics) by name."""
-        self._require_committed()
-        sub = self._sub(schema.CKPT_BUFFERS)
-        return {} if sub is None else read_tensors(sub)
+        return self._read(_only(schema.SECTION_BUFFERS)).get(schema.SECTION_BUFFERS, {})
 
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state by parameter name, as in ``torch.optim.Optimizer.state``.
@@ -152,31 +164,71 @@ class Checkpoint:
         ``{"fc.weight": {"momentum_buffer": tensor}}`` for SGD with momentum. Empty at a
         stage-start checkpoint (the optimizer has taken no step yet).
         """
-        self._require_committed()
         state: dict[str, dict[str, torch.Tensor]] = {}
-        optimizer_group = self._sub(schema.CKPT_OPTIMIZER)
-        if optimizer_group is not None:
-            # ``<state key>/<param name>``: every state key's arrays in one concurrent read.
-            for path, tensor in _read_tree(optimizer_group, max_depth=1).items():
-                key, name = path.split("/", 1)
-                state.setdefault(name, {})[key] = tensor
+        for section, tensors in self._read(_is_optimizer_state).items():
+            key = schema.optimizer_state_key(section)
+            for name, tensor in tensors.items():
+                state.setdefault(name, {})[key] = tensor  # type: ignore[index]
         scalars = self._group.attrs.get(schema.ATTR_SCALAR_STATE, {})
         for key, values in scalars.items():
             for name, value in values.items():
                 state.setdefault(name, {})[key] = torch.tensor(value, dtype=torch.float32)
-        return state
+        return {name: state[name] for name in sorted(state)}
 
     def nbytes(self) -> int:
         """Uncompressed size of the checkpoint's arrays."""
+        if self._run._packed:
+            return sum(array.nbytes for _, array in self._group.arrays())
         total = 0
-        for sub in (schema.CKPT_PARAMS, schema.CKPT_BUFFERS):
-            group = self._sub(sub)
-            total += 0 if group is None else sum(a.nbytes for _, a in group.arrays())
-        optimizer_group = self._sub(schema.CKPT_OPTIMIZER)
-        if optimizer_group is not None:
+        for name in (schema.CKPT_PARAMS, schema.CKPT_BUFFERS):
+            group = self._group.get(name)
+            if isinstance(group, zarr.Group):
+                total += sum(a.nbytes for _, a in group.arrays())
+        optimizer_group = self._group.get(schema.CKPT_OPTIMIZER)
+        if isinstance(optimizer_group, zarr.Group):
             for _, sub in optimizer_group.groups():
                 total += sum(a.nbytes for _, a in sub.arrays())
         return total
+
+    def problems(self) -> list[Damage]:
+        """What is damaged in this checkpoint: read and checked in full, nothing raised.
+
+        An uncommitted checkpoint has no problems to report: it is incomplete by definition
+        and never read (``committed`` is ``False``).
+        """
+        if not self.committed:
+            return []
+        return self._run._check_group(self._group, _everything, self._where)[1]
+
+
+def _only(section: str) -> Callable[[str], bool]:
+    return lambda name: name == section
+
+
+def _is_optimizer_state(section: str) -> bool:
+    return schema.optimizer_state_key(section) is not None
+
+
+def _everything(section: str) -> bool:
+    return True
+
+
+def _legacy_sections(
+    group: zarr.Group, wanted: Callable[[str], bool]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The wanted sections of a format-1 checkpoint: one array per tensor, in subgroups."""
+    sections = {}
+    for section in (schema.SECTION_PARAMS, schema.SECTION_BUFFERS):
+        sub = group.get(section)
+        if wanted(section) and isinstance(sub, zarr.Group):
+            sections[section] = read_tensors(sub)
+    optimizer_group = group.get(schema.CKPT_OPTIMIZER)
+    if isinstance(optimizer_group, zarr.Group) and wanted(schema.optimizer_section("")):
+        # ``<state key>/<param name>``: every state key's arrays in one concurrent read.
+        for path, tensor in _read_tree(optimizer_group, max_depth=1).items():
+            key, name = path.split("/", 1)
+            sections.setdefault(schema.optimizer_section(key), {})[name] = tensor
+    return sections
 
 
 class Run:
@@ -185,6 +237,33 @@ class Run:
     def __init__(self, root: zarr.Group, url: str) -> None:
         self._root = root
         self.url = url
+        self._packed = self.format_version > schema.FORMAT_PER_TENSOR_ARRAYS
+
+    def _check_group(
+        self, group: zarr.Group, wanted: Callable[[str], bool], where: str, frozen: bool = False
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], list[Damage]]:
+        """The wanted sections of a committed checkpoint or frozen group, and what is damaged.
+
+        Format 2 verifies checksums and digests; format 1 recorded none, so only a read that
+        fails is a problem there (its frozen groups hold their arrays directly).
+        """
+        if self._packed:
+            return integrity.read_packed(group, wanted, where)
+        try:
+            if frozen:
+                return {schema.SECTION_PARAMS: read_tensors(group)}, []
+            return _legacy_sections(group, wanted), []
+        except (ValueError, RuntimeError, KeyError, FileNotFoundError) as error:
+            return {}, [Damage(where, (), f"cannot be read ({error})")]
+
+    def _read_group(
+        self, group: zarr.Group, wanted: Callable[[str], bool], where: str, frozen: bool = False
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """As :meth:`_check_group`, raising :class:`DamagedStoreError` on any problem."""
+        sections, problems = self._check_group(group, wanted, where, frozen)
+        if problems:
+            raise DamagedStoreError(self.url, problems)
+        return sections
 
     @property
     def format_version(self) -> int:
@@ -264,10 +343,22 @@ class Run:
         ``stage``, ``epoch``, ``loss`` and ``examples`` have shape ``[steps]``; ``lr``,
         ``momentum`` (β1 for Adam), ``beta2``, ``weight_decay``, ``dampening`` and ``eps`` have
         shape ``[steps, param groups]``, NaN where a stage has fewer groups or no such field.
+
+        Raises
+        ------
+        DamagedStoreError
+            Rows do not read back as they were written (format 2 checks every read).
+
         """
-        n = self.num_steps
+        columns, problems = self._check_steps()
+        if problems:
+            raise DamagedStoreError(self.url, problems)
+        return columns
+
+    def _check_steps(self) -> tuple[dict[str, np.ndarray], list[Damage]]:
         group = self._root[schema.STEPS]
-        return {name: array[:n] for name, array in group.arrays()}
+        recorded = group.attrs.get(schema.ATTR_ROW_DIGESTS, {}) if self._packed else None
+        return integrity.read_rows(dict(group.arrays()), 0, self.num_steps, recorded)
 
     def learning_rates(self) -> np.ndarray:
         """Learning rate used at every optimizer step, ``[steps, param groups]``."""
@@ -299,11 +390,60 @@ class Run:
         if sub is None:
             return {}
         if not sub.attrs.get(schema.ATTR_COMMITTED, False):
-            raise StoreError(
-                f"the frozen parameters of stage {stage} in {self.url} were never committed "
-                "(the write was interrupted)."
-            )
-        return read_tensors(sub)
+            raise StoreError(f"the {_frozen_where(stage)} in {self.url} {_NEVER_COMMITTED}.")
+        params = _only(schema.SECTION_PARAMS)
+        sections = self._read_group(sub, params, _frozen_where(stage), frozen=True)
+        return sections.get(schema.SECTION_PARAMS, {})
+
+    def verify(self, checkpoints: Iterable[Checkpoint] | None = None) -> list[Damage]:
+        """Read and check the record in full; returns every problem found (none: intact).
+
+        Parameters
+        ----------
+        checkpoints
+            The checkpoints to check (uncommitted ones are skipped: they are never read);
+            every checkpoint by default. The frozen parameters of their stages (every frozen
+            group by default) and the step rows are always checked.
+
+        Returns
+        -------
+        list[Damage]
+            One entry per problem: a chunk that fails its checksum, tensors or step rows whose
+            bytes differ from their recorded digests, a missing array. A format-1 store recorded
+            no checksums: only reads that fail are found there.
+
+        """
+        chosen = self.checkpoints if checkpoints is None else list(checkpoints)
+        stages = (
+            sorted(map(schema.parse_frozen_key, self._root[schema.FROZEN].group_keys()))
+            if checkpoints is None
+            else sorted({c.stage for c in chosen})
+        )
+        problems = [p for c in chosen for p in c.problems()]
+        for stage in stages:
+            sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
+            where = _frozen_where(stage)
+            if sub is None:
+                continue
+            if not sub.attrs.get(schema.ATTR_COMMITTED, False):
+                # Unlike an uncommitted checkpoint, the stage's checkpoints need it.
+                problems.append(Damage(where, (), _NEVER_COMMITTED))
+                continue
+            problems += self._check_group(sub, _everything, where, frozen=True)[1]
+        return problems + self._check_steps()[1]
+
+    def require_intact(self, checkpoints: Iterable[Checkpoint] | None = None) -> None:
+        """Raise :class:`DamagedStoreError` unless :meth:`verify` finds nothing.
+
+        Parameters
+        ----------
+        checkpoints
+            As for :meth:`verify`.
+
+        """
+        problems = self.verify(checkpoints)
+        if problems:
+            raise DamagedStoreError(self.url, problems)
 
     @property
     def analyses(self) -> list[str]:
@@ -326,6 +466,13 @@ class Run:
             f"Run({self.url!r}, status={self.status!r}, stages={[s.name for s in self.stages]}, "
             f"steps={self.num_steps}, checkpoints={len(self.checkpoints)})"
         )
+
+
+_NEVER_COMMITTED = "were never committed (the write was interrupted)"
+
+
+def _frozen_where(stage: int) -> str:
+    return f"frozen parameters of stage {stage}"
 
 
 def open_run(url: str | os.PathLike[str], storage_options: dict | None = None) -> Run:

@@ -1,4 +1,4 @@
-"""The store's schema: every group, array and attribute name of format version 2.
+"""The store's schema: every group, array and attribute name of format versions 1 and 2.
 
 This is the only module that spells the store's names. The writer and the reader import them
 from here; ``docs/store-format.md`` documents the same layout for people.
@@ -12,13 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from source_callback.errors import FormatVersionError, NotAStoreError
 from source_callback.optim import OptimizerRecord
 
 FORMAT_NAME = "source-callback"
 FORMAT_VERSION = 2
+#: Format 1 held one Zarr array per tensor, without checksums: still read, no longer written.
+FORMAT_PER_TENSOR_ARRAYS = 1
 
 # Root attributes.
 ATTR_FORMAT = "source_callback"  # {"format": FORMAT_NAME, "version": FORMAT_VERSION}
@@ -38,6 +41,15 @@ STEP_EXAMPLES = "examples"
 # Per-step, per-param-group hyperparameters ([steps, groups], NaN where a group or field is absent).
 STEP_GROUP_FIELDS = ("lr", "momentum", "beta2", "weight_decay", "dampening", "eps")
 STEP_ROW_CHUNK = 4096
+# Format 2: {array name: [digest of rows [k·STEP_ROW_CHUNK, (k+1)·STEP_ROW_CHUNK) ∩ [0, num_steps)
+# for every k]}, written with num_steps in one update; see ``store.integrity``.
+ATTR_ROW_DIGESTS = "row_digests"
+
+
+def step_codecs() -> tuple[BytesBytesCodec, ...]:
+    """Compressors of the step arrays (format 2): Zarr's default zstd, then a chunk checksum."""
+    return ZstdCodec(level=0), Crc32cCodec()
+
 
 # Stages: a list of JSON entries in the attributes of the ``stages`` group.
 STAGES = "stages"
@@ -59,8 +71,43 @@ ROLE_START = "stage-start"
 ROLE_INTERIOR = "interior"
 ROLE_END = "stage-end"
 
-# Non-trainable parameters, once per stage: ``frozen/<stage index>/<name>``.
+# Non-trainable parameters, once per stage: ``frozen/<stage index>/``.
 FROZEN = "frozen"
+
+# Format 2 packs the tensors of a checkpoint (or frozen) group by section and dtype: one 1-d
+# array per (section, torch dtype), named by ``packed_array_key``, directly in the group. The
+# group's ``packed`` attribute, written with ``committed: true``, indexes them:
+#     {"digest": DIGEST, "arrays": {array key: length},
+#      "tensors": {section: [[name, torch dtype, offset, shape, digest], ...]}}
+# Sections: "params", "buffers", and "optimizer.<state key>" per optimizer state.
+ATTR_PACKED = "packed"
+PACKED_DIGEST = "digest"
+PACKED_ARRAYS = "arrays"
+PACKED_TENSORS = "tensors"
+SECTION_PARAMS = "params"
+SECTION_BUFFERS = "buffers"
+_SECTION_OPTIMIZER = "optimizer."
+#: The digest of a tensor: the first 16 bytes of the SHA-256 of its stored (little-endian)
+#: bytes, as 32 hex digits.
+DIGEST = "sha256-128"
+
+
+def optimizer_section(state_key: str) -> str:
+    """Section holding one optimizer state (``exp_avg_sq``, ``momentum_buffer``, ...)."""
+    return _SECTION_OPTIMIZER + state_key
+
+
+def optimizer_state_key(section: str) -> str | None:
+    """Inverse of :func:`optimizer_section`; ``None`` for a section that is no optimizer state."""
+    if not section.startswith(_SECTION_OPTIMIZER):
+        return None
+    return section.removeprefix(_SECTION_OPTIMIZER)
+
+
+def packed_array_key(section: str, torch_dtype: str) -> str:
+    """Name of the packed array of one section and torch dtype: ``params.float32``."""
+    return f"{section}.{torch_dtype}"
+
 
 # Results written back by the analysis (``source_callback.store.analyses`` owns this layout).
 # ``analyses/<name>/`` holds versions: ``results-<token>/`` and ``cache-<token>/``; its attribute
@@ -180,6 +227,11 @@ def check_format(root: zarr.Group, url: str) -> None:
         )
 
 
+def packed_codecs() -> tuple[BytesBytesCodec, ...]:
+    """Compressors of a packed array: :func:`tensor_codecs`, then a CRC-32C of every chunk."""
+    return tensor_codecs(), Crc32cCodec()
+
+
 def tensor_codecs() -> BloscCodec:
     """Compressor for checkpoint tensors.
 
@@ -203,6 +255,20 @@ def tensor_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (max(rows, 1), *(max(d, 1) for d in shape[1:]))
 
 
+def packed_chunks(length: int, itemsize: int) -> tuple[int]:
+    """Chunk of a packed array: the whole array up to ``TENSOR_CHUNK_BYTES``, else that much.
+
+    A tensor may span chunks; a small checkpoint is one object per packed array.
+    """
+    return (max(1, min(length, TENSOR_CHUNK_BYTES // itemsize)),)
+
+
+def storage_dtype(torch_dtype: str) -> np.dtype:
+    """The numpy dtype a tensor of ``torch_dtype`` is stored as (see :func:`encode_tensor`)."""
+    dtype = getattr(torch, torch_dtype)
+    return torch.empty(0, dtype=_NUMPY_LACKS.get(dtype, dtype)).numpy().dtype
+
+
 def checkpoint_key(step: int, role: str) -> str:
     """Name of a checkpoint's group: sorts by step, then stage-end before stage-start."""
     return f"{step:010d}_{role}"
@@ -217,6 +283,11 @@ def parse_checkpoint_key(key: str) -> tuple[int, str]:
 def frozen_key(stage_index: int) -> str:
     """Name of the group holding one stage's frozen parameters under ``FROZEN``."""
     return f"{stage_index:04d}"
+
+
+def parse_frozen_key(key: str) -> int:
+    """Inverse of :func:`frozen_key`: the stage index."""
+    return int(key)
 
 
 @dataclass(frozen=True)
@@ -321,7 +392,7 @@ class Stage:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Stage:
         """Inverse of :meth:`to_json`."""
-        # Fields with defaults are absent from stores of earlier format versions.
+        # Fields added by later versions have defaults: entries written before them lack them.
         values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         values["optimizer"] = OptimizerRecord.from_json(data["optimizer"])
         return cls(**values)

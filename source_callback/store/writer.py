@@ -2,7 +2,7 @@
 
 Everything here runs on the recorder's background thread (or before training starts). Nothing
 is modified until validation has passed, and a checkpoint counts only once its ``committed``
-attribute is set after all of its arrays.
+attribute is set, with the digests of its tensors, after all of its arrays are written.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import zarr
 
-from source_callback.errors import StoreError
-from source_callback.store import location, schema
+from source_callback.errors import DamagedStoreError, FormatVersionError, StoreError
+from source_callback.store import integrity, location, schema
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -58,6 +58,8 @@ class StoreWriter:
         self.root = root
         self.url = url
         self._step_arrays: dict[str, zarr.Array] | None = None
+        # Rows of the last, partial STEP_ROW_CHUNK block as stored (its digest covers them).
+        self._tail: dict[str, np.ndarray] | None = None
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -70,7 +72,7 @@ class StoreWriter:
         NotAStoreError
             The location holds something else; it is left untouched.
         FormatVersionError
-            The store was written by a newer format version.
+            The store was written by a newer format version, or by format 1 (read only).
 
         """
         url = location.normalize(url)
@@ -95,6 +97,14 @@ class StoreWriter:
             root.create_group(schema.FROZEN)
         else:
             schema.check_format(root, url)
+            version = root.attrs[schema.ATTR_FORMAT]["version"]
+            if version < schema.FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"{url} has store format version {version}, which this source-callback "
+                    f"reads but does not write (it writes version {schema.FORMAT_VERSION}). "
+                    "Record into a new store, or resume this one with the source-callback "
+                    "release that created it; the store was not modified."
+                )
         return cls(root, url)
 
     # -- stages -----------------------------------------------------------
@@ -152,24 +162,69 @@ class StoreWriter:
                     )
                 existing = {
                     name: group.create_array(
-                        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill
+                        name,
+                        shape=shape,
+                        chunks=chunks,
+                        dtype=dtype,
+                        fill_value=fill,
+                        compressors=schema.step_codecs(),
                     )
                     for name, (shape, chunks, dtype, fill) in specs.items()
                 }
             self._step_arrays = existing
         arrays = self._step_arrays
-        for name in schema.STEP_GROUP_FIELDS:
-            if arrays[name].shape[1] < num_groups:
-                arrays[name].resize((arrays[name].shape[0], num_groups))
+        if any(arrays[name].shape[1] < num_groups for name in schema.STEP_GROUP_FIELDS):
+            self._widen(arrays, num_groups)
         return arrays
+
+    def _widen(self, arrays: dict[str, zarr.Array], num_groups: int) -> None:
+        """Give the per-group arrays ``num_groups`` columns (NaN) and digest their rows again."""
+        self._verified_rows(arrays, 0, self.num_steps)
+        for name in schema.STEP_GROUP_FIELDS:
+            arrays[name].resize((arrays[name].shape[0], num_groups))
+        digests = self._row_digests()
+        for name in schema.STEP_GROUP_FIELDS:
+            rows = integrity.row_digests(arrays[name][: self.num_steps], 0)
+            digests[name] = list(rows.values())
+        self.root[schema.STEPS].attrs[schema.ATTR_ROW_DIGESTS] = digests
+        self._tail = None
+
+    def _row_digests(self) -> dict[str, list[str]]:
+        """The recorded digests of the step rows, by array (a copy to change and write back)."""
+        recorded = self.root[schema.STEPS].attrs.get(schema.ATTR_ROW_DIGESTS, {})
+        return {name: list(values) for name, values in recorded.items()}
+
+    def _verified_rows(
+        self, arrays: Mapping[str, zarr.Array], start: int, stop: int
+    ) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` as stored, checked against their digests.
+
+        ``start`` is a multiple of ``STEP_ROW_CHUNK``; ``stop`` ends a block or is ``num_steps``.
+
+        Raises
+        ------
+        DamagedStoreError
+            Rows that were recorded do not read back as they were written: nothing is appended
+            to (or truncated from) a damaged record.
+
+        """
+        columns, problems = integrity.read_rows(arrays, start, stop, self._row_digests())
+        if problems:
+            raise DamagedStoreError(self.url, problems)
+        return columns
 
     def truncate_steps(self, num_steps: int) -> None:
         """Drop step rows from ``num_steps`` on (rows written after a resumed checkpoint)."""
         arrays = self._steps(0)
+        kept = min(self.num_steps, num_steps)
+        first = kept - kept % schema.STEP_ROW_CHUNK
+        block = self._verified_rows(
+            arrays, first, min(first + schema.STEP_ROW_CHUNK, self.num_steps)
+        )
         for array in arrays.values():
             if array.shape[0] > num_steps:
                 array.resize((num_steps, *array.shape[1:]))
-        self.root[schema.STEPS].attrs[schema.ATTR_NUM_STEPS] = min(self.num_steps, num_steps)
+        self._commit_rows(arrays, first, {n: rows[: kept - first] for n, rows in block.items()})
 
     def append_steps(self, rows: Sequence[StepRow]) -> None:
         """Append ``rows`` after the last fully written row."""
@@ -191,12 +246,35 @@ class StoreWriter:
                 block[i, : len(row.groups)] = [g[name] for g in row.groups]
             columns[name] = block
         end = start + len(rows)
+        first = start - start % schema.STEP_ROW_CHUNK
+        head = self._tail if self._tail is not None else self._verified_rows(arrays, first, start)
         for name, array in arrays.items():
             # A crash mid-append can leave arrays longer than the committed row count.
             if array.shape[0] != end:
                 array.resize((end, *array.shape[1:]))
             array[start:end] = columns[name]
-        self.root[schema.STEPS].attrs[schema.ATTR_NUM_STEPS] = end
+        self._commit_rows(
+            arrays, first, {name: np.concatenate([head[name], columns[name]]) for name in arrays}
+        )
+
+    def _commit_rows(
+        self, arrays: Mapping[str, zarr.Array], first: int, rows: Mapping[str, np.ndarray]
+    ) -> None:
+        """Make the rows up to ``first + len(rows)`` the valid ones, with their digests.
+
+        ``rows`` are every array's rows from ``first`` (a multiple of ``STEP_ROW_CHUNK``) to the
+        new end, as stored. The row count and digests are set in one metadata write.
+        """
+        end = first + len(next(iter(rows.values())))
+        digests = self._row_digests()
+        tail_start = end - end % schema.STEP_ROW_CHUNK
+        for name in arrays:
+            blocks = integrity.row_digests(rows[name], first)
+            digests.setdefault(name, [])[first // schema.STEP_ROW_CHUNK :] = list(blocks.values())
+        self.root[schema.STEPS].update_attributes(
+            {schema.ATTR_NUM_STEPS: end, schema.ATTR_ROW_DIGESTS: digests}
+        )
+        self._tail = {name: values[tail_start - first :] for name, values in rows.items()}
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -217,7 +295,12 @@ class StoreWriter:
         buffers: TensorDict,
         optimizer_state: Mapping[str, TensorDict],
     ) -> str:
-        """Write a checkpoint and commit it; returns its key. Replaces an existing one."""
+        """Write a checkpoint packed (format 2) and commit it; returns its key.
+
+        Replaces an existing one. The commit record (``committed``, the packed index with the
+        tensors' digests, the scalar optimizer state) is written in one update after every
+        array, so a crash before it leaves an uncommitted checkpoint.
+        """
         key = schema.checkpoint_key(step, role)
         scalar_state: dict[str, dict[str, float]] = {}
         tensor_state: dict[str, dict[str, torch.Tensor]] = {}
@@ -235,15 +318,14 @@ class StoreWriter:
                 schema.ATTR_STAGE: stage,
                 schema.ATTR_ROLE: role,
                 schema.ATTR_COMMITTED: False,
-                schema.ATTR_SCALAR_STATE: scalar_state,
             },
         )
-        write_tensors(group.create_group(schema.CKPT_PARAMS), params)
-        write_tensors(group.create_group(schema.CKPT_BUFFERS), buffers)
-        optimizer_group = group.create_group(schema.CKPT_OPTIMIZER)
-        for state_key, values in tensor_state.items():
-            write_tensors(optimizer_group.create_group(state_key), values)
-        group.attrs[schema.ATTR_COMMITTED] = True
+        sections = {
+            schema.SECTION_PARAMS: params,
+            schema.SECTION_BUFFERS: buffers,
+            **{schema.optimizer_section(k): values for k, values in tensor_state.items()},
+        }
+        _commit(group, sections, {schema.ATTR_SCALAR_STATE: scalar_state})
         return key
 
     def write_frozen(self, stage: int, params: TensorDict) -> None:
@@ -251,12 +333,23 @@ class StoreWriter:
         group = self.root[schema.FROZEN].create_group(
             schema.frozen_key(stage), overwrite=True, attributes={schema.ATTR_COMMITTED: False}
         )
-        write_tensors(group, params)
-        group.attrs[schema.ATTR_COMMITTED] = True
+        _commit(group, {schema.SECTION_PARAMS: params}, {})
+
+
+def _commit(
+    group: zarr.Group, sections: Mapping[str, TensorDict], attributes: dict[str, Any]
+) -> None:
+    """Write ``sections`` packed into ``group``, then commit it with their index and digests."""
+    index = integrity.write_packed(group, sections)
+    # One metadata write (``attrs.update`` would write once per key).
+    group.update_attributes({**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True})
 
 
 def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
-    """Write each tensor as a compressed array named after its key, keeping its dtype."""
+    """Write each tensor as a compressed array named after its key, keeping its dtype.
+
+    The layout of format-1 checkpoints; used for the analysis cache's operators.
+    """
     for name, tensor in tensors.items():
         encoded = schema.encode_tensor(tensor)
         group.create_array(

@@ -1,0 +1,332 @@
+"""Format 2's packed tensors and digests: packing on write, verified unpacking on read.
+
+A checkpoint (or frozen) group holds one 1-d array per section and dtype; its ``packed``
+attribute indexes every tensor (name, dtype, offset, shape) with a digest of its bytes. Every
+chunk also carries a CRC-32C (``schema.packed_codecs``). A read checks both: a truncated or
+altered chunk fails its checksum, and a missing chunk (which Zarr reads back as zeros) or a
+chunk from elsewhere fails the digests of the tensors it held. Step rows get a digest per
+``schema.STEP_ROW_CHUNK`` rows (``row_digests``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+from source_callback.errors import Damage
+from source_callback.store import schema
+
+TensorDict = Mapping[str, torch.Tensor]
+#: The packed index of a group: the JSON of its ``packed`` attribute.
+PackedIndex = dict[str, Any]
+
+UNREADABLE = "a chunk fails its checksum or cannot be decoded (altered or truncated)"
+MISMATCH = "bytes differ from the digest recorded at commit (a chunk is missing or was altered)"
+
+
+def digest(values: np.ndarray) -> str:
+    """``schema.DIGEST`` of an array's little-endian bytes, in C order."""
+    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return hashlib.sha256(data.reshape(-1).view(np.uint8)).hexdigest()[:32]
+
+
+def _run(coroutine: Any) -> Any:
+    """Run a coroutine on Zarr's event loop (the writer thread and readers both block on it)."""
+    return sync(coroutine, timeout=zarr.config.get("async.timeout"))
+
+
+def _async_group(group: zarr.Group) -> zarr.AsyncGroup:
+    # zarr.Group has no public accessor for its async twin; this one costs no request.
+    return zarr.AsyncGroup(metadata=group.metadata, store_path=group.store_path)
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pack:
+    """The tensors of one section and dtype, in index order, to be written as one array."""
+
+    key: str
+    tensors: list[np.ndarray]
+
+    @property
+    def length(self) -> int:
+        return sum(t.size for t in self.tensors)
+
+    def values(self) -> np.ndarray:
+        """The packed array (a copy: made only when it is written)."""
+        return np.concatenate([t.reshape(-1) for t in self.tensors])
+
+
+def _plan(sections: Mapping[str, TensorDict]) -> tuple[list[_Pack], PackedIndex]:
+    """The packs of ``sections`` and their index (tensors by name, digests computed here)."""
+    packs: dict[str, _Pack] = {}
+    lengths: dict[str, int] = {}
+    tensors: dict[str, list[list[Any]]] = {}
+    for section, values in sections.items():
+        entries = tensors.setdefault(section, [])
+        for name in sorted(values):
+            encoded = schema.encode_tensor(values[name])
+            key = schema.packed_array_key(section, encoded.torch_dtype)
+            packs.setdefault(key, _Pack(key, [])).tensors.append(encoded.array)
+            offset = lengths.get(key, 0)
+            lengths[key] = offset + encoded.array.size
+            shape = list(encoded.array.shape)
+            entries.append([name, encoded.torch_dtype, offset, shape, digest(encoded.array)])
+    index = {
+        schema.PACKED_DIGEST: schema.DIGEST,
+        schema.PACKED_ARRAYS: lengths,
+        schema.PACKED_TENSORS: tensors,
+    }
+    return list(packs.values()), index
+
+
+async def _write_packs(group: zarr.AsyncGroup, packs: Sequence[_Pack]) -> None:
+    """Create and fill every packed array, ``async.concurrency`` arrays at a time.
+
+    An array's values are concatenated only once its turn comes, so that at most that many
+    packed copies exist at once; Zarr writes an array's chunks concurrently.
+    """
+    limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
+
+    async def write(pack: _Pack) -> None:
+        async with limit:
+            values = pack.values()
+            array = await group.create_array(
+                pack.key,
+                shape=values.shape,
+                dtype=values.dtype,
+                chunks=schema.packed_chunks(values.size, values.itemsize),
+                compressors=schema.packed_codecs(),
+                fill_value=0,
+            )
+            if values.size:
+                await array.setitem(slice(None), values)
+
+    await _all_or_none(write(pack) for pack in packs)
+
+
+def write_packed(group: zarr.Group, sections: Mapping[str, TensorDict]) -> PackedIndex:
+    """Write ``{section: {name: tensor}}`` packed into ``group``; returns the ``packed`` index.
+
+    The index (with the digests) belongs in the group's commit: set it with ``committed``.
+    """
+    packs, index = _plan(sections)
+    _run(_write_packs(_async_group(group), packs))
+    return index
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """A packed array as read: its values (``None`` when unusable) and unreadable ranges."""
+
+    values: np.ndarray | None
+    bad: list[tuple[int, int]]
+    reason: str = UNREADABLE
+
+
+async def _fetch(
+    group: zarr.AsyncGroup, key: str, length: int, dtype: np.dtype, limit: asyncio.Semaphore
+) -> _Fetched:
+    """Read one packed array chunk by chunk, noting the ranges of chunks that fail to decode."""
+    try:
+        array = await zarr.AsyncArray.open(group.store_path / key, zarr_format=3)
+    except (FileNotFoundError, ValueError):  # zarr's node-not-found errors are both
+        return _Fetched(None, [(0, length)], f"packed array {key} is missing or unreadable")
+    if array.shape != (length,) or array.dtype != dtype:
+        reason = f"packed array {key} is {array.dtype}{list(array.shape)}, not {dtype}[{length}]"
+        return _Fetched(None, [(0, length)], reason)
+    values = np.empty(length, dtype=dtype)
+    bad: list[tuple[int, int]] = []
+    step = array.chunks[0]
+
+    async def read(start: int) -> None:
+        stop = min(start + step, length)
+        async with limit:
+            try:
+                values[start:stop] = await array.getitem(slice(start, stop))
+            except (ValueError, RuntimeError, IndexError, TypeError):  # codec errors
+                bad.append((start, stop))
+
+    await _all_or_none(read(start) for start in range(0, length, step))
+    return _Fetched(values, bad)
+
+
+def read_packed(
+    group: zarr.Group, wanted: Callable[[str], bool], where: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[Damage]]:
+    """The tensors of the wanted sections of a packed group, verified, and what is damaged.
+
+    Parameters
+    ----------
+    group
+        A committed format-2 checkpoint or frozen group.
+    wanted
+        Which sections to read (``schema.SECTION_PARAMS``, ...).
+    where
+        The group in messages (``checkpoint 0000000010_interior``).
+
+    Returns
+    -------
+    tensors, problems
+        ``{section: {name: tensor}}`` of the intact tensors, names in sorted order, and one
+        :class:`Damage` per kind of problem with the tensors it affects.
+
+    """
+    index = group.attrs.get(schema.ATTR_PACKED)
+    if not isinstance(index, dict) or index.get(schema.PACKED_DIGEST) != schema.DIGEST:
+        return {}, [Damage(where, (), f"no '{schema.ATTR_PACKED}' index of its tensors")]
+    sections = {s: e for s, e in index[schema.PACKED_TENSORS].items() if wanted(s)}
+    dtypes = {
+        schema.packed_array_key(section, entry[1]): schema.storage_dtype(entry[1])
+        for section, entries in sections.items()
+        for entry in entries
+    }
+    fetched = _run(_fetch_all(_async_group(group), index[schema.PACKED_ARRAYS], dtypes))
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    damaged: dict[str, list[str]] = {}
+    for section, entries in sections.items():
+        out = tensors.setdefault(section, {})
+        for name, torch_dtype, offset, shape, expected in entries:
+            array = fetched[schema.packed_array_key(section, torch_dtype)]
+            stop = offset + math.prod(shape)
+            label = name if section == schema.SECTION_PARAMS else f"{section}/{name}"
+            if array.values is None or any(a < stop and offset < b for a, b in array.bad):
+                damaged.setdefault(array.reason, []).append(label)
+                continue
+            values = array.values[offset:stop].reshape(shape)
+            if digest(values) != expected:
+                damaged.setdefault(MISMATCH, []).append(label)
+                continue
+            out[name] = schema.decode_array(values, torch_dtype)
+    problems = [Damage(where, tuple(names), reason) for reason, names in damaged.items()]
+    return tensors, problems
+
+
+async def _fetch_all(
+    group: zarr.AsyncGroup, lengths: Mapping[str, int], dtypes: Mapping[str, np.dtype]
+) -> dict[str, _Fetched]:
+    """Every array of ``dtypes`` read concurrently, ``async.concurrency`` chunks at a time."""
+    limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
+    keys = list(dtypes)
+    results = await _all_or_none(
+        _fetch(group, key, int(lengths.get(key, 0)), dtypes[key], limit) for key in keys
+    )
+    return dict(zip(keys, results, strict=True))
+
+
+async def _all_or_none(coroutines: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Await every coroutine concurrently; on the first failure cancel the others and raise it.
+
+    (``asyncio.gather`` would leave the others running, writing after the failure.)
+    """
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+def packed_nbytes(index: PackedIndex) -> int:
+    """Uncompressed bytes of the tensors a packed index lists."""
+    return sum(
+        math.prod(shape) * getattr(torch, torch_dtype).itemsize
+        for entries in index[schema.PACKED_TENSORS].values()
+        for _, torch_dtype, _, shape, _ in entries
+    )
+
+
+# -- step rows ---------------------------------------------------------------------------------
+
+
+def row_blocks(start: int, stop: int) -> range:
+    """Indices of the ``schema.STEP_ROW_CHUNK``-row blocks that rows ``[start, stop)`` touch."""
+    size = schema.STEP_ROW_CHUNK
+    return range(start // size, -(-stop // size))
+
+
+def row_digests(values: np.ndarray, first: int) -> dict[int, str]:
+    """Digest of every block of rows in ``values``, whose first row is ``first`` (block-aligned).
+
+    A block's digest covers its rows in ``values`` only, so the last block may be partial.
+    """
+    size = schema.STEP_ROW_CHUNK
+    return {
+        block: digest(values[block * size - first : (block + 1) * size - first])
+        for block in row_blocks(first, first + len(values))
+    }
+
+
+def row_problems(
+    columns: Mapping[str, np.ndarray], first: int, recorded: Mapping[str, Sequence[str]]
+) -> list[Damage]:
+    """Step arrays whose rows ``first..`` (block-aligned) differ from their recorded digests."""
+    size = schema.STEP_ROW_CHUNK
+    damaged: list[Damage] = []
+    for name, values in columns.items():
+        digests = recorded.get(name, [])
+        blocks = [
+            block
+            for block, value in row_digests(values, first).items()
+            if block >= len(digests) or digests[block] != value
+        ]
+        if blocks:
+            rows = ", ".join(
+                f"{b * size}..{min((b + 1) * size, first + len(values)) - 1}" for b in blocks
+            )
+            damaged.append(Damage("steps", (name,), f"rows {rows}: {MISMATCH}"))
+    return damaged
+
+
+def read_rows(
+    arrays: Mapping[str, zarr.Array],
+    start: int,
+    stop: int,
+    recorded: Mapping[str, Sequence[str]] | None,
+) -> tuple[dict[str, np.ndarray], list[Damage]]:
+    """Rows ``[start, stop)`` of the step arrays that read back intact, and the problems.
+
+    Parameters
+    ----------
+    arrays
+        The step arrays by name.
+    start, stop
+        ``start`` is a multiple of ``STEP_ROW_CHUNK``; ``stop`` ends a block or is ``num_steps``.
+    recorded
+        The ``row_digests`` attribute; ``None`` for a format-1 store (nothing to check against).
+
+    """
+    columns: dict[str, np.ndarray] = {}
+    problems: list[Damage] = []
+    for name, array in arrays.items():
+        try:
+            values = array[start:stop]
+        except (ValueError, RuntimeError, IndexError, TypeError):  # codec errors
+            problems.append(Damage("steps", (name,), UNREADABLE))
+            continue
+        if len(values) < stop - start:
+            reason = f"holds {array.shape[0]} rows, fewer than the {stop} recorded"
+            problems.append(Damage("steps", (name,), reason))
+            continue
+        columns[name] = values
+    if recorded is not None:
+        missing = tuple(sorted(set(recorded) - set(arrays)))
+        if missing and stop > start:
+            problems.append(Damage("steps", missing, "array is missing"))
+        problems += row_problems(columns, start, recorded)
+    return columns, problems

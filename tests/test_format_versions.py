@@ -1,0 +1,70 @@
+"""Format versions: a store of format 1 (``tests/fixtures/v1_store.zarr``) reads back and analyzes
+exactly as with the library that wrote it; new stores are format 2; format 1 is not written to."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from processes import load_script
+from storeutil import tree_digest
+
+from source_callback import FormatVersionError, open_run
+from source_callback.store import schema
+from source_callback.store.writer import StoreWriter
+
+FIXTURES = Path(__file__).parent / "fixtures"
+v1 = load_script(FIXTURES / "make_v1_store.py")
+EXPECTED = json.loads(v1.EXPECTED.read_text())
+
+
+def test_format_1_store_reads_back_what_format_1_returned() -> None:
+    run = open_run(v1.STORE)
+    assert run.format_version == 1 < schema.FORMAT_VERSION == 2
+    got = v1.contents(v1.STORE)
+    for key in ("format_version", "num_steps", "stages", "steps"):
+        assert got[key] == EXPECTED[key], key
+    assert list(got["checkpoints"]) == list(EXPECTED["checkpoints"])
+    for key, want in EXPECTED["checkpoints"].items():
+        assert got["checkpoints"][key] == want, key
+    # The fixture covers what format 1 held: a frozen group, buffers, Adam and SGD state.
+    last = run.checkpoints[-1]
+    assert run.stages[1].frozen == ["net.0.weight", "net.0.bias"]
+    assert set(run.frozen_params(1)) == {"net.0.weight", "net.0.bias"}
+    assert set(last.buffers()) == {"scale", "seen"}
+    assert set(last.optimizer_state()["net.2.weight"]) == {"exp_avg_sq", "step"}
+    assert "momentum_buffer" in run.checkpoints[2].optimizer_state()["net.0.weight"]
+
+
+def test_format_1_store_verifies_by_reading(tmp_path: Path) -> None:
+    assert open_run(v1.STORE).verify() == []
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(v1.STORE, copy)
+    params = copy / "checkpoints" / "0000000002_interior" / "params"
+    chunk = next(p for p in params.rglob("c/*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:5])  # a truncated blosc chunk fails to decode
+    [problem] = open_run(copy).verify()
+    assert problem.where == "checkpoint 0000000002_interior"
+    assert "cannot be read" in problem.reason
+
+
+def test_analyze_on_a_format_1_store_gives_the_format_1_result() -> None:
+    got = v1.analysis(v1.STORE)
+    want = EXPECTED["analysis"]
+    for name in v1.STAGES:
+        np.testing.assert_allclose(got["scores"][name], want["scores"][name], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got["stage_effects"], want["stage_effects"], rtol=1e-6, atol=0)
+
+
+def test_new_stores_are_format_2_and_format_1_is_not_written(tmp_path: Path) -> None:
+    v1.record(tmp_path / "new.zarr")
+    assert open_run(tmp_path / "new.zarr").format_version == 2
+    copy = tmp_path / "v1.zarr"
+    shutil.copytree(v1.STORE, copy)
+    before = tree_digest(copy)
+    with pytest.raises(FormatVersionError, match="reads but does not write"):
+        StoreWriter.open(str(copy))
+    assert tree_digest(copy) == before

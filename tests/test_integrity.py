@@ -1,0 +1,331 @@
+"""Damaged stores are refused, never read as zeros: chunks of committed checkpoints and step rows
+deleted, truncated, altered or swapped, on a local disk and on S3 (moto); a write that fails
+mid-checkpoint leaves it uncommitted and everything committed before it intact."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+import zarr
+from processes import load_script
+
+from source_callback import DamagedStoreError, StoreError, open_run
+from source_callback.cli import EXIT_DAMAGED, main
+from source_callback.store import integrity, schema
+from source_callback.store.writer import StepRow, StoreWriter
+
+v1 = load_script(Path(__file__).parent / "fixtures" / "make_v1_store.py")
+
+KEYS = ("0000000000_stage-start", "0000000003_interior")
+
+
+def _params(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "a.bias": torch.randn(4, generator=g),
+        "b.weight": torch.randn(2, 4, generator=g).to(torch.bfloat16),
+    }
+
+
+def write_store(url: str, options: dict[str, Any] | None) -> None:
+    """Two committed checkpoints (parameters, a buffer, Adam state), frozen ones and 7 steps."""
+    writer = StoreWriter.open(url, options)
+    writer.write_frozen(0, {"frozen.weight": torch.arange(6.0).reshape(2, 3)})
+    for seed, key in enumerate(KEYS):
+        step, role = schema.parse_checkpoint_key(key)
+        params = _params(seed)
+        state = {
+            "exp_avg_sq": {n: p.float().square() + 1 for n, p in params.items()},
+            "step": {n: torch.tensor(float(step)) for n in params},
+        }
+        buffers = {"count": torch.tensor(step)}
+        writer.write_checkpoint(step, role, 0, params, buffers, state)
+    rows = [row(0, 1.0 / (t + 1), 0.1 * (t + 1)) for t in range(7)]
+    writer.append_steps(rows[:4])
+    writer.append_steps(rows[4:])
+
+
+def row(stage: int, loss: float, *lrs: float) -> StepRow:
+    """A step row with learning rates ``lrs`` (one per parameter group), other fields NaN."""
+    groups = [{**dict.fromkeys(schema.STEP_GROUP_FIELDS, np.nan), "lr": lr} for lr in lrs]
+    return StepRow(stage, 0, loss, 8, groups)
+
+
+def delete(data: bytes) -> bytes | None:
+    return None
+
+
+def truncate(data: bytes) -> bytes | None:
+    return data[: len(data) - 7]
+
+
+def flip(data: bytes) -> bytes | None:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x10]) + data[middle + 1 :]
+
+
+DAMAGES: dict[str, Callable[[bytes], bytes | None]] = {
+    "deleted": delete,
+    "truncated": truncate,
+    "flipped": flip,
+}
+# (chunk, what fails to read, what the error names)
+PARTS = {
+    "params": (f"checkpoints/{KEYS[1]}/params.float32/c/0", "params", ("a.bias", "a.weight")),
+    "optimizer": (
+        f"checkpoints/{KEYS[1]}/optimizer.exp_avg_sq.float32/c/0",
+        "optimizer_state",
+        tuple(f"optimizer.exp_avg_sq/{n}" for n in ("a.bias", "a.weight", "b.weight")),
+    ),
+    "steps": ("steps/lr/c/0/0", "steps", ("lr",)),
+}
+
+
+def damage(url: str, options: dict[str, Any] | None, chunk: str, how: str) -> None:
+    fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+    path = f"{root}/{chunk}"
+    changed = DAMAGES[how](fs.cat_file(path))
+    if changed is None:
+        fs.rm(path)
+    else:
+        fs.pipe_file(path, changed)
+
+
+def read(url: str, options: dict[str, Any] | None, what: str) -> Any:
+    run = open_run(url, storage_options=options)
+    return run.steps() if what == "steps" else getattr(run.checkpoints[1], what)()
+
+
+def check_damage(url: str, options: dict[str, Any] | None, part: str, how: str) -> None:
+    """Damage one chunk: reading it raises, naming it; everything else reads as written."""
+    chunk, what, names = PARTS[part]
+    intact = open_run(url, storage_options=options)
+    before = {
+        "params": [c.params() for c in intact.checkpoints],
+        "optimizer_state": [c.optimizer_state() for c in intact.checkpoints],
+        "steps": intact.steps(),
+    }
+    damage(url, options, chunk, how)
+    with pytest.raises(DamagedStoreError) as raised:
+        read(url, options, what)
+    where = "steps" if part == "steps" else f"checkpoint {KEYS[1]}"
+    [problem] = raised.value.problems
+    assert (problem.where, problem.names) == (where, names)
+    expected = integrity.MISMATCH if how == "deleted" else integrity.UNREADABLE
+    assert problem.reason.endswith(expected)
+    assert where in str(raised.value) and names[0] in str(raised.value)
+
+    run = open_run(url, storage_options=options)
+    assert [str(p) for p in run.verify()] == [str(problem)]
+    # Nothing else is lost: the other parts, and every part of the other checkpoint.
+    for other in ("params", "optimizer_state", "steps"):
+        if other == what:
+            continue
+        got = run.steps() if other == "steps" else run.checkpoints[1].__getattribute__(other)()
+        want = before[other] if other == "steps" else before[other][1]
+        _assert_equal(got, want)
+    _assert_equal(run.checkpoints[0].params(), before["params"][0])
+    _assert_equal(run.checkpoints[0].optimizer_state(), before["optimizer_state"][0])
+
+
+def _assert_equal(got: Any, want: Any) -> None:
+    assert type(got) is type(want)
+    if isinstance(want, dict):
+        assert got.keys() == want.keys()
+        for key in want:
+            _assert_equal(got[key], want[key])
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("part", PARTS)
+def test_damaged_chunk_on_disk_is_refused(tmp_path: Path, part: str, how: str) -> None:
+    url = str(tmp_path / "run.zarr")
+    write_store(url, None)
+    check_damage(url, None, part, how)
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("part", PARTS)
+def test_damaged_chunk_on_s3_is_refused(
+    s3: tuple[str, dict[str, Any]], part: str, how: str
+) -> None:
+    prefix, options = s3
+    url = f"{prefix}/run.zarr"
+    write_store(url, options)
+    check_damage(url, options, part, how)
+
+
+def test_chunk_of_another_checkpoint_is_refused(tmp_path: Path) -> None:
+    """A chunk copied from another checkpoint passes its checksum, not the digests."""
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    chunk = "params.float32/c/0"
+    shutil.copy(store / "checkpoints" / KEYS[0] / chunk, store / "checkpoints" / KEYS[1] / chunk)
+    with pytest.raises(DamagedStoreError, match=f"checkpoint {KEYS[1]}") as raised:
+        open_run(store).checkpoints[1].params()
+    assert raised.value.problems[0].reason == integrity.MISMATCH
+
+
+def test_missing_packed_array_and_frozen_chunk(tmp_path: Path) -> None:
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    shutil.rmtree(store / "checkpoints" / KEYS[1] / "buffers.int64")
+    (store / "frozen" / "0000" / "params.float32" / "c" / "0").unlink()
+    run = open_run(store)
+    with pytest.raises(DamagedStoreError, match=r"packed array buffers\.int64 is missing"):
+        run.checkpoints[1].buffers()
+    with pytest.raises(DamagedStoreError, match=r"frozen parameters of stage 0.*frozen\.weight"):
+        run.checkpoints[0].params()  # the frozen parameters come with every checkpoint's
+    assert run.checkpoints[0].params(include_frozen=False).keys() == _params(0).keys()
+    assert {(p.where, p.names) for p in run.verify()} == {
+        (f"checkpoint {KEYS[1]}", ("buffers/count",)),
+        ("frozen parameters of stage 0", ("frozen.weight",)),
+    }
+
+
+def test_damage_names_only_the_tensors_of_the_damaged_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors span 16-byte chunks of a packed array: a lost chunk names the ones it held."""
+    monkeypatch.setattr(schema, "TENSOR_CHUNK_BYTES", 16)
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    params = store / "checkpoints" / KEYS[1] / "params.float32" / "c"
+    assert len(list(params.iterdir())) == 4  # a.bias (4 floats), a.weight (12), sorted by name
+    (params / "0").unlink()  # elements 0..3: a.bias
+    (params / "3").write_bytes(b"")  # elements 12..15: the last third of a.weight, truncated
+    problems = open_run(store).verify()
+    assert {(p.where, p.names, p.reason) for p in problems} == {
+        (f"checkpoint {KEYS[1]}", ("a.bias",), integrity.MISMATCH),
+        (f"checkpoint {KEYS[1]}", ("a.weight",), integrity.UNREADABLE),
+    }
+    _assert_equal(open_run(store).checkpoints[0].params(include_frozen=False), _params(0))
+
+
+def test_rows_appended_after_damage_are_refused(tmp_path: Path) -> None:
+    """The writer checks the rows it continues from: it never blesses damaged ones."""
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    damage(str(store), None, "steps/loss/c/0", "flipped")
+    writer = StoreWriter.open(str(store))
+    with pytest.raises(DamagedStoreError, match="steps"):
+        writer.append_steps([row(0, 0.5, 0.1)])
+    assert writer.num_steps == 7
+
+
+def test_rows_survive_truncation_widening_and_new_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row digests follow appends across blocks, a resume's truncation and new param groups."""
+    monkeypatch.setattr(schema, "STEP_ROW_CHUNK", 3)
+    store = str(tmp_path / "run.zarr")
+    writer = StoreWriter.open(store)
+    rows = [row(0, float(t), 0.1 * t) for t in range(8)]
+    writer.append_steps(rows[:2])
+    writer.append_steps(rows[2:7])
+    writer.truncate_steps(5)
+    writer.append_steps([row(1, 9.0, 1.0, 2.0)])
+    reopened = StoreWriter.open(store)  # no rows cached: the next append reads them back
+    reopened.append_steps(rows[7:])
+    steps = open_run(store).steps()
+    np.testing.assert_array_equal(steps["loss"], [0, 1, 2, 3, 4, 9, 7])
+    np.testing.assert_array_equal(steps["lr"][:, 1], [np.nan] * 5 + [2.0, np.nan])
+    assert open_run(store).verify() == []
+
+
+def test_failure_mid_checkpoint_leaves_it_uncommitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error while packing (here: the optimizer state's array) commits nothing of it."""
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    before = [c.params() for c in open_run(store).checkpoints]
+    original = integrity._Pack.values
+
+    def failing(pack: integrity._Pack) -> np.ndarray:
+        if pack.key.startswith("optimizer."):
+            raise OSError("disk full")
+        return original(pack)
+
+    monkeypatch.setattr(integrity._Pack, "values", failing)
+    writer = StoreWriter.open(str(store))
+    with pytest.raises(OSError, match="disk full"):
+        writer.write_checkpoint(
+            5, schema.ROLE_INTERIOR, 0, _params(5), {}, {"exp_avg_sq": _params(6)}
+        )
+    run = open_run(store)
+    *committed, interrupted = run.checkpoints
+    assert interrupted.key == "0000000005_interior" and not interrupted.committed
+    with pytest.raises(StoreError, match="never committed"):
+        interrupted.params()
+    for checkpoint, params in zip(committed, before, strict=True):
+        _assert_equal(checkpoint.params(), params)
+    assert run.verify() == []  # an uncommitted checkpoint is not damage: it is never read
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real two-stage Lightning run (buffers, a frozen layer, AdamW), format 2."""
+    store = tmp_path_factory.mktemp("recorded") / "run.zarr"
+    v1.record(store)
+    return store
+
+
+def test_verify_command_and_analyze_refuse_a_damaged_record(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", str(recorded)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        f"{recorded}: intact: 8 committed checkpoint(s), 1 frozen group(s) and 12 step row(s) "
+        "checked for checksums and digests"
+    ]
+    store = tmp_path / "run.zarr"
+    shutil.copytree(recorded, store)
+    key = open_run(store).checkpoints[2].key
+    damage(str(store), None, f"checkpoints/{key}/params.float32/c/0", "deleted")
+    damage(str(store), None, "steps/stage/c/0", "truncated")
+    assert main(["verify", str(store)]) == EXIT_DAMAGED
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:-1] == [
+        f"damaged: checkpoint {key}: {integrity.MISMATCH} (4: net.0.bias, net.0.weight, "
+        "net.2.bias, net.2.weight)",
+        f"damaged: steps: {integrity.UNREADABLE} (1: stage)",
+    ]
+    assert lines[-1].startswith(f"{store}: 2 problem(s): 8 committed checkpoint(s)")
+    with pytest.raises(DamagedStoreError, match=f"checkpoint {key}"):
+        v1.analysis(store)
+
+
+def test_inspect_does_not_vouch_for_contents(
+    recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(recorded)]) == 0
+    out = capsys.readouterr().out
+    assert "verified" not in out
+    assert "committed); contents not checked here: source-callback verify STORE checks them" in out
+
+
+def test_uncommitted_frozen_group_is_a_problem(tmp_path: Path) -> None:
+    """Unlike an uncommitted checkpoint, the stage's checkpoints need their frozen parameters."""
+    store = tmp_path / "run.zarr"
+    write_store(str(store), None)
+    zarr.open_group(store / "frozen" / "0000", mode="r+").attrs["committed"] = False
+    run = open_run(store)
+    assert [str(p) for p in run.verify()] == [
+        "frozen parameters of stage 0: were never committed (the write was interrupted)"
+    ]
+    with pytest.raises(StoreError, match="never committed"):
+        run.checkpoints[0].params()
