@@ -6,10 +6,11 @@ base weights carrying their first-stage graph through the LoRA stage.
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from hf_models import CausalLM, TokenSequences, add_lora, tiny_llama
+from hf_models import CausalLM, TokenSequences, add_lora, tiny_gpt2, tiny_llama
 from test_analyze import _replay_steps, _spearman, _trainer
 from torch.func import functional_call
 from torch.utils.data import DataLoader, default_collate
@@ -21,7 +22,7 @@ from source_callback.cli import summarize
 
 pytest.importorskip("peft")
 
-N1, N2, QUERIES, BATCH, EPOCHS, DECAY = 24, 16, 4, 8, 2, 0.01
+N1, N2, QUERIES, BATCH, EPOCHS, LR, DECAY = 24, 16, 4, 4, 4, 0.003, 0.01
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -40,70 +41,125 @@ def _batch(data, idx):
     return default_collate([data[int(i)] for i in idx])
 
 
-def _record(store, lm, pretrain, sft, same_callback: bool):
-    callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=4)
+class Recipe:
+    """A two-stage run: pretraining, then a LoRA stage that trains only the adapters."""
+
+    def pretrained(self) -> pl.LightningModule: ...
+
+    def to_lora(self, lm: pl.LightningModule) -> None: ...
+
+    def final(self) -> pl.LightningModule:
+        lm = self.pretrained()
+        self.to_lora(lm)
+        return lm
+
+
+class PeftLlama(Recipe):
+    """A Hugging Face Llama, wrapped by peft's ``get_peft_model`` between the stages."""
+
+    def pretrained(self):
+        return CausalLM(tiny_llama(), lr=LR, weight_decay=DECAY).double()
+
+    def to_lora(self, lm):
+        lm.model = add_lora(lm.model, TARGETS)
+        lm.double()
+
+
+class PeftGPT2(Recipe):
+    """GPT-2 (``Conv1D`` projections, ``lm_head`` tied to the input embedding) with peft LoRA
+    on its fused attention projection."""
+
+    def pretrained(self):
+        return CausalLM(tiny_gpt2(), lr=LR, weight_decay=DECAY).double()
+
+    def to_lora(self, lm):
+        lm.model = add_lora(lm.model, ["c_attn"])
+        lm.double()
+
+
+RECIPES = {"llama-peft": PeftLlama, "gpt2-peft": PeftGPT2}
+
+
+def _record(store, recipe: Recipe, lm, pretrain, sft, same_callback: bool):
+    callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=6)
     _trainer([callback], max_epochs=EPOCHS).fit(lm, DataLoader(pretrain, batch_size=BATCH))
-    lm.model = add_lora(lm.model, TARGETS)
-    lm.double()
-    lora_start = {n: p.detach().clone() for n, p in lm.named_parameters() if "lora_" in n}
+    recipe.to_lora(lm)
+    lora_start = {n: p.detach().clone() for n, p in lm.named_parameters()}
     if same_callback:
         callback.next_stage("sft")
     else:
-        callback = SourceCallback(store, stage="sft", checkpoints_per_stage=4)
+        callback = SourceCallback(store, stage="sft", checkpoints_per_stage=6)
     _trainer([callback], max_epochs=EPOCHS).fit(lm, DataLoader(sft, batch_size=BATCH))
     return lora_start
 
 
-@pytest.fixture(scope="module")
-def llama_lora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama")
+def _two_stage_run(root, recipe: Recipe):
+    """Record the run; the exact leave-one-out effects on the queries by unrolling it."""
     torch.manual_seed(0)
-    lm = CausalLM(tiny_llama()).double()
+    lm = recipe.pretrained()
     start = {n: p.detach().clone() for n, p in lm.named_parameters()}
-    pretrain, sft, queries = TokenSequences(N1, 1), TokenSequences(N2, 2), TokenSequences(4, 9)
-    lora_start = _record(root / "run.zarr", lm, pretrain, sft, same_callback=True)
+    pretrain, sft, queries = (
+        TokenSequences(N1, 1),
+        TokenSequences(N2, 2),
+        TokenSequences(4, 9),
+    )
+    lora_start = _record(root / "run.zarr", recipe, lm, pretrain, sft, same_callback=True)
     run = open_run(root / "run.zarr")
-    lrs = run.learning_rates()[:, 0]
-    first = run.stages[1].first_step
+    steps = run.steps()
     continues = run.continuation(1).previous
     task = LanguageModelingTask()
-    stage1 = CausalLM(tiny_llama()).double()
-    final_model = CausalLM(add_lora(tiny_llama(), TARGETS)).double()
+    stage1, final_model = recipe.pretrained(), recipe.final()
 
     def loss(data):
         return lambda m, params, idx: task.loss(Bound(m, params), _batch(data, idx))
 
-    def final(weights):
-        base = adam_replay(
-            stage1,
-            start,
-            _replay_steps(N1, BATCH, EPOCHS),
-            loss(pretrain),
-            lrs[:first],
-            weights[:N1],
-            weight_decay=DECAY,
-        )
-        carried = {new: base[old] for new, old in continues.items()}
+    def replay(stage, model, params, data, weights):
+        rows = slice(stage.first_step, stage.last_step + 1)
         return adam_replay(
-            final_model,
-            {**carried, **lora_start},
-            _replay_steps(N2, BATCH, EPOCHS),
-            loss(sft),
-            lrs[first:],
-            weights[N1:],
-            weight_decay=DECAY,
-            frozen=frozenset(carried),
+            model,
+            params,
+            _replay_steps(len(data), BATCH, EPOCHS),
+            loss(data),
+            steps["lr"][rows, 0],
+            weights,
+            weight_decay=float(steps["weight_decay"][stage.first_step, 0]),
+            frozen=frozenset(params) - set(stage.trainable),
         )
+
+    def final(weights):
+        base = replay(run.stages[0], stage1, start, pretrain, weights[:N1])
+        carried = {new: base[old] for new, old in continues.items()}
+        return replay(run.stages[1], final_model, {**lora_start, **carried}, sft, weights[N1:])
 
     replayed = final(torch.ones(N1 + N2, dtype=torch.float64))
     for name, param in lm.named_parameters():  # the replay is the recorded run
-        torch.testing.assert_close(replayed[name].detach(), param.detach(), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(
+            replayed[name].detach(), param.detach(), rtol=1e-6, atol=1e-8, msg=name
+        )
 
     def measure(m, params):
         return task.measurement(Bound(m, params), _batch(queries, range(len(queries))))
 
     truth = leave_one_out_effects(final_model, final, measure, N1 + N2).numpy()
     return root / "run.zarr", lm, pretrain, sft, queries, truth
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The recorded and unrolled run of each recipe, made when first asked for."""
+    made: dict[str, tuple] = {}
+
+    def run(kind: str) -> tuple:
+        if kind not in made:
+            made[kind] = _two_stage_run(tmp_path_factory.mktemp(kind), RECIPES[kind]())
+        return made[kind]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def llama_lora(runs):
+    return runs("llama-peft")
 
 
 def test_peft_stage_continues_the_pretrained_model(llama_lora) -> None:
@@ -126,34 +182,44 @@ def test_peft_stage_continues_the_pretrained_model(llama_lora) -> None:
 def test_a_new_callback_matches_by_wrapper_rules(tmp_path, llama_lora) -> None:
     store, *_ = llama_lora
     torch.manual_seed(0)
-    lm = CausalLM(tiny_llama()).double()
-    _record(tmp_path / "run.zarr", lm, TokenSequences(N1, 1), TokenSequences(N2, 2), False)
+    recipe = PeftLlama()
+    lm = recipe.pretrained()
+    data = TokenSequences(N1, 1), TokenSequences(N2, 2)
+    _record(tmp_path / "run.zarr", recipe, lm, *data, same_callback=False)
     ours, theirs = open_run(tmp_path / "run.zarr"), open_run(store)
     assert ours.continuation(1).previous == theirs.continuation(1).previous
     assert set(ours.continuation(1).matched_by.values()) == {"rule"}
 
 
-def test_llama_lora_scores_match_unrolling(llama_lora) -> None:
-    store, _, pretrain, sft, queries, truth = llama_lora
+#: Spearman correlation with the exact unroll, measured (all examples / pretraining / LoRA
+#: stage): Llama + peft 0.68 / 0.68 / 0.87; GPT-2 + peft 0.39 / 0.40 / 0.80 (0.37 on
+#: pretraining with untied embeddings: the tie is not what lowers it).
+FLOORS = {"llama-peft": 0.6, "gpt2-peft": 0.3}
+
+
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_lora_scores_match_unrolling(runs, kind) -> None:
+    store, _, pretrain, sft, queries, truth = runs(kind)
     result = analyze(
         store,
-        model=CausalLM(add_lora(tiny_llama(), TARGETS)).double(),
+        model=RECIPES[kind]().final(),
         task="language_modeling",
         train={"pretrain": pretrain, "sft": sft},
         queries=queries,
-        segments=2,
+        segments=3,
         batch_size=8,
         name=None,
         verbose=False,
     )
+    assert result.coverage == {"pretrain": 1.0, "sft": 1.0}
     scores = np.concatenate([result.scores["pretrain"], result.scores["sft"]], axis=1)
     both = _spearman(scores, truth)
     per_stage = [
         _spearman(result.scores["pretrain"], truth[:, :N1]),
         _spearman(result.scores["sft"], truth[:, N1:]),
     ]
-    print(f"Llama + LoRA: Spearman {both:.3f}, per stage {per_stage[0]:.3f} / {per_stage[1]:.3f}")
-    assert both > 0.0
+    print(f"{kind}: Spearman {both:.3f}, per stage {per_stage[0]:.3f} / {per_stage[1]:.3f}")
+    assert both > FLOORS[kind]
 
 
 def test_batches_in_hugging_face_form_and_clear_errors() -> None:
