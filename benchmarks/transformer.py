@@ -651,9 +651,17 @@ def environment(cfg: Config) -> dict[str, Any]:
     return env
 
 
-def command(cfg: Config) -> str:
-    extra = "" if cfg.device == "cpu" else f" --device {cfg.device} --precision {cfg.precision}"
-    return f"python benchmarks/transformer.py --{cfg.mode}{extra}"
+def command(argv: list[str]) -> str:
+    """The command line that measures the same thing (without the output paths)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--markdown", "--workdir"):
+            skip = True
+        elif not arg.startswith(("--out=", "--markdown=", "--workdir=")):
+            kept.append(arg)
+    return " ".join(["python benchmarks/transformer.py", *kept])
 
 
 def markdown(cfg: Config, report: dict[str, Any]) -> str:
@@ -661,7 +669,7 @@ def markdown(cfg: Config, report: dict[str, Any]) -> str:
     m, env = report["model"], report["environment"]
     where = env.get("gpu", f"{env['cpu_count']} CPU cores, torch threads {env['threads']}")
     lines = [
-        f"`{command(cfg)}` ({report['wall_s'] / 60:.0f} minutes): Llama {cfg.layers} layers × "
+        f"`{report['command']}` ({report['wall_s'] / 60:.0f} minutes): Llama {cfg.layers} layers × "
         f"hidden {cfg.hidden} ({cfg.heads} heads, MLP {cfg.intermediate}), vocabulary "
         f"{cfg.vocab}: {m['parameters'] / 1e6:.1f} M parameters in {m['tensors']} tensors; "
         f"LoRA r={cfg.lora_r} on {', '.join(cfg.lora_targets)} ({m['lora_parameters']} "
@@ -780,6 +788,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--markdown", help="write the docs section here")
     parser.add_argument("--workdir", help="keep the stores here (default: temporary)")
     args = parser.parse_args(argv)
+    invoked = command(sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here; nothing was run.")
         raise SystemExit(0)
@@ -798,7 +807,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sc-llama-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"config": asdict(cfg), "model": describe_model(cfg)}
+    report: dict[str, Any] = {"command": invoked, "config": asdict(cfg)}
+    report["model"] = describe_model(cfg)
     m = report["model"]
     print(
         f"Llama: {m['parameters'] / 1e6:.1f} M parameters in {m['tensors']} tensors; LoRA "
