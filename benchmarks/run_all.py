@@ -11,7 +11,9 @@ Parts (``--parts``, default all): accuracy, segments, overhead, recording, speed
 projected-gradient cache against exact scores, benchmarks/cache.py), scale (memory of
 ``analyze(out_of_core=True)`` on up to 10^6 training examples × 10^3 queries,
 benchmarks/analyze_memory.py, in a subprocess; with ``--full`` about 8 minutes and 8 GB of
-temporary disk).
+temporary disk), transformer (a 24 M-parameter Hugging Face Llama, a full stage then a peft
+LoRA stage: recording overhead per stage and analysis time against its floor by pass,
+benchmarks/transformer.py, in a subprocess; with ``--full`` about 25 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -40,7 +42,16 @@ import matplotlib.pyplot as plt
 from settings import Setting, rotated_digits
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("accuracy", "segments", "overhead", "recording", "speed", "cache", "scale")
+PARTS = (
+    "accuracy",
+    "segments",
+    "overhead",
+    "recording",
+    "speed",
+    "cache",
+    "scale",
+    "transformer",
+)
 SPEED_PLOTS = ("breakdown", "memory", "kronfluence")  # docs/img/speed_<name>.png
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -425,6 +436,14 @@ def main() -> None:
             command += ["--out", str(out / "analyze_memory.json"), "--markdown", str(scale_md)]
             subprocess.run(command, check=True)
         sections["scale-memory"] = scale_md.read_text().strip()
+    if "transformer" in parts:
+        transformer_md = out / "transformer.md"
+        if measure:
+            print("Hugging Face Llama, full stage then LoRA stage", flush=True)
+            command = [sys.executable, str(ROOT / "benchmarks" / "transformer.py")]
+            command += [f"--{args.mode}", "--out", str(out / "transformer.json")]
+            subprocess.run([*command, "--markdown", str(transformer_md)], check=True)
+        sections["transformer"] = transformer_md.read_text().strip()
     if "cache" in parts:
         if measure:
             print("projected-gradient cache", flush=True)
