@@ -8,84 +8,30 @@ an analysis that will not fit before any pass.
 
 from __future__ import annotations
 
-import os
-
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from hf_models import CausalLM, TokenSequences, tiny_gpt2, tiny_llama
+from torch.utils.data import DataLoader
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-transformers = pytest.importorskip("transformers")
+from source_callback import AnalysisError, ModuleSelection, SourceCallback, analyze
 
-from source_callback import AnalysisError, ModuleSelection, SourceCallback, analyze  # noqa: E402
-from source_callback.analysis.task import LanguageModelingTask  # noqa: E402
+pytest.importorskip("transformers")
 
-VOCAB, LENGTH = 11, 6
-
-
-def gpt2() -> torch.nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=LENGTH,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="eager",  # differentiable twice (the unrolled ground truth)
-    )
-    return transformers.GPT2LMHeadModel(config)
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
-def llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=LENGTH,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-class LM(pl.LightningModule):
-    """A causal LM trained with AdamW on next-token cross-entropy."""
+class LM(CausalLM):
+    """The tiny GPT-2 or Llama, seeded, trained with AdamW on next-token cross-entropy."""
 
     def __init__(self, build: str) -> None:
-        super().__init__()
         torch.manual_seed(0)
-        self.model = {"gpt2": gpt2, "llama": llama}[build]()
-        self.task = LanguageModelingTask()
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def training_step(self, batch, batch_idx):
-        return self.task.loss(self, batch).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
+        super().__init__(BUILDERS[build]())
 
 
-class Tokens(Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
-
-
-def _record(tmp_path, build: str) -> tuple[str, Tokens]:
-    data = Tokens(16, seed=1)
+def _record(tmp_path, build: str) -> tuple[str, TokenSequences]:
+    data = TokenSequences(16, seed=1)
     store = str(tmp_path / f"{build}.zarr")
     pl.Trainer(
         accelerator="cpu",
@@ -112,7 +58,7 @@ def _analyze(recorded, **options):
         model=LM(build),
         task="language_modeling",
         train={"lm": data},
-        queries=Tokens(3, seed=2),
+        queries=TokenSequences(3, seed=2),
         **settings,
     )
 

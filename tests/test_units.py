@@ -353,12 +353,13 @@ def test_module_selection_patterns() -> None:
 def test_hugging_face_query_gradients_and_contractions_equal_autograd(build: str) -> None:
     """Every unit of a tiny GPT-2 (tie, Conv1D, broadcast position embeddings, LayerNorms) and
     Llama (RMSNorm): hooked per-example gradients equal autograd's, example by example."""
-    from test_hf_models import LM, Tokens
+    from hf_models import TokenSequences
+    from test_hf_models import LM
 
     model = LM(build).double()
     units = find_units(model).units
     task = LanguageModelingTask()
-    ids = Tokens(5, seed=3).ids
+    ids = TokenSequences(5, seed=3).ids
     examples = [{"input_ids": ids[i : i + 1]} for i in range(len(ids))]
     expected = autograd_per_example(model, units, task.loss, examples)
     got = per_example_grads(model, units, task.loss, [{"input_ids": ids}])
