@@ -1,8 +1,10 @@
-"""A cheap, stable fingerprint of a map-style dataset.
+"""Fingerprints of a map-style dataset: a cheap one of a sample, and one per example.
 
-Recording stores it with each stage; analysis recomputes it on the dataset the user passes and
-refuses data that differs. It hashes the size and a fixed sample of items, so it is stable across
-processes and machines, and costs a few item reads whatever the dataset's size.
+Recording stores both with each stage; analysis recomputes them on the dataset the user passes
+and refuses data that differs. :func:`dataset_fingerprint` hashes the size and a fixed sample of
+items (a few item reads whatever the dataset's size); :func:`example_digests` hashes every item
+(one read of the whole dataset, made off the training thread while a stage trains), so that a
+change anywhere is found and located. Both are stable across processes and machines.
 """
 
 from __future__ import annotations
@@ -56,6 +58,40 @@ def _feed(h: Any, item: Any) -> None:
         # Objects without a canonical form (e.g. PIL images) contribute their type only;
         # the size and the other items still distinguish datasets.
         h.update(f"O{type(item).__qualname__}".encode())
+
+
+def example_digest(item: Any) -> int:
+    """A 64-bit digest of one item's canonical bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    _feed(h, item)
+    return int.from_bytes(h.digest(), "little")
+
+
+class UnstableItemsError(ValueError):
+    """The dataset returns a different item each time the same index is read."""
+
+
+def example_digests(dataset: Any) -> np.ndarray | None:
+    """Per-example digests ``[N]`` (uint64) of a map-style dataset, in index order.
+
+    ``None`` for a dataset without a length or integer indexing.
+
+    Raises
+    ------
+    UnstableItemsError
+        Reading the first item twice gave two different items (random transforms): no
+        digest could recognise the examples later.
+    """
+    try:
+        size = len(dataset)
+        first = [example_digest(dataset[0]) for _ in range(2)] if size else []
+    except (TypeError, NotImplementedError, KeyError):
+        return None
+    if first and first[0] != first[1]:
+        raise UnstableItemsError("reading item 0 twice gave two different items")
+    return np.fromiter(
+        (example_digest(dataset[i]) for i in range(size)), dtype=np.uint64, count=size
+    )
 
 
 def dataset_fingerprint(dataset: Any) -> str | None:

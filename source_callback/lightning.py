@@ -321,6 +321,8 @@ class SourceCallback(Callback):
                     identity=self._identity(pl_module),
                     renamed=self._renamed,
                 )
+                if num_examples is not None:
+                    self._recorder.digest_examples(dataset)
             except errors.StoreError as exc:
                 error = exc
         _raise_on_all_ranks(trainer, error)
@@ -344,6 +346,9 @@ class SourceCallback(Callback):
                         "SourceCallback pointing at the store the run was recorded into."
                     )
                 self._recorder.resume_stage(index, state["first_step"] + state["rows_in_stage"])
+                dataset = getattr(trainer.train_dataloader, "dataset", None)
+                if _length(dataset) is not None:
+                    self._recorder.digest_examples(dataset)
             except errors.StoreError as exc:
                 error = exc
         _raise_on_all_ranks(trainer, error)

@@ -349,7 +349,10 @@ def test_bad_input(two_stage, queries) -> None:
             store, train={"a": torch.utils.data.Subset(data_a, range(23)), "b": data_b}, **common
         )
     shuffled = torch.utils.data.Subset(data_a, [*range(1, 24), 0])
-    with pytest.raises(AnalysisError, match="not the recorded fingerprint"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"24 of its 24 examples differ from the recorded ones, the first at index 0",
+    ):
         analyze(store, train={"a": shuffled, "b": data_b}, **common)
     with pytest.raises(AnalysisError, match=r"not in the record; recorded: \['a', 'b'\]"):
         analyze(store, train={"a": data_a, "b": data_b, "c": data_b}, **common)

@@ -6,13 +6,14 @@ import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from source_callback.analysis.namespace import CheckpointView, RunView
 from source_callback.errors import AnalysisError
-from source_callback.fingerprint import dataset_fingerprint
+from source_callback.fingerprint import UnstableItemsError, dataset_fingerprint, example_digests
 from source_callback.store.reader import Checkpoint, Run
 from source_callback.store.schema import Stage
 
@@ -44,11 +45,15 @@ def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
             f"curvature. Pass train={{{', '.join(repr(n) + ': ...' for n in names)}}}."
         )
     for stage in run.stages:
-        check_dataset(stage, train[stage.name])
+        check_dataset(stage, train[stage.name], run.example_digests(stage.index))
 
 
-def check_dataset(stage: Stage, dataset: Dataset) -> None:
-    """The dataset has the size and fingerprint recorded for ``stage``."""
+def check_dataset(stage: Stage, dataset: Dataset, digests: np.ndarray | None = None) -> None:
+    """The dataset is the one recorded for ``stage``: its size, and its examples' digests.
+
+    With ``digests`` (where the record has them) every example is compared; otherwise the
+    fingerprint of a sample of items.
+    """
     if stage.num_examples is None:
         raise AnalysisError(
             f"stage {stage.name!r} was recorded from a dataset without a length (an iterable "
@@ -66,11 +71,33 @@ def check_dataset(stage: Stage, dataset: Dataset) -> None:
             f"the dataset for stage {stage.name!r} has {size} examples but the stage was "
             f"trained on {stage.num_examples}. Pass the stage's training set, in its order."
         )
-    if stage.fingerprint is not None and dataset_fingerprint(dataset) != stage.fingerprint:
+    if digests is not None:
+        _check_examples(stage, dataset, digests)
+    elif stage.fingerprint is not None and dataset_fingerprint(dataset) != stage.fingerprint:
         raise AnalysisError(
             f"the dataset for stage {stage.name!r} has the recorded size but not the recorded "
-            "fingerprint: its items differ from the ones trained on (other data, order, or "
-            "preprocessing). Pass the exact training set of the stage."
+            "fingerprint of a sample of its items: its items differ from the ones trained on "
+            "(other data, order, or preprocessing). Pass the exact training set of the stage."
+        )
+
+
+def _check_examples(stage: Stage, dataset: Dataset, recorded: np.ndarray) -> None:
+    """Every example of ``dataset`` has the digest recorded for it."""
+    try:
+        found = example_digests(dataset)
+    except UnstableItemsError as exc:
+        raise AnalysisError(
+            f"the dataset for stage {stage.name!r} gives different items for the same index "
+            f"({exc}; random transforms?), but the stage was trained on fixed items. Pass the "
+            "stage's training set without random transforms."
+        ) from exc
+    differ = np.flatnonzero(found != recorded) if found is not None else np.array([0])
+    if len(differ):
+        raise AnalysisError(
+            f"the dataset for stage {stage.name!r} differs from the one trained on: "
+            f"{len(differ)} of its {len(recorded)} examples differ from the recorded ones, the "
+            f"first at index {differ[0]} (other labels, data, order or preprocessing). Pass the "
+            "exact training set of the stage, in its order."
         )
 
 

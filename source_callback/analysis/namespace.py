@@ -168,6 +168,10 @@ class RunView:
         """The run's per-step arrays (:meth:`Run.steps`)."""
         return self.run.steps()
 
+    def example_digests(self, stage: int) -> np.ndarray | None:
+        """Stage ``stage``'s per-example digests (:meth:`Run.example_digests`)."""
+        return self.run.example_digests(stage)
+
     def boundary(self, stage: int, role: str) -> CheckpointView:
         """The committed stage-start or stage-end checkpoint of stage ``stage``."""
         for checkpoint in self.checkpoints:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from source_callback.errors import InterruptedStageError, StoreError
+from source_callback.fingerprint import UnstableItemsError, example_digests
 from source_callback.lineage import Continuation, match_stages
 from source_callback.record.plan import interior_steps
 from source_callback.store import schema
@@ -64,6 +67,12 @@ class Recorder:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="source-callback-writer"
         )
+        # Digests every training example while the stage trains: one read of the dataset,
+        # off the training thread and apart from the writer, whose order it must not hold up.
+        self._digester = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="source-callback-digests"
+        )
+        self._digests: concurrent.futures.Future[np.ndarray | None] | None = None
         self.stage_index = -1
         self.first_step = 0
         self.next_step = writer.num_steps
@@ -104,6 +113,7 @@ class Recorder:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self._digester.shutdown(wait=False, cancel_futures=True)
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -214,10 +224,45 @@ class Recorder:
         self.writer.update_stage(stage_index, status=schema.STAGE_RECORDING, last_step=None)
         self.writer.set_status(schema.STATUS_RECORDING)
 
+    def digest_examples(self, dataset: Any) -> None:
+        """Start digesting every example of the stage's training set in the background.
+
+        The digests are written before the stage is closed (:meth:`end_stage`), so that the
+        analysis can find a changed example anywhere. A dataset without a length, or whose
+        items change between reads, gets none (with a warning for the latter).
+        """
+        self._digests = self._digester.submit(example_digests, dataset)
+
+    def _write_digests(self) -> None:
+        """Wait for the stage's example digests, then hand them to the writer."""
+        if self._digests is None:
+            return
+        future, self._digests = self._digests, None
+        try:
+            digests = future.result()
+        except UnstableItemsError as exc:
+            warnings.warn(
+                f"the training set of stage {self.stage_index} gives different items for the "
+                f"same index ({exc}; random transforms?): its examples cannot be digested, so "
+                "analyze() will check only its size and a sample fingerprint.",
+                stacklevel=3,
+            )
+            return
+        except Exception as exc:
+            warnings.warn(
+                f"digesting the examples of stage {self.stage_index} failed ({exc!r}); "
+                "analyze() will check only the dataset's size and a sample fingerprint.",
+                stacklevel=3,
+            )
+            return
+        if digests is not None:
+            self._submit(self.writer.write_example_digests, self.stage_index, digests)
+
     def end_stage(
         self, params: TensorDict, buffers: TensorDict, optimizer_state: Mapping[str, TensorDict]
     ) -> None:
-        """Write the stage-end checkpoint, close the stage and wait for every write."""
+        """Write the example digests and the stage-end checkpoint, close the stage, wait."""
+        self._write_digests()
         self.flush()
         self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state)
         self._submit(self._close_stage, self.stage_index, self.next_step)

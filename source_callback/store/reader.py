@@ -430,7 +430,39 @@ class Run:
                 problems.append(Damage(where, (), _NEVER_COMMITTED))
                 continue
             problems += self._check_group(sub, _everything, where, frozen=True)[1]
+        problems += [p for index in range(len(self.stages)) for p in self._check_examples(index)[1]]
         return problems + self._check_steps()[1]
+
+    def _check_examples(self, stage: int) -> tuple[np.ndarray | None, list[Damage]]:
+        """Stage ``stage``'s example digests (``None`` when not recorded) and their damage."""
+        group = self._root.get(schema.EXAMPLES)
+        array = None if group is None else group.get(schema.examples_key(stage))
+        if not isinstance(array, zarr.Array):
+            return None, []
+        where = f"example digests of stage {stage}"
+        try:
+            values = np.asarray(array[...])
+        except Exception:
+            return None, [Damage(where, (), integrity.UNREADABLE)]
+        if integrity.digest(values) != array.attrs.get(schema.ATTR_DIGEST):
+            return None, [Damage(where, (), integrity.MISMATCH)]
+        return values, []
+
+    def example_digests(self, stage: int) -> np.ndarray | None:
+        """Per-example digests of stage ``stage``'s training set, in training-index order.
+
+        ``None`` where none were recorded: a dataset without a length, items that change
+        between reads (random transforms), or a store of format version 1.
+
+        Raises
+        ------
+        DamagedStoreError
+            The stored digests are damaged.
+        """
+        values, problems = self._check_examples(stage)
+        if problems:
+            raise DamagedStoreError(self.url, problems)
+        return values
 
     def require_intact(self, checkpoints: Iterable[Checkpoint] | None = None) -> None:
         """Raise :class:`DamagedStoreError` unless :meth:`verify` finds nothing.

@@ -51,6 +51,18 @@ def step_codecs() -> tuple[BytesBytesCodec, ...]:
     return ZstdCodec(level=0), Crc32cCodec()
 
 
+# Per-example digests of each stage's training set (``fingerprint.example_digests``), format 2:
+# ``examples/<stage index>`` uint64 [N_s] in training-index order, written before the stage
+# is complete, with attribute ``digest`` (``store.integrity.digest`` of the values).
+EXAMPLES = "examples"
+ATTR_DIGEST = "digest"
+
+
+def examples_key(stage_index: int) -> str:
+    """Name of one stage's array of example digests under ``examples``."""
+    return f"{stage_index:04d}"
+
+
 # Stages: a list of JSON entries in the attributes of the ``stages`` group.
 STAGES = "stages"
 ATTR_STAGE_LIST = "stages"

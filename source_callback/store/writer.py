@@ -328,6 +328,16 @@ class StoreWriter:
         _commit(group, sections, {schema.ATTR_SCALAR_STATE: scalar_state})
         return key
 
+    def write_example_digests(self, stage: int, digests: np.ndarray) -> None:
+        """Write the per-example digests of stage ``stage``'s training set (replacing any)."""
+        self.root.require_group(schema.EXAMPLES).create_array(
+            schema.examples_key(stage),
+            data=digests,
+            compressors=schema.step_codecs(),
+            attributes={schema.ATTR_DIGEST: integrity.digest(digests)},
+            overwrite=True,
+        )
+
     def write_frozen(self, stage: int, params: TensorDict) -> None:
         """Write the non-trainable parameters of stage ``stage`` and commit them."""
         group = self.root[schema.FROZEN].create_group(

@@ -1,0 +1,98 @@
+"""Every training example is digested while its stage trains; analyze finds any change."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from models import TinyClassifier, loader, make_dataset, trainer
+from torch.utils.data import Dataset, TensorDataset
+
+from source_callback import AnalysisError, SourceCallback, analyze, open_run
+from source_callback.fingerprint import example_digest, sample_indices
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digests")
+    data = make_dataset(512)
+    trainer([SourceCallback(root / "run.zarr", stage="s")], root, max_epochs=1).fit(
+        TinyClassifier(), loader(data, batch_size=64)
+    )
+    return root / "run.zarr", data
+
+
+def _analyze(store, data) -> None:
+    analyze(
+        store,
+        model=TinyClassifier(),
+        task="classification",
+        train={"s": data},
+        queries=make_dataset(2, seed=9),
+        segments=1,
+        name=None,
+        verbose=False,
+    )
+
+
+def test_the_record_holds_a_digest_of_every_example(recorded) -> None:
+    store, data = recorded
+    digests = open_run(store).example_digests(0)
+    assert digests.dtype == np.uint64 and len(digests) == 512
+    assert all(digests[i] == example_digest(data[i]) for i in (0, 17, 511))
+    assert open_run(store).verify() == []
+
+
+def test_labels_changed_outside_the_sample_are_found_and_located(recorded) -> None:
+    store, data = recorded
+    x, y = data.tensors
+    sampled = set(sample_indices(len(data)))
+    changed = [i for i in range(len(data)) if i not in sampled]  # 496 of 512, as reported
+    relabelled = y.clone()
+    relabelled[changed] = (relabelled[changed] + 1) % 3
+    with pytest.raises(AnalysisError, match=r"496 of its 512 examples differ.*first at index 1\b"):
+        _analyze(store, TensorDataset(x, relabelled))
+    one = y.clone()
+    one[300] = (one[300] + 1) % 3
+    with pytest.raises(AnalysisError, match=r"1 of its 512 examples differ.*first at index 300"):
+        _analyze(store, TensorDataset(x, one))
+    _analyze(store, data)  # the data trained on passes
+
+
+class Jittered(Dataset):
+    """A dataset with a random transform: every read of an index gives another item."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x + 0.01 * torch.randn_like(x), y
+
+
+def test_random_items_are_not_digested_and_say_so(tmp_path) -> None:
+    data = Jittered(make_dataset(64))
+    store = tmp_path / "run.zarr"
+    with pytest.warns(UserWarning, match=r"different items for the same index"):
+        trainer([SourceCallback(store, stage="s")], tmp_path, max_epochs=1).fit(
+            TinyClassifier(), loader(data)
+        )
+    run = open_run(store)
+    assert run.example_digests(0) is None and run.stages[0].complete
+
+
+def test_damaged_digests_are_reported(recorded, tmp_path) -> None:
+    store, _ = recorded
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    chunk = next(p for p in (copy / "examples" / "0000").rglob("c/*") if p.is_file())
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    problems = open_run(copy).verify()
+    assert [p.where for p in problems] == ["example digests of stage 0"]
