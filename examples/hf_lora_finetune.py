@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,20 @@ import torch
 from lora_language_model import (
     INDEX,
     LENGTH,
-    QUICK,
     VOCAB,
     Sequences,
     complete,
     encode,
     show,
+    train_stages,
     training_sets,
     warmup_cosine,
 )
 from torch import nn
-from torch.utils.data import DataLoader
 
-from source_callback import AnalysisResult, LanguageModelingTask, SourceCallback, analyze
+from source_callback import AnalysisResult, LanguageModelingTask, analyze
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-FULL_EPOCHS, QUICK_EPOCHS = (4, 16), (6, 30)  # (pretraining, fine-tuning)
 
 
 def llama() -> nn.Module:
@@ -112,30 +108,9 @@ class CausalLM(pl.LightningModule):
 
 def record(store: Path, quick: bool = False, progress: bool = True) -> CausalLM:
     """Pretrain, add LoRA, fine-tune: both stages recorded into ``store`` (replaced)."""
-    if store.exists():
-        shutil.rmtree(store)
     torch.manual_seed(0)
     model = CausalLM(llama())
-    checkpoints = QUICK.checkpoints if quick else 4
-    callback = SourceCallback(store, checkpoints_per_stage=checkpoints)
-    data = training_sets(quick)
-    epochs = QUICK_EPOCHS if quick else FULL_EPOCHS
-    for (name, batch_size), stage_epochs in zip(
-        (("pretrain", 32), ("finetune", 16)), epochs, strict=True
-    ):
-        if name == "finetune":
-            model.add_lora()
-        callback.next_stage(name)
-        pl.Trainer(
-            accelerator="cpu",
-            max_epochs=stage_epochs,
-            callbacks=[callback],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            default_root_dir=str(store.parent),
-        ).fit(model, DataLoader(data[name], batch_size=batch_size, shuffle=True))
+    train_stages(store, model, model.add_lora, quick, progress)
     return model
 
 

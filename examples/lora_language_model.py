@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,11 +249,24 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total: int) -> dict[str, Any
 
 def record(store: Path, quick: bool = False, progress: bool = True) -> TransformerLM:
     """Pretrain, then LoRA-fine-tune, recording both stages into ``store`` (replaced)."""
+    torch.manual_seed(0)
+    model = TransformerLM()
+    train_stages(store, model, model.finetune, quick, progress)
+    return model
+
+
+def train_stages(
+    store: Path,
+    model: pl.LightningModule,
+    start_finetuning: Callable[[], None],
+    quick: bool = False,
+    progress: bool = True,
+) -> None:
+    """Train ``model`` on the stories, then (after ``start_finetuning()``) on the facts,
+    recording both stages into ``store`` (replaced)."""
     if store.exists():
         shutil.rmtree(store)
     settings = QUICK if quick else FULL
-    torch.manual_seed(0)
-    model = TransformerLM()
     callback = SourceCallback(store, checkpoints_per_stage=settings.checkpoints)
     data = training_sets(quick)
     for name, epochs, batch_size in (
@@ -260,7 +274,7 @@ def record(store: Path, quick: bool = False, progress: bool = True) -> Transform
         ("finetune", settings.finetune_epochs, 16),
     ):
         if name == "finetune":
-            model.finetune()
+            start_finetuning()
         callback.next_stage(name)
         pl.Trainer(
             accelerator="cpu",
@@ -272,7 +286,6 @@ def record(store: Path, quick: bool = False, progress: bool = True) -> Transform
             enable_model_summary=False,
             default_root_dir=str(store.parent),
         ).fit(model, DataLoader(data[name], batch_size=batch_size, shuffle=True))
-    return model
 
 
 @torch.no_grad()
