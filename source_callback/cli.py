@@ -122,11 +122,7 @@ def _listed(label: str, names: Sequence[str]) -> list[str]:
 def _model_change_lines(run: Run) -> list[str]:
     """Per stage that changed the model: how its tensors continue the previous stage's."""
     lines = []
-    for index in range(1, len(run.stages)):
-        change = run.stage_change(index)
-        assert change is not None
-        if not change.changed:
-            continue
+    for index, change in run.model_changes().items():
         lines.append(f"  {index} {run.stages[index].name}: {change.summary()}")
         lines += _listed("renamed", [f"{old} -> {new} ({by})" for old, new, by in change.renamed])
         lines += _listed("added", change.added)

@@ -6,6 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+def listed(items: Sequence[str], limit: int, separator: str = ", ") -> str:
+    """The first ``limit`` of ``items`` joined for a message, ``...`` marking the rest."""
+    more = f"{separator}..." if len(items) > limit else ""
+    return separator.join(items[:limit]) + more
+
+
 class SourceCallbackError(Exception):
     """Base class of the errors this library raises on purpose."""
 
@@ -45,8 +51,7 @@ class Damage:
     def __str__(self) -> str:
         if not self.names:
             return f"{self.where}: {self.reason}"
-        shown = ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")
-        return f"{self.where}: {self.reason} ({len(self.names)}: {shown})"
+        return f"{self.where}: {self.reason} ({len(self.names)}: {listed(self.names, 8)})"
 
 
 class DamagedStoreError(StoreError):

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from source_callback.errors import ManifestMismatchError
+from source_callback.errors import ManifestMismatchError, listed
 from source_callback.manifest import Manifest
 
 #: Name components that wrappers insert, removed before names are compared (rule ``rule``).
@@ -183,12 +183,12 @@ def match_stages(
         if (why := _mismatch(new[n], old[o])) is not None
     ]
     if problems:
-        shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
         raise ManifestMismatchError(
             f"the model of stage {stage!r} does not continue the previous stage's "
-            f"({len(problems)} difference(s): {shown}). If the stage replaces these tensors on "
-            "purpose, mark them as new with next_stage(..., renamed={name: None}); otherwise "
-            "record this model into a new store. The store was not modified."
+            f"({len(problems)} difference(s): {listed(problems, 8, '; ')}). If the stage "
+            "replaces these tensors on purpose, mark them as new with "
+            "next_stage(..., renamed={name: None}); otherwise record this model into a new "
+            "store. The store was not modified."
         )
     if old and not matches:
         raise ManifestMismatchError(

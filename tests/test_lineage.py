@@ -115,7 +115,8 @@ def test_a_head_added_in_a_later_stage_is_constant_before(tmp_path) -> None:
     store, data = _record_two_stages(tmp_path)
     run = open_run(store)
     assert set(run.continuation(1).previous) == {e["name"] for e in run.stage_manifest(0)}
-    assert run.stage_change(1).added == ["extra.weight", "extra.bias"]
+    assert list(run.model_changes()) == [1]
+    assert run.model_changes()[1].added == ["extra.weight", "extra.bias"]
     page = write_report(store, out=tmp_path / "report.html").read_text()
     assert "Model changes between stages" in page
     assert "Stage 1 (second): 4 tensors continue (4 by name), 2 added, 0 dropped." in page

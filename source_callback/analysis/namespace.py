@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from source_callback.errors import AnalysisError, ManifestMismatchError
+from source_callback.errors import AnalysisError, ManifestMismatchError, listed
 from source_callback.manifest import Manifest, manifest_differences
 from source_callback.optim import OptimizerRecord, ParamGroupRecord
 from source_callback.store.reader import Checkpoint, Run
@@ -93,10 +93,10 @@ class RunView:
         last = len(run.stages) - 1
         problems = manifest_differences(run.stage_manifest(last), manifest)
         if problems:
-            shown = "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
             raise ManifestMismatchError(
                 f"the model passed to analyze() does not match the one the last stage "
-                f"({run.stages[last].name!r}) of {run.url} trained: {shown}. Pass an instance "
+                f"({run.stages[last].name!r}) of {run.url} trained: {listed(problems, 8, '; ')}. "
+                "Pass an instance "
                 "of that architecture (with the same adapters and wrappers)."
             )
         self.kinds = {e["name"]: e["kind"] for e in manifest}
@@ -118,18 +118,14 @@ class RunView:
             if lacking:
                 raise AnalysisError(
                     f"stage {run.stages[index].name!r} of {run.url} trained a model with tensors "
-                    f"that the last stage's model does not have ({', '.join(lacking[:5])}"
-                    f"{' ...' if len(lacking) > 5 else ''}): that stage's training loss cannot "
+                    f"that the last stage's model does not have ({listed(lacking, 5)}): that "
+                    "stage's training loss cannot "
                     "be computed with the model passed to analyze(). Attributing runs whose "
                     "later stages drop tensors (an old head) is not supported yet."
                 )
         self.stages = [self._stage(stage) for stage in run.stages]
 
     # -- names ------------------------------------------------------------------------------
-
-    def recorded_name(self, stage: int, name: str) -> str | None:
-        """The name under which stage ``stage`` recorded the model's tensor ``name``."""
-        return self.names[stage].get(name)
 
     def with_aliases(self, tensors: TensorDict) -> TensorDict:
         """``tensors`` plus every alias (tied name) of the tensors it holds."""
@@ -223,8 +219,8 @@ class RunView:
                 raise AnalysisError(
                     f"{len(changed)} tensor(s) changed between the end of stage "
                     f"{self.stages[index - 1].name!r} and the start of stage "
-                    f"{self.stages[index].name!r} outside training ({', '.join(changed[:5])}"
-                    f"{' ...' if len(changed) > 5 else ''}). SOURCE cannot carry effects across "
+                    f"{self.stages[index].name!r} outside training ({listed(changed, 5)}). "
+                    "SOURCE cannot carry effects across "
                     "such a change (a re-initialised head, merged adapters). If the tensors were "
                     "replaced on purpose, record the stage with next_stage(..., renamed="
                     "{name: None}) so that they count as new."

@@ -84,11 +84,7 @@ def model_changes_section(run: Run) -> Section | None:
     ``None`` when no stage changed it.
     """
     parts = []
-    for index in range(1, len(run.stages)):
-        change = run.stage_change(index)
-        assert change is not None
-        if not change.changed:
-            continue
+    for index, change in run.model_changes().items():
         parts.append(paragraph(f"Stage {index} ({run.stages[index].name}): {change.summary()}."))
         details = []
         if change.renamed:

@@ -291,14 +291,17 @@ class Run:
         """The parameters and buffers of stage ``index``'s model."""
         return schema.stage_manifest(self.stages[index], self._root)
 
-    def stage_change(self, index: int) -> StageChange | None:
-        """What stage ``index`` changed in the model (``None`` for the first stage)."""
-        continuation = self.continuation(index)
-        if continuation is None:
-            return None
-        return stage_change(
-            self.stage_manifest(index - 1), self.stage_manifest(index), continuation
-        )
+    def model_changes(self) -> dict[int, StageChange]:
+        """What each stage that changed the model changed in it, by stage index."""
+        changes = {}
+        for index in range(1, len(self.stages)):
+            continuation = self.continuation(index)
+            assert continuation is not None  # every stage but the first has one
+            previous, current = self.stage_manifest(index - 1), self.stage_manifest(index)
+            change = stage_change(previous, current, continuation)
+            if change.changed:
+                changes[index] = change
+        return changes
 
     def continuation(self, index: int) -> Continuation | None:
         """How stage ``index``'s tensors continue stage ``index - 1``'s (``None`` for the first).
