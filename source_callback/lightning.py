@@ -6,15 +6,18 @@ import math
 import os
 import warnings
 import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
+from torch.utils.data import default_collate
 
 from source_callback import errors
-from source_callback.fingerprint import dataset_fingerprint
+from source_callback.fingerprint import dataset_fingerprint, example_digest
 from source_callback.manifest import model_manifest, persistent_buffers
 from source_callback.optim import (
     OptimizerRecord,
@@ -23,6 +26,7 @@ from source_callback.optim import (
     optimizer_state_by_name,
     step_hyperparameters,
 )
+from source_callback.record.probe import preserved_rng, probe_indices, probe_tensors
 from source_callback.record.recorder import Recorder
 from source_callback.store import location, schema
 from source_callback.store.writer import StepRow, StoreWriter
@@ -56,6 +60,72 @@ def _length(dataset: Any) -> int | None:
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
+
+
+class ProbeUnavailable(Exception):
+    """``training_step`` cannot give the probe's losses; the message says why."""
+
+
+@contextmanager
+def _probing(module: pl.LightningModule) -> Iterator[None]:
+    """Eval mode, no gradients, ``self.log`` silenced and the generators preserved."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        with torch.no_grad(), preserved_rng():
+            yield
+    finally:
+        del module.log, module.log_dict
+        for m, training in modes:
+            m.training = training
+
+
+def training_step_losses(
+    module: pl.LightningModule,
+    dataset: Any,
+    indices: Sequence[int],
+    collate_fn: Callable[[list[Any]], Any] | None,
+    device: torch.device,
+) -> list[float]:
+    """The loss ``module.training_step`` returns for each example of ``indices`` alone.
+
+    Each example is collated into a batch of one, put on ``device`` through the module's batch
+    transfer hooks, and passed to ``training_step(batch, 0)`` in eval mode (dropout off,
+    batch-norm running statistics), without gradients, with ``self.log`` silenced and the
+    random generators seeded and then restored, so that training continues exactly as it
+    would have. The same computation serves recording and :func:`~source_callback.retrain`.
+
+    Raises
+    ------
+    ProbeUnavailable
+        Manual optimization (``training_step`` steps the optimizer itself), a
+        ``training_step`` that returns no scalar loss, or one that fails on a batch of one.
+    """
+    if not module.automatic_optimization:
+        raise ProbeUnavailable(
+            "the module uses manual optimization (its training_step steps the optimizer)"
+        )
+    collate = collate_fn or default_collate
+    losses = []
+    with _probing(module):
+        for index in indices:
+            try:
+                batch = module.on_before_batch_transfer(collate([dataset[index]]), 0)
+                batch = module.transfer_batch_to_device(batch, device, 0)
+                out = module.training_step(module.on_after_batch_transfer(batch, 0), 0)
+            except Exception as exc:
+                raise ProbeUnavailable(
+                    f"training_step failed on a batch of example {index} alone ({exc!r})"
+                ) from exc
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ProbeUnavailable(
+                    f"training_step returned {type(out).__name__}, not a scalar loss tensor "
+                    "(or a dict with one under 'loss')"
+                )
+            losses.append(float(loss.detach().double()))
+    return losses
 
 
 class SourceCallback(Callback):
@@ -164,6 +234,8 @@ class SourceCallback(Callback):
         self._loss_count = 0
         self._examples = 0
         self._checkpointed: set[int] = set()
+        self._probe: tuple[Any, list[int], Any] | None = None  # dataset, indices, collate_fn
+        self._probe_reason: str | None = None  # why there is none
 
     # -- public API --------------------------------------------------------------------------
 
@@ -247,6 +319,56 @@ class SourceCallback(Callback):
     def _optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return optimizer_state_by_name(self._optimizer, self._names, self._rule)
 
+    # -- the probe ---------------------------------------------------------------------------
+
+    def _choose_probe(self, trainer: pl.Trainer, stage_name: str) -> None:
+        """Pick the stage's probed examples, or warn why there are none (``_no_probe``)."""
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        size = _length(dataset)
+        reason = None
+        if not size:
+            reason = "the training set has no length (an iterable dataset) or no examples"
+        else:
+            indices = probe_indices(size)
+            try:
+                unstable = any(
+                    example_digest(dataset[i]) != example_digest(dataset[i]) for i in indices
+                )
+            except Exception as exc:
+                unstable, reason = False, f"its probed examples cannot be read ({exc!r})"
+            if unstable:
+                reason = "its examples change between reads (random transforms?)"
+        if reason is None:
+            self._probe = (dataset, indices, getattr(loader, "collate_fn", None))
+        else:
+            self._no_probe(stage_name, reason)
+
+    def _no_probe(self, stage_name: str, reason: str) -> None:
+        self._probe, self._probe_reason = None, reason
+        warnings.warn(
+            f"SourceCallback records no probe losses for stage {stage_name!r} from here on: "
+            f"{reason}. analyze() and retrain() will skip their check that the model and data "
+            "they are given reproduce the training loss ('The probe' in docs/recording.md).",
+            stacklevel=4,
+        )
+
+    def _take_probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage_name: str
+    ) -> dict[str, torch.Tensor] | None:
+        """The probe at the current parameters: its indices and ``training_step`` losses."""
+        if self._probe is None:
+            return None
+        dataset, indices, collate_fn = self._probe
+        try:
+            losses = training_step_losses(
+                pl_module, dataset, indices, collate_fn, trainer.strategy.root_device
+            )
+        except ProbeUnavailable as exc:
+            self._no_probe(stage_name, str(exc))
+            return None
+        return probe_tensors(indices, losses)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise errors.SourceCallbackError(
@@ -291,9 +413,12 @@ class SourceCallback(Callback):
                     "map-style dataset); analyze() will not be able to attribute this stage.",
                     stacklevel=3,
                 )
+            name = self._next_name or f"stage-{len(self._recorder.writer.stages)}"
+            self._choose_probe(trainer, name)
+            probe = self._take_probe(trainer, pl_module, name)
             template = schema.Stage(
                 index=-1,
-                name=self._next_name or f"stage-{len(self._recorder.writer.stages)}",
+                name=name,
                 status=schema.STAGE_RECORDING,
                 first_step=-1,
                 last_step=None,
@@ -310,6 +435,7 @@ class SourceCallback(Callback):
                 trainable=list(trainable),
                 frozen=list(frozen),
                 manifest=model_manifest(pl_module),
+                probe=self._probe_reason,
             )
             try:
                 recorded = self._recorder.begin_stage(
@@ -320,6 +446,7 @@ class SourceCallback(Callback):
                     self._optimizer_state(),
                     identity=self._identity(pl_module),
                     renamed=self._renamed,
+                    probe=probe,
                 )
                 if num_examples is not None:
                     self._recorder.digest_examples(dataset)
@@ -346,6 +473,8 @@ class SourceCallback(Callback):
                         "SourceCallback pointing at the store the run was recorded into."
                     )
                 self._recorder.resume_stage(index, state["first_step"] + state["rows_in_stage"])
+                if stages[index].probe is None:  # the same examples: they depend on N_s only
+                    self._choose_probe(trainer, stages[index].name)
                 dataset = getattr(trainer.train_dataloader, "dataset", None)
                 if _length(dataset) is not None:
                     self._recorder.digest_examples(dataset)
@@ -364,8 +493,9 @@ class SourceCallback(Callback):
         error = None
         if self._recorder is not None:
             trainable, frozen, buffers = self._model_views(pl_module)
+            probe = self._take_probe(trainer, pl_module, self._stage_name)
             try:
-                self._recorder.end_stage(trainable, buffers, self._optimizer_state())
+                self._recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
             except errors.StoreError as exc:
                 error = exc
             # The next stage's tensors are matched to these by identity where they are the same.
@@ -398,8 +528,9 @@ class SourceCallback(Callback):
         if step in self._recorder.planned and step not in self._checkpointed:
             self._checkpointed.add(step)
             trainable, _, buffers = self._model_views(pl_module)
+            probe = self._take_probe(trainer, pl_module, self._stage_name)
             self._recorder.checkpoint(
-                step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state()
+                step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state(), probe
             )
 
     def on_before_optimizer_step(

@@ -52,7 +52,9 @@ def test_format_1_store_verifies_by_reading(tmp_path: Path) -> None:
 
 
 def test_analyze_on_a_format_1_store_gives_the_format_1_result() -> None:
-    got = v1.analysis(v1.STORE)
+    # format 1 recorded no probe: the functional check is skipped, and said so
+    with pytest.warns(UserWarning, match=r"no probe was recorded for stage 'pretrain' at step 0"):
+        got = v1.analysis(v1.STORE)
     want = EXPECTED["analysis"]
     for name in v1.STAGES:
         np.testing.assert_allclose(got["scores"][name], want["scores"][name], rtol=1e-6, atol=0)

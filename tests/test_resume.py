@@ -84,6 +84,10 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path) -> None:
         assert ours.committed
         for name, tensor in theirs.params().items():
             torch.testing.assert_close(ours.params()[name], tensor)
+        # the probe continues on the same examples, with the same losses
+        (indices, losses), (ref_indices, ref_losses) = ours.probe(), theirs.probe()
+        np.testing.assert_array_equal(indices, ref_indices)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
 
     # Stage bookkeeping is intact after the resume: the next stage follows on.
     _finetune(tmp_path, store)

@@ -28,6 +28,7 @@ from source_callback.analysis.optimizers import (
     segment_operator,
 )
 from source_callback.analysis.parallel import Workers
+from source_callback.analysis.probes import check_probes
 from source_callback.analysis.projection import KroneckerProjection
 from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScores
@@ -223,6 +224,7 @@ def analyze(
             "for the analysis (name='default')."
         )
     copy = prepare_model(model, run).to(workers.device)
+    check_probes(run, copy, task, train, collate_fn)
     found = find_units(copy, diagonal_above)
     selected = ModuleSelection.of(modules).apply(found.units)
     work = Engine(

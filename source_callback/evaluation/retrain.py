@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from source_callback.analysis.inputs import batches, check_datasets, evaluate, on_device
+from source_callback.analysis.probes import check_module_probes
 from source_callback.analysis.task import Task
 from source_callback.errors import SourceCallbackError
 from source_callback.optim import OptimizerRecord, describe_optimizer
@@ -381,6 +382,7 @@ def retrain(
     """
     run = open_run(store, storage_options)
     check_datasets(run, train)
+    check_module_probes(run, module, train, before_stage, collate_fn, RetrainError)
     recipes = read_recipe(run)
     masks = {name: np.asarray(m, dtype=bool) for name, m in (keep or {}).items()}
     unknown = sorted(set(masks) - {r.name for r in recipes})

@@ -160,10 +160,12 @@ class Recorder:
         *,
         identity: Mapping[str, str] | None = None,
         renamed: Mapping[str, str | None] | None = None,
+        probe: TensorDict | None = None,
     ) -> schema.Stage:
         """Start a stage: its entry, its frozen parameters and its stage-start checkpoint.
 
-        ``stage`` carries what the training framework knows, including the model's manifest;
+        ``stage`` carries what the training framework knows, including the model's manifest
+        and why it has no probe (``probe``: the stage-start checkpoint's, if any);
         its position in the run (index, first step, checkpoint plan, status) and how its model
         continues the previous stage's are filled in here. Returns the recorded stage.
         """
@@ -185,7 +187,9 @@ class Recorder:
         self.writer.add_stage(stage)
         if frozen:
             self._submit(self.writer.write_frozen, self.stage_index, to_cpu(frozen))
-        self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state)
+        self.checkpoint(
+            self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe
+        )
         return stage
 
     def resume_stage(self, stage_index: int, next_step: int) -> None:
@@ -259,12 +263,16 @@ class Recorder:
             self._submit(self.writer.write_example_digests, self.stage_index, digests)
 
     def end_stage(
-        self, params: TensorDict, buffers: TensorDict, optimizer_state: Mapping[str, TensorDict]
+        self,
+        params: TensorDict,
+        buffers: TensorDict,
+        optimizer_state: Mapping[str, TensorDict],
+        probe: TensorDict | None = None,
     ) -> None:
         """Write the example digests and the stage-end checkpoint, close the stage, wait."""
         self._write_digests()
         self.flush()
-        self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state)
+        self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state, probe)
         self._submit(self._close_stage, self.stage_index, self.next_step)
         self.wait()
 
@@ -297,8 +305,13 @@ class Recorder:
         params: TensorDict,
         buffers: TensorDict,
         optimizer_state: Mapping[str, TensorDict],
+        probe: TensorDict | None = None,
     ) -> None:
-        """Copy the tensors to CPU now and write them as a checkpoint in the background."""
+        """Copy the tensors to CPU now and write them as a checkpoint in the background.
+
+        ``probe``: the probe's indices and losses at this checkpoint
+        (:func:`source_callback.record.probe.probe_tensors`), if any.
+        """
         self._wait_for_slot()  # before copying: at most max_pending copies are ever held
         state = {key: to_cpu(values) for key, values in optimizer_state.items()}
         self._submit(
@@ -309,4 +322,5 @@ class Recorder:
             to_cpu(params),
             to_cpu(buffers),
             state,
+            probe,
         )

@@ -175,6 +175,25 @@ class Checkpoint:
                 state.setdefault(name, {})[key] = torch.tensor(value, dtype=torch.float32)
         return {name: state[name] for name in sorted(state)}
 
+    def probe(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The probe recorded with this checkpoint: example indices (int64) and losses (float64).
+
+        ``None`` when none was recorded (format 1, stores written before probes, or a stage
+        whose ``training_step`` could not be used: see ``Stage.probe``).
+
+        Raises
+        ------
+        DamagedStoreError
+            The probe does not read back as it was written.
+
+        """
+        if not self._run._packed:
+            return None
+        probe = self._read(_only(schema.SECTION_PROBE)).get(schema.SECTION_PROBE)
+        if not probe:
+            return None
+        return probe[schema.PROBE_INDEX].numpy(), probe[schema.PROBE_LOSS].numpy()
+
     def nbytes(self) -> int:
         """Uncompressed size of the checkpoint's arrays."""
         if self._run._packed:

@@ -98,6 +98,13 @@ PACKED_ARRAYS = "arrays"
 PACKED_TENSORS = "tensors"
 SECTION_PARAMS = "params"
 SECTION_BUFFERS = "buffers"
+# The probe (format 2, optional): the training loss of a few fixed examples of the stage's
+# training set at this checkpoint, as the LightningModule's ``training_step`` computed it on a
+# batch of each one alone, in eval mode. Two tensors of the section: the examples' indices
+# (int64 [P], the same at every checkpoint of a stage) and their losses (float64 [P]).
+SECTION_PROBE = "probe"
+PROBE_INDEX = "index"
+PROBE_LOSS = "loss"
 _SECTION_OPTIMIZER = "optimizer."
 #: The digest of a tensor: the first 16 bytes of the SHA-256 of its stored (little-endian)
 #: bytes, as 32 hex digits.
@@ -362,6 +369,10 @@ class Stage:
         every tensor that continues one of the previous stage
         (:class:`source_callback.lineage.Continuation`); ``None`` for the first stage and in
         stores of format version 1 (where every tensor continues the one of its name).
+    probe
+        Why the stage's checkpoints hold no probe losses (``training_step`` returned no loss,
+        manual optimization, an iterable dataset, ...); ``None`` when they do, and in stores
+        written before probes were recorded (whose checkpoints hold none either).
 
     """
 
@@ -384,6 +395,7 @@ class Stage:
     frozen: list[str]
     manifest: list[dict[str, Any]] | None = None
     continues: dict[str, list[str]] | None = None
+    probe: str | None = None
 
     @property
     def num_steps(self) -> int | None:

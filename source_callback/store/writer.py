@@ -294,10 +294,12 @@ class StoreWriter:
         params: TensorDict,
         buffers: TensorDict,
         optimizer_state: Mapping[str, TensorDict],
+        probe: TensorDict | None = None,
     ) -> str:
         """Write a checkpoint packed (format 2) and commit it; returns its key.
 
-        Replaces an existing one. The commit record (``committed``, the packed index with the
+        ``probe``: the probe's indices and losses (``schema.SECTION_PROBE``), if any. Replaces
+        an existing one. The commit record (``committed``, the packed index with the
         tensors' digests, the scalar optimizer state) is written in one update after every
         array, so a crash before it leaves an uncommitted checkpoint.
         """
@@ -325,6 +327,8 @@ class StoreWriter:
             schema.SECTION_BUFFERS: buffers,
             **{schema.optimizer_section(k): values for k, values in tensor_state.items()},
         }
+        if probe:
+            sections[schema.SECTION_PROBE] = probe
         _commit(group, sections, {schema.ATTR_SCALAR_STATE: scalar_state})
         return key
 

@@ -1,0 +1,60 @@
+"""The probe: the training loss of a few fixed examples, recorded with every checkpoint.
+
+The analysis recomputes these losses with the model, data and task it is given; a difference
+beyond float noise means one of them is not what was trained (``analysis.probes``). This module
+holds the framework-free part: which examples, and how a computation leaves the random number
+generators as it found them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from source_callback.store import schema
+
+#: Examples per stage whose training loss every checkpoint records.
+PROBE_SIZE = 8
+#: Seed of the choice of probed examples, and of the generators while their losses are computed.
+PROBE_SEED = 0
+
+
+def probe_indices(num_examples: int, size: int = PROBE_SIZE) -> list[int]:
+    """The probed examples of a training set of ``num_examples``: fixed, seeded, sorted."""
+    rng = np.random.default_rng(PROBE_SEED)
+    chosen = rng.choice(num_examples, size=min(size, num_examples), replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+@contextmanager
+def preserved_rng(seed: int = PROBE_SEED) -> Iterator[None]:
+    """Run the block with Python's, numpy's and torch's generators seeded, then restore them.
+
+    Training that computes a probe draws the same random numbers as training that does not,
+    and any randomness in the probe's own computation is the same at every checkpoint.
+    """
+    python, numpy_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def probe_tensors(indices: Sequence[int], losses: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The probe section of a checkpoint: indices (int64) and losses (float64)."""
+    return {
+        schema.PROBE_INDEX: torch.tensor(list(indices), dtype=torch.int64),
+        schema.PROBE_LOSS: torch.tensor(list(losses), dtype=torch.float64),
+    }
