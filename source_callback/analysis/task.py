@@ -20,6 +20,12 @@ class Task(Protocol):
     """The protocol every task implements.
 
     All methods return one value per example of ``batch`` (shape ``[B]``), with gradients.
+
+    A task may also have ``probe_loss(model, batch)``: the per-example loss the LightningModule's
+    ``training_step`` computed, where it legitimately differs from ``loss`` (a regularisation
+    term, label smoothing). :func:`~source_callback.analyze` compares the probe's recorded
+    training losses with it (with ``loss`` where it is absent) and refuses a mismatch; see
+    "The probe" in the recording guide.
     """
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
