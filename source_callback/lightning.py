@@ -87,6 +87,7 @@ def training_step_losses(
     indices: Sequence[int],
     collate_fn: Callable[[list[Any]], Any] | None,
     device: torch.device,
+    convert_input: Callable[[Any], Any] | None = None,
 ) -> list[float]:
     """The loss ``module.training_step`` returns for each example of ``indices`` alone.
 
@@ -94,7 +95,9 @@ def training_step_losses(
     transfer hooks, and passed to ``training_step(batch, 0)`` in eval mode (dropout off,
     batch-norm running statistics), without gradients, with ``self.log`` silenced and the
     random generators seeded and then restored, so that training continues exactly as it
-    would have. The same computation serves recording and :func:`~source_callback.retrain`.
+    would have. ``convert_input`` (the trainer's precision plugin's) casts the batch as
+    training does under ``16-true``/``bf16-true``; no autocast is applied. The same
+    computation serves recording and :func:`~source_callback.retrain`.
 
     Raises
     ------
@@ -113,7 +116,10 @@ def training_step_losses(
             try:
                 batch = module.on_before_batch_transfer(collate([dataset[index]]), 0)
                 batch = module.transfer_batch_to_device(batch, device, 0)
-                out = module.training_step(module.on_after_batch_transfer(batch, 0), 0)
+                batch = module.on_after_batch_transfer(batch, 0)
+                if convert_input is not None:
+                    batch = convert_input(batch)
+                out = module.training_step(batch, 0)
             except Exception as exc:
                 raise ProbeUnavailable(
                     f"training_step failed on a batch of example {index} alone ({exc!r})"
@@ -326,23 +332,21 @@ class SourceCallback(Callback):
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         size = _length(dataset)
-        reason = None
         if not size:
-            reason = "the training set has no length (an iterable dataset) or no examples"
-        else:
-            indices = probe_indices(size)
-            try:
-                unstable = any(
-                    example_digest(dataset[i]) != example_digest(dataset[i]) for i in indices
-                )
-            except Exception as exc:
-                unstable, reason = False, f"its probed examples cannot be read ({exc!r})"
-            if unstable:
-                reason = "its examples change between reads (random transforms?)"
-        if reason is None:
-            self._probe = (dataset, indices, getattr(loader, "collate_fn", None))
-        else:
-            self._no_probe(stage_name, reason)
+            self._no_probe(stage_name, "the training set has no length or no examples")
+            return
+        indices = probe_indices(size)
+        try:
+            unstable = any(
+                example_digest(dataset[i]) != example_digest(dataset[i]) for i in indices
+            )
+        except Exception as exc:
+            self._no_probe(stage_name, f"its probed examples cannot be read ({exc!r})")
+            return
+        if unstable:
+            self._no_probe(stage_name, "its examples change between reads (random transforms?)")
+            return
+        self._probe = (dataset, indices, getattr(loader, "collate_fn", None))
 
     def _no_probe(self, stage_name: str, reason: str) -> None:
         self._probe, self._probe_reason = None, reason
@@ -362,7 +366,12 @@ class SourceCallback(Callback):
         dataset, indices, collate_fn = self._probe
         try:
             losses = training_step_losses(
-                pl_module, dataset, indices, collate_fn, trainer.strategy.root_device
+                pl_module,
+                dataset,
+                indices,
+                collate_fn,
+                trainer.strategy.root_device,
+                trainer.precision_plugin.convert_input,
             )
         except ProbeUnavailable as exc:
             self._no_probe(stage_name, str(exc))
@@ -495,6 +504,8 @@ class SourceCallback(Callback):
             trainable, frozen, buffers = self._model_views(pl_module)
             probe = self._take_probe(trainer, pl_module, self._stage_name)
             try:
+                if self._probe_reason is not None:  # probing stopped, or never started
+                    self._recorder.note_no_probe(self._probe_reason)
                 self._recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
             except errors.StoreError as exc:
                 error = exc

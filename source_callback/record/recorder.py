@@ -187,9 +187,7 @@ class Recorder:
         self.writer.add_stage(stage)
         if frozen:
             self._submit(self.writer.write_frozen, self.stage_index, to_cpu(frozen))
-        self.checkpoint(
-            self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe
-        )
+        self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe)
         return stage
 
     def resume_stage(self, stage_index: int, next_step: int) -> None:
@@ -261,6 +259,13 @@ class Recorder:
             return
         if digests is not None:
             self._submit(self.writer.write_example_digests, self.stage_index, digests)
+
+    def note_no_probe(self, reason: str) -> None:
+        """Record in the stage's entry why (some of) its checkpoints hold no probe."""
+        self._submit(self._note_no_probe, self.stage_index, reason)
+
+    def _note_no_probe(self, stage_index: int, reason: str) -> None:
+        self.writer.update_stage(stage_index, probe=reason)
 
     def end_stage(
         self,
