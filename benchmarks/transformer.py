@@ -515,7 +515,8 @@ def analysis(
         return CausalLM(add_lora(cfg, llama(cfg)), "sft", cfg)
 
     # The record as analyze sees it: every stage's tensors under the final model's names.
-    run = RunView(open_run(str(store)), model_manifest(final_model()))
+    recorded = open_run(str(store))
+    run = RunView(recorded, [model_manifest(final_model())] * len(recorded.stages))
     plan = plan_segments(run, cfg.segments)
     checkpoints = dict.fromkeys(STAGES, 0)
     for segment in plan:

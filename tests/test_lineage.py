@@ -153,26 +153,3 @@ def test_a_tensor_changed_between_stages_is_refused(tmp_path) -> None:
             verbose=False,
         )
     assert tree_digest(store) == before
-
-
-def test_an_earlier_stage_with_tensors_the_final_model_lacks_is_refused(tmp_path) -> None:
-    torch.manual_seed(0)
-    store, data = tmp_path / "run.zarr", make_dataset(16)
-    first = WithHead()
-    trainer([SourceCallback(store, stage="first")], tmp_path, max_epochs=1).fit(first, loader(data))
-    second = TinyClassifier()
-    second.load_state_dict(first.state_dict(), strict=False)
-    trainer([SourceCallback(store, stage="second")], tmp_path, max_epochs=1).fit(
-        second, loader(data)
-    )
-    assert open_run(store).stages[1].continues is not None
-    with pytest.raises(AnalysisError, match=r"stage 'first'.*extra\.weight.*not supported yet"):
-        analyze(
-            store,
-            model=TinyClassifier(),
-            task="classification",
-            train={"first": data, "second": data},
-            queries=make_dataset(3, seed=5),
-            name=None,
-            verbose=False,
-        )

@@ -14,12 +14,7 @@ from source_callback.analysis import memory as footprint
 from source_callback.analysis.cache import GradientCache
 from source_callback.analysis.engine import Engine, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
-from source_callback.analysis.inputs import (
-    average_states,
-    check_datasets,
-    checkpoint_state,
-    prepare_model,
-)
+from source_callback.analysis.inputs import average_states, check_datasets, checkpoint_state
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.optimizers import (
     AdamOptions,
@@ -34,16 +29,15 @@ from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScores
 from source_callback.analysis.segments import Segment, SegmentSpec, plan_segments
 from source_callback.analysis.source import dot, sweep
-from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
-from source_callback.analysis.units import (
-    ModuleSelection,
-    SelectionSpec,
-    Unit,
-    Units,
-    find_units,
+from source_callback.analysis.stage_models import (
+    ModelSpec,
+    StageEngines,
+    models_per_stage,
+    run_view,
 )
+from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
+from source_callback.analysis.units import SelectionSpec
 from source_callback.errors import AnalysisError
-from source_callback.manifest import model_manifest
 from source_callback.optim import UpdateRule
 from source_callback.store.analyses import AnalysisWriter, write_analysis
 from source_callback.store.reader import open_run
@@ -59,7 +53,7 @@ METHODS = ("source", "fast-source", "if", "tracin")
 def analyze(
     store: str | os.PathLike[str],
     *,
-    model: nn.Module,
+    model: ModelSpec,
     task: str | Task,
     train: Mapping[str, Dataset],
     queries: Dataset,
@@ -95,8 +89,11 @@ def analyze(
     store
         The record written by :class:`~source_callback.SourceCallback` (path or fsspec URL).
     model
-        An instance of the trained architecture; weights come from the store (the instance
-        itself is not modified).
+        An instance of the last stage's architecture; weights come from the store (the
+        instance itself is not modified). Or one instance per stage name, each the
+        architecture that stage trained: for runs whose later stages drop tensors that earlier
+        ones trained (an old head), which the last stage's model cannot compute their losses
+        with (``method`` ``"source"`` or ``"fast-source"``, no cache).
     task
         ``"classification"``, ``"regression"``, ``"language_modeling"`` or a :class:`Task`.
     train
@@ -214,28 +211,51 @@ def analyze(
     task = resolve_task(task)
     if fisher == "exact" and not isinstance(task, ExactFisherTask):
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
-    run = RunView(recorded, model_manifest(model))
+    models = models_per_stage(model, recorded)
+    run = run_view(recorded, models)
+    if len(set(run.owners)) > 1 and (method in ("if", "tracin") or cache):
+        raise ValueError(
+            "with one model per stage, analyze supports method 'source' or 'fast-source' "
+            "without a cache: influence and TracIn take every gradient at the final model "
+            "(pass the last stage's model alone), and the projected cache is per model"
+        )
     check_datasets(run, train)
     run.check_continuity()
-    workers = start_workers(model, fabric, accelerator, devices, num_nodes, strategy)
+    workers = start_workers(models[-1], fabric, accelerator, devices, num_nodes, strategy)
     if (out_of_core or workers.distributed or cache) and name is None:
         raise ValueError(
             "out-of-core, cached and distributed analyses write into the store: pass a name "
             "for the analysis (name='default')."
         )
-    copy = prepare_model(model, run).to(workers.device)
-    check_probes(run, copy, task, train, collate_fn)
-    found = find_units(copy, diagonal_above)
-    selected = ModuleSelection.of(modules).apply(found.units)
-    work = Engine(
-        copy, task, train, batch_size, fisher, seed, verbose, collate_fn, workers, selected
+    stages = StageEngines.build(
+        run,
+        models,
+        lambda copy, units: Engine(
+            copy,
+            task,
+            train,
+            batch_size,
+            fisher,
+            seed,
+            verbose,
+            collate_fn,
+            workers,
+            units,
+        ),
+        modules,
+        diagonal_above,
+        workers.device,
     )
+    check_probes(run, [engine.model for engine in stages.engines], task, train, collate_fn)
+    work = stages.final
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
     )
-    model_bytes = sum(p.numel() * p.element_size() for p in copy.parameters())
-    footprint.check(selected, footprint.Plan(len(queries), len(plan), model_bytes), work.device)  # type: ignore[arg-type]
-    coverage = _coverage(run, found, selected)
+    model_bytes = sum(
+        p.numel() * p.element_size() for e in stages.distinct for p in e.model.parameters()
+    )
+    footprint.check(stages.units, footprint.Plan(len(queries), len(plan), model_bytes), work.device)  # type: ignore[arg-type]
+    coverage = _coverage(stages)
     last = len(run.stages) - 1
     final_state = checkpoint_state(run.boundary(last, ROLE_END))
     config = {
@@ -247,13 +267,13 @@ def analyze(
         "optimizer_model": None
         if optimizer_model is None
         else str(UpdateRule(optimizer_model).value),
-        "modules": sorted(work.modules),
+        "modules": sorted(stages.units),
         "diagonal_above": diagonal_above,
         "coverage": {name: share for name, (share, _) in coverage.items()},
         "cache": {"kind": cache, "projection_dim": projection_dim} if cache else None,
     }
     if work.verbose:
-        _print_coverage(coverage, found)
+        _print_coverage(coverage)
     stage_names = [s.name for s in run.stages]
     shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
     info = {"stage_names": stage_names, "config": config}
@@ -281,7 +301,7 @@ def analyze(
             )
             gradient_cache = GradientCache(run.url, storage_options, name, settings, projection)  # type: ignore[arg-type]
         arrivals = _source(
-            work,
+            stages,
             run,
             plan,
             queries,
@@ -301,8 +321,9 @@ def analyze(
     f_final = work.measurement(queries)
     effects = np.zeros((len(f_final), len(run.stages)))
     for stage in run.stages:
-        before = work.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_START)))
-        after = work.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_END)))
+        engine = stages.engines[stage.index]
+        before = engine.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_START)))
+        after = engine.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_END)))
         delta = {n: after[n] - before[n] for n in after}
         effects[:, stage.index] = -dot(arrivals[stage.index], delta).cpu().numpy()
     work.load(checkpoint_state(run.boundary(last, ROLE_START)))
@@ -329,32 +350,29 @@ def analyze(
     return result
 
 
-def _coverage(
-    run: RunView, found: Units, selected: dict[str, Unit]
-) -> dict[str, tuple[float, list[str]]]:
-    """Per stage: the share of its trained parameters in selected units, and those not in any.
+def _coverage(stages: StageEngines) -> dict[str, tuple[float, dict[str, str]]]:
+    """Per stage: the share of its trained parameters (elements) in selected units.
 
-    Shares count parameters (elements), the names are the stage's order.
+    With it, why each of the stage's other trained parameters is in none, in the stage's order.
     """
-    covered = {p for unit in selected.values() for p in unit.params}
     out = {}
-    for stage in run.stages:
+    for stage, engine, found in zip(stages.run.stages, stages.engines, stages.found, strict=True):
+        covered = {p for unit in engine.modules.values() for p in unit.params}
         trained = [p for p in stage.trainable if p in found.numel]
         total = sum(found.numel[p] for p in trained)
         share = sum(found.numel[p] for p in trained if p in covered) / total if total else 1.0
-        out[stage.name] = (share, [p for p in trained if p not in covered])
+        why = {p: found.uncovered.get(p, "not selected") for p in trained if p not in covered}
+        out[stage.name] = (share, why)
     return out
 
 
-def _print_coverage(coverage: dict[str, tuple[float, list[str]]], found: Units) -> None:
+def _print_coverage(coverage: dict[str, tuple[float, dict[str, str]]]) -> None:
     """One line per stage; the first parameters no selected unit covers, with the reason."""
-    for stage, (share, missing) in coverage.items():
+    for stage, (share, why) in coverage.items():
         line = f"coverage of stage {stage!r}: {share:.1%} of its trained parameters"
-        if missing:
-            shown = ", ".join(
-                f"{p} ({found.uncovered.get(p, 'not selected')})" for p in missing[:5]
-            )
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        if why:
+            shown = ", ".join(f"{p} ({reason})" for p, reason in list(why.items())[:5])
+            more = f" and {len(why) - 5} more" if len(why) > 5 else ""
             line += f"; not attributed: {shown}{more}"
         print(line)
 
@@ -414,7 +432,7 @@ def _last_segments(plan: list[Segment]) -> dict[int, int]:
 
 
 def _source(
-    work: Engine,
+    stages: StageEngines,
     run: RunView,
     plan: list[Segment],
     queries: Dataset,
@@ -427,11 +445,14 @@ def _source(
 ) -> Arrivals:
     """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score.
 
-    With a cache, the operators and training gradients come from it when it matches, and are
-    written into it otherwise.
+    Each segment is fitted and scored by its stage's engine. With a cache (one model), the
+    operators and training gradients come from it when it matches, and are written into it
+    otherwise.
     """
+    work = stages.final
     states = [_state_sources(segment, averaged=method == "fast-source") for segment in plan]
     datasets = [work.train[run.stages[segment.stage].name] for segment in plan]
+    engines = [stages.engines[segment.stage] for segment in plan]
     operators = cache.stored_operators(work) if cache else None
     fitted = operators is None
     if operators is None:
@@ -442,22 +463,29 @@ def _source(
             rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
             label = f"segment {number + 1}/{len(plan)}"
             operators.append(
-                segment_operator(work, segment, stage, rule, segment_states, steps, label, adam)
+                segment_operator(
+                    engines[number], segment, stage, rule, segment_states, steps, label, adam
+                )
             )
     work.load(final_state)
-    responses, arrivals = sweep(operators, work.query_grads(queries))
-    stages = [segment.stage for segment in plan]
-    weights = [1 / run.stages[index].num_examples for index in stages]  # type: ignore[operator]
+    responses, arrivals = sweep(operators, work.query_grads(queries), stages.crossings(plan))
+    indices = [segment.stage for segment in plan]
+    weights = [1 / run.stages[index].num_examples for index in indices]  # type: ignore[operator]
     if cache is not None:
         if fitted:
             cache.build(work, datasets, operators, states)
-        cache.score(work, operators, responses, stages, weights, sink)
+        cache.score(work, operators, responses, indices, weights, sink)
     else:
         for number, (segment_states, dataset) in enumerate(zip(states, datasets, strict=True)):
             label = f"segment {number + 1}/{len(plan)}"
-            vectors = responses[number]
-            work.scores(
-                dataset, segment_states, vectors, label, sink, stages[number], weights[number]
+            engines[number].scores(
+                dataset,
+                segment_states,
+                responses[number],
+                label,
+                sink,
+                indices[number],
+                weights[number],
             )
     return {k: arrivals[n] for k, n in _last_segments(plan).items()}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -71,7 +72,8 @@ class Engine:
         self.exact = fisher == "exact"
         self.seed = seed
         self.generator = torch.Generator()
-        self.passes = 0
+        #: Numbers the data passes from 1 (shared by engines that analyze one run together).
+        self.passes: Iterator[int] = itertools.count(1)
         self.collate_fn = collate_fn
         self.device = next(model.parameters()).device
         self.workers = workers or Workers(self.device)
@@ -96,7 +98,7 @@ class Engine:
         if blocks is None:
             blocks = [(0, len(dataset))]  # type: ignore[arg-type]
         loader = batches(dataset, self.batch_size, self.collate_fn, blocks)
-        self.passes += 1
+        number = next(self.passes)
         starts = (first for start, stop in blocks for first in range(start, stop, self.batch_size))
         progress = tqdm(
             on_device(loader, self.device),
@@ -107,7 +109,7 @@ class Engine:
         )
         for first, batch in zip(starts, progress, strict=True):
             if seeded:
-                self.generator.manual_seed(batch_seed(self.seed, self.passes, first))
+                self.generator.manual_seed(batch_seed(self.seed, number, first))
             yield batch
 
     def curvature(

@@ -18,15 +18,14 @@ from source_callback.store.reader import Checkpoint, Run
 from source_callback.store.schema import Stage
 
 
-def prepare_model(model: nn.Module, run: RunView) -> nn.Module:
-    """A private copy of ``model`` in eval mode, with gradients for what some stage trained.
+def prepare_model(model: nn.Module, trained: set[str]) -> nn.Module:
+    """A private copy of ``model`` in eval mode, with gradients for exactly ``trained``.
 
-    ``run`` was built from ``model``'s manifest (which checked it against the record).
+    ``trained``: the model's tensors that some stage trained (:attr:`RunView.trained`). The
+    instance passed in may be freshly built with everything trainable, or with adapters' bases
+    frozen.
     """
     copy_ = copy.deepcopy(model).eval()
-    # Gradients are needed for exactly the parameters some stage trained (the instance passed
-    # in may be freshly built with everything trainable, or with adapters' bases frozen).
-    trained = {name for stage in run.stages for name in stage.trainable}
     for name, param in copy_.named_parameters():
         param.requires_grad_(name in trained)
     return copy_

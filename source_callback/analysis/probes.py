@@ -89,7 +89,7 @@ def _mismatch(
 
 def check_probes(
     run: RunView,
-    model: nn.Module,
+    models: Sequence[nn.Module],
     task: Task,
     train: Mapping[str, Dataset],
     collate_fn: Any = None,
@@ -104,10 +104,10 @@ def check_probes(
     Parameters
     ----------
     run
-        The record as named by ``model``.
-    model
-        The analysis's copy of the model (in eval mode); it is left holding the last state
-        checked.
+        The record as named by ``models``.
+    models
+        Per stage, the analysis's copy of the model that analyzes it (in eval mode); each is
+        left holding the last state checked.
     task
         The analysis's task.
     train
@@ -128,10 +128,10 @@ def check_probes(
     """
     loss_fn = getattr(task, "probe_loss", task.loss)
     name = "task.probe_loss" if hasattr(task, "probe_loss") else f"{type(task).__name__}.loss"
-    device = next(model.parameters()).device
-    model.eval()
     skipped = []
     for stage in run.stages:
+        model = models[stage.index].eval()
+        device = next(model.parameters()).device
         for role in (ROLE_START, ROLE_END):
             view = run.boundary(stage.index, role)
             probe = view.checkpoint.probe()
@@ -142,7 +142,7 @@ def check_probes(
             state = checkpoint_state(view)
             model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
             recomputed = _losses(
-                lambda batch: loss_fn(model, to_device(batch, device)),
+                lambda batch, m=model, d=device: loss_fn(m, to_device(batch, d)),
                 train[stage.name],
                 indices,
                 collate_fn,

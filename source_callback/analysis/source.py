@@ -8,6 +8,7 @@ provides both products; which one applies depends on the optimizer (SOURCE-math 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -141,9 +142,15 @@ class DiagonalExpOperator:
 
 
 def sweep(
-    operators: list[SegmentOperator], final_grads: ModuleTensors
+    operators: list[SegmentOperator],
+    final_grads: ModuleTensors,
+    crossings: Mapping[int, Callable[[ModuleTensors], ModuleTensors]] | None = None,
 ) -> tuple[list[ModuleTensors], list[ModuleTensors]]:
     """Walk the segments from last to first.
+
+    ``crossings[ℓ]`` takes the vectors that reach the start of segment ℓ into the units of the
+    model that analyzes segment ℓ − 1, where that is another model
+    (:func:`~source_callback.analysis.units.carry_vectors`).
 
     Returns
     -------
@@ -155,10 +162,12 @@ def sweep(
     responses: list[ModuleTensors] = []
     arrivals: list[ModuleTensors] = []
     u = final_grads
-    for operator in reversed(operators):
+    for number in reversed(range(len(operators))):
         arrivals.append(u)
-        responses.append(operator.respond(u))
-        u = operator.propagate(u)
+        responses.append(operators[number].respond(u))
+        u = operators[number].propagate(u)
+        if crossings and number in crossings:
+            u = crossings[number](u)
     return responses[::-1], arrivals[::-1]
 
 

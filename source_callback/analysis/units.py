@@ -572,6 +572,57 @@ def find_units(model: nn.Module, diagonal_above: int | None = None) -> Units:
     return Units(units, uncovered, numel)
 
 
+def _layout(unit: Unit) -> tuple[Any, ...]:
+    """What fixes where each parameter's entries sit in the unit's matrix."""
+    use = unit.uses[0]
+    return unit.shape, type(use.kind), use.transposed, use.bias, len(unit.uses)
+
+
+def carry_vectors(
+    vectors: Mapping[str, torch.Tensor],
+    later: Mapping[str, Unit],
+    earlier: Mapping[str, Unit],
+    names: Mapping[str, str],
+) -> dict[str, torch.Tensor]:
+    """Query-side vectors ``[Q, out, in]`` of one model's units as those of another model's.
+
+    Where consecutive stages are analyzed with different models, the vector that reaches the
+    start of the later stage continues, in the earlier stage, on the unit whose parameters its
+    unit's parameters continue (``names``: later parameter name -> earlier one). A unit of the
+    earlier model that nothing continues (a head dropped later) starts from zero: the queries do
+    not depend on it. A later unit that nothing in the earlier model continues (an adapter
+    added) ends there: it was constant before.
+
+    Raises
+    ------
+    AnalysisError
+        A unit's parameters continue only part of a unit, or a unit laid out otherwise (a tie
+        made or undone between the stages).
+    """
+    first = next(iter(vectors.values()))
+    continued = {
+        tuple(names.get(p) for p in unit.params): name
+        for name, unit in later.items()
+        if name in vectors
+    }
+    out = {}
+    for name, unit in earlier.items():
+        source = continued.get(unit.params)
+        if source is not None and _layout(later[source]) == _layout(unit):
+            out[name] = vectors[source]
+            continue
+        partial = [n for ps, n in continued.items() if set(ps) & set(unit.params)]
+        if partial:
+            raise AnalysisError(
+                f"unit {name!r} of the earlier stage's model ({', '.join(unit.params)}) is "
+                f"continued by unit(s) {partial} of the later stage's model with other "
+                "parameters or another layout (a tie made or undone between the stages); "
+                "analyzing such a change with one model per stage is not supported."
+            )
+        out[name] = first.new_zeros(len(first), *unit.shape)
+    return out
+
+
 # -- selection ---------------------------------------------------------------------------------
 
 #: What ``analyze(modules=...)`` accepts (see :meth:`ModuleSelection.of`).
