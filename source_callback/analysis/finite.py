@@ -71,12 +71,17 @@ def _tensors(batch: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
+def _input_rows(batch: Any) -> list[torch.Tensor]:
+    """Per floating-point tensor of ``batch``: whether each example's values are all finite."""
+    flags = RowFlags()
+    for tensor in _tensors(batch):
+        flags.add(tensor)
+    return flags.flags
+
+
 def _input_not_finite(batch: Any, row: int) -> bool:
     """Whether example ``row`` of ``batch`` holds a NaN or infinity in any tensor."""
-    return any(
-        t.ndim > 0 and len(t) > row and not bool(torch.isfinite(t[row]).all())
-        for t in _tensors(batch)
-    )
+    return any(len(flags) > row and not bool(flags[row]) for flags in _input_rows(batch))
 
 
 def _error(quantity: str, row: int) -> NonFiniteError:
@@ -153,11 +158,7 @@ def _first_false(flags: torch.Tensor) -> int:
 
 def _first_bad_input(batch: Any) -> int | None:
     """The first example of ``batch`` holding a NaN or infinity, ``None`` if none does."""
-    flags = RowFlags()
-    for tensor in _tensors(batch):
-        flags.add(tensor)
-    bad = [_first_false(f) for f in flags.flags if not bool(f.all())]
-    return min(bad) if bad else None
+    return min((_first_false(f) for f in _input_rows(batch) if not bool(f.all())), default=None)
 
 
 class CheckedTask:
