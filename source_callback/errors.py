@@ -89,3 +89,73 @@ class UnsupportedOptimizerError(AnalysisError):
 
 class RankFailedError(AnalysisError):
     """Another process of a distributed analysis failed; its error is in the message."""
+
+
+class NonFiniteError(AnalysisError):
+    """A value that entered a data pass of the analysis is NaN or infinite.
+
+    Attributes
+    ----------
+    quantity
+        What was not finite: ``"loss"``, ``"measurement"``, ``"pseudo-loss"``,
+        ``"pseudo-label probabilities"``, ``"gradient"`` or ``"score"``.
+    dataset
+        The stage's name, or ``"queries"``; ``None`` outside a pass of the analysis.
+    index
+        The example's index in that dataset (``None`` outside a pass: then the row of the batch
+        is in the message).
+    pass_name
+        The pass, as its progress bar shows it (``"segment 2/3 factors 1/3"``).
+    in_input
+        Whether the example's input itself holds NaN or infinite values.
+
+    """
+
+    def __init__(
+        self,
+        quantity: str,
+        dataset: str | None,
+        index: int,
+        pass_name: str | None,
+        in_input: bool,
+    ) -> None:
+        self.quantity = quantity
+        self.dataset = dataset
+        self.index = index
+        self.pass_name = pass_name
+        self.in_input = in_input
+        if dataset is None:
+            where = f"example {index} of the batch"
+        elif dataset == "queries":
+            where = f"query {index}"
+        else:
+            where = f"example {index} of stage {dataset!r}"
+        during = "" if pass_name is None else f" in the pass {pass_name!r}"
+        if in_input:
+            cause = "that example's input itself holds NaN or infinite values"
+        else:
+            cause = (
+                "its input is finite, so the model or the task overflows or divides by zero on "
+                "it at this state"
+            )
+        if dataset == "queries":
+            advice = "Fix that query or leave it out"
+        else:
+            advice = (
+                "Replace the non-finite values (the stage's training set must stay the one it "
+                "trained on, so retrain with them replaced), or pass a Task whose values are "
+                "finite for this example"
+            )
+        super().__init__(
+            f"the {quantity} of {where} is not finite (NaN or infinite){during}: {cause}. The "
+            f"analysis stopped and stored nothing. {advice}."
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return type(self), (
+            self.quantity,
+            self.dataset,
+            self.index,
+            self.pass_name,
+            self.in_input,
+        )

@@ -81,3 +81,14 @@ def test_a_failing_rank_fails_every_rank(recorded, tmp_path) -> None:
     assert "RuntimeError: rank one cannot read its data" in output, output  # rank 1's own error
     assert "RankFailedError: rank 1 of the distributed analysis failed" in output, output
     assert "failed" not in open_run(store).analyses  # nothing half-written is committed
+
+
+def test_a_non_finite_value_on_one_rank_fails_every_rank(recorded, tmp_path) -> None:
+    store, _ = recorded
+    code, output = run_script([str(ANALYZE_DDP), store, str(tmp_path), "nan"])
+    assert code != 0, output
+    assert "DONE" not in output, output
+    error = f"NonFiniteError: the loss of example {script.NAN_AT} of stage 'pretrain'"
+    assert error in output, output  # rank 1's own error, with the global index
+    assert f"rank 1 of the distributed analysis failed: {error}" in output, output
+    assert "non-finite" not in open_run(store).analyses

@@ -201,6 +201,29 @@ def test_report_of_an_analysis_result(store: Path, tmp_path: Path) -> None:
     assert section_ids(text)[-2:] == ["analysis", "top-examples"]
 
 
+def test_report_of_an_analysis_holding_non_finite_values(store: Path, tmp_path: Path) -> None:
+    """An analysis stored before analyze refused non-finite values, its query 1 NaN throughout:
+    no NaN or infinity is shown as a number, and the page says what it leaves out."""
+    result = load_analysis(store)
+    result.scores = {name: np.asarray(array[...]) for name, array in result.scores.items()}
+    for values in result.scores.values():
+        values[1] = np.nan
+    result.stage_effects[1] = np.nan
+    result.last_stage_exact[1] = np.inf
+    page = write_report(store, tmp_path / "nan.html", analysis=result, queries=[0, 1], top=2)
+    text = re.sub(r"<img [^>]*>", "", page.read_text(encoding="utf-8"))
+    assert not re.search(r"[+-](nan|inf)\b", text, re.IGNORECASE)
+    assert text.count("n/a (1 of 5 not finite)</td>") == 2  # each stage's mean effect
+    assert "exact change for the last stage (mean n/a (1 of 5 not finite))" in text
+    assert "Stage effects: pretrain n/a (not finite), finetune n/a (not finite)" in text
+    assert (
+        "This analysis holds NaN or infinite values, shown as n/a (not finite): 88 scores "
+        "(pretrain 48, finetune 40) are left out of the histograms; the stage effects of "
+        "queries 1 are not all drawn."
+    ) in text
+    assert text.count(">n/a (not finite)</td>") == 4  # query 1's top examples
+
+
 def test_report_of_an_empty_store(tmp_path: Path) -> None:
     StoreWriter.open(str(tmp_path / "empty.zarr"))
     page = write_report(tmp_path / "empty.zarr", tmp_path / "empty.html").read_text()
@@ -266,7 +289,9 @@ def test_score_histograms_stream_equal_numpy(case: str, tmp_path: Path) -> None:
             score_histograms_figure({"s": s, "t": -values}, ["s", "t"]) for s in (stored, values)
         ]
     assert figures[0] == figures[1]
-    assert figures[0].startswith(PNG_SIGNATURE)
+    png, left_out = figures[0]
+    assert png.startswith(PNG_SIGNATURE)
+    assert left_out == {"s": values.size - finite.size, "t": values.size - finite.size}
 
 
 def rendered_png_sizes(fragment: str) -> list[tuple[int, int]]:

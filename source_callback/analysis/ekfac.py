@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from source_callback.analysis.finite import RowFlags
 from source_callback.analysis.units import Factored, Side, Unit, find_units, is_replaying
 from source_callback.errors import AnalysisError
 
@@ -55,6 +56,7 @@ class Capture:
         self._pending: dict[str, list[Factored]] = {}
         self._handles: list[Any] = []
         self._batch = 1
+        self._finite = RowFlags()
 
     def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = next(
@@ -106,6 +108,8 @@ class Capture:
         return hook
 
     def _arrive(self, name: str, part: Factored) -> None:
+        for side in part.sides:
+            self._finite.add(side.values)
         pending = self._pending.setdefault(name, [])
         pending.append(part)
         if len(pending) == self._calls[name]:
@@ -116,12 +120,18 @@ class Capture:
         self.inputs.clear()
         self._calls.clear()
         self._pending.clear()
+        self._finite.flags.clear()
 
     def backward(self, value: torch.Tensor, retain_graph: bool = False) -> None:
-        """``value.backward()``, then hand over the gradients of uses that are still waiting."""
+        """``value.backward()``, then hand over the gradients of uses that are still waiting.
+
+        Raises :class:`~source_callback.errors.NonFiniteError` for the first example whose
+        gradient holds a NaN or infinity (see :mod:`~source_callback.analysis.finite`).
+        """
         value.backward(retain_graph=retain_graph)
         for name in list(self._pending):
             self.on_grads(name, self._pending.pop(name))
+        self._finite.check("gradient")
 
     def __enter__(self) -> Capture:
         self._handles.append(

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 from tqdm.auto import tqdm
 
 from source_callback.analysis import ekfac
+from source_callback.analysis.finite import CheckedTask, Place, enter, require_finite
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
 from source_callback.analysis.parallel import Blocks, Workers
@@ -66,7 +67,7 @@ class Engine:
         units: dict[str, Unit] | None = None,
     ) -> None:
         self.model = model
-        self.task = task
+        self.task = CheckedTask(task)
         self.train = train
         self.batch_size = batch_size
         self.exact = fisher == "exact"
@@ -87,16 +88,25 @@ class Engine:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
 
     def data(
-        self, dataset: Dataset, desc: str, blocks: Blocks | None = None, seeded: bool = False
+        self,
+        dataset: Dataset,
+        desc: str,
+        blocks: Blocks | None = None,
+        seeded: bool = False,
+        name: str | None = None,
     ) -> Iterator[Any]:
         """Batches of ``dataset`` (this rank's ``blocks``; all by default) on the model's device.
 
         With ``seeded``, the pseudo-label generator is reseeded before each batch from the
         seed, the pass and the batch's first index, so that the draws do not depend on how
-        the batches are split between ranks.
+        the batches are split between ranks. While a batch is out, a non-finite value found
+        in it (:mod:`~source_callback.analysis.finite`) is reported as example ``first + row``
+        of the dataset ``name`` (by default the stage whose training set ``dataset`` is) in the
+        pass ``desc``.
         """
         if blocks is None:
             blocks = [(0, len(dataset))]  # type: ignore[arg-type]
+        parts = self._parts(dataset, name)
         loader = batches(dataset, self.batch_size, self.collate_fn, blocks)
         number = next(self.passes)
         starts = (first for start, stop in blocks for first in range(start, stop, self.batch_size))
@@ -107,10 +117,29 @@ class Engine:
             disable=not self.verbose,
             leave=False,
         )
-        for first, batch in zip(starts, progress, strict=True):
-            if seeded:
-                self.generator.manual_seed(batch_seed(self.seed, number, first))
-            yield batch
+        try:
+            for first, batch in zip(starts, progress, strict=True):
+                if seeded:
+                    self.generator.manual_seed(batch_seed(self.seed, number, first))
+                enter(Place(desc, first, batch, parts))
+                yield batch
+        finally:
+            enter(None)
+
+    def _parts(self, dataset: Dataset, name: str | None) -> tuple[tuple[str, int], ...]:
+        """``(name, first index)`` of the datasets ``dataset`` is (see :class:`Place`)."""
+        if name is not None:
+            return ((name, 0),)
+        stages = {id(data): stage for stage, data in self.train.items()}
+        if id(dataset) in stages:
+            return ((stages[id(dataset)], 0),)
+        if isinstance(dataset, ConcatDataset):  # influence's pooled stages
+            starts = [0, *dataset.cumulative_sizes[:-1]]
+            return tuple(
+                (stages.get(id(part), "training data"), start)
+                for part, start in zip(dataset.datasets, starts, strict=True)
+            )
+        return (("training data", 0),)
 
     def curvature(
         self,
@@ -236,6 +265,7 @@ class Engine:
                 filled = 0
                 for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}", blocks):
                     rows = contract(self.model, self.modules, self.task.loss, batch, vectors)
+                    require_finite(rows, "score")
                     buffer[:, filled : filled + len(rows)] = rows.T
                     filled += len(rows)
                     if filled == stop - start:
@@ -298,7 +328,7 @@ class Engine:
                 self.model,
                 self.modules,
                 self.task.measurement,
-                self.data(queries, label, blocks),
+                self.data(queries, label, blocks, name="queries"),
             )
         )
         return {
@@ -312,7 +342,9 @@ class Engine:
         local = self.workers.run(
             lambda: (
                 evaluate(
-                    self.task.measurement, self.model, self.data(queries, "measurement", blocks)
+                    self.task.measurement,
+                    self.model,
+                    self.data(queries, "measurement", blocks, name="queries"),
                 ).double()
                 if blocks
                 else self._zeros(0)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from source_callback.analysis.finite import require_finite
+
 
 @runtime_checkable
 class Task(Protocol):
@@ -126,7 +128,9 @@ class ClassificationTask:
     def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Cross-entropy against labels sampled from the softmax."""
         logits, _ = _forward(model, batch, type(self).__name__)
-        probs = torch.softmax(logits.detach().double(), dim=1)
+        probs = require_finite(
+            torch.softmax(logits.detach().double(), dim=1), "pseudo-label probabilities"
+        )
         sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
         return F.cross_entropy(logits, sampled, reduction="none")
 
@@ -238,7 +242,8 @@ class LanguageModelingTask:
     def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """The loss against next tokens sampled from the model, at the labelled positions."""
         logits, labels = self._logits_and_labels(model, batch)
-        probs = torch.softmax(logits.detach().double(), dim=-1).reshape(-1, logits.shape[-1])
+        probs = torch.softmax(logits.detach().double(), dim=-1)
+        probs = require_finite(probs, "pseudo-label probabilities").reshape(-1, logits.shape[-1])
         sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
         sampled = sampled.reshape(labels.shape).to(labels.device)
         sampled[labels == -100] = -100

@@ -241,8 +241,10 @@ def streamed_histogram(
     return counts, edges, size
 
 
-def score_histograms_figure(scores: Mapping[str, ScoreArray], stage_names: Sequence[str]) -> bytes:
-    """One histogram per stage of its scores over all queries and training examples.
+def score_histograms_figure(
+    scores: Mapping[str, ScoreArray], stage_names: Sequence[str]
+) -> tuple[bytes, dict[str, int]]:
+    """One histogram per stage of its finite scores over all queries and training examples.
 
     Parameters
     ----------
@@ -254,22 +256,29 @@ def score_histograms_figure(scores: Mapping[str, ScoreArray], stage_names: Seque
 
     Returns
     -------
-    bytes
-        A PNG image; counts on a log scale, so that the tails show.
+    png, left_out
+        A PNG image (counts on a log scale, so that the tails show; each title says how many
+        scores are drawn and how many are left out as not finite), and per stage the number of
+        scores left out because they are NaN or infinite.
 
     """
     columns = min(len(stage_names), 3)
     rows = math.ceil(len(stage_names) / columns)
     figure = Figure(figsize=(WIDTH, 2.6 * rows), dpi=DPI, layout="constrained")
     grid = figure.subplots(rows, columns, squeeze=False)
+    left_out = {}
     for k, (axes, name) in enumerate(zip(grid.flat, stage_names, strict=False)):
         counts, edges, size = streamed_histogram(scores[name])
+        left_out[name] = math.prod(scores[name].shape) - size
         # One weighted sample per bin draws the same bars as hist() of the scores themselves.
         axes.hist(edges[:-1], bins=edges, weights=counts, color=f"C{k}", log=True)
         axes.axvline(0, color="0.35", linewidth=0.8)
-        axes.set_title(f"{name} ({size:,} scores)", fontsize=9)
+        title = f"{name} ({size:,} scores"
+        if left_out[name]:
+            title += f"; {left_out[name]:,} not finite, left out"
+        axes.set_title(title + ")", fontsize=9)
         axes.set_xlabel("score", fontsize=8)
         axes.tick_params(labelsize=7)
     for axes in grid.flat[len(stage_names) :]:
         axes.set_visible(False)
-    return _png(figure)
+    return _png(figure), left_out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 
 from source_callback.analysis.results import AnalysisResult, Attribution
 from source_callback.describe import batch_label, optimizer_label, stage_span
+from source_callback.errors import listed
 from source_callback.report import plots
 from source_callback.report.page import Section, paragraph, png_image, table
 from source_callback.report.render import Renderer
@@ -23,8 +25,45 @@ MAX_CHART_QUERIES = 40
 MAX_CONFIG_TEXT = 200
 
 
+#: How a NaN or infinite value is shown: never as a number.
+NOT_FINITE = "n/a (not finite)"
+
+
 def _signed(value: float) -> str:
-    return f"{value:+.3e}"
+    return f"{value:+.3e}" if math.isfinite(value) else NOT_FINITE
+
+
+def _mean(values: np.ndarray) -> str:
+    """The mean of ``values``, or how many of them are not finite."""
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        return f"n/a ({bad} of {values.size} not finite)"
+    return _signed(float(np.mean(values)))
+
+
+def _not_finite_note(result: AnalysisResult, left_out: Mapping[str, int]) -> str | None:
+    """A warning naming the analysis's non-finite scores and stage effects; ``None``: none."""
+    parts = []
+    total = sum(left_out.values())
+    if total:
+        stages = ", ".join(f"{stage} {count:,}" for stage, count in left_out.items() if count)
+        parts.append(f"{total:,} scores ({stages}) are left out of the histograms")
+    finite = np.isfinite(result.stage_effects).all(1) & np.isfinite(result.last_stage_exact)
+    queries = np.flatnonzero(~finite)
+    if queries.size:
+        shown = listed([str(q) for q in queries], 10)
+        parts.append(f"the stage effects of queries {shown} are not all drawn")
+    if not parts:
+        return None
+    return (
+        "This analysis holds NaN or infinite values, shown as "
+        + NOT_FINITE
+        + ": "
+        + "; ".join(parts)
+        + ". They come from an analysis stored before analyze refused non-finite values, or "
+        "from score blocks an interrupted analysis never wrote. Analyze again: the error then "
+        "names the example and the pass where they enter."
+    )
 
 
 def run_section(run: Run) -> Section:
@@ -150,13 +189,16 @@ def analysis_section(result: AnalysisResult, name: str | None) -> Section:
         (
             escape(stage),
             f"{result.scores[stage].shape[1]:,}",
-            _signed(float(np.mean(result.stage_effects[:, k]))),
+            _mean(result.stage_effects[:, k]),
         )
         for k, stage in enumerate(result.stage_names)
     ]
-    exact = _signed(float(np.mean(result.last_stage_exact)))
+    exact = _mean(result.last_stage_exact)
+    histograms, left_out = plots.score_histograms_figure(result.scores, result.stage_names)
+    warning = _not_finite_note(result, left_out)
     parts = [
         paragraph(("" if name is None else f"Stored as {name!r}; ") + f"{n_queries} queries."),
+        *([] if warning is None else [paragraph(warning, "warning")]),
         table(["setting", "value"], _config_rows(result.config)),
         "<h3>Stage effects</h3>",
         png_image(
@@ -176,10 +218,7 @@ def analysis_section(result: AnalysisResult, name: str | None) -> Section:
         ),
         table(["stage", "examples", "mean effect over queries"], stage_rows, numeric=(1, 2)),
         "<h3>Score distributions</h3>",
-        png_image(
-            plots.score_histograms_figure(result.scores, result.stage_names),
-            "histogram of the scores of each stage",
-        ),
+        png_image(histograms, "histogram of the finite scores of each stage"),
         paragraph(
             "Scores of every (query, training example) pair, per stage: the predicted change of "
             "the query's measurement if the example were removed (with a loss measurement, "

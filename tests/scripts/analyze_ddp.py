@@ -7,7 +7,9 @@ Usage: ``python analyze_ddp.py STORE OUT MODE``. ``MODE`` is
 - ``external``: the script runs under ``torchrun`` and initialises the process group itself;
   the analysis builds an exact projected-gradient cache (``projection_dim`` 16 covers every
   layer) and keeps its scores out of core;
-- ``fail``: like ``fabric``, with a training set that raises on rank 1 only.
+- ``fail``: like ``fabric``, with a training set that raises on rank 1 only;
+- ``nan``: like ``fabric``, with a task whose loss is NaN on pretraining example ``NAN_AT``
+  (which rank 1 scores).
 
 Each rank saves its result as ``OUT/rank<r>.npz`` and prints ``DONE rank=<r>``.
 """
@@ -27,13 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import TinyClassifier, make_dataset
 
-from source_callback import analyze
+from source_callback import ClassificationTask, analyze
 
 #: Pretraining spans two score blocks (4096 wide), so each rank scores one; fine-tuning spans
 #: one, so rank 1 has no score block there.
 SIZES = {"pretrain": 5000, "finetune": 300}
 QUERIES = 21  # not a multiple of the batch size: ranks hold unequal numbers of query rows
 BATCH = 64
+NAN_AT = 4170  # in pretraining's second score block
 
 
 def training_sets() -> dict[str, TensorDataset]:
@@ -62,12 +65,24 @@ class FailsOnRankOne(Dataset):
         return self.data[index]
 
 
+class NanLossAt(ClassificationTask):
+    """Classification whose loss is NaN on the example whose inputs equal ``inputs``."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.inputs = inputs
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        marked = (batch[0] == self.inputs.to(batch[0].device)).all(1)
+        return torch.where(marked, torch.nan, super().loss(model, batch))
+
+
 def analyze_run(store: str, **kwargs: Any) -> Any:
     """The analysis every mode runs (and the single-process reference)."""
     return analyze(
         store,
         model=TinyClassifier(),
-        task="classification",
+        task=kwargs.pop("task", "classification"),
         train=kwargs.pop("train", training_sets()),
         queries=query_set(),
         batch_size=BATCH,
@@ -80,7 +95,8 @@ def analyze_run(store: str, **kwargs: Any) -> Any:
 def main() -> None:
     store, out, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    kwargs: dict[str, Any] = {"name": "failed" if mode == "fail" else "distributed"}
+    names = {"fail": "failed", "nan": "non-finite"}
+    kwargs: dict[str, Any] = {"name": names.get(mode, "distributed")}
     if mode == "external":
         dist.init_process_group("gloo")
         kwargs.update(cache="projected", projection_dim=16, out_of_core=True)
@@ -88,6 +104,8 @@ def main() -> None:
         kwargs.update(accelerator="cpu", devices=2, strategy="ddp")
     if mode == "fail":
         kwargs["train"] = {name: FailsOnRankOne(data) for name, data in training_sets().items()}
+    if mode == "nan":
+        kwargs["task"] = NanLossAt(training_sets()["pretrain"][NAN_AT][0])
     result = analyze_run(store, **kwargs)
     rank = dist.get_rank()
     np.savez(
