@@ -1,10 +1,15 @@
-"""Hugging Face transformers recorded in stages, LoRA added by peft between them, attributed.
+"""Transformers recorded in two stages, the second training LoRA adapters only, attributed.
 
-Ground truth: exact unrolled differentiation through both recorded stages (``unroll.py``), the
-base weights carrying their first-stage graph through the LoRA stage.
+Hugging Face Llama and GPT-2 get their adapters from peft between the stages; the hand-written
+transformer of ``examples/lora_language_model.py`` has them from the start, frozen while
+pretraining. Ground truth: exact unrolled differentiation through both recorded stages
+(``unroll.py``), the base weights carrying their first-stage graph through the LoRA stage.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,6 +18,7 @@ import torch
 from hf_models import CausalLM, TokenSequences, add_lora, tiny_gpt2, tiny_llama
 from test_analyze import _replay_steps, _spearman, _trainer
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, default_collate
 from unroll import adam_replay, leave_one_out_effects
 
@@ -77,7 +83,29 @@ class PeftGPT2(Recipe):
         lm.double()
 
 
-RECIPES = {"llama-peft": PeftLlama, "gpt2-peft": PeftGPT2}
+def _transformer_lm() -> type[pl.LightningModule]:
+    """``TransformerLM`` of ``examples/lora_language_model.py``."""
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    sys.path.insert(0, examples)
+    try:
+        from lora_language_model import TransformerLM
+    finally:
+        sys.path.remove(examples)
+    return TransformerLM
+
+
+class HandWritten(Recipe):
+    """The example's transformer at width 8 with its own optimizers: AdamW (lr 3e-3, decay
+    0.01), then on the adapters AdamW (lr 2e-2) with warmup and cosine decay."""
+
+    def pretrained(self):
+        return _transformer_lm()(width=8, layers=1, heads=2).double()
+
+    def to_lora(self, lm):
+        lm.finetune()
+
+
+RECIPES = {"llama-peft": PeftLlama, "gpt2-peft": PeftGPT2, "handwritten": HandWritten}
 
 
 def _record(store, recipe: Recipe, lm, pretrain, sft, same_callback: bool):
@@ -131,16 +159,16 @@ def _two_stage_run(root, recipe: Recipe):
         carried = {new: base[old] for new, old in continues.items()}
         return replay(run.stages[1], final_model, {**lora_start, **carried}, sft, weights[N1:])
 
-    replayed = final(torch.ones(N1 + N2, dtype=torch.float64))
-    for name, param in lm.named_parameters():  # the replay is the recorded run
-        torch.testing.assert_close(
-            replayed[name].detach(), param.detach(), rtol=1e-6, atol=1e-8, msg=name
-        )
-
     def measure(m, params):
         return task.measurement(Bound(m, params), _batch(queries, range(len(queries))))
 
-    truth = leave_one_out_effects(final_model, final, measure, N1 + N2).numpy()
+    with sdpa_kernel(SDPBackend.MATH):  # CPU flash attention cannot be differentiated twice
+        replayed = final(torch.ones(N1 + N2, dtype=torch.float64))
+        for name, param in lm.named_parameters():  # the replay is the recorded run
+            torch.testing.assert_close(
+                replayed[name].detach(), param.detach(), rtol=1e-6, atol=1e-8, msg=name
+            )
+        truth = leave_one_out_effects(final_model, final, measure, N1 + N2).numpy()
     return root / "run.zarr", lm, pretrain, sft, queries, truth
 
 
@@ -191,10 +219,14 @@ def test_a_new_callback_matches_by_wrapper_rules(tmp_path, llama_lora) -> None:
     assert set(ours.continuation(1).matched_by.values()) == {"rule"}
 
 
-#: Spearman correlation with the exact unroll, measured (all examples / pretraining / LoRA
-#: stage): Llama + peft 0.68 / 0.68 / 0.87; GPT-2 + peft 0.39 / 0.40 / 0.80 (0.37 on
-#: pretraining with untied embeddings: the tie is not what lowers it).
-FLOORS = {"llama-peft": 0.6, "gpt2-peft": 0.3}
+#: Spearman correlation with the exact unroll (all examples, pretraining, LoRA stage), measured:
+#: Llama + peft 0.68 / 0.68 / 0.87; GPT-2 + peft 0.39 / 0.40 / 0.80; hand-written 0.75 / 0.67 /
+#: 0.92. GPT-2's pretraining figure is its std-0.02 embeddings: 0.92 at std 0.2 (docs/analysis.md).
+FLOORS = {
+    "llama-peft": (0.6, 0.6, 0.8),
+    "gpt2-peft": (0.3, 0.3, 0.7),
+    "handwritten": (0.65, 0.6, 0.85),
+}
 
 
 @pytest.mark.parametrize("kind", list(RECIPES))
@@ -213,13 +245,13 @@ def test_lora_scores_match_unrolling(runs, kind) -> None:
     )
     assert result.coverage == {"pretrain": 1.0, "sft": 1.0}
     scores = np.concatenate([result.scores["pretrain"], result.scores["sft"]], axis=1)
-    both = _spearman(scores, truth)
-    per_stage = [
+    measured = (
+        _spearman(scores, truth),
         _spearman(result.scores["pretrain"], truth[:, :N1]),
         _spearman(result.scores["sft"], truth[:, N1:]),
-    ]
-    print(f"{kind}: Spearman {both:.3f}, per stage {per_stage[0]:.3f} / {per_stage[1]:.3f}")
-    assert both > FLOORS[kind]
+    )
+    print(f"{kind}: Spearman all / pretraining / LoRA stage", *(f"{r:.3f}" for r in measured))
+    assert all(r > floor for r, floor in zip(measured, FLOORS[kind], strict=True))
 
 
 def test_batches_in_hugging_face_form_and_clear_errors() -> None:

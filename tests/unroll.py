@@ -18,9 +18,15 @@ Params = dict[str, torch.Tensor]
 
 
 def _differentiable(start: Params) -> Params:
-    """Copies that require grad; parameters carrying a graph (an earlier stage's replay) stay."""
+    """Copies that require grad; one carrying a graph (an earlier stage's replay) keeps it.
+
+    Each copy is a new node, so a step's gradient is the partial derivative through this
+    stage's uses alone. Returning a leaf of the earlier stage itself (a tensor that stage read
+    but did not train: a zero LoRA ``B``) would add that stage's path through the trained
+    weights to its gradient.
+    """
     return {
-        n: p if p.requires_grad else p.detach().clone().requires_grad_(True)
+        n: p.clone() if p.requires_grad else p.detach().clone().requires_grad_(True)
         for n, p in start.items()
     }
 
