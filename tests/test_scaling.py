@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from source_callback import AnalysisResult, SourceCallback, analyze, load_analysis, open_run
 from source_callback.fingerprint import example_digests
+from source_callback.record.probe import probe_indices
 from source_callback.store.analyses import open_cache
 from source_callback.store.schema import ATTR_COMMITTED
 
@@ -102,10 +103,11 @@ def test_new_queries_are_scored_from_the_cache_without_reading_training_data(sto
     new_queries = make_dataset(4, seed=11)
     counted = {name: Counting(data) for name, data in _sets().items()}
     result = _analyze(store, new_queries, train=counted, **kwargs)
-    for name, data in counted.items():  # only the data check read anything
+    for name, data in counted.items():  # only the data and probe checks read anything
         baseline = Counting(data.data)
         example_digests(baseline)  # the data check reads every example once (plus one)
-        assert data.reads == baseline.reads, name
+        probed = 2 * len(probe_indices(len(data)))  # at the stage's start and end
+        assert data.reads == baseline.reads + probed, name
     _assert_scores_close(result, _analyze(store, new_queries), rtol=1e-6)
     assert load_analysis(store, "reuse").scores["pretrain"].shape == (4, 120)
 

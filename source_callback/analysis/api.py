@@ -246,7 +246,8 @@ def analyze(
         diagonal_above,
         workers.device,
     )
-    check_probes(run, [engine.model for engine in stages.engines], task, train, collate_fn)
+    copies = [engine.model for engine in stages.engines]
+    workers.run(lambda: check_probes(run, copies, task, train, collate_fn))  # errors shared
     work = stages.final
     plan = plan_segments(
         run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
