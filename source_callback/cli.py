@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from source_callback import AnalysisResult, Task, analyze
-from source_callback.describe import batch_label, optimizer_label, stage_span
+from source_callback.describe import batch_label, format_table, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
 from source_callback.store.analyses import StoredAnalysis
@@ -58,17 +58,6 @@ def format_bytes(size: float) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _format_table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  "
-) -> list[str]:
-    """Left-aligned columns, two spaces apart, under a header line."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
-    return [
-        indent + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in (headers, *rows)
-    ]
 
 
 def _itemsize(dtype: str) -> int:
@@ -162,7 +151,7 @@ def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]
                 f"{len(stage.trainable)}/{len(stage.frozen)}",
             )
         )
-    return [f"stages ({len(stages)})", *(_format_table(headers, rows) if rows else [])]
+    return [f"stages ({len(stages)})", *(format_table(headers, rows) if rows else [])]
 
 
 def _lr_range(values: np.ndarray) -> str:
@@ -207,7 +196,7 @@ def _checkpoint_lines(checkpoints: Sequence[Checkpoint], stages: Sequence[Stage]
         f"{PROG} verify STORE checks them"
     ]
     if rows:
-        lines += _format_table(("step", "stage", "role", "committed", "size (uncompressed)"), rows)
+        lines += format_table(("step", "stage", "role", "committed", "size (uncompressed)"), rows)
     uncommitted = [c.key for c in checkpoints if not c.committed]
     if uncommitted:
         lines.append(
@@ -238,7 +227,7 @@ def _analysis_lines(analyses: Sequence[StoredAnalysis]) -> list[str]:
             )
         )
     headers = ("name", "method", "committed at", "queries", "segments", "cache", "status")
-    return [f"analyses ({len(rows)})", *(_format_table(headers, rows) if rows else ["  none"])]
+    return [f"analyses ({len(rows)})", *(format_table(headers, rows) if rows else ["  none"])]
 
 
 def store_size(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
@@ -373,7 +362,7 @@ def analysis_summary(result: AnalysisResult, store: str, name: str | None) -> st
         [
             f"{result.config['method']} analysis of {queries} queries; stages {sizes}",
             "stage effects (predicted change of each query's measurement without the stage):",
-            *_format_table(("query", *result.stage_names), rows),
+            *format_table(("query", *result.stage_names), rows),
             *more,
             where,
         ]
