@@ -12,7 +12,13 @@ import numpy as np
 import zarr
 
 from source_callback.store.reader import open_run
-from source_callback.store.schema import ANALYSIS_EFFECTS, ANALYSIS_LAST_EXACT, SCORE_CHUNK
+from source_callback.store.schema import (
+    ANALYSIS_EFFECTS,
+    ANALYSIS_LAST_EXACT,
+    INFO_CONFIG,
+    INFO_STAGE_NAMES,
+    SCORE_CHUNK,
+)
 
 #: One stage's scores ``[queries, examples]``: in memory, or a stored array read on demand.
 ScoreArray = np.ndarray | zarr.Array
@@ -134,7 +140,13 @@ class AnalysisResult:
     last_stage_exact
         ``[n_queries]``: the exact value of that change for the last stage, for comparison.
     config
-        The settings the analysis ran with.
+        The settings the analysis ran with: the :class:`~source_callback.AnalysisOptions`
+        that shape the scores, by the same names (``segments`` as the steps ``[start, end)``
+        of each segment, ``modules`` as the names of the units attributed through), and
+        ``coverage``.
+    timings
+        Seconds spent in each step of the analysis, as :func:`~source_callback.analyze`'s
+        summary shows them; empty for an analysis reopened by :func:`load_analysis`.
     """
 
     scores: dict[str, ScoreArray]
@@ -142,6 +154,7 @@ class AnalysisResult:
     stage_effects: np.ndarray
     last_stage_exact: np.ndarray
     config: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def coverage(self) -> dict[str, float]:
@@ -262,11 +275,11 @@ def load_analysis(
     :meth:`AnalysisResult.stage_totals` read them one block of training examples at a time.
     """
     info, score_arrays, arrays = open_run(store, storage_options).analysis(name)
-    names = list(info["stage_names"])
+    names = list(info[INFO_STAGE_NAMES])
     return AnalysisResult(
         dict(zip(names, score_arrays, strict=True)),
         names,
         arrays[ANALYSIS_EFFECTS],
         arrays[ANALYSIS_LAST_EXACT],
-        info["config"],
+        info[INFO_CONFIG],
     )

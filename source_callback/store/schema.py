@@ -139,10 +139,12 @@ ATTR_VERSIONS = "committed_versions"
 RESULTS_VERSION = "results"
 CACHE_VERSION = "cache"
 INFO_CREATED = "created"  # key of the ``analysis`` attribute: when the results were committed
+INFO_STAGE_NAMES = "stage_names"  # key of the ``analysis`` attribute: the stages, in order
+INFO_CONFIG = "config"  # key of the ``analysis`` attribute: the settings (``AnalysisOptions``)
 ANALYSIS_SCORES = "scores"
 ANALYSIS_EFFECTS = "stage_effects"  # [queries, stages]
 ANALYSIS_LAST_EXACT = "last_stage_exact"  # [queries]
-ATTR_ANALYSIS = "analysis"  # {"stage_names": [...], "config": {...}}
+ATTR_ANALYSIS = "analysis"  # {INFO_STAGE_NAMES: [...], INFO_CONFIG: {...}, INFO_CREATED: ...}
 SCORE_CHUNK = (256, 4096)  # [queries, training examples]: a column block reads on its own
 
 
