@@ -15,7 +15,8 @@ import fsspec
 import numpy as np
 import torch
 
-from source_callback import AnalysisResult, Task, analyze
+from source_callback import AnalysisOptions, AnalysisResult, Task, analyze
+from source_callback.analysis.options import option_names
 from source_callback.describe import batch_label, format_table, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
@@ -545,25 +546,13 @@ def load_datasets(
     return datasets
 
 
-#: Keys of an ``analyze`` configuration file besides the analyze() options below.
+#: Keys an ``analyze`` configuration file must have.
 CONFIG_REQUIRED = ("task", "data", "queries")
-#: analyze() keyword arguments a configuration file may set, as they are.
-ANALYZE_OPTIONS = (
-    "method",
-    "segments",
-    "batch_size",
-    "name",
-    "seed",
-    "fisher",
-    "optimizer_model",
-    "momentum_tail",
-    "adam_variant",
-    "damping",
-    "preconditioner_floor",
-)
+#: Keys it may have besides those and the fields of :class:`~source_callback.AnalysisOptions`.
+CONFIG_OPTIONAL = ("model_kwargs", "name")
 
 
-def read_analyze_config(path: str) -> dict[str, Any]:
+def read_analyze_config(path: str) -> tuple[dict[str, Any], AnalysisOptions]:
     """The configuration of ``source-callback analyze``: a JSON file, or TOML (``.toml``).
 
     Parameters
@@ -573,17 +562,20 @@ def read_analyze_config(path: str) -> dict[str, Any]:
         arguments to make a :class:`~source_callback.Task`), ``data`` (``MODULE:FUNCTION``
         returning ``{stage name: training dataset}``), ``queries`` (``MODULE:FUNCTION``
         returning the query dataset), optionally ``model_kwargs`` (keyword arguments of the
-        model's constructor) and any of ``ANALYZE_OPTIONS``.
+        model's constructor), ``name`` (of the stored analysis, ``"default"``; ``null``: not
+        stored) and any fields of :class:`~source_callback.AnalysisOptions`, by their names.
 
     Returns
     -------
-    dict
-        The configuration, checked for missing and unknown keys.
+    config, options
+        The keys that are no analysis options, and the options (checked by
+        :meth:`AnalysisOptions.from_json <source_callback.AnalysisOptions.from_json>`).
 
     Raises
     ------
     ValueError
-        The file does not parse, is not a table, or lacks or has unknown keys.
+        The file does not parse, is not a table, lacks or has unknown keys, or a value has the
+        wrong type or is out of range.
     OSError
         The file cannot be read.
 
@@ -601,21 +593,27 @@ def read_analyze_config(path: str) -> dict[str, Any]:
         raise ValueError(
             f"config {path}: missing key(s) {', '.join(missing)} (needs task, data and queries)"
         )
-    unknown = sorted(set(config) - {*CONFIG_REQUIRED, "model_kwargs", *ANALYZE_OPTIONS})
+    known = (*CONFIG_REQUIRED, *CONFIG_OPTIONAL, *option_names())
+    unknown = sorted(set(config) - set(known))
     if unknown:
         raise ValueError(
-            f"config {path}: unknown key(s) {', '.join(unknown)}; known: "
-            f"{', '.join((*CONFIG_REQUIRED, 'model_kwargs', *ANALYZE_OPTIONS))}"
+            f"config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}"
         )
     wrong = [key for key in CONFIG_REQUIRED if not isinstance(config[key], str)]
     if not isinstance(config.get("model_kwargs", {}), dict):
         wrong.append("model_kwargs")
+    if not isinstance(config.get("name", ""), str | None):
+        wrong.append("name")
     if wrong:
         raise ValueError(
-            f"config {path}: {', '.join(wrong)} must be text (task, data, queries) or a table "
-            "(model_kwargs)"
+            f"config {path}: {', '.join(wrong)} must be text (task, data, queries, name) or a "
+            "table (model_kwargs)"
         )
-    return config
+    settings = {key: config.pop(key) for key in option_names() if key in config}
+    try:
+        return config, AnalysisOptions.from_json(settings)
+    except ValueError as error:
+        raise ValueError(f"config {path}: {error}") from error
 
 
 def _config_spec(config: Mapping[str, Any], key: str) -> tuple[str, str]:
@@ -667,9 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model is built by --module MODULE:CLASS, everything else comes from --config (JSON, "
         "or TOML for a .toml file): task (a built-in name, or MODULE:NAME), data "
         "(MODULE:FUNCTION returning {stage name: training dataset}), queries (MODULE:FUNCTION "
-        "returning the query dataset), optionally model_kwargs and analyze() options: "
-        f"{', '.join(ANALYZE_OPTIONS)}. This imports and runs your code: the modules named "
-        "there and in --module, from the working directory or sys.path.",
+        "returning the query dataset), optionally model_kwargs, name (of the stored analysis) "
+        f"and the analysis options (AnalysisOptions' fields): {', '.join(option_names())}. "
+        "This imports and runs your code: the modules named there and in --module, from the "
+        "working directory or sys.path.",
     )
     _add_store_arguments(analyze_)
     analyze_.add_argument(
@@ -743,7 +742,7 @@ def _run_verify(args: argparse.Namespace, storage_options: dict[str, Any] | None
 
 def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
     """Build the model and data from the user's code, analyze, and print a summary."""
-    config = read_analyze_config(args.config)
+    config, options = read_analyze_config(args.config)
     model = call_user_code(args.module, "--module", **config.get("model_kwargs", {}))
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--module built a {type(model).__name__}, not a torch.nn.Module")
@@ -752,7 +751,7 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
         task = call_user_code(_config_spec(config, "task"), "config 'task'")
         if not isinstance(task, Task):
             raise ValueError(f"config 'task' made a {type(task).__name__}, not a Task")
-    options = {key: config[key] for key in ANALYZE_OPTIONS if key in config}
+    name = config.get("name", "default")
     result = analyze(
         args.store,
         model=model.to(args.device),
@@ -760,10 +759,11 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
         train=load_datasets(*_config_spec(config, "data"), origin="config 'data'"),
         queries=call_user_code(_config_spec(config, "queries"), "config 'queries'"),
         storage_options=storage_options,
+        name=name,
         verbose=not args.quiet,
-        **options,
+        options=options,
     )
-    print(analysis_summary(result, args.store, options.get("name", "default")))
+    print(analysis_summary(result, args.store, name))
 
 
 def _run_report(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
