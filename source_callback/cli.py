@@ -22,7 +22,7 @@ from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
 from source_callback.store.analyses import StoredAnalysis
 from source_callback.store.reader import Checkpoint, Run, open_run
-from source_callback.store.schema import INFO_CREATED, Stage
+from source_callback.store.schema import INFO_CONFIG, INFO_CREATED, STEP_LR, STEP_STAGE, Stage
 
 PROG = "source-callback"
 EXIT_FAILURE = 1  # the command could not do its job
@@ -211,7 +211,7 @@ def _analysis_lines(analyses: Sequence[StoredAnalysis]) -> list[str]:
     """One row per stored analysis: method, when, queries, segments, cache and status."""
     rows = []
     for entry in analyses:
-        config = entry.info.get("config", {})
+        config = entry.info.get(INFO_CONFIG, {})
         if entry.committed:
             status = "committed" + ("; a newer write was interrupted" if entry.writing else "")
         else:
@@ -273,8 +273,8 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
 
     """
     steps = run.steps()  # empty until the first block of steps is written
-    stage_column = steps.get("stage", np.empty(0, dtype=np.int32))
-    learning_rates = steps.get("lr", np.empty((0, 0)))
+    stage_column = steps.get(STEP_STAGE, np.empty(0, dtype=np.int32))
+    learning_rates = steps.get(STEP_LR, np.empty((0, 0)))
     stages = run.stages
     sections = [_header_lines(run, store_size(run.url, storage_options))]
     if run.status != "complete":

@@ -47,7 +47,13 @@ from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule
 from source_callback.store.analyses import AnalysisWriter, write_analysis
 from source_callback.store.reader import open_run
-from source_callback.store.schema import INFO_CONFIG, INFO_STAGE_NAMES, ROLE_END, ROLE_START
+from source_callback.store.schema import (
+    CONFIG_COVERAGE,
+    INFO_CONFIG,
+    INFO_STAGE_NAMES,
+    ROLE_END,
+    ROLE_START,
+)
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -353,7 +359,7 @@ def _stored_config(
         **{key: given[key] for key in STORED_AS_GIVEN},
         "segments": [[s.start, s.end] for s in plan],
         "modules": sorted(stages.units),
-        "coverage": {name: share for name, (share, _) in coverage.items()},
+        CONFIG_COVERAGE: {name: share for name, (share, _) in coverage.items()},
         "cache": cache if options.cache else None,
     }
 

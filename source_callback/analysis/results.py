@@ -15,6 +15,7 @@ from source_callback.store.reader import open_run
 from source_callback.store.schema import (
     ANALYSIS_EFFECTS,
     ANALYSIS_LAST_EXACT,
+    CONFIG_COVERAGE,
     INFO_CONFIG,
     INFO_STAGE_NAMES,
     SCORE_CHUNK,
@@ -163,7 +164,7 @@ class AnalysisResult:
         Counted in parameters (elements); ``config["coverage"]``, empty for analyses stored
         before it was recorded.
         """
-        return dict(self.config.get("coverage", {}))
+        return dict(self.config.get(CONFIG_COVERAGE, {}))
 
     def top(self, query: int, k: int = 10) -> tuple[list[Attribution], list[Attribution]]:
         """The ``k`` most helpful and ``k`` most harmful training examples for one query.
