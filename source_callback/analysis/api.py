@@ -25,7 +25,7 @@ from source_callback.analysis.optimizers import (
     module_rates,
     segment_operator,
 )
-from source_callback.analysis.options import AnalysisOptions, Method, option_names
+from source_callback.analysis.options import AnalysisOptions, Fisher, Method, option_names
 from source_callback.analysis.parallel import Workers
 from source_callback.analysis.probes import check_probes
 from source_callback.analysis.projection import KroneckerProjection
@@ -72,7 +72,7 @@ def analyze(
     batch_size: int = 64,
     optimizer_model: UpdateRule | str | None = None,
     momentum_tail: bool = True,
-    fisher: Literal["sampled", "exact"] = "sampled",
+    fisher: Fisher = "sampled",
     seed: int = 0,
     collate_fn: Any = None,
     name: str | None = "default",
@@ -179,14 +179,7 @@ def analyze(
     coverage = _coverage(stages)
     config = _stored_config(settings, plan, stages, coverage)
     info = {INFO_STAGE_NAMES: [s.name for s in run.stages], INFO_CONFIG: config}
-    shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
-    writer: AnalysisWriter | None = None
-    sink: ScoreSink
-    if settings.out_of_core or workers.distributed:
-        writer = _open_writer(workers, run.url, storage_options, name, shapes, info)  # type: ignore[arg-type]
-        sink = StoredScores(writer.scores)
-    else:
-        sink = MemoryScores(shapes)
+    writer, sink = _open_sink(run, queries, settings, workers, name, storage_options, info)
     final_state = _read(stages.final, run, len(run.stages) - 1, ROLE_END)
     job = _Job(run, stages, plan, queries, settings, final_state, sink)
     if settings.method in ("source", "fast-source"):
@@ -205,12 +198,7 @@ def analyze(
             result = _commit(job, writer, workers, effects, last_exact, name, storage_options)  # type: ignore[arg-type]
     result.timings = dict(timer.seconds)
     if stages.final.verbose:
-        where = (
-            "not stored (name=None)"
-            if name is None
-            else f"stored in {run.url} under analyses/{name}"
-        )
-        print(summary(job, coverage, result.timings, where))
+        print(summary(job, coverage, result.timings, name))
     return result
 
 
@@ -362,6 +350,23 @@ def _stored_config(
         CONFIG_COVERAGE: {name: share for name, (share, _) in coverage.items()},
         "cache": cache if options.cache else None,
     }
+
+
+def _open_sink(
+    run: RunView,
+    queries: Dataset,
+    options: AnalysisOptions,
+    workers: Workers,
+    name: str | None,
+    storage_options: dict[str, Any] | None,
+    info: dict[str, Any],
+) -> tuple[AnalysisWriter | None, ScoreSink]:
+    """Where the scores are added up: in the store (out of core, distributed), or in memory."""
+    shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
+    if options.out_of_core or workers.distributed:
+        writer = _open_writer(workers, run.url, storage_options, name, shapes, info)  # type: ignore[arg-type]
+        return writer, StoredScores(writer.scores)
+    return None, MemoryScores(shapes)
 
 
 def _read(engine: Engine, run: RunView, stage: int, role: str) -> State:
@@ -630,7 +635,7 @@ def summary(
     job: _Job,
     coverage: dict[str, tuple[float, dict[str, str]]],
     timings: dict[str, float],
-    where: str,
+    name: str | None,
 ) -> str:
     """What :func:`analyze` prints when it is done (``verbose``, rank 0): one screen.
 
@@ -664,4 +669,5 @@ def summary(
     lines.append(f"time per step ({sum(timings.values()):.2f} s in all):")
     times = [(step, f"{seconds:.2f} s") for step, seconds in timings.items()]
     lines += format_table(("step", "time"), times)[1:]
+    where = f"stored in {job.run.url} under analyses/{name}" if name else "not stored (name=None)"
     return "\n".join([*lines, where])

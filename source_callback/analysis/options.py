@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from source_callback.analysis.optimizers import AdamVariant
 from source_callback.analysis.segments import SegmentSpec
@@ -16,9 +16,8 @@ from source_callback.analysis.units import ModuleSelection, SelectionSpec
 from source_callback.optim import UpdateRule
 
 Method = Literal["source", "fast-source", "if", "tracin"]
-METHODS = ("source", "fast-source", "if", "tracin")
-FISHERS = ("sampled", "exact")
-ADAM_VARIANTS = ("preconditioned", "diagonal")
+Fisher = Literal["sampled", "exact"]
+METHODS, FISHERS, ADAM_VARIANTS = get_args(Method), get_args(Fisher), get_args(AdamVariant)
 CACHES = (None, "projected")
 #: The update rules ``optimizer_model`` may name.
 RULES = tuple(rule.value for rule in UpdateRule if rule is not UpdateRule.UNKNOWN)
@@ -147,7 +146,7 @@ class AnalysisOptions:
     batch_size: int = 64
     optimizer_model: UpdateRule | str | None = None
     momentum_tail: bool = True
-    fisher: Literal["sampled", "exact"] = "sampled"
+    fisher: Fisher = "sampled"
     seed: int = 0
     adam_variant: AdamVariant = "preconditioned"
     damping: float = 0.1
