@@ -182,13 +182,7 @@ def analyze(
     writer, sink = _open_sink(run, queries, settings, workers, name, storage_options, info)
     final_state = _read(stages.final, run, len(run.stages) - 1, ROLE_END)
     job = _Job(run, stages, plan, queries, settings, final_state, sink)
-    if settings.method in ("source", "fast-source"):
-        cache = _gradient_cache(job, config, name, storage_options) if settings.cache else None
-        arrivals = _source(job, cache)
-    elif settings.method == "if":
-        arrivals = _influence(job)
-    else:
-        arrivals = _tracin(job)
+    arrivals = _attribute(job, config, name, storage_options)
     with timer("stage effects"):
         effects, last_exact = _stage_effects(job, arrivals)
     with timer("writing results"):
@@ -220,6 +214,9 @@ def _settings(options: AnalysisOptions | None, given: dict[str, Any]) -> Analysi
             "give each setting once"
         )
     return options
+
+
+Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
 
 
 @dataclass
@@ -374,6 +371,18 @@ def _read(engine: Engine, run: RunView, stage: int, role: str) -> State:
     return engine.read(lambda: checkpoint_state(run.boundary(stage, role)))
 
 
+def _attribute(
+    job: _Job, config: dict[str, Any], name: str | None, storage_options: dict[str, Any] | None
+) -> Arrivals:
+    """Score every training example by the method; each stage's query vector at its end."""
+    if job.options.method == "if":
+        return _influence(job)
+    if job.options.method == "tracin":
+        return _tracin(job)
+    cache = _gradient_cache(job, config, name, storage_options) if job.options.cache else None  # type: ignore[arg-type]
+    return _source(job, cache)
+
+
 def _gradient_cache(
     job: _Job,
     config: dict[str, Any],
@@ -487,9 +496,6 @@ def _open_writer(
         )
     )
     return workers.run(lambda: created or AnalysisWriter.reopen(url, storage_options, name))
-
-
-Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
 
 
 def _state_sources(segment: Segment, averaged: bool) -> list[StateSource]:
