@@ -312,12 +312,13 @@ def test_analyze_reads_toml(
     config = tmp_path / "analysis.toml"
     config.write_text(
         'task = "classification"\ndata = "models:two_stage_sets"\nqueries = "models:query_set"\n'
-        'method = "tracin"\nsegments = 1\nname = "tracin"\n'
+        'method = "tracin"\nsegments = 1\nname = "tracin"\ndiagonal_above = 1000\n'
     )
     code, out, err = analyze_cli(capsys, copy, config)
     assert (code, err) == (0, ""), err
     assert out.startswith("tracin analysis of 3 queries")
-    assert load_analysis(copy, "tracin").config["method"] == "tracin"
+    stored = load_analysis(copy, "tracin").config
+    assert (stored["method"], stored["diagonal_above"]) == ("tracin", 1000)  # any option's name
 
 
 @pytest.mark.parametrize(
