@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from source_callback.analysis.api import analyze
+from source_callback.analysis.options import AnalysisOptions
 from source_callback.analysis.results import AnalysisResult, Attribution, load_analysis
 from source_callback.analysis.task import (
     ClassificationTask,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisError",
+    "AnalysisOptions",
     "AnalysisResult",
     "Attribution",
     "Checkpoint",

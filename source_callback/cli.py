@@ -15,13 +15,14 @@ import fsspec
 import numpy as np
 import torch
 
-from source_callback import AnalysisResult, Task, analyze
-from source_callback.describe import batch_label, optimizer_label, stage_span
+from source_callback import AnalysisOptions, AnalysisResult, Task, analyze
+from source_callback.analysis.options import option_names
+from source_callback.describe import batch_label, format_table, optimizer_label, stage_span
 from source_callback.errors import SourceCallbackError
 from source_callback.manifest import Manifest
 from source_callback.store.analyses import StoredAnalysis
 from source_callback.store.reader import Checkpoint, Run, open_run
-from source_callback.store.schema import INFO_CREATED, Stage
+from source_callback.store.schema import INFO_CONFIG, INFO_CREATED, STEP_LR, STEP_STAGE, Stage
 
 PROG = "source-callback"
 EXIT_FAILURE = 1  # the command could not do its job
@@ -58,17 +59,6 @@ def format_bytes(size: float) -> str:
             return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _format_table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  "
-) -> list[str]:
-    """Left-aligned columns, two spaces apart, under a header line."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
-    return [
-        indent + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in (headers, *rows)
-    ]
 
 
 def _itemsize(dtype: str) -> int:
@@ -162,7 +152,7 @@ def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]
                 f"{len(stage.trainable)}/{len(stage.frozen)}",
             )
         )
-    return [f"stages ({len(stages)})", *(_format_table(headers, rows) if rows else [])]
+    return [f"stages ({len(stages)})", *(format_table(headers, rows) if rows else [])]
 
 
 def _lr_range(values: np.ndarray) -> str:
@@ -207,7 +197,7 @@ def _checkpoint_lines(checkpoints: Sequence[Checkpoint], stages: Sequence[Stage]
         f"{PROG} verify STORE checks them"
     ]
     if rows:
-        lines += _format_table(("step", "stage", "role", "committed", "size (uncompressed)"), rows)
+        lines += format_table(("step", "stage", "role", "committed", "size (uncompressed)"), rows)
     uncommitted = [c.key for c in checkpoints if not c.committed]
     if uncommitted:
         lines.append(
@@ -221,7 +211,7 @@ def _analysis_lines(analyses: Sequence[StoredAnalysis]) -> list[str]:
     """One row per stored analysis: method, when, queries, segments, cache and status."""
     rows = []
     for entry in analyses:
-        config = entry.info.get("config", {})
+        config = entry.info.get(INFO_CONFIG, {})
         if entry.committed:
             status = "committed" + ("; a newer write was interrupted" if entry.writing else "")
         else:
@@ -238,7 +228,7 @@ def _analysis_lines(analyses: Sequence[StoredAnalysis]) -> list[str]:
             )
         )
     headers = ("name", "method", "committed at", "queries", "segments", "cache", "status")
-    return [f"analyses ({len(rows)})", *(_format_table(headers, rows) if rows else ["  none"])]
+    return [f"analyses ({len(rows)})", *(format_table(headers, rows) if rows else ["  none"])]
 
 
 def store_size(url: str, storage_options: dict[str, Any] | None = None) -> int | None:
@@ -283,8 +273,8 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
 
     """
     steps = run.steps()  # empty until the first block of steps is written
-    stage_column = steps.get("stage", np.empty(0, dtype=np.int32))
-    learning_rates = steps.get("lr", np.empty((0, 0)))
+    stage_column = steps.get(STEP_STAGE, np.empty(0, dtype=np.int32))
+    learning_rates = steps.get(STEP_LR, np.empty((0, 0)))
     stages = run.stages
     sections = [_header_lines(run, store_size(run.url, storage_options))]
     if run.status != "complete":
@@ -373,7 +363,7 @@ def analysis_summary(result: AnalysisResult, store: str, name: str | None) -> st
         [
             f"{result.config['method']} analysis of {queries} queries; stages {sizes}",
             "stage effects (predicted change of each query's measurement without the stage):",
-            *_format_table(("query", *result.stage_names), rows),
+            *format_table(("query", *result.stage_names), rows),
             *more,
             where,
         ]
@@ -556,25 +546,13 @@ def load_datasets(
     return datasets
 
 
-#: Keys of an ``analyze`` configuration file besides the analyze() options below.
+#: Keys an ``analyze`` configuration file must have.
 CONFIG_REQUIRED = ("task", "data", "queries")
-#: analyze() keyword arguments a configuration file may set, as they are.
-ANALYZE_OPTIONS = (
-    "method",
-    "segments",
-    "batch_size",
-    "name",
-    "seed",
-    "fisher",
-    "optimizer_model",
-    "momentum_tail",
-    "adam_variant",
-    "damping",
-    "preconditioner_floor",
-)
+#: Keys it may have besides those and the fields of :class:`~source_callback.AnalysisOptions`.
+CONFIG_OPTIONAL = ("model_kwargs", "name")
 
 
-def read_analyze_config(path: str) -> dict[str, Any]:
+def read_analyze_config(path: str) -> tuple[dict[str, Any], AnalysisOptions]:
     """The configuration of ``source-callback analyze``: a JSON file, or TOML (``.toml``).
 
     Parameters
@@ -584,17 +562,20 @@ def read_analyze_config(path: str) -> dict[str, Any]:
         arguments to make a :class:`~source_callback.Task`), ``data`` (``MODULE:FUNCTION``
         returning ``{stage name: training dataset}``), ``queries`` (``MODULE:FUNCTION``
         returning the query dataset), optionally ``model_kwargs`` (keyword arguments of the
-        model's constructor) and any of ``ANALYZE_OPTIONS``.
+        model's constructor), ``name`` (of the stored analysis, ``"default"``; ``null``: not
+        stored) and any fields of :class:`~source_callback.AnalysisOptions`, by their names.
 
     Returns
     -------
-    dict
-        The configuration, checked for missing and unknown keys.
+    config, options
+        The keys that are no analysis options, and the options (checked by
+        :meth:`AnalysisOptions.from_json <source_callback.AnalysisOptions.from_json>`).
 
     Raises
     ------
     ValueError
-        The file does not parse, is not a table, or lacks or has unknown keys.
+        The file does not parse, is not a table, lacks or has unknown keys, or a value has the
+        wrong type or is out of range.
     OSError
         The file cannot be read.
 
@@ -612,21 +593,27 @@ def read_analyze_config(path: str) -> dict[str, Any]:
         raise ValueError(
             f"config {path}: missing key(s) {', '.join(missing)} (needs task, data and queries)"
         )
-    unknown = sorted(set(config) - {*CONFIG_REQUIRED, "model_kwargs", *ANALYZE_OPTIONS})
+    known = (*CONFIG_REQUIRED, *CONFIG_OPTIONAL, *option_names())
+    unknown = sorted(set(config) - set(known))
     if unknown:
         raise ValueError(
-            f"config {path}: unknown key(s) {', '.join(unknown)}; known: "
-            f"{', '.join((*CONFIG_REQUIRED, 'model_kwargs', *ANALYZE_OPTIONS))}"
+            f"config {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}"
         )
     wrong = [key for key in CONFIG_REQUIRED if not isinstance(config[key], str)]
     if not isinstance(config.get("model_kwargs", {}), dict):
         wrong.append("model_kwargs")
+    if not isinstance(config.get("name", ""), str | None):
+        wrong.append("name")
     if wrong:
         raise ValueError(
-            f"config {path}: {', '.join(wrong)} must be text (task, data, queries) or a table "
-            "(model_kwargs)"
+            f"config {path}: {', '.join(wrong)} must be text (task, data, queries, name) or a "
+            "table (model_kwargs)"
         )
-    return config
+    settings = {key: config.pop(key) for key in option_names() if key in config}
+    try:
+        return config, AnalysisOptions.from_json(settings)
+    except ValueError as error:
+        raise ValueError(f"config {path}: {error}") from error
 
 
 def _config_spec(config: Mapping[str, Any], key: str) -> tuple[str, str]:
@@ -678,9 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model is built by --module MODULE:CLASS, everything else comes from --config (JSON, "
         "or TOML for a .toml file): task (a built-in name, or MODULE:NAME), data "
         "(MODULE:FUNCTION returning {stage name: training dataset}), queries (MODULE:FUNCTION "
-        "returning the query dataset), optionally model_kwargs and analyze() options: "
-        f"{', '.join(ANALYZE_OPTIONS)}. This imports and runs your code: the modules named "
-        "there and in --module, from the working directory or sys.path.",
+        "returning the query dataset), optionally model_kwargs, name (of the stored analysis) "
+        f"and the analysis options (AnalysisOptions' fields): {', '.join(option_names())}. "
+        "This imports and runs your code: the modules named there and in --module, from the "
+        "working directory or sys.path.",
     )
     _add_store_arguments(analyze_)
     analyze_.add_argument(
@@ -754,7 +742,7 @@ def _run_verify(args: argparse.Namespace, storage_options: dict[str, Any] | None
 
 def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:
     """Build the model and data from the user's code, analyze, and print a summary."""
-    config = read_analyze_config(args.config)
+    config, options = read_analyze_config(args.config)
     model = call_user_code(args.module, "--module", **config.get("model_kwargs", {}))
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--module built a {type(model).__name__}, not a torch.nn.Module")
@@ -763,7 +751,7 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
         task = call_user_code(_config_spec(config, "task"), "config 'task'")
         if not isinstance(task, Task):
             raise ValueError(f"config 'task' made a {type(task).__name__}, not a Task")
-    options = {key: config[key] for key in ANALYZE_OPTIONS if key in config}
+    name = config.get("name", "default")
     result = analyze(
         args.store,
         model=model.to(args.device),
@@ -771,10 +759,11 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
         train=load_datasets(*_config_spec(config, "data"), origin="config 'data'"),
         queries=call_user_code(_config_spec(config, "queries"), "config 'queries'"),
         storage_options=storage_options,
+        name=name,
         verbose=not args.quiet,
-        **options,
+        options=options,
     )
-    print(analysis_summary(result, args.store, options.get("name", "default")))
+    print(analysis_summary(result, args.store, name))
 
 
 def _run_report(args: argparse.Namespace, storage_options: dict[str, Any] | None) -> None:

@@ -1,6 +1,11 @@
-"""Short descriptions of a recorded stage, shared by the ``inspect`` and ``report`` commands."""
+"""Short descriptions of a recorded stage and plain-text tables, shared by the commands.
+
+Used by ``inspect``, ``report`` and the summary ``analyze`` prints.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -65,3 +70,30 @@ def batch_label(stage: Stage) -> str:
     """
     batch = "?" if stage.batch_size is None else str(stage.batch_size)
     return f"{batch} x {stage.accumulate_grad_batches} x {stage.world_size}"
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  "
+) -> list[str]:
+    """Left-aligned columns, two spaces apart, under a header line.
+
+    Parameters
+    ----------
+    headers
+        The column titles.
+    rows
+        The cells, as many per row as ``headers``.
+    indent
+        Put before every line.
+
+    Returns
+    -------
+    list of str
+        The header line, then one line per row, without trailing spaces.
+
+    """
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    return [
+        indent + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    ]

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from unroll import adam_replay, call, leave_one_out_effects, sgd_replay
 
-from source_callback import SourceCallback, open_run
+from source_callback import AnalysisOptions, SourceCallback, open_run
 from source_callback.analysis.api import analyze
 from source_callback.analysis.ekfac import ModuleCurvature
 from source_callback.analysis.results import load_analysis
@@ -323,6 +323,28 @@ def test_results_are_stored_and_reopen(two_stage) -> None:
     np.testing.assert_allclose(again.stage_totals(), totals, rtol=1e-12)
     with pytest.raises(KeyError, match="no analysis 'other'"):
         load_analysis(store, "other")
+
+
+def test_options_object_and_summary(two_stage, queries, capsys) -> None:
+    """options= gives what the keywords give; verbose prints the summary, times included."""
+    result, *_, model, data_a, data_b, root = two_stage
+    common = {"model": model, "task": "regression", "train": {"a": data_a, "b": data_b}}
+    options = AnalysisOptions(segments=3, fisher="exact")
+    again = analyze(root / "run.zarr", **common, queries=queries, options=options, name=None)
+    assert again.config == result.config
+    for stage in result.stage_names:
+        np.testing.assert_array_equal(again.scores[stage], result.scores[stage])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "source analysis of 6 queries: 2 stage(s), 6 segment(s), 2 unit(s)"
+    assert out[1].split() == ["stage", "examples", "segments", "trained", "parameters", "covered"]
+    assert out[2].split() == ["a", "24", "3", "100.0%"]
+    assert out[3].split() == ["b", "16", "3", "100.0%"]
+    assert out[4].startswith("time per step (") and out[-1] == "not stored (name=None)"
+    steps = [line.split("  ")[1].strip() for line in out[5:-1]]
+    assert {"covariance factors", "corrected eigenvalues", "scoring", "stage effects"} <= set(steps)
+    assert set(steps) == set(again.timings) and all(t >= 0 for t in again.timings.values())
+    with pytest.raises(ValueError, match="batch_size both in options= and as keyword"):
+        analyze(root / "run.zarr", **common, queries=queries, options=options, batch_size=8)
 
 
 def test_infinite_lr_mass_is_the_influence_function() -> None:

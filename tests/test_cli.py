@@ -312,12 +312,13 @@ def test_analyze_reads_toml(
     config = tmp_path / "analysis.toml"
     config.write_text(
         'task = "classification"\ndata = "models:two_stage_sets"\nqueries = "models:query_set"\n'
-        'method = "tracin"\nsegments = 1\nname = "tracin"\n'
+        'method = "tracin"\nsegments = 1\nname = "tracin"\ndiagonal_above = 1000\n'
     )
     code, out, err = analyze_cli(capsys, copy, config)
     assert (code, err) == (0, ""), err
     assert out.startswith("tracin analysis of 3 queries")
-    assert load_analysis(copy, "tracin").config["method"] == "tracin"
+    stored = load_analysis(copy, "tracin").config
+    assert (stored["method"], stored["diagonal_above"]) == ("tracin", 1000)  # any option's name
 
 
 @pytest.mark.parametrize(
@@ -334,6 +335,10 @@ def test_analyze_reads_toml(
         ("models:TinyClassifier", {"model_kwargs": {"width": 3}}, 1, "unexpected keyword"),
         ("models:TinyClassifier", {"data": None}, 1, "missing key(s) data (needs task, data"),
         ("models:TinyClassifier", {"epochs": 3}, 1, "unknown key(s) epochs; known: task"),
+        ("models:TinyClassifier", {"batch_size": "16"}, 1, "batch_size must be an int, got '16'"),
+        ("models:TinyClassifier", {"segments": 0}, 1, "analysis.json: segments must be >= 1"),
+        ("models:TinyClassifier", {"method": "loo"}, 1, "method must be one of ('source'"),
+        ("models:TinyClassifier", {"name": 3}, 1, "name must be text"),
         ("models:TinyClassifier", {"queries": "models"}, 1, "config 'queries': expected MODULE"),
         ("models:TinyClassifier", {"queries": "models:nothing"}, 1, "has no function or class"),
         ("models:TinyClassifier", {"task": "ranking"}, 1, "unknown task 'ranking'"),

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTED = [
     "source_callback.SourceCallback",
     "source_callback.analyze",
+    "source_callback.AnalysisOptions",
     "source_callback.load_analysis",
     "source_callback.AnalysisResult",
     "source_callback.Task",

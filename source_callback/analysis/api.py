@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -22,6 +25,7 @@ from source_callback.analysis.optimizers import (
     module_rates,
     segment_operator,
 )
+from source_callback.analysis.options import AnalysisOptions, Fisher, Method, option_names
 from source_callback.analysis.parallel import Workers
 from source_callback.analysis.probes import check_probes
 from source_callback.analysis.projection import KroneckerProjection
@@ -36,18 +40,23 @@ from source_callback.analysis.stage_models import (
     run_view,
 )
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
+from source_callback.analysis.timing import Timer
 from source_callback.analysis.units import SelectionSpec
+from source_callback.describe import format_table
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule
 from source_callback.store.analyses import AnalysisWriter, write_analysis
 from source_callback.store.reader import open_run
-from source_callback.store.schema import ROLE_END, ROLE_START
+from source_callback.store.schema import (
+    CONFIG_COVERAGE,
+    INFO_CONFIG,
+    INFO_STAGE_NAMES,
+    ROLE_END,
+    ROLE_START,
+)
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
-
-Method = Literal["source", "fast-source", "if", "tracin"]
-METHODS = ("source", "fast-source", "if", "tracin")
 
 
 def analyze(
@@ -63,7 +72,7 @@ def analyze(
     batch_size: int = 64,
     optimizer_model: UpdateRule | str | None = None,
     momentum_tail: bool = True,
-    fisher: Literal["sampled", "exact"] = "sampled",
+    fisher: Fisher = "sampled",
     seed: int = 0,
     collate_fn: Any = None,
     name: str | None = "default",
@@ -81,6 +90,7 @@ def analyze(
     verbose: bool = True,
     modules: SelectionSpec = None,
     diagonal_above: int | None = None,
+    options: AnalysisOptions | None = None,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
 
@@ -101,59 +111,23 @@ def analyze(
         against the recorded size and fingerprint.
     queries
         Dataset of query examples, batched like the training data.
-    segments
-        Segments per stage, or per stage name a count or the global steps where segments start
-        (a stage the mapping does not name gets one segment).
-    method
-        ``"source"`` (EK-FAC and gradients at every checkpoint of a segment, averaged),
-        ``"fast-source"`` (once, at the segment's average parameters), ``"if"`` (EK-FAC
-        influence at the final parameters, damped) or ``"tracin"`` (TracInCP over the
-        segments' checkpoints, weighted by their learning-rate mass).
+    method, segments, batch_size, fisher, seed, optimizer_model, momentum_tail
+        Settings of the computation: the fields of :class:`AnalysisOptions` of the same names,
+        which document them (same defaults, same checks).
+    adam_variant, damping, preconditioner_floor, modules, diagonal_above
+        More fields of :class:`AnalysisOptions`.
+    out_of_core, cache, projection_dim
+        More fields of :class:`AnalysisOptions`; ``out_of_core`` and ``cache`` need ``name``.
+    options
+        All of those settings in one object, instead of the keyword arguments (which then keep
+        their defaults: a setting given both ways is refused).
     storage_options
         fsspec options for a remote store.
-    batch_size
-        Examples per batch in every pass over data.
-    optimizer_model
-        Update rule to assume instead of the recorded one (needed for unknown optimizers).
-    momentum_tail
-        Cut each gradient's momentum tail at its stage's end (SOURCE-math §4).
-    fisher
-        ``"sampled"`` pseudo-labels (one per example and pass), or ``"exact"`` Gauss-Newton
-        Hessian blocks (one backward pass per output: small outputs only).
-    seed
-        Seed of the pseudo-label sampling.
     collate_fn
         Passed to the DataLoaders (as used in training).
-    adam_variant
-        How Adam's preconditioner enters (SOURCE-math §4): ``"preconditioned"`` (EK-FAC of
-        ``P^{1/2} H P^{1/2}``, exact for a constant P) or ``"diagonal"`` (the paper's App. D.2).
-    damping
-        Damping of inverse curvatures, relative to each module's mean eigenvalue: the
-        ``"diagonal"`` Adam variant's, and influence functions' (``method="if"``).
-    preconditioner_floor
-        Adam/AdamW: each parameter's √v̂ is floored at this fraction of its median, bounding
-        the amplification of coordinates that never received gradient (see
-        :func:`source_callback.analysis.optimizers.adam_preconditioner`).
     name
         The result is also written into the store under ``analyses/<name>/`` (replacing one of
         that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
-    out_of_core
-        Add the scores up in the store, one block of training examples at a time, instead of
-        in memory; the returned scores are then Zarr arrays read where sliced (as from
-        :func:`load_analysis`). Memory no longer grows with the number of training examples.
-        Needs ``name``; a later analysis of the same name replaces what those arrays read.
-    cache
-        ``"projected"``: keep what scoring needs besides the queries under
-        ``analyses/<name>/cache/`` — the segment operators and every training example's
-        gradient, averaged over its segment's checkpoints and compressed by a per-module
-        Kronecker random projection (float32) — and score from it. A later call with the same
-        settings and any queries reuses it and makes no pass over the training data. Needs
-        ``name``; ``method`` ``"source"`` or ``"fast-source"``.
-    projection_dim
-        With ``cache="projected"``: each module's ``[out, in]`` gradient is projected to
-        ``[min(k, out), min(k, in)]`` with ``k = projection_dim`` (exact where ``k`` covers a
-        side). Larger is more accurate and takes more disk; Adam stages need a larger ``k``
-        than SGD ones for the same accuracy (see the benchmarks).
     accelerator, devices, num_nodes, strategy
         Run every data pass data-parallel on Lightning Fabric (``Fabric(accelerator=...,
         devices=..., num_nodes=..., strategy=...)``, launched here): each process takes a share
@@ -165,22 +139,15 @@ def analyze(
         a ``torch.distributed`` process group that is already initialised (``torchrun``,
         SLURM) is used as it is.
     verbose
-        Show progress bars and the coverage (rank 0 only).
-    modules
-        The units to attribute through (a unit: a module's parameters with their own
-        curvature; a parameter tied between modules is one unit named ``"a+b"``): a
-        :class:`~source_callback.ModuleSelection`, a list of ``fnmatch`` include patterns, or
-        ``{"include": [...], "exclude": [...]}``; all by default. The share of each stage's
-        trained parameters covered is ``result.coverage``.
-    diagonal_above
-        Sides of a unit's gradient matrix longer than this (e.g. a 50,000-token output layer)
-        get an identity eigenbasis instead of a dense ``[n, n]`` factor; ``None``: only
-        embeddings' token sides and units of norm weights and standalone biases are diagonal.
+        Show progress bars and, at the end, a summary: stages, segments, units and the share
+        of each stage's trained parameters they cover, time per pass, where the result is
+        stored (rank 0 only).
 
     Returns
     -------
     AnalysisResult
-        The same on every process of a distributed analysis.
+        The same on every process of a distributed analysis (its ``timings`` are the
+        process's own).
 
     Raises
     ------
@@ -189,17 +156,94 @@ def analyze(
         (:mod:`source_callback.analysis.memory`) exceeds what is available; the message names
         the largest units and settings that fit. The environment variable
         ``SOURCE_CALLBACK_MEMORY_LIMIT`` (bytes, or e.g. ``"8GiB"``) sets the limit.
+    TypeError, ValueError
+        A setting has the wrong type or value (see :class:`AnalysisOptions`).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if cache not in (None, "projected"):
-        raise ValueError(f"cache must be None or 'projected', got {cache!r}")
-    if cache and method not in ("source", "fast-source"):
+    given = {key: value for key, value in locals().items() if key in OPTION_NAMES}
+    settings = _settings(options, given)
+    timer = Timer()
+    with timer("record checks"):
+        run, models, task = _open_record(store, storage_options, model, task, train, settings)
+    workers = start_workers(models[-1], fabric, accelerator, devices, num_nodes, strategy)
+    if (settings.out_of_core or workers.distributed or settings.cache) and name is None:
         raise ValueError(
-            f"cache='projected' serves method 'source' or 'fast-source', not {method!r}"
+            "out-of-core, cached and distributed analyses write into the store: pass a name "
+            "for the analysis (name='default')."
         )
-    if fisher not in ("sampled", "exact"):
-        raise ValueError(f"fisher must be 'sampled' or 'exact', got {fisher!r}")
+    with timer("engines and probes"):
+        stages = _build_engines(
+            run, models, task, train, settings, collate_fn, verbose, workers, timer
+        )
+    with timer("segment plan"):
+        plan = _plan(run, stages, queries, settings)
+    coverage = _coverage(stages)
+    config = _stored_config(settings, plan, stages, coverage)
+    info = {INFO_STAGE_NAMES: [s.name for s in run.stages], INFO_CONFIG: config}
+    writer, sink = _open_sink(run, queries, settings, workers, name, storage_options, info)
+    final_state = _read(stages.final, run, len(run.stages) - 1, ROLE_END)
+    job = _Job(run, stages, plan, queries, settings, final_state, sink)
+    arrivals = _attribute(job, config, name, storage_options)
+    with timer("stage effects"):
+        effects, last_exact = _stage_effects(job, arrivals)
+    with timer("writing results"):
+        if writer is None:
+            result = _keep(job, info, effects, last_exact, name, storage_options)
+        else:
+            result = _commit(job, writer, workers, effects, last_exact, name, storage_options)  # type: ignore[arg-type]
+    result.timings = dict(timer.seconds)
+    if stages.final.verbose:
+        print(summary(job, coverage, result.timings, name))
+    return result
+
+
+OPTION_NAMES = option_names()
+
+
+def _settings(options: AnalysisOptions | None, given: dict[str, Any]) -> AnalysisOptions:
+    """The options of a call to :func:`analyze`: ``options``, or its keyword arguments.
+
+    A keyword argument other than its default, beside ``options``, is refused.
+    """
+    if options is None:
+        return AnalysisOptions(**given)
+    defaults = inspect.signature(analyze).parameters
+    both = [key for key, value in given.items() if value != defaults[key].default]
+    if both:
+        raise ValueError(
+            f"analyze() got {', '.join(both)} both in options= and as keyword argument(s); "
+            "give each setting once"
+        )
+    return options
+
+
+Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
+
+
+@dataclass
+class _Job:
+    """What the steps of one analysis share, once it is planned."""
+
+    run: RunView
+    stages: StageEngines
+    plan: list[Segment]
+    queries: Dataset
+    options: AnalysisOptions
+    final_state: State
+    sink: ScoreSink
+
+
+def _open_record(
+    store: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None,
+    model: ModelSpec,
+    task: str | Task,
+    train: Mapping[str, Dataset],
+    options: AnalysisOptions,
+) -> tuple[RunView, list[nn.Module], Task]:
+    """Open the record and check it, the models, the task and the data against each other.
+
+    Returns the run as the models name its tensors, the model of each stage and the task.
+    """
     recorded = open_run(store, storage_options)
     recorded.require_intact()
     incomplete = [s.name for s in recorded.stages if not s.complete]
@@ -208,12 +252,12 @@ def analyze(
             f"{recorded.url} has incomplete stage(s) {incomplete or 'none recorded'}; analyze "
             "needs every stage recorded to its end."
         )
-    task = resolve_task(task)
-    if fisher == "exact" and not isinstance(task, ExactFisherTask):
+    resolved = resolve_task(task)
+    if options.fisher == "exact" and not isinstance(resolved, ExactFisherTask):
         raise AnalysisError("fisher='exact' needs a task with exact_pseudo_losses()")
     models = models_per_stage(model, recorded)
     run = run_view(recorded, models)
-    if len(set(run.owners)) > 1 and (method in ("if", "tracin") or cache):
+    if len(set(run.owners)) > 1 and (options.method in ("if", "tracin") or options.cache):
         raise ValueError(
             "with one model per stage, analyze supports method 'source' or 'fast-source' "
             "without a cache: influence and TracIn take every gradient at the final model "
@@ -221,12 +265,21 @@ def analyze(
         )
     check_datasets(run, train)
     run.check_continuity()
-    workers = start_workers(models[-1], fabric, accelerator, devices, num_nodes, strategy)
-    if (out_of_core or workers.distributed or cache) and name is None:
-        raise ValueError(
-            "out-of-core, cached and distributed analyses write into the store: pass a name "
-            "for the analysis (name='default')."
-        )
+    return run, models, resolved
+
+
+def _build_engines(
+    run: RunView,
+    models: list[nn.Module],
+    task: Task,
+    train: Mapping[str, Dataset],
+    options: AnalysisOptions,
+    collate_fn: Any,
+    verbose: bool,
+    workers: Workers,
+    timer: Timer,
+) -> StageEngines:
+    """One engine per distinct model, with its selected units; the recorded probes checked."""
     stages = StageEngines.build(
         run,
         models,
@@ -234,148 +287,176 @@ def analyze(
             copy,
             task,
             train,
-            batch_size,
-            fisher,
-            seed,
+            options.batch_size,
+            options.fisher,
+            options.seed,
             verbose,
             collate_fn,
             workers,
             units,
+            timer,
         ),
-        modules,
-        diagonal_above,
+        options.modules,
+        options.diagonal_above,
         workers.device,
     )
     copies = [engine.model for engine in stages.engines]
     workers.run(lambda: check_probes(run, copies, task, train, collate_fn))  # errors shared
-    work = stages.final
+    return stages
+
+
+def _plan(
+    run: RunView, stages: StageEngines, queries: Dataset, options: AnalysisOptions
+) -> list[Segment]:
+    """The segments, in training order, once the memory they need is known to fit."""
     plan = plan_segments(
-        run, segments, momentum_tail=momentum_tail, optimizer_model=optimizer_model
+        run,
+        options.segments,
+        momentum_tail=options.momentum_tail,
+        optimizer_model=options.optimizer_model,
     )
     model_bytes = sum(
         p.numel() * p.element_size() for e in stages.distinct for p in e.model.parameters()
     )
-    footprint.check(stages.units, footprint.Plan(len(queries), len(plan), model_bytes), work.device)  # type: ignore[arg-type]
-    coverage = _coverage(stages)
-    last = len(run.stages) - 1
-    final_state = checkpoint_state(run.boundary(last, ROLE_END))
-    config = {
-        "method": method,
+    footprint.check(
+        stages.units, footprint.Plan(len(queries), len(plan), model_bytes), stages.final.device
+    )  # type: ignore[arg-type]
+    return plan
+
+
+#: Options stored in an analysis's configuration as given (``segments`` and ``modules`` are
+#: stored resolved: the segments' steps and the units' names).
+STORED_AS_GIVEN = ("method", "momentum_tail", "fisher", "seed", "optimizer_model", "diagonal_above")
+
+
+def _stored_config(
+    options: AnalysisOptions,
+    plan: list[Segment],
+    stages: StageEngines,
+    coverage: dict[str, tuple[float, dict[str, str]]],
+) -> dict[str, Any]:
+    """The configuration stored with the results (``AnalysisResult.config``), in the options' names.
+
+    It also keys the projected cache: a cache is reused only where it is the same.
+    """
+    given = options.to_json()
+    cache = {"kind": options.cache, "projection_dim": options.projection_dim}
+    return {
+        **{key: given[key] for key in STORED_AS_GIVEN},
         "segments": [[s.start, s.end] for s in plan],
-        "momentum_tail": momentum_tail,
-        "fisher": fisher,
-        "seed": seed,
-        "optimizer_model": None
-        if optimizer_model is None
-        else str(UpdateRule(optimizer_model).value),
         "modules": sorted(stages.units),
-        "diagonal_above": diagonal_above,
-        "coverage": {name: share for name, (share, _) in coverage.items()},
-        "cache": {"kind": cache, "projection_dim": projection_dim} if cache else None,
+        CONFIG_COVERAGE: {name: share for name, (share, _) in coverage.items()},
+        "cache": cache if options.cache else None,
     }
-    if work.verbose:
-        _print_coverage(coverage)
-    stage_names = [s.name for s in run.stages]
+
+
+def _open_sink(
+    run: RunView,
+    queries: Dataset,
+    options: AnalysisOptions,
+    workers: Workers,
+    name: str | None,
+    storage_options: dict[str, Any] | None,
+    info: dict[str, Any],
+) -> tuple[AnalysisWriter | None, ScoreSink]:
+    """Where the scores are added up: in the store (out of core, distributed), or in memory."""
     shapes = [(len(queries), s.num_examples or 0) for s in run.stages]  # type: ignore[arg-type]
-    info = {"stage_names": stage_names, "config": config}
-    writer: AnalysisWriter | None = None
-    sink: ScoreSink
-    if out_of_core or workers.distributed:
+    if options.out_of_core or workers.distributed:
         writer = _open_writer(workers, run.url, storage_options, name, shapes, info)  # type: ignore[arg-type]
-        sink = StoredScores(writer.scores)
-    else:
-        sink = memory = MemoryScores(shapes)
+        return writer, StoredScores(writer.scores)
+    return None, MemoryScores(shapes)
 
-    if method in ("source", "fast-source"):
-        adam = AdamOptions(adam_variant, damping, preconditioner_floor)
-        gradient_cache = None
-        if cache:
-            settings = {
-                **config,
-                "adam": [adam_variant, damping, preconditioner_floor],
-                "batch_size": batch_size,
-                "projection_dim": projection_dim,
-                "stages": [[s.name, s.num_examples, s.fingerprint] for s in run.stages],
-            }
-            projection = KroneckerProjection.for_modules(
-                work.modules, projection_dim, seed, work.device
-            )
-            gradient_cache = GradientCache(run.url, storage_options, name, settings, projection)  # type: ignore[arg-type]
-        arrivals = _source(
-            stages,
-            run,
-            plan,
-            queries,
-            final_state,
-            method,
-            optimizer_model,
-            adam,
-            sink,
-            gradient_cache,
-        )
-    elif method == "if":
-        arrivals = _influence(work, run, queries, final_state, damping, sink)
-    else:
-        arrivals = _tracin(work, run, plan, queries, final_state, sink)
 
-    work.load(final_state)
-    f_final = work.measurement(queries)
+def _read(engine: Engine, run: RunView, stage: int, role: str) -> State:
+    """The state at the start or end (``role``) of a stage, timed as a checkpoint read."""
+    return engine.read(lambda: checkpoint_state(run.boundary(stage, role)))
+
+
+def _attribute(
+    job: _Job, config: dict[str, Any], name: str | None, storage_options: dict[str, Any] | None
+) -> Arrivals:
+    """Score every training example by the method; each stage's query vector at its end."""
+    if job.options.method == "if":
+        return _influence(job)
+    if job.options.method == "tracin":
+        return _tracin(job)
+    cache = _gradient_cache(job, config, name, storage_options) if job.options.cache else None  # type: ignore[arg-type]
+    return _source(job, cache)
+
+
+def _gradient_cache(
+    job: _Job,
+    config: dict[str, Any],
+    name: str,
+    storage_options: dict[str, Any] | None,
+) -> GradientCache:
+    """The projected cache of analysis ``name``, keyed by every setting that shapes it."""
+    options, work = job.options, job.stages.final
+    settings = {
+        **config,
+        "adam": [options.adam_variant, options.damping, options.preconditioner_floor],
+        "batch_size": options.batch_size,
+        "projection_dim": options.projection_dim,
+        "stages": [[s.name, s.num_examples, s.fingerprint] for s in job.run.stages],
+    }
+    projection = KroneckerProjection.for_modules(
+        work.modules, options.projection_dim, options.seed, work.device
+    )
+    return GradientCache(job.run.url, storage_options, name, settings, projection)
+
+
+def _stage_effects(job: _Job, arrivals: Arrivals) -> tuple[np.ndarray, np.ndarray]:
+    """Each stage's effect on each query (SOURCE-math §5), and the last one's exact value."""
+    work, run = job.stages.final, job.run
+    work.load(job.final_state)
+    f_final = work.measurement(job.queries)
     effects = np.zeros((len(f_final), len(run.stages)))
     for stage in run.stages:
-        engine = stages.engines[stage.index]
-        before = engine.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_START)))
-        after = engine.module_matrices(checkpoint_state(run.boundary(stage.index, ROLE_END)))
+        engine = job.stages.engines[stage.index]
+        before = engine.module_matrices(_read(engine, run, stage.index, ROLE_START))
+        after = engine.module_matrices(_read(engine, run, stage.index, ROLE_END))
         delta = {n: after[n] - before[n] for n in after}
         effects[:, stage.index] = -dot(arrivals[stage.index], delta).cpu().numpy()
-    work.load(checkpoint_state(run.boundary(last, ROLE_START)))
-    last_exact = work.measurement(queries) - f_final
+    work.load(_read(work, run, len(run.stages) - 1, ROLE_START))
+    return effects, work.measurement(job.queries) - f_final
 
-    if writer is None:
-        result = AnalysisResult(
-            dict(zip(stage_names, memory.arrays, strict=True)),
-            stage_names,
-            effects,
-            last_exact,
-            config,
-        )
-        if name is not None:
-            write_analysis(run.url, storage_options, name, memory.arrays, effects, last_exact, info)
-        return result
+
+def _keep(
+    job: _Job,
+    info: dict[str, Any],
+    effects: np.ndarray,
+    last_exact: np.ndarray,
+    name: str | None,
+    storage_options: dict[str, Any] | None,
+) -> AnalysisResult:
+    """The result of scores held in memory; written into the store unless ``name`` is None."""
+    arrays = job.sink.arrays  # type: ignore[attr-defined]
+    names = info[INFO_STAGE_NAMES]
+    if name is not None:
+        write_analysis(job.run.url, storage_options, name, arrays, effects, last_exact, info)
+    return AnalysisResult(
+        dict(zip(names, arrays, strict=True)), names, effects, last_exact, info[INFO_CONFIG]
+    )
+
+
+def _commit(
+    job: _Job,
+    writer: AnalysisWriter,
+    workers: Workers,
+    effects: np.ndarray,
+    last_exact: np.ndarray,
+    name: str,
+    storage_options: dict[str, Any] | None,
+) -> AnalysisResult:
+    """Commit scores written into the store (once every rank has written its blocks)."""
     workers.barrier()  # every rank's blocks are written
     if workers.rank == 0:
         writer.commit(effects, last_exact)
     workers.barrier()
-    result = load_analysis(run.url, name, storage_options)  # type: ignore[arg-type]
-    if not out_of_core:
+    result = load_analysis(job.run.url, name, storage_options)
+    if not job.options.out_of_core:
         result.scores = {n: np.asarray(a[...]) for n, a in result.scores.items()}
     return result
-
-
-def _coverage(stages: StageEngines) -> dict[str, tuple[float, dict[str, str]]]:
-    """Per stage: the share of its trained parameters (elements) in selected units.
-
-    With it, why each of the stage's other trained parameters is in none, in the stage's order.
-    """
-    out = {}
-    for stage, engine, found in zip(stages.run.stages, stages.engines, stages.found, strict=True):
-        covered = {p for unit in engine.modules.values() for p in unit.params}
-        trained = [p for p in stage.trainable if p in found.numel]
-        total = sum(found.numel[p] for p in trained)
-        share = sum(found.numel[p] for p in trained if p in covered) / total if total else 1.0
-        why = {p: found.uncovered.get(p, "not selected") for p in trained if p not in covered}
-        out[stage.name] = (share, why)
-    return out
-
-
-def _print_coverage(coverage: dict[str, tuple[float, dict[str, str]]]) -> None:
-    """One line per stage; the first parameters no selected unit covers, with the reason."""
-    for stage, (share, why) in coverage.items():
-        line = f"coverage of stage {stage!r}: {share:.1%} of its trained parameters"
-        if why:
-            shown = ", ".join(f"{p} ({reason})" for p, reason in list(why.items())[:5])
-            more = f" and {len(why) - 5} more" if len(why) > 5 else ""
-            line += f"; not attributed: {shown}{more}"
-        print(line)
 
 
 def start_workers(
@@ -418,9 +499,6 @@ def _open_writer(
     return workers.run(lambda: created or AnalysisWriter.reopen(url, storage_options, name))
 
 
-Arrivals = dict[int, ModuleTensors]  # per stage index: the query vector at the stage's end
-
-
 def _state_sources(segment: Segment, averaged: bool) -> list[StateSource]:
     """Loaders of the segment's states: each checkpoint, or (Fast-SOURCE) their average."""
     if averaged:
@@ -432,50 +510,46 @@ def _last_segments(plan: list[Segment]) -> dict[int, int]:
     return {segment.stage: number for number, segment in enumerate(plan)}
 
 
-def _source(
-    stages: StageEngines,
-    run: RunView,
-    plan: list[Segment],
-    queries: Dataset,
-    final_state: State,
-    method: str,
-    optimizer_model: UpdateRule | str | None,
-    adam: AdamOptions,
-    sink: ScoreSink,
-    cache: GradientCache | None,
-) -> Arrivals:
+def _source(job: _Job, cache: GradientCache | None) -> Arrivals:
     """Segmented SOURCE (SOURCE-math §3): fit every segment, sweep the queries back, score.
 
     Each segment is fitted and scored by its stage's engine. With a cache (one model), the
     operators and training gradients come from it when it matches, and are written into it
     otherwise.
     """
-    work = stages.final
-    states = [_state_sources(segment, averaged=method == "fast-source") for segment in plan]
+    run, plan, options, work = job.run, job.plan, job.options, job.stages.final
+    averaged = options.method == "fast-source"
+    states = [_state_sources(segment, averaged) for segment in plan]
     datasets = [work.train[run.stages[segment.stage].name] for segment in plan]
-    engines = [stages.engines[segment.stage] for segment in plan]
+    engines = [job.stages.engines[segment.stage] for segment in plan]
     operators = cache.stored_operators(work) if cache else None
     fitted = operators is None
     if operators is None:
+        adam = AdamOptions(options.adam_variant, options.damping, options.preconditioner_floor)
         steps = run.steps()
         operators = []
         for number, (segment, segment_states) in enumerate(zip(plan, states, strict=True)):
             stage = run.stages[segment.stage]
-            rule = UpdateRule(optimizer_model) if optimizer_model else stage.optimizer.update_rule
+            rule = UpdateRule(options.optimizer_model or stage.optimizer.update_rule)
             label = f"segment {number + 1}/{len(plan)}"
-            operators.append(
-                segment_operator(
-                    engines[number], segment, stage, rule, segment_states, steps, label, adam
+            with work.timer("segment operators"):
+                operators.append(
+                    segment_operator(
+                        engines[number], segment, stage, rule, segment_states, steps, label, adam
+                    )
                 )
-            )
-    work.load(final_state)
-    responses, arrivals = sweep(operators, work.query_grads(queries), stages.crossings(plan))
+    work.load(job.final_state)
+    with work.timer("sweep"):
+        responses, arrivals = sweep(
+            operators, work.query_grads(job.queries), job.stages.crossings(plan)
+        )
     indices = [segment.stage for segment in plan]
     weights = [1 / run.stages[index].num_examples for index in indices]  # type: ignore[operator]
     if cache is not None:
         if fitted:
             cache.build(work, datasets, operators, states)
-        cache.score(work, operators, responses, indices, weights, sink)
+        with work.timer("scoring"):
+            cache.score(work, operators, responses, indices, weights, job.sink)
     else:
         for number, (segment_states, dataset) in enumerate(zip(states, datasets, strict=True)):
             label = f"segment {number + 1}/{len(plan)}"
@@ -484,62 +558,51 @@ def _source(
                 segment_states,
                 responses[number],
                 label,
-                sink,
+                job.sink,
                 indices[number],
                 weights[number],
             )
     return {k: arrivals[n] for k, n in _last_segments(plan).items()}
 
 
-def _influence(
-    work: Engine,
-    run: RunView,
-    queries: Dataset,
-    final_state: State,
-    damping: float,
-    sink: ScoreSink,
-) -> Arrivals:
+def _influence(job: _Job) -> Arrivals:
     """EK-FAC influence at the final parameters on all stages' data pooled (SOURCE-math §7).
 
     Damping is ``damping`` times each module's mean eigenvalue. Stage effects use the final
     query gradient without propagation (first order, no forgetting).
     """
+    work, run, final_state = job.stages.final, job.run, job.final_state
     pooled = ConcatDataset([work.train[s.name] for s in run.stages])
     curvature = work.curvature(pooled, [lambda: final_state], "influence")
     work.load(final_state)
-    u = work.query_grads(queries)
-    delta = {n: damping * float(c.eigenvalues.mean()) for n, c in curvature.items()}
+    u = work.query_grads(job.queries)
+    delta = {n: job.options.damping * float(c.eigenvalues.mean()) for n, c in curvature.items()}
     vectors = {
         n: c.apply(u[n], lambda lam, n=n: 1 / (lam + delta[n])) for n, c in curvature.items()
     }
     for s in run.stages:
         states = [lambda: final_state]
         work.scores(
-            work.train[s.name], states, vectors, "influence", sink, s.index, 1 / len(pooled)
+            work.train[s.name], states, vectors, "influence", job.sink, s.index, 1 / len(pooled)
         )
     return {s.index: u for s in run.stages}
 
 
-def _tracin(
-    work: Engine,
-    run: RunView,
-    plan: list[Segment],
-    queries: Dataset,
-    final_state: State,
-    sink: ScoreSink,
-) -> Arrivals:
+def _tracin(job: _Job) -> Arrivals:
     """TracInCP (SOURCE-math §7): ``Σ_c (τ_ℓ / C_ℓ N_s) ∇f(θ_c)ᵀ ∇L(z_m, θ_c)``.
 
     Stage effects use the final query gradient without propagation.
     """
+    work, run, plan = job.stages.final, job.run, job.plan
     steps = run.steps()
     for number, segment in enumerate(plan):
         stage = run.stages[segment.stage]
         tau, _ = module_rates(work, segment, stage, steps)
         for checkpoint in segment.checkpoints:
-            state = checkpoint_state(checkpoint)
+            state = work.read(lambda c=checkpoint: checkpoint_state(c))
             work.load(state)
-            u = work.query_grads(queries, f"segment {number + 1}/{len(plan)} query gradients")
+            label = f"segment {number + 1}/{len(plan)} query gradients"
+            u = work.query_grads(job.queries, label)
             weight = {n: tau.get(n, 0.0) / len(segment.checkpoints) for n in u}
             vectors = {n: u[n] * weight[n] for n in u}
             work.scores(
@@ -547,10 +610,71 @@ def _tracin(
                 [lambda s=state: s],
                 vectors,
                 "tracin",
-                sink,
+                job.sink,
                 stage.index,
                 1 / stage.num_examples,  # type: ignore[operator]
             )
-    work.load(final_state)
-    u = work.query_grads(queries)
+    work.load(job.final_state)
+    u = work.query_grads(job.queries)
     return {s.index: u for s in run.stages}
+
+
+def _coverage(stages: StageEngines) -> dict[str, tuple[float, dict[str, str]]]:
+    """Per stage: the share of its trained parameters (elements) in selected units.
+
+    With it, why each of the stage's other trained parameters is in none, in the stage's order.
+    """
+    out = {}
+    for stage, engine, found in zip(stages.run.stages, stages.engines, stages.found, strict=True):
+        covered = {p for unit in engine.modules.values() for p in unit.params}
+        trained = [p for p in stage.trainable if p in found.numel]
+        total = sum(found.numel[p] for p in trained)
+        share = sum(found.numel[p] for p in trained if p in covered) / total if total else 1.0
+        why = {p: found.uncovered.get(p, "not selected") for p in trained if p not in covered}
+        out[stage.name] = (share, why)
+    return out
+
+
+SHOWN_UNCOVERED = 5  # parameters the summary names per stage that no selected unit covers
+
+
+def summary(
+    job: _Job,
+    coverage: dict[str, tuple[float, dict[str, str]]],
+    timings: dict[str, float],
+    name: str | None,
+) -> str:
+    """What :func:`analyze` prints when it is done (``verbose``, rank 0): one screen.
+
+    The method and sizes; per stage its examples, segments and the share of its trained
+    parameters the selected units cover (with the first parameters none covers, and why);
+    the time each step took; where the result is stored.
+    """
+    segments = Counter(segment.stage for segment in job.plan)
+    rows = [
+        (
+            stage.name,
+            f"{stage.num_examples:,}",
+            str(segments[stage.index]),
+            f"{coverage[stage.name][0]:.1%}",
+        )
+        for stage in job.run.stages
+    ]
+    lines = [
+        f"{job.options.method} analysis of {len(job.queries):,} queries: "  # type: ignore[arg-type]
+        f"{len(job.run.stages)} stage(s), {len(job.plan)} segment(s), "
+        f"{len(job.stages.units)} unit(s)",
+        *format_table(("stage", "examples", "segments", "trained parameters covered"), rows),
+    ]
+    for stage, (_, why) in coverage.items():
+        if why:
+            shown = ", ".join(
+                f"{p} ({reason})" for p, reason in list(why.items())[:SHOWN_UNCOVERED]
+            )
+            more = f" and {len(why) - SHOWN_UNCOVERED} more" if len(why) > SHOWN_UNCOVERED else ""
+            lines.append(f"  not attributed in stage {stage!r}: {shown}{more}")
+    lines.append(f"time per step ({sum(timings.values()):.2f} s in all):")
+    times = [(step, f"{seconds:.2f} s") for step, seconds in timings.items()]
+    lines += format_table(("step", "time"), times)[1:]
+    where = f"stored in {job.run.url} under analyses/{name}" if name else "not stored (name=None)"
+    return "\n".join([*lines, where])

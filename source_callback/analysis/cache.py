@@ -158,7 +158,8 @@ def cache_info(config: Mapping[str, Any], projection: Mapping[str, Any]) -> dict
 
     Normalised (tuples become lists) so that it compares equal to what is read back.
     """
-    return json.loads(json.dumps({"config": config, "projection": projection}))
+    info = {schema.CACHE_INFO_CONFIG: config, schema.CACHE_INFO_PROJECTION: projection}
+    return json.loads(json.dumps(info))
 
 
 def cache_differences(
@@ -176,20 +177,21 @@ def cache_differences(
     stored = group.attrs.get(schema.ATTR_CACHE, {})
     wanted = cache_info(config, projection)
     problems = []
-    old, new = stored.get("config", {}), wanted["config"]
+    old, new = stored.get(schema.CACHE_INFO_CONFIG, {}), wanted[schema.CACHE_INFO_CONFIG]
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             problems.append(f"{key}: stored {old.get(key)!r}, wanted {new.get(key)!r}")
-    if stored.get("projection") != wanted["projection"]:
+    projection = schema.CACHE_INFO_PROJECTION
+    if stored.get(projection) != wanted[projection]:
         problems.append(
-            f"projection: stored {stored.get('projection')!r}, wanted {wanted['projection']!r}"
+            f"projection: stored {stored.get(projection)!r}, wanted {wanted[projection]!r}"
         )
     return problems
 
 
 def stored_projection(group: zarr.Group) -> dict[str, Any]:
     """A cache group's projection description (``KroneckerProjection.from_description``)."""
-    return dict(group.attrs[schema.ATTR_CACHE]["projection"])
+    return dict(group.attrs[schema.ATTR_CACHE][schema.CACHE_INFO_PROJECTION])
 
 
 def create_gradients(group: zarr.Group, segment: int, rows: int, width: int) -> zarr.Array:

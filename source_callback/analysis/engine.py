@@ -21,6 +21,7 @@ from source_callback.analysis.parallel import Blocks, Workers
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
+from source_callback.analysis.timing import Timer
 from source_callback.analysis.units import Unit
 from source_callback.errors import AnalysisError
 from source_callback.store.schema import CACHE_DTYPE, SCORE_CHUNK
@@ -65,6 +66,7 @@ class Engine:
         collate_fn: Any,
         workers: Workers | None = None,
         units: dict[str, Unit] | None = None,
+        timer: Timer | None = None,
     ) -> None:
         self.model = model
         self.task = CheckedTask(task)
@@ -82,10 +84,17 @@ class Engine:
         self.modules = ekfac.tracked_modules(model) if units is None else units
         if not self.modules:
             raise AnalysisError("no unit of the model's trained parameters is selected")
+        #: Time per kind of pass (shared by the engines of one analysis, for its summary).
+        self.timer = timer or Timer()
 
     def load(self, state: State) -> None:
         """Put ``state``'s parameters and buffers (every name of a tied one) into the model."""
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
+
+    def read(self, state: StateSource) -> State:
+        """``state()``, timed as a checkpoint read."""
+        with self.timer("checkpoint reads"):
+            return state()
 
     def data(
         self,
@@ -165,7 +174,7 @@ class Engine:
             desc = f"{label} factors {i + 1}/{len(states)}"
 
             def factors(state: StateSource = state, desc: str = desc) -> dict[str, torch.Tensor]:
-                self.load(state())
+                self.load(self.read(state))
                 covs = ekfac.covariances(
                     self.model,
                     factored,
@@ -185,11 +194,14 @@ class Engine:
                         sums[f"s/{name}"] = self._zeros(out, out) if cov.s is None else cov.s
                 return sums
 
-            for key, total in self.workers.sum(self.workers.run(factors)).items():
+            with self.timer("covariance factors"):
+                sums = self.workers.sum(self.workers.run(factors))
+            for key, total in sums.items():
                 side, name = key.split("/", 1)
                 target = a_sum if side == "a" else s_sum
                 target[name] = target.get(name, 0) + total / count
-        bases = {n: (_basis(a_sum.get(n)), _basis(s_sum.get(n))) for n in modules}
+        with self.timer("eigendecomposition"):
+            bases = {n: (_basis(a_sum.get(n)), _basis(s_sum.get(n))) for n in modules}
         lam_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states):
             desc = f"{label} eigenvalues {i + 1}/{len(states)}"
@@ -197,7 +209,7 @@ class Engine:
             def eigenvalues(
                 state: StateSource = state, desc: str = desc
             ) -> dict[str, torch.Tensor]:
-                self.load(state())
+                self.load(self.read(state))
                 mean = ekfac.corrected_eigenvalues(
                     self.model,
                     modules,
@@ -214,7 +226,9 @@ class Engine:
                     for name, unit in modules.items()
                 }
 
-            for name, value in self.workers.sum(self.workers.run(eigenvalues)).items():
+            with self.timer("corrected eigenvalues"):
+                sums = self.workers.sum(self.workers.run(eigenvalues))
+            for name, value in sums.items():
                 lam_sum[name] = lam_sum.get(name, 0) + value / count
         out = {}
         for name, (q_a, q_s) in bases.items():
@@ -258,7 +272,7 @@ class Engine:
 
         def score() -> None:
             for i, state in enumerate(states):
-                self.load(state())
+                self.load(self.read(state))
                 pending = iter(blocks)
                 start, stop = next(pending, (0, 0))
                 buffer = self._zeros(queries, stop - start)
@@ -273,7 +287,8 @@ class Engine:
                         start, stop = next(pending, (0, 0))
                         buffer, filled = self._zeros(queries, stop - start), 0
 
-        self.workers.run(score)
+        with self.timer("scoring"):
+            self.workers.run(score)
 
     def cache_gradients(
         self,
@@ -296,7 +311,7 @@ class Engine:
         blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
 
         def write() -> None:
-            held = [state() for state in states]
+            held = [self.read(state) for state in states]
             for start, stop in blocks:
                 total = self._zeros(stop - start, projection.dim)
                 for i, state in enumerate(held):
@@ -318,37 +333,40 @@ class Engine:
                 # float32 by design: the cache's precision (see analysis/cache.py)
                 array[start:stop] = (total / len(held)).cpu().numpy().astype(CACHE_DTYPE)
 
-        self.workers.run(write)
+        with self.timer("cached gradients"):
+            self.workers.run(write)
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
-        local = self.workers.run(
-            lambda: per_example_grads(
-                self.model,
-                self.modules,
-                self.task.measurement,
-                self.data(queries, label, blocks, name="queries"),
+        with self.timer("query gradients"):
+            local = self.workers.run(
+                lambda: per_example_grads(
+                    self.model,
+                    self.modules,
+                    self.task.measurement,
+                    self.data(queries, label, blocks, name="queries"),
+                )
             )
-        )
-        return {
-            name: self.workers.gather(grads, len(queries), self.batch_size)  # type: ignore[arg-type]
-            for name, grads in local.items()
-        }
+            return {
+                name: self.workers.gather(grads, len(queries), self.batch_size)  # type: ignore[arg-type]
+                for name, grads in local.items()
+            }
 
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
-        local = self.workers.run(
-            lambda: (
-                evaluate(
-                    self.task.measurement,
-                    self.model,
-                    self.data(queries, "measurement", blocks, name="queries"),
-                ).double()
-                if blocks
-                else self._zeros(0)
+        with self.timer("measurements"):
+            local = self.workers.run(
+                lambda: (
+                    evaluate(
+                        self.task.measurement,
+                        self.model,
+                        self.data(queries, "measurement", blocks, name="queries"),
+                    ).double()
+                    if blocks
+                    else self._zeros(0)
+                )
             )
-        )
-        values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
-        return values.cpu().numpy()
+            values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
+            return values.cpu().numpy()

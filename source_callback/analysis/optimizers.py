@@ -23,7 +23,7 @@ from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, 
 from source_callback.analysis.units import Unit
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule, WeightDecay
-from source_callback.store.schema import Stage
+from source_callback.store.schema import STEP_BETA2, STEP_EPS, STEP_WEIGHT_DECAY, Stage
 
 AdamVariant = Literal["preconditioned", "diagonal"]
 
@@ -31,6 +31,8 @@ AdamVariant = Literal["preconditioned", "diagonal"]
 @dataclass(frozen=True)
 class AdamOptions:
     """How Adam-family segments are modelled.
+
+    :class:`~source_callback.AnalysisOptions` checks these values as its fields.
 
     Attributes
     ----------
@@ -46,12 +48,6 @@ class AdamOptions:
     variant: AdamVariant = "preconditioned"
     damping: float = 0.1
     floor: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.variant not in ("preconditioned", "diagonal"):
-            raise ValueError(
-                f"adam_variant must be 'preconditioned' or 'diagonal', got {self.variant!r}"
-            )
 
 
 ADAM_RULES = (UpdateRule.ADAM, UpdateRule.ADAMW)
@@ -110,10 +106,10 @@ def adam_preconditioner(
             group = group_of(stage, param)
             entry = state[param]
             v = entry.get("max_exp_avg_sq", entry["exp_avg_sq"]).double()
-            beta2 = steps["beta2"][row, group]
+            beta2 = steps[STEP_BETA2][row, group]
             root = (v / (1 - beta2 ** entry["step"].double())).sqrt()
             if root.any():
-                roots[param].append((root, float(steps["eps"][row, group])))
+                roots[param].append((root, float(steps[STEP_EPS][row, group])))
         return True
 
     if not sum(collect(c, params) for c in segment.checkpoints):
@@ -131,7 +127,7 @@ def adam_preconditioner(
     shapes = {n: p.shape for n, p in engine.model.named_parameters(remove_duplicate=False)}
     for param, found in roots.items():
         if not found:  # no gradient all stage long: v̂ = 0, P = 1/eps as Adam has it
-            eps = float(steps["eps"][segment.start, group_of(stage, param)])
+            eps = float(steps[STEP_EPS][segment.start, group_of(stage, param)])
             found = [(torch.zeros(shapes[param], dtype=torch.float64), eps)]
         per_param[param] = sum(
             1 / (root.clamp_min(floor * float(root.median())) + eps) for root, eps in found
@@ -147,7 +143,7 @@ def module_rates(
     for name, unit in stage_modules(engine, stage).items():
         group = group_of(stage, unit.params[0])
         tau[name] = float(segment.lr_mass[group])
-        decay[name] = float(np.mean(steps["weight_decay"][segment.start : segment.end, group]))
+        decay[name] = float(np.mean(steps[STEP_WEIGHT_DECAY][segment.start : segment.end, group]))
     return tau, decay
 
 

@@ -12,7 +12,14 @@ import numpy as np
 import zarr
 
 from source_callback.store.reader import open_run
-from source_callback.store.schema import ANALYSIS_EFFECTS, ANALYSIS_LAST_EXACT, SCORE_CHUNK
+from source_callback.store.schema import (
+    ANALYSIS_EFFECTS,
+    ANALYSIS_LAST_EXACT,
+    CONFIG_COVERAGE,
+    INFO_CONFIG,
+    INFO_STAGE_NAMES,
+    SCORE_CHUNK,
+)
 
 #: One stage's scores ``[queries, examples]``: in memory, or a stored array read on demand.
 ScoreArray = np.ndarray | zarr.Array
@@ -134,7 +141,13 @@ class AnalysisResult:
     last_stage_exact
         ``[n_queries]``: the exact value of that change for the last stage, for comparison.
     config
-        The settings the analysis ran with.
+        The settings the analysis ran with: the :class:`~source_callback.AnalysisOptions`
+        that shape the scores, by the same names (``segments`` as the steps ``[start, end)``
+        of each segment, ``modules`` as the names of the units attributed through), and
+        ``coverage``.
+    timings
+        Seconds spent in each step of the analysis, as :func:`~source_callback.analyze`'s
+        summary shows them; empty for an analysis reopened by :func:`load_analysis`.
     """
 
     scores: dict[str, ScoreArray]
@@ -142,6 +155,7 @@ class AnalysisResult:
     stage_effects: np.ndarray
     last_stage_exact: np.ndarray
     config: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def coverage(self) -> dict[str, float]:
@@ -150,7 +164,7 @@ class AnalysisResult:
         Counted in parameters (elements); ``config["coverage"]``, empty for analyses stored
         before it was recorded.
         """
-        return dict(self.config.get("coverage", {}))
+        return dict(self.config.get(CONFIG_COVERAGE, {}))
 
     def top(self, query: int, k: int = 10) -> tuple[list[Attribution], list[Attribution]]:
         """The ``k`` most helpful and ``k`` most harmful training examples for one query.
@@ -262,11 +276,11 @@ def load_analysis(
     :meth:`AnalysisResult.stage_totals` read them one block of training examples at a time.
     """
     info, score_arrays, arrays = open_run(store, storage_options).analysis(name)
-    names = list(info["stage_names"])
+    names = list(info[INFO_STAGE_NAMES])
     return AnalysisResult(
         dict(zip(names, score_arrays, strict=True)),
         names,
         arrays[ANALYSIS_EFFECTS],
         arrays[ANALYSIS_LAST_EXACT],
-        info["config"],
+        info[INFO_CONFIG],
     )

@@ -18,7 +18,7 @@ from source_callback.analysis.namespace import CheckpointView, RunView
 from source_callback.errors import AnalysisError, UnsupportedOptimizerError
 from source_callback.optim import UpdateRule
 from source_callback.store.reader import Checkpoint, Run
-from source_callback.store.schema import ROLE_END, Stage
+from source_callback.store.schema import ROLE_END, STEP_DAMPENING, STEP_LR, STEP_MOMENTUM, Stage
 
 #: ``segments=`` accepts a count per stage, or per stage name a count or interior cut steps.
 SegmentSpec = int | Mapping[str, int | Sequence[int]]
@@ -94,16 +94,16 @@ def effective_rates(
         )
     rows = slice(stage.first_step, stage.last_step + 1)
     groups = len(stage.optimizer.groups)
-    lr = steps["lr"][rows, :groups]
+    lr = steps[STEP_LR][rows, :groups]
     if rule in (UpdateRule.SGD, UpdateRule.UNKNOWN):
         return lr.copy()
-    beta = np.nan_to_num(steps["momentum"][rows, :groups])
+    beta = np.nan_to_num(steps[STEP_MOMENTUM][rows, :groups])
     remaining = (stage.last_step + 1 - np.arange(stage.first_step, stage.last_step + 1))[:, None]
     if rule is UpdateRule.SGD_MOMENTUM:
         nesterov = np.array(
             [bool(g.hyperparameters.get("nesterov")) for g in stage.optimizer.groups]
         )
-        dampening = np.where(nesterov, 0.0, np.nan_to_num(steps["dampening"][rows, :groups]))
+        dampening = np.where(nesterov, 0.0, np.nan_to_num(steps[STEP_DAMPENING][rows, :groups]))
         scale = (1 - dampening) / (1 - beta)
         tail = 1 - beta ** (remaining + nesterov)
     else:  # Adam, AdamW: β1's weights sum to 1

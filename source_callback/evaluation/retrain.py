@@ -36,7 +36,7 @@ from source_callback.analysis.task import Task
 from source_callback.errors import SourceCallbackError
 from source_callback.optim import OptimizerRecord, describe_optimizer
 from source_callback.store.reader import Run, open_run
-from source_callback.store.schema import Stage
+from source_callback.store.schema import STEP_EPOCH, Stage
 
 #: ``module()`` builds a fresh, untrained model; ``before_stage(module, stage name)`` prepares
 #: it for a stage (e.g. selects that stage's optimizer recipe or freezes layers) as the original
@@ -119,7 +119,7 @@ def read_recipe(run: Run) -> list[StageRecipe]:
         A stage is incomplete, has no recorded size or batch size, or its step count fits no
         epoch structure of that batch size (a custom sampler, or steps limited by time).
     """
-    epochs = run.steps()["epoch"]
+    epochs = run.steps()[STEP_EPOCH]
     return [_stage_recipe(s, epochs[s.first_step : (s.last_step or 0) + 1]) for s in run.stages]
 
 

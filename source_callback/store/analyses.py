@@ -148,7 +148,7 @@ class AnalysisWriter:
     dtype
         Floating dtype of the scores.
     info
-        The ``analysis`` attribute: ``{"stage_names": [...], "config": {...}}``.
+        The ``analysis`` attribute: ``{INFO_STAGE_NAMES: [...], INFO_CONFIG: {...}}``.
     """
 
     def __init__(
@@ -300,7 +300,7 @@ def create_cache(
 ) -> zarr.Group:
     """A new version of analysis ``name``'s cache, uncommitted, with ``info`` attached.
 
-    ``info`` is the ``cache`` attribute (``{"config": {...}, "projection": {...}}``). The
+    ``info`` is the ``cache`` attribute (see ``schema.ATTR_CACHE``). The
     version holds empty ``operators/`` and ``gradients/`` subgroups; :func:`commit_cache` makes
     it the analysis's cache once everything is written. The committed cache, if any, stays
     readable until then.

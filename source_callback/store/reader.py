@@ -287,7 +287,7 @@ class Run:
     @property
     def format_version(self) -> int:
         """Store format version."""
-        return int(self._root.attrs[schema.ATTR_FORMAT]["version"])
+        return int(self._root.attrs[schema.ATTR_FORMAT][schema.FORMAT_VERSION_KEY])
 
     @property
     def status(self) -> str:
@@ -384,7 +384,7 @@ class Run:
 
     def learning_rates(self) -> np.ndarray:
         """Learning rate used at every optimizer step, ``[steps, param groups]``."""
-        return self.steps()["lr"]
+        return self.steps()[schema.STEP_LR]
 
     @cached_property
     def checkpoints(self) -> list[Checkpoint]:

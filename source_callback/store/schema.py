@@ -24,7 +24,9 @@ FORMAT_VERSION = 2
 FORMAT_PER_TENSOR_ARRAYS = 1
 
 # Root attributes.
-ATTR_FORMAT = "source_callback"  # {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+ATTR_FORMAT = "source_callback"  # {FORMAT_KEY: FORMAT_NAME, FORMAT_VERSION_KEY: FORMAT_VERSION}
+FORMAT_KEY = "format"
+FORMAT_VERSION_KEY = "version"
 ATTR_VERSIONS = "library_versions"
 ATTR_STATUS = "status"
 ATTR_MANIFEST = "model_manifest"  # format 1 only: the run's one manifest (now per stage)
@@ -39,7 +41,20 @@ STEP_EPOCH = "epoch"
 STEP_LOSS = "loss"
 STEP_EXAMPLES = "examples"
 # Per-step, per-param-group hyperparameters ([steps, groups], NaN where a group or field is absent).
-STEP_GROUP_FIELDS = ("lr", "momentum", "beta2", "weight_decay", "dampening", "eps")
+STEP_LR = "lr"
+STEP_MOMENTUM = "momentum"  # SGD's momentum, or Adam's beta1
+STEP_BETA2 = "beta2"
+STEP_WEIGHT_DECAY = "weight_decay"
+STEP_DAMPENING = "dampening"
+STEP_EPS = "eps"
+STEP_GROUP_FIELDS = (
+    STEP_LR,
+    STEP_MOMENTUM,
+    STEP_BETA2,
+    STEP_WEIGHT_DECAY,
+    STEP_DAMPENING,
+    STEP_EPS,
+)
 STEP_ROW_CHUNK = 4096
 # Format 2: {array name: [digest of rows [k·STEP_ROW_CHUNK, (k+1)·STEP_ROW_CHUNK) ∩ [0, num_steps)
 # for every k]}, written with num_steps in one update; see ``store.integrity``.
@@ -139,10 +154,14 @@ ATTR_VERSIONS = "committed_versions"
 RESULTS_VERSION = "results"
 CACHE_VERSION = "cache"
 INFO_CREATED = "created"  # key of the ``analysis`` attribute: when the results were committed
+INFO_STAGE_NAMES = "stage_names"  # key of the ``analysis`` attribute: the stages, in order
+INFO_CONFIG = "config"  # key of the ``analysis`` attribute: the settings (``AnalysisOptions``)
+# The settings are keyed by the names of ``AnalysisOptions``' fields, and besides them:
+CONFIG_COVERAGE = "coverage"  # {stage name: share of its trained parameters attributed}
 ANALYSIS_SCORES = "scores"
 ANALYSIS_EFFECTS = "stage_effects"  # [queries, stages]
 ANALYSIS_LAST_EXACT = "last_stage_exact"  # [queries]
-ATTR_ANALYSIS = "analysis"  # {"stage_names": [...], "config": {...}}
+ATTR_ANALYSIS = "analysis"  # {INFO_STAGE_NAMES: [...], INFO_CONFIG: {...}, INFO_CREATED: ...}
 SCORE_CHUNK = (256, 4096)  # [queries, training examples]: a column block reads on its own
 
 
@@ -160,7 +179,9 @@ def scores_key(stage_index: int) -> str:
 ANALYSIS_CACHE = "cache"  # the cache's place before versions
 CACHE_OPERATORS = "operators"
 CACHE_GRADIENTS = "gradients"
-ATTR_CACHE = "cache"  # {"config": {...}, "projection": {...}}
+ATTR_CACHE = "cache"  # {CACHE_INFO_CONFIG: {...}, CACHE_INFO_PROJECTION: {...}}
+CACHE_INFO_CONFIG = "config"  # the settings the cache was built with, compared before reuse
+CACHE_INFO_PROJECTION = "projection"  # ``KroneckerProjection.describe()``
 ATTR_OPERATOR = "operator"
 CACHE_DTYPE = "float32"
 #: Largest chunk of a cached gradient array.
@@ -232,13 +253,13 @@ def stage_manifest(stage: Stage, root: zarr.Group) -> list[dict[str, Any]]:
 def check_format(root: zarr.Group, url: str) -> None:
     """Raise unless ``root`` is a source-callback store of a version this library reads."""
     marker = root.attrs.get(ATTR_FORMAT)
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+    if not isinstance(marker, dict) or marker.get(FORMAT_KEY) != FORMAT_NAME:
         raise NotAStoreError(
             f"{url} is a Zarr group but not a source-callback store (no "
             f"'{ATTR_FORMAT}' attribute). Point SourceCallback/open_run at a new or "
             "existing source-callback store; nothing was changed at this location."
         )
-    version = marker.get("version")
+    version = marker.get(FORMAT_VERSION_KEY)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{url} has store format version {version!r}; this source-callback reads up to "

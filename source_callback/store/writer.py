@@ -84,8 +84,8 @@ class StoreWriter:
             root.attrs.update(
                 {
                     schema.ATTR_FORMAT: {
-                        "format": schema.FORMAT_NAME,
-                        "version": schema.FORMAT_VERSION,
+                        schema.FORMAT_KEY: schema.FORMAT_NAME,
+                        schema.FORMAT_VERSION_KEY: schema.FORMAT_VERSION,
                     },
                     schema.ATTR_VERSIONS: library_versions(),
                     schema.ATTR_STATUS: schema.STATUS_RECORDING,
@@ -97,7 +97,7 @@ class StoreWriter:
             root.create_group(schema.FROZEN)
         else:
             schema.check_format(root, url)
-            version = root.attrs[schema.ATTR_FORMAT]["version"]
+            version = root.attrs[schema.ATTR_FORMAT][schema.FORMAT_VERSION_KEY]
             if version < schema.FORMAT_VERSION:
                 raise FormatVersionError(
                     f"{url} has store format version {version}, which this source-callback "
