@@ -90,7 +90,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from settings import trainer  # noqa: E402
 
 from source_callback import ClassificationTask, analyze, open_run  # noqa: E402
-from source_callback.analysis import api, ekfac, optimizers  # noqa: E402
+from source_callback.analysis import api, ekfac, optimizers, stage_models  # noqa: E402
 from source_callback.analysis.engine import Engine, batch_seed  # noqa: E402
 from source_callback.analysis.segments import plan_segments  # noqa: E402
 from source_callback.store.reader import Run  # noqa: E402
@@ -235,11 +235,12 @@ TagOf = Callable[[tuple[Any, ...], dict[str, Any]], str]
 
 #: Where analyze() spends its time, by the functions it calls (owner, attribute, label). The
 #: module-level names are looked up at call time (``ekfac.covariances`` in engine.py,
-#: ``checkpoint_state``/``sweep`` as globals of api.py), so patching them takes effect.
+#: ``checkpoint_state``/``sweep`` as globals of api.py, ``prepare_model`` of stage_models.py), so
+#: patching them takes effect.
 BREAKDOWN_TARGETS: list[tuple[Any, str, str]] = [
     (api, "open_run", "open + validate store"),
     (api, "check_datasets", "dataset checks"),
-    (api, "prepare_model", "model copy"),
+    (stage_models, "prepare_model", "model copy"),
     (api, "plan_segments", "segment plan"),
     (Run, "steps", "store reads"),
     (api, "checkpoint_state", "store reads"),
