@@ -24,10 +24,9 @@ from source_callback.optim import (
     UpdateRule,
     describe_optimizer,
     optimizer_state_by_name,
-    step_hyperparameters,
 )
 from source_callback.record.probe import preserved_rng, probe_indices, probe_tensors
-from source_callback.record.recorder import Recorder
+from source_callback.record.recorder import Recorder, step_hyperparameters
 from source_callback.store import location, schema
 from source_callback.store.writer import StepRow, StoreWriter
 

@@ -6,7 +6,6 @@ the same description back. It depends on neither side.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -149,22 +148,6 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
         groups.append(ParamGroupRecord(hyper, params))
     kind = type(optimizer)
     return OptimizerRecord(f"{kind.__module__}.{kind.__qualname__}", rule, decay, groups)
-
-
-def step_hyperparameters(group: dict[str, Any]) -> dict[str, float]:
-    """One param group's per-step fields (see ``schema.STEP_GROUP_FIELDS``), NaN where absent."""
-    betas = group.get("betas")
-    beta1 = betas[0] if betas is not None else group.get("momentum")
-    beta2 = betas[1] if betas is not None else None
-    values = {
-        "lr": group.get("lr"),
-        "momentum": beta1,
-        "beta2": beta2,
-        "weight_decay": group.get("weight_decay"),
-        "dampening": group.get("dampening"),
-        "eps": group.get("eps"),
-    }
-    return {k: math.nan if v is None else float(v) for k, v in values.items()}
 
 
 def optimizer_state_by_name(

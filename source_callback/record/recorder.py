@@ -30,6 +30,23 @@ def to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
 
 
+def step_hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
+    """An optimizer param group's per-step fields (``schema.STEP_GROUP_FIELDS``), NaN if absent.
+
+    Adam's ``betas`` are stored as ``momentum`` (β1) and ``beta2``; SGD's ``momentum`` as is.
+    """
+    betas = group.get("betas")
+    values = {
+        schema.STEP_LR: group.get("lr"),
+        schema.STEP_MOMENTUM: betas[0] if betas is not None else group.get("momentum"),
+        schema.STEP_BETA2: betas[1] if betas is not None else None,
+        schema.STEP_WEIGHT_DECAY: group.get("weight_decay"),
+        schema.STEP_DAMPENING: group.get("dampening"),
+        schema.STEP_EPS: group.get("eps"),
+    }
+    return {k: math.nan if v is None else float(v) for k, v in values.items()}
+
+
 def materialize_losses(rows: list[StepRow]) -> None:
     """Turn tensor losses into floats with one device transfer per block, not one per step."""
     tensors = [r.loss for r in rows if isinstance(r.loss, torch.Tensor)]
