@@ -10,27 +10,41 @@ checkpoint, 5 interior ones and a stage-end one). The wall time of ``trainer.fit
                                                   # the fixed per-stage costs weigh 4x more)
     python benchmarks/overhead.py --out overhead.json
     python benchmarks/overhead.py --merge a.json b.json   # pool earlier runs' repetitions
+    python benchmarks/overhead.py --sizes 2M 20M 200M --markdown sizes.md   # against model size
 
 A timing callback in *both* arms records the time of every training batch, and the recording
 arm's ``SourceCallback`` hooks are timed on the training thread, so the report also shows where
 the difference comes from: ordinary steps, steps that take an interior checkpoint, the stage's
 start (store creation, stage-start checkpoint) and end (stage-end checkpoint, final flush,
 waiting for the background writer), and the CPU the writer thread used.
+
+``--sizes`` runs the same comparison on residual MLPs of about 2 M, 20 M and 200 M parameters
+(pre-norm feed-forward blocks as in a transformer: 28, 64 and 148 tensors), fused AdamW, batch 4
+(cheap steps, so recording weighs more), 200 steps between checkpoints. Each write of a
+checkpoint is also timed on the writer thread (bytes of parameters and optimizer state over its
+wall time) and set against the sequential write speed ``dd`` measures on the same file system,
+and the stage-end wait (``on_train_end`` on the training thread) against the stage-end
+checkpoint's own write.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -41,6 +55,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from source_callback import SourceCallback, open_run
 from source_callback.record.plan import interior_steps
+from source_callback.store import schema
+from source_callback.store.writer import StoreWriter
 
 
 @dataclass
@@ -55,27 +71,58 @@ class Config:
     threads: int = 1
     checkpoints_per_stage: int = 6
     seed: int = 0
+    blocks: int = 0  # > 0: residual feed-forward blocks of width `width` instead of `depth`
+    fused: bool = False  # AdamW(fused=True)
+
+
+# Model sizes of ``--sizes``: residual MLPs, fused AdamW, batch 4, 200 steps between checkpoints.
+SIZES: dict[str, dict[str, Any]] = {
+    "2M": {"width": 256, "blocks": 4, "steps": 1000, "checkpoints_per_stage": 5, "reps": 4},
+    "20M": {"width": 512, "blocks": 10, "steps": 600, "checkpoints_per_stage": 3, "reps": 3},
+    "200M": {"width": 1024, "blocks": 24, "steps": 400, "checkpoints_per_stage": 2, "reps": 2},
+}
+SIZE_DEFAULTS: dict[str, Any] = {"batch_size": 4, "fused": True}
+
+
+class Block(nn.Module):
+    """A transformer's feed-forward block: ``x + W2 gelu(W1 LayerNorm(x))``, hidden 4x width."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
 
 
 class MLP(pl.LightningModule):
-    """A plain MLP trained with AdamW: heavy enough that one optimizer step takes tens of ms."""
+    """An MLP trained with AdamW: ``depth`` plain layers, or ``blocks`` residual blocks."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width_in = cfg.features
-        for _ in range(cfg.depth):
+        if cfg.blocks:
+            layers.append(nn.Linear(width_in, cfg.width))
+            layers += [Block(cfg.width) for _ in range(cfg.blocks)]
+            width_in = cfg.width
+        for _ in range(0 if cfg.blocks else cfg.depth):
             layers += [nn.Linear(width_in, cfg.width), nn.GELU()]
             width_in = cfg.width
         layers.append(nn.Linear(width_in, cfg.classes))
         self.net = nn.Sequential(*layers)
+        self.fused = cfg.fused
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=1e-3, weight_decay=0.01, fused=self.fused or None
+        )
         total = self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / (total + 1))
         return {
@@ -85,10 +132,11 @@ class MLP(pl.LightningModule):
 
 
 class BatchTimer(pl.Callback):
-    """Wall time of every training batch (start hook to end hook) and of the stage's edges."""
+    """When each training batch starts, how long it takes (start to end hook), the stage's edges."""
 
     def __init__(self) -> None:
         self.batches: list[float] = []
+        self.starts: list[float] = []
         self.fit_start = self.train_start = self.first_batch = self.last_batch_end = 0.0
         self.fit_end = 0.0
         self._t = 0.0
@@ -101,6 +149,7 @@ class BatchTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         self._t = time.perf_counter()
+        self.starts.append(self._t)
         if not self.batches:
             self.first_batch = self._t
 
@@ -149,6 +198,39 @@ def time_hooks(callback: pl.Callback) -> dict[str, float]:
     return totals
 
 
+@contextlib.contextmanager
+def timed_writes() -> Iterator[list[dict[str, Any]]]:
+    """Time every ``StoreWriter.write_checkpoint`` (on the writer thread) while in the block.
+
+    Yields a list that gets, per checkpoint, its role, its bytes in memory (parameters, buffers
+    and optimizer state) and the wall time of its write and commit.
+    """
+    writes: list[dict[str, Any]] = []
+    original = StoreWriter.write_checkpoint
+
+    def timed(
+        self: StoreWriter,
+        step: int,
+        role: str,
+        stage: int,
+        params: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+        optimizer_state: Mapping[str, Mapping[str, torch.Tensor]],
+    ) -> str:
+        groups = (params, buffers, *optimizer_state.values())
+        size = sum(t.nbytes for group in groups for t in group.values())
+        start = time.perf_counter()
+        key = original(self, step, role, stage, params, buffers, optimizer_state)
+        writes.append({"role": role, "bytes": size, "seconds": time.perf_counter() - start})
+        return key
+
+    StoreWriter.write_checkpoint = timed  # type: ignore[method-assign]
+    try:
+        yield writes
+    finally:
+        StoreWriter.write_checkpoint = original  # type: ignore[method-assign]
+
+
 def make_data(cfg: Config) -> TensorDataset:
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.steps * cfg.batch_size
@@ -187,9 +269,10 @@ def run_once(
         default_root_dir=workdir,
     )
     cpu0, thread0 = time.process_time(), time.thread_time()
-    start = time.perf_counter()
-    trainer.fit(model, loader)
-    wall = time.perf_counter() - start
+    with timed_writes() as writes:
+        start = time.perf_counter()
+        trainer.fit(model, loader)
+        wall = time.perf_counter() - start
     result: dict[str, Any] = {
         "wall_s": wall,
         "thread_cpu_s": time.thread_time() - thread0,
@@ -199,8 +282,11 @@ def run_once(
         "batches_s": timer.last_batch_end - timer.first_batch,
         "train_end_s": timer.fit_end - timer.last_batch_end,
         "teardown_s": start + wall - timer.fit_end,
+        "outside_batches_s": wall - (timer.last_batch_end - timer.first_batch),
         "batch_times": timer.batches,
+        "intervals": np.diff(timer.starts).tolist(),
         "hook_s": dict(hook_times),
+        "writes": writes,
     }
     if record:
         run = open_run(store)
@@ -220,6 +306,88 @@ def bootstrap_ratio(a: list[float], b: list[float], n: int = 4000, seed: int = 0
     ib = rng.integers(0, len(b_arr), size=(n, len(b_arr)))
     ratios = np.median(a_arr[ia], axis=1) / np.median(b_arr[ib], axis=1)
     return [float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975))]
+
+
+def cost_split(
+    runs: dict[str, list[dict[str, Any]]], steps: int, checkpoints_per_stage: int
+) -> dict[str, float]:
+    """Split the difference between the arms into costs per step, per checkpoint and per stage.
+
+    From the intervals between consecutive batch starts (everything done on the training thread
+    per step, every hook included; the first interval is left out as a warm-up):
+
+    - per step: the difference of the arms' mean ordinary intervals. This includes the writer
+      thread competing for the CPU while it writes a checkpoint; the difference of the medians
+      (``per_step_median_s``) leaves that out when it slows fewer than half of the steps;
+    - per interior checkpoint: the recording arm's mean checkpoint interval minus its mean
+      ordinary one (the tensors' CPU copy, and any wait for a free writer slot);
+    - fixed per stage: the difference of the time outside the batches (setup, creating the
+      store, the stage-start checkpoint; the stage-end checkpoint and the wait for the writer).
+
+    ``steady_overhead`` is the fraction added to a long stage with the same number of steps
+    between checkpoints (per step and per checkpoint; the fixed cost left out).
+    """
+    with_, without = runs["with"], runs["without"]
+    planned = set(interior_steps(steps, checkpoints_per_stage))
+
+    def intervals(arm: list[dict[str, Any]], checkpoint: bool) -> list[float]:
+        return [
+            t
+            for r in arm
+            for i, t in enumerate(r["intervals"])
+            if i > 0 and (i in planned) == checkpoint
+        ]
+
+    step_with, step_without = intervals(with_, False), intervals(without, False)
+    mean_with, mean_without = statistics.fmean(step_with), statistics.fmean(step_without)
+    at_checkpoints = intervals(with_, True)
+    per_checkpoint = statistics.fmean(at_checkpoints) - mean_with if at_checkpoints else math.nan
+    outside_with = statistics.median(r["outside_batches_s"] for r in with_)
+    outside_without = statistics.median(r["outside_batches_s"] for r in without)
+    gap = steps / checkpoints_per_stage
+    per_step = mean_with - mean_without
+    return {
+        "steps": steps,
+        "interior_checkpoints": len(planned),
+        "steps_between_checkpoints": gap,
+        "step_without_s": mean_without,
+        "step_with_s": mean_with,
+        "per_step_s": per_step,
+        "per_step_median_s": statistics.median(step_with) - statistics.median(step_without),
+        "per_checkpoint_s": per_checkpoint,
+        "stage_fixed_s": outside_with - outside_without,
+        "steady_overhead": (per_step * gap + per_checkpoint) / (gap * mean_without),
+    }
+
+
+def writer_summary(arm: list[dict[str, Any]]) -> dict[str, float]:
+    """Checkpoint writes on the writer thread, and the stage-end wait against one of them.
+
+    Throughput is a checkpoint's bytes in memory (parameters, buffers, optimizer state) over
+    the wall time of its write, medians over the checkpoints that hold optimizer state (all but
+    the stage-start ones). The stage-end wait is ``on_train_end`` on the training thread: the
+    stage-end checkpoint's CPU copy, its write, and anything still pending before it.
+    """
+    writes = [w for r in arm for w in r["writes"]]
+    full = [w for w in writes if w["role"] != schema.ROLE_START]
+
+    def end_write(run: dict[str, Any]) -> float:
+        return next(w["seconds"] for w in run["writes"] if w["role"] == schema.ROLE_END)
+
+    write_s = statistics.median(w["seconds"] for w in full)
+    wait_s = statistics.median(r["hook_s"]["on_train_end"] for r in arm)
+    return {
+        "checkpoints": len(writes) / len(arm),
+        "checkpoint_bytes": statistics.median(w["bytes"] for w in full),
+        "write_s": write_s,
+        "write_mb_s": statistics.median(w["bytes"] / w["seconds"] / 1e6 for w in full),
+        "end_write_s": statistics.median(end_write(r) for r in arm),
+        "stage_end_wait_s": wait_s,
+        "wait_over_end_write": statistics.median(
+            r["hook_s"]["on_train_end"] / end_write(r) for r in arm
+        ),
+        "wait_over_write": wait_s / write_s,
+    }
 
 
 def summarize(cfg: Config, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -276,6 +444,13 @@ def summarize(cfg: Config, runs: dict[str, list[dict[str, Any]]]) -> dict[str, A
         "callback_total_ms": 1e3 * statistics.median(sum(r["hook_s"].values()) for r in with_),
         "store_bytes": with_[0].get("store_bytes"),
         "store_checkpoints": with_[0].get("store_checkpoints"),
+        # Runs from before these were timed (pooled with --merge) have neither.
+        "split": (
+            cost_split(runs, cfg.steps, cfg.checkpoints_per_stage)
+            if "intervals" in with_[0]
+            else None
+        ),
+        "writer": writer_summary(with_) if with_[0].get("writes") else None,
     }
 
 
@@ -283,10 +458,13 @@ def print_table(cfg: Config, s: dict[str, Any]) -> None:
     bw, bo = s["breakdown_with"], s["breakdown_without"]
     lo, hi = s["ratio_bootstrap_95"]
     print()
+    hidden = (
+        f"{cfg.blocks} residual blocks of {cfg.width}" if cfg.blocks else f"{cfg.depth}x{cfg.width}"
+    )
     print(
-        f"model: MLP {cfg.features}->{cfg.depth}x{cfg.width}->{cfg.classes}, AdamW, batch "
-        f"{cfg.batch_size}, {cfg.steps} steps, torch threads {cfg.threads}, "
-        f"{cfg.reps} reps per arm"
+        f"model: MLP {cfg.features}->{hidden}->{cfg.classes}, {'fused ' * cfg.fused}AdamW, "
+        f"batch {cfg.batch_size}, {cfg.steps} steps, checkpoints_per_stage "
+        f"{cfg.checkpoints_per_stage}, torch threads {cfg.threads}, {cfg.reps} reps per arm"
     )
     print(f"{'':38}{'without':>12}{'with':>12}{'ratio':>9}")
     rows = [
@@ -343,6 +521,24 @@ def print_table(cfg: Config, s: dict[str, Any]) -> None:
             f"store: {s['store_checkpoints']} checkpoints, "
             f"{s['store_bytes'] / 2**20:.1f} MiB on disk"
         )
+    if s["split"] is not None:
+        c = s["split"]
+        print(
+            f"cost per step {c['per_step_s'] * 1e3:+.2f} ms (mean; median "
+            f"{c['per_step_median_s'] * 1e3:+.2f} ms), per interior checkpoint "
+            f"{c['per_checkpoint_s'] * 1e3:+.1f} ms, fixed per stage {c['stage_fixed_s']:+.3f} s; "
+            f"at {c['steps_between_checkpoints']:.0f} steps between checkpoints a long stage "
+            f"takes {c['steady_overhead']:+.2%}"
+        )
+    if s["writer"] is not None:
+        w = s["writer"]
+        print(
+            f"checkpoint write (writer thread): {w['checkpoint_bytes'] / 1e6:.1f} MB in "
+            f"{w['write_s']:.3f} s, {w['write_mb_s']:.0f} MB/s; stage-end wait "
+            f"{w['stage_end_wait_s']:.3f} s = {w['wait_over_end_write']:.2f} x the stage-end "
+            f"checkpoint's write ({w['end_write_s']:.3f} s), {w['wait_over_write']:.2f} x the "
+            "median write"
+        )
 
 
 def merge(paths: list[str], out: str | None) -> dict[str, Any]:
@@ -372,52 +568,24 @@ def merge(paths: list[str], out: str | None) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run")
-    parser.add_argument("--reps", type=int, help="repetitions per arm")
-    parser.add_argument("--width", type=int, help="hidden width")
-    parser.add_argument("--depth", type=int, help="hidden layers")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads for both arms")
-    parser.add_argument("--checkpoints-per-stage", type=int)
-    parser.add_argument("--out", help="write the results as JSON to this path")
-    parser.add_argument(
-        "--merge",
-        nargs="+",
-        metavar="JSON",
-        help="summarize the runs of earlier --out files together (same configuration) instead "
-        "of running",
-    )
-    args = parser.parse_args(argv)
-    if args.merge:
-        return merge(args.merge, args.out)
-
-    cfg = Config(steps=150, reps=3) if args.quick else Config()
-    for name in ("steps", "reps", "width", "depth", "batch_size", "threads"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    if args.checkpoints_per_stage is not None:
-        cfg.checkpoints_per_stage = args.checkpoints_per_stage
-
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+def measure(cfg: Config) -> dict[str, Any]:
+    """Warm up, then alternate the arms ``cfg.reps`` times; print and return the report."""
     torch.set_num_threads(cfg.threads)
-
     data = make_data(cfg)
     torch.manual_seed(cfg.seed)
     init = {k: v.clone() for k, v in MLP(cfg).state_dict().items()}
     params = sum(v.numel() for v in init.values())
-    print(f"{params / 1e6:.1f} M parameters, {params * 4 / 2**20:.0f} MiB in float32", flush=True)
+    print(
+        f"{params / 1e6:.1f} M parameters in {len(init)} tensors, "
+        f"{params * 4 / 2**20:.0f} MiB in float32",
+        flush=True,
+    )
 
     runs: dict[str, list[dict[str, Any]]] = {"with": [], "without": []}
     root = tempfile.mkdtemp(prefix="sc-overhead-")
     try:
         # Warm-up (not counted): imports, allocator, zarr's event loop and thread pools.
-        warm = Config(**{**asdict(cfg), "steps": min(cfg.steps, 20)})
+        warm = replace(cfg, steps=min(cfg.steps, 20))
         for record in (False, True):
             workdir = tempfile.mkdtemp(dir=root)
             run_once(warm, make_data(warm), init, record, workdir)
@@ -436,9 +604,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     summary = summarize(cfg, runs)
     print_table(cfg, summary)
-    report = {
+    return {
         "config": asdict(cfg),
         "parameters": params,
+        "tensors": len(init),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -450,10 +619,182 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "summary": summary,
         "runs": {
-            arm: [{**r, "batch_times": [round(t, 6) for t in r["batch_times"]]} for r in rs]
+            arm: [
+                {
+                    **r,
+                    "batch_times": [round(t, 6) for t in r["batch_times"]],
+                    "intervals": [round(t, 6) for t in r["intervals"]],
+                }
+                for r in rs
+            ]
             for arm, rs in runs.items()
         },
     }
+
+
+def disk_speed(directory: str, mib: int) -> dict[str, float]:
+    """Sequential write speed of ``directory``'s file system by ``dd`` (``mib`` MiB), in MB/s.
+
+    ``fdatasync``: through the page cache, flushed to the device before ``dd`` returns;
+    ``direct``: bypassing the cache (``O_DIRECT``).
+    """
+    path = os.path.join(directory, "sc-dd.bin")
+    speeds = {}
+    try:
+        for name, flag in (("fdatasync", "conv=fdatasync"), ("direct", "oflag=direct")):
+            done = subprocess.run(
+                ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}", flag],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "LC_ALL": "C"},
+            )
+            found = re.search(r"^(\d+) bytes.* copied, ([\d.e+-]+) s", done.stderr, re.M)
+            if found is None:
+                raise RuntimeError(f"unexpected dd output: {done.stderr!r}")
+            speeds[name] = int(found[1]) / float(found[2]) / 1e6
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    return speeds
+
+
+def command(script: str, argv: list[str]) -> str:
+    """The command line of ``benchmarks/<script>`` that measures the same (no output paths)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--markdown", "--workdir"):
+            skip = True
+        elif not arg.startswith(("--out=", "--markdown=", "--workdir=")):
+            kept.append(arg)
+    return " ".join([f"python benchmarks/{script}", *kept])
+
+
+def by_size(names: list[str], quick: bool, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The comparison for each model size of ``SIZES``, with ``dd`` before and after.
+
+    ``quick``: 400 steps with one interior checkpoint and one repetition per size;
+    ``overrides`` (``Config`` fields) apply to every size after that.
+    """
+    loadavg = [list(os.getloadavg())]
+    disk = [disk_speed(tempfile.gettempdir(), 256 if quick else 1024)]
+    reports = {}
+    for name in names:
+        preset = {**SIZE_DEFAULTS, **SIZES[name]}
+        if quick:
+            preset.update(steps=400, checkpoints_per_stage=2, reps=1)
+        preset.update(overrides)
+        cfg = Config(**preset)
+        print(f"\n== {name}: {cfg}", flush=True)
+        reports[name] = measure(cfg)
+    disk.append(disk_speed(tempfile.gettempdir(), 256 if quick else 1024))
+    loadavg.append(list(os.getloadavg()))
+    return {"sizes": reports, "disk_mb_s": disk, "loadavg": loadavg}
+
+
+def sizes_markdown(result: dict[str, Any]) -> str:
+    """The results of :func:`by_size` as markdown tables."""
+    disk = {k: [d[k] for d in result["disk_mb_s"]] for k in result["disk_mb_s"][0]}
+    sync = statistics.fmean(disk["fdatasync"])
+    (start, *_), (end, *_) = result["loadavg"]
+    first = next(iter(result["sizes"].values()))
+    env = first["environment"]
+    lines = [
+        f"`{result['command']}`; "
+        f"{env['machine']}, {env['cpu_count']} CPUs, torch {env['torch']} "
+        f"({first['config']['threads']} thread), Lightning {env['lightning']}; 1-minute load "
+        f"average {start:.1f} at the start, {end:.1f} at the end. `dd` on the stores' file "
+        f"system (1 MiB blocks, before and after): "
+        + ", ".join(f"{' / '.join(f'{v:.0f}' for v in vs)} MB/s ({k})" for k, vs in disk.items())
+        + ".",
+        "",
+        "| model | parameters (tensors) | step without (ms) | steps (between checkpoints) "
+        "| reps | fit without (s) | fit with (s) | ratio of medians (95 %) | paired ratios "
+        "| per step (ms) | per interior checkpoint (ms) | fixed per stage (s) "
+        "| long stage at this spacing |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["sizes"].items():
+        s, c, cfg = r["summary"], r["summary"]["split"], r["config"]
+        lo, hi = s["ratio_bootstrap_95"]
+        paired = ", ".join(f"{x:.3f}" for x in s["paired_ratios"])
+        lines.append(
+            f"| {name} | {r['parameters'] / 1e6:.1f} M ({r['tensors']}) "
+            f"| {c['step_without_s'] * 1e3:.1f} | {cfg['steps']} "
+            f"({c['steps_between_checkpoints']:.0f}) | {cfg['reps']} "
+            f"| {s['median_without_s']:.2f} | {s['median_with_s']:.2f} "
+            f"| {s['ratio_median']:.3f} ({lo:.3f}–{hi:.3f}) | {paired} "
+            f"| {c['per_step_s'] * 1e3:+.2f} (median {c['per_step_median_s'] * 1e3:+.2f}) "
+            f"| {c['per_checkpoint_s'] * 1e3:+.0f} | {c['stage_fixed_s']:+.2f} "
+            f"| {c['steady_overhead']:+.1%} |"
+        )
+    lines += [
+        "",
+        "| model | checkpoint (MB) | write on the writer thread (s) | writer (MB/s) "
+        "| of `dd` fdatasync | stage-end wait (s) | stage-end checkpoint's write (s) "
+        "| wait / that write | wait / median write |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["sizes"].items():
+        w = r["summary"]["writer"]
+        lines.append(
+            f"| {name} | {w['checkpoint_bytes'] / 1e6:.0f} | {w['write_s']:.3f} "
+            f"| {w['write_mb_s']:.0f} | {w['write_mb_s'] / sync:.0%} "
+            f"| {w['stage_end_wait_s']:.3f} | {w['end_write_s']:.3f} "
+            f"| {w['wait_over_end_write']:.2f} | {w['wait_over_write']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run")
+    parser.add_argument("--reps", type=int, help="repetitions per arm")
+    parser.add_argument("--width", type=int, help="hidden width")
+    parser.add_argument("--depth", type=int, help="hidden layers")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for both arms")
+    parser.add_argument("--checkpoints-per-stage", type=int)
+    parser.add_argument("--out", help="write the results as JSON to this path")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="summarize the runs of earlier --out files together (same configuration) instead "
+        "of running",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=list(SIZES),
+        help="compare at these model sizes (residual MLPs, fused AdamW; the options above "
+        "override their settings)",
+    )
+    parser.add_argument("--markdown", help="with --sizes: write the tables here")
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    names = ("steps", "reps", "width", "depth", "batch_size", "threads", "checkpoints_per_stage")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.sizes:
+        report = by_size(args.sizes, args.quick, overrides)
+        report["command"] = command("overhead.py", sys.argv[1:] if argv is None else argv)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(sizes_markdown(report) + "\n")
+            print(f"wrote {args.markdown}")
+    else:
+        report = measure(
+            replace(Config(steps=150, reps=3) if args.quick else Config(), **overrides)
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -13,7 +13,10 @@ projected-gradient cache against exact scores, benchmarks/cache.py), scale (memo
 benchmarks/analyze_memory.py, in a subprocess; with ``--full`` about 8 minutes and 8 GB of
 temporary disk), transformer (a 24 M-parameter Hugging Face Llama, a full stage then a peft
 LoRA stage: recording overhead per stage and analysis time against its floor by pass,
-benchmarks/transformer.py, in a subprocess; with ``--full`` about 25 minutes on 2 cores).
+benchmarks/transformer.py, in a subprocess; with ``--full`` about 25 minutes on 2 cores),
+recording-size (recording overhead, writer throughput against ``dd`` and the stage-end wait on
+models of 2 M, 20 M and, with ``--full``, 200 M parameters, ``overhead.py --sizes``, in a
+subprocess; about 20 minutes with ``--full``, 2 with ``--quick``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ matplotlib.use("Agg")
 import cache as cache_benchmark
 import lds
 import matplotlib.pyplot as plt
+from overhead import SIZES
 from settings import Setting, rotated_digits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +55,7 @@ PARTS = (
     "cache",
     "scale",
     "transformer",
+    "recording-size",
 )
 SPEED_PLOTS = ("breakdown", "memory", "kronfluence")  # docs/img/speed_<name>.png
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -418,6 +423,15 @@ def main() -> None:
             results["recording"] = printed[printed.index("model:") :].split("\nwrote ")[0].rstrip()
             saved.write_text(json.dumps(results, indent=1))
         sections["overhead-long"] = f"```\n{results['recording']}\n```"
+    if "recording-size" in parts:
+        sizes_md = out / "overhead_sizes.md"
+        if measure:
+            print("recording overhead against model size", flush=True)
+            command = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--sizes"]
+            command += ["2M", "20M", "--quick"] if args.mode == "quick" else list(SIZES)
+            command += ["--out", str(out / "overhead_sizes.json"), "--markdown", str(sizes_md)]
+            subprocess.run(command, check=True)
+        sections["overhead-size"] = sizes_md.read_text().strip()
     if "speed" in parts:
         speed_md = out / "speed.md"
         if measure:

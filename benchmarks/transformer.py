@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from overhead import BatchTimer, bootstrap_ratio, time_hooks  # noqa: E402
+from overhead import BatchTimer, bootstrap_ratio, command, time_hooks  # noqa: E402
 from speed import (  # noqa: E402
     BREAKDOWN_ORDER,
     BREAKDOWN_TARGETS,
@@ -652,19 +652,6 @@ def environment(cfg: Config) -> dict[str, Any]:
     return env
 
 
-def command(argv: list[str]) -> str:
-    """The command line that measures the same thing (without the output paths)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--out", "--markdown", "--workdir"):
-            skip = True
-        elif not arg.startswith(("--out=", "--markdown=", "--workdir=")):
-            kept.append(arg)
-    return " ".join(["python benchmarks/transformer.py", *kept])
-
-
 def markdown(cfg: Config, report: dict[str, Any]) -> str:
     """The results as a markdown fragment for docs/benchmarks.md."""
     m, env = report["model"], report["environment"]
@@ -789,7 +776,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--markdown", help="write the docs section here")
     parser.add_argument("--workdir", help="keep the stores here (default: temporary)")
     args = parser.parse_args(argv)
-    invoked = command(sys.argv[1:] if argv is None else argv)
+    invoked = command("transformer.py", sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available here; nothing was run.")
         raise SystemExit(0)
