@@ -24,11 +24,10 @@ from overhead import MLP, Config, make_data
 from torch.utils.data import DataLoader
 
 from source_callback import SourceCallback, open_run
-from source_callback.analysis.namespace import RunView
 from source_callback.analysis.probes import check_probes
+from source_callback.analysis.stage_models import run_view
 from source_callback.analysis.task import ClassificationTask
 from source_callback.lightning import training_step_losses
-from source_callback.manifest import model_manifest
 from source_callback.record.probe import probe_indices
 from source_callback.store.writer import StoreWriter
 
@@ -91,9 +90,9 @@ def main() -> None:
                 callbacks=[SourceCallback(store, stage="s", checkpoints_per_stage=2)],
                 default_root_dir=root,
             ).fit(Net(cfg), DataLoader(data, batch_size=cfg.batch_size))
-        run = RunView(open_run(store), model_manifest(model))
+        run = run_view(open_run(store), [model])  # one stage
         copy = Net(cfg).eval()
-        check_ms = _ms(lambda: check_probes(run, copy, ClassificationTask(), {"s": data}), 3)
+        check_ms = _ms(lambda: check_probes(run, [copy], ClassificationTask(), {"s": data}), 3)
         read_ms = _ms(lambda: run.boundary(0, "stage-end").params(), 3)
 
     print(f"MLP {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, 1 thread")
