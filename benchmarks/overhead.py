@@ -216,11 +216,12 @@ def timed_writes() -> Iterator[list[dict[str, Any]]]:
         params: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
         optimizer_state: Mapping[str, Mapping[str, torch.Tensor]],
+        probe: Mapping[str, torch.Tensor] | None = None,
     ) -> str:
         groups = (params, buffers, *optimizer_state.values())
         size = sum(t.nbytes for group in groups for t in group.values())
         start = time.perf_counter()
-        key = original(self, step, role, stage, params, buffers, optimizer_state)
+        key = original(self, step, role, stage, params, buffers, optimizer_state, probe)  # type: ignore[arg-type]
         writes.append({"role": role, "bytes": size, "seconds": time.perf_counter() - start})
         return key
 
