@@ -714,10 +714,7 @@ def part_memory(cfg: Config, workdir: Path) -> dict[str, Any]:
         }
     model = DigitsMLP()
     params = sum(p.numel() for p in model.parameters())
-    widths = [
-        m.weight.shape[0] * (m.weight[0].numel() + (m.bias is not None))
-        for m in ekfac.tracked_modules(model).values()
-    ]
+    widths = [unit.size for unit in ekfac.tracked_modules(model).values()]  # out * (in + bias)
     return {
         "sizes": sizes,
         "queries": cfg.mem_queries,
