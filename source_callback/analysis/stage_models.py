@@ -58,9 +58,11 @@ def models_per_stage(model: ModelSpec, run: Run) -> list[nn.Module]:
     unknown = [n for n in model if n not in names]
     missing = [n for n in names if n not in model]
     if unknown or missing:
+        wrong = [f"names stage(s) {unknown} not in the record"] if unknown else []
+        wrong += [f"lacks {missing}"] if missing else []
         raise AnalysisError(
-            f"model names stage(s) {unknown} not in the record and lacks {missing}; with one "
-            f"model per stage, name every recorded stage: {names}"
+            f"model {' and '.join(wrong)}; with one model per stage, name every recorded stage: "
+            f"{names}"
         )
     return [model[n] for n in names]
 
