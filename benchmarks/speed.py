@@ -69,7 +69,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -276,6 +276,30 @@ BREAKDOWN_ORDER = [
 ]
 #: The stages of analyze() that make one pass over the training data per checkpoint.
 DATA_PASSES = ("covariance factors", "corrected eigenvalues", "training-gradient scoring")
+
+
+def pass_units_table(
+    rows: Iterable[tuple[str, int, int, str, Mapping[str, float]]], time_unit: str
+) -> list[str]:
+    """Markdown rows: each stage's data passes per checkpoint, in its forward+backward passes.
+
+    ``rows``: per stage, ``"name (update rule)"``, examples, checkpoints used, one
+    forward+backward pass's time as shown (in ``time_unit``), and each of ``DATA_PASSES`` in
+    units of that pass.
+    """
+    lines = [
+        f"| stage (update rule) | examples | checkpoints | forward+backward ({time_unit}) | "
+        + " | ".join(DATA_PASSES)
+        + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in DATA_PASSES) + " |",
+    ]
+    for stage, examples, checkpoints, shown, units in rows:
+        lines.append(
+            f"| {stage} | {examples} | {checkpoints} | {shown} | "
+            + " | ".join(f"{units[label]:.1f}" for label in DATA_PASSES)
+            + " |"
+        )
+    return lines
 
 
 @dataclass
@@ -1077,19 +1101,20 @@ def markdown_tables(cfg: Config, report: dict[str, Any]) -> str:
             "Each data pass per checkpoint, in units of one plain forward+backward pass over the "
             "same data:",
             "",
-            "| stage (update rule) | examples | checkpoints | forward+backward (ms) | "
-            + " | ".join(DATA_PASSES)
-            + " |",
-            "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in DATA_PASSES) + " |",
+            *pass_units_table(
+                (
+                    (
+                        f"{name} ({st['update_rule']})",
+                        st["examples"],
+                        st["checkpoints_used"],
+                        f"{st['forward_backward_s_median'] * 1e3:.1f}",
+                        st["pass_cost_in_stage_floor_units"],
+                    )
+                    for name, st in floor["stages"].items()
+                ),
+                "ms",
+            ),
         ]
-        for name, st in floor["stages"].items():
-            units = st["pass_cost_in_stage_floor_units"]
-            lines.append(
-                f"| {name} ({st['update_rule']}) | {st['examples']} | {st['checkpoints_used']} | "
-                f"{st['forward_backward_s_median'] * 1e3:.1f} | "
-                + " | ".join(f"{units[label]:.1f}" for label in DATA_PASSES)
-                + " |"
-            )
     memory = report.get("memory")
     if memory:
         lines += [

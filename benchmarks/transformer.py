@@ -76,6 +76,7 @@ from speed import (  # noqa: E402
     DATA_PASSES,
     Profiler,
     TagOf,
+    pass_units_table,
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
@@ -723,19 +724,20 @@ def markdown(cfg: Config, report: dict[str, Any]) -> str:
         "Each data pass per checkpoint, in units of one plain forward+backward pass over the "
         "same data (gradients for what the stage trained):",
         "",
-        "| stage (update rule) | examples | checkpoints | forward+backward (s) | "
-        + " | ".join(DATA_PASSES)
-        + " |",
-        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in DATA_PASSES) + " |",
+        *pass_units_table(
+            (
+                (
+                    f"{name} ({s['update_rule']})",
+                    s["examples"],
+                    s["checkpoints_used"],
+                    f"{s['forward_backward_s']:.2f}",
+                    s["passes_in_stage_floor_units"],
+                )
+                for name, s in a["stages"].items()
+            ),
+            "s",
+        ),
     ]
-    for name, s in a["stages"].items():
-        units = s["passes_in_stage_floor_units"]
-        lines.append(
-            f"| {name} ({s['update_rule']}) | {s['examples']} | {s['checkpoints_used']} | "
-            f"{s['forward_backward_s']:.2f} | "
-            + " | ".join(f"{units[label]:.1f}" for label in DATA_PASSES)
-            + " |"
-        )
     return "\n".join(lines)
 
 
