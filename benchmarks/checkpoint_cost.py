@@ -30,7 +30,7 @@ import torch
 
 from source_callback.store import schema
 from source_callback.store.reader import open_run
-from source_callback.store.writer import StoreWriter
+from source_callback.store.writer import StoreWriter, snapshot_checkpoint
 
 
 def tensors(count: int, numel: int) -> dict[str, torch.Tensor]:
@@ -51,7 +51,9 @@ def measure(
     writes, reads = [], []
     for rep in range(reps):
         start = time.perf_counter()
-        writer.write_checkpoint(rep, schema.ROLE_INTERIOR, 0, params, {}, state)
+        writer.write_checkpoint(
+            rep, schema.ROLE_INTERIOR, 0, snapshot_checkpoint(params, {}, state)
+        )
         writes.append(time.perf_counter() - start)
     for checkpoint in open_run(url, storage_options=options).checkpoints:
         start = time.perf_counter()

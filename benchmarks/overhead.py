@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from source_callback import SourceCallback, open_run
 from source_callback.record.plan import interior_steps
 from source_callback.store import schema
-from source_callback.store.writer import StoreWriter
+from source_callback.store.writer import CheckpointSnapshot, StoreWriter
 
 
 @dataclass
@@ -209,19 +209,11 @@ def timed_writes() -> Iterator[list[dict[str, Any]]]:
     original = StoreWriter.write_checkpoint
 
     def timed(
-        self: StoreWriter,
-        step: int,
-        role: str,
-        stage: int,
-        params: Mapping[str, torch.Tensor],
-        buffers: Mapping[str, torch.Tensor],
-        optimizer_state: Mapping[str, Mapping[str, torch.Tensor]],
-        probe: Mapping[str, torch.Tensor] | None = None,
+        self: StoreWriter, step: int, role: str, stage: int, snapshot: CheckpointSnapshot
     ) -> str:
-        groups = (params, buffers, *optimizer_state.values())
-        size = sum(t.nbytes for group in groups for t in group.values())
+        size = sum(a.nbytes for a in snapshot.packed.arrays.values())
         start = time.perf_counter()
-        key = original(self, step, role, stage, params, buffers, optimizer_state, probe)  # type: ignore[arg-type]
+        key = original(self, step, role, stage, snapshot)
         writes.append({"role": role, "bytes": size, "seconds": time.perf_counter() - start})
         return key
 

@@ -29,7 +29,7 @@ from source_callback.analysis.stage_models import run_view
 from source_callback.analysis.task import ClassificationTask
 from source_callback.lightning import training_step_losses
 from source_callback.record.probe import probe_indices
-from source_callback.store.writer import StoreWriter
+from source_callback.store.writer import StoreWriter, snapshot_checkpoint
 
 
 class Net(MLP):
@@ -73,7 +73,9 @@ def main() -> None:
         writer = StoreWriter.open(str(Path(root) / "w.zarr"))
         params = {n: p.detach().clone() for n, p in named.items()}
         write_ms = _ms(
-            lambda: writer.write_checkpoint(0, "interior", 0, params, {}, {"exp_avg_sq": second}),
+            lambda: writer.write_checkpoint(
+                0, "interior", 0, snapshot_checkpoint(params, {}, {"exp_avg_sq": second})
+            ),
             3,
         )
 

@@ -67,8 +67,13 @@ class ProbeUnavailable(Exception):
 
 @contextmanager
 def _probing(module: pl.LightningModule) -> Iterator[None]:
-    """Eval mode, no gradients, ``self.log`` silenced and the generators preserved."""
+    """Eval mode, no gradients, ``self.log`` silenced, the generators and buffers preserved.
+
+    ``training_step`` may update buffers (a batch counter, a running average): their values
+    are put back, so that the probe leaves the model as training left it.
+    """
     modes = [(m, m.training) for m in module.modules()]
+    buffers = [(name, b, b.clone()) for name, b in module.named_buffers()]
     module.eval()
     module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     try:
@@ -78,6 +83,11 @@ def _probing(module: pl.LightningModule) -> Iterator[None]:
         del module.log, module.log_dict
         for m, training in modes:
             m.training = training
+        with torch.no_grad():
+            for name, original, value in buffers:
+                original.copy_(value)
+                owner, _, attribute = name.rpartition(".")
+                setattr(module.get_submodule(owner), attribute, original)
 
 
 def training_step_losses(

@@ -21,7 +21,7 @@ from source_callback.analysis.results import load_analysis
 from source_callback.analysis.segments import plan_segments
 from source_callback.analysis.source import EkfacOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
-from source_callback.store.writer import StoreWriter
+from source_callback.store.writer import StoreWriter, snapshot_checkpoint
 
 FEATURES, OUTPUTS = 4, 2
 
@@ -415,8 +415,9 @@ def test_non_finite_checkpoint_is_refused(linear_run, queries, tmp_path) -> None
     for name, values in checkpoint.optimizer_state().items():
         for state_key, tensor in values.items():
             state.setdefault(state_key, {})[name] = tensor
+    snapshot = snapshot_checkpoint(params, checkpoint.buffers(), state)
     key = StoreWriter.open(str(copy)).write_checkpoint(
-        checkpoint.step, checkpoint.role, checkpoint.stage, params, checkpoint.buffers(), state
+        checkpoint.step, checkpoint.role, checkpoint.stage, snapshot
     )
     with pytest.raises(AnalysisError, match=rf"checkpoint {key} holds NaN or infinite values"):
         _analyze_linear(copy, model, data, queries)

@@ -1,5 +1,7 @@
 """Format versions: a store of format 1 (``tests/fixtures/v1_store.zarr``) reads back and analyzes
-exactly as with the library that wrote it; new stores are format 2; format 1 is not written to."""
+exactly as with the library that wrote it, and one of the first format-2 writer
+(``tests/fixtures/v2_sha256_store.zarr``) reads back as written; new stores are format 2; format 1
+is not written to."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ from processes import load_script
 from storeutil import tree_digest
 
 from source_callback import FormatVersionError, open_run
-from source_callback.store import schema
+from source_callback.store import integrity, schema
 from source_callback.store.writer import StoreWriter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 v1 = load_script(FIXTURES / "make_v1_store.py")
 EXPECTED = json.loads(v1.EXPECTED.read_text())
+first_v2 = load_script(FIXTURES / "make_v2_sha256_store.py")
 
 
 def test_format_1_store_reads_back_what_format_1_returned() -> None:
@@ -70,3 +73,22 @@ def test_new_stores_are_format_2_and_format_1_is_not_written(tmp_path: Path) -> 
     with pytest.raises(FormatVersionError, match="reads but does not write"):
         StoreWriter.open(str(copy))
     assert tree_digest(copy) == before
+
+
+def test_first_format_2_store_reads_back_and_its_damage_is_found(tmp_path: Path) -> None:
+    """SHA-256 digests and LZ4 + CRC-32C chunks, as the first format-2 writer stored them."""
+    assert v1.contents(first_v2.STORE) == json.loads(first_v2.EXPECTED.read_text())
+    assert open_run(first_v2.STORE).verify() == []
+    copy = tmp_path / "v2.zarr"
+    shutil.copytree(first_v2.STORE, copy)
+    first, second, third, *_ = sorted((copy / schema.CHECKPOINTS).iterdir())
+    chunk = Path(schema.packed_array_key(schema.SECTION_PARAMS, "float32")) / "c" / "0"
+    shutil.copy(first / chunk, second / chunk)  # decodes, but fails the SHA-256 digests
+    data = bytearray((third / chunk).read_bytes())
+    data[len(data) // 2] ^= 0x10  # fails the chunk's CRC-32C
+    (third / chunk).write_bytes(bytes(data))
+    problems = open_run(copy).verify()
+    assert {(p.where, p.reason) for p in problems} == {
+        (f"checkpoint {second.name}", integrity.MISMATCH),
+        (f"checkpoint {third.name}", integrity.UNREADABLE),
+    }

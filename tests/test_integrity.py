@@ -19,7 +19,12 @@ from processes import load_script
 from source_callback import DamagedStoreError, StoreError, open_run
 from source_callback.cli import EXIT_DAMAGED, main
 from source_callback.store import integrity, schema
-from source_callback.store.writer import StepRow, StoreWriter
+from source_callback.store.writer import (
+    StepRow,
+    StoreWriter,
+    snapshot_checkpoint,
+    snapshot_frozen,
+)
 
 v1 = load_script(Path(__file__).parent / "fixtures" / "make_v1_store.py")
 
@@ -38,7 +43,7 @@ def _params(seed: int) -> dict[str, torch.Tensor]:
 def write_store(url: str, options: dict[str, Any] | None) -> None:
     """Two committed checkpoints (parameters, a buffer, Adam state), frozen ones and 7 steps."""
     writer = StoreWriter.open(url, options)
-    writer.write_frozen(0, {"frozen.weight": torch.arange(6.0).reshape(2, 3)})
+    writer.write_frozen(0, snapshot_frozen({"frozen.weight": torch.arange(6.0).reshape(2, 3)}))
     for seed, key in enumerate(KEYS):
         step, role = schema.parse_checkpoint_key(key)
         params = _params(seed)
@@ -47,7 +52,7 @@ def write_store(url: str, options: dict[str, Any] | None) -> None:
             "step": {n: torch.tensor(float(step)) for n in params},
         }
         buffers = {"count": torch.tensor(step)}
-        writer.write_checkpoint(step, role, 0, params, buffers, state)
+        writer.write_checkpoint(step, role, 0, snapshot_checkpoint(params, buffers, state))
     rows = [row(0, 1.0 / (t + 1), 0.1 * (t + 1)) for t in range(7)]
     writer.append_steps(rows[:4])
     writer.append_steps(rows[4:])
@@ -77,16 +82,37 @@ DAMAGES: dict[str, Callable[[bytes], bytes | None]] = {
     "truncated": truncate,
     "flipped": flip,
 }
-# (chunk, what fails to read, what the error names)
+# (chunk, what fails to read, the tensors the chunk holds, the one holding its middle byte)
 PARTS = {
-    "params": (f"checkpoints/{KEYS[1]}/params.float32/c/0", "params", ("a.bias", "a.weight")),
+    "params": (
+        f"checkpoints/{KEYS[1]}/params.float32/c/0",
+        "params",
+        ("a.bias", "a.weight"),  # 4 + 12 floats: byte 32 is a.weight's
+        ("a.weight",),
+    ),
     "optimizer": (
         f"checkpoints/{KEYS[1]}/optimizer.exp_avg_sq.float32/c/0",
         "optimizer_state",
         tuple(f"optimizer.exp_avg_sq/{n}" for n in ("a.bias", "a.weight", "b.weight")),
+        ("optimizer.exp_avg_sq/a.weight",),  # 4 + 12 + 8 floats: byte 48 is a.weight's
     ),
-    "steps": ("steps/lr/c/0/0", "steps", ("lr",)),
+    "steps": ("steps/lr/c/0/0", "steps", ("lr",), ("lr",)),
 }
+
+
+def expected_problem(part: str, how: str) -> tuple[tuple[str, ...], str]:
+    """The tensors named and the reason given for one damaged chunk.
+
+    A step chunk carries a CRC-32C: altered or truncated, it cannot be decoded. A checkpoint
+    chunk is stored as it is: a missing, truncated or altered one is found by the digests of
+    the tensors it holds, and a flipped byte changes only the tensor it belongs to.
+    """
+    _, _, names, flipped = PARTS[part]
+    if how == "deleted":
+        return names, integrity.MISMATCH
+    if part == "steps" or how == "truncated":
+        return names, integrity.UNREADABLE
+    return flipped, integrity.MISMATCH
 
 
 def damage(url: str, options: dict[str, Any] | None, chunk: str, how: str) -> None:
@@ -106,7 +132,8 @@ def read(url: str, options: dict[str, Any] | None, what: str) -> Any:
 
 def check_damage(url: str, options: dict[str, Any] | None, part: str, how: str) -> None:
     """Damage one chunk: reading it raises, naming it; everything else reads as written."""
-    chunk, what, names = PARTS[part]
+    chunk, what, *_ = PARTS[part]
+    names, reason = expected_problem(part, how)
     intact = open_run(url, storage_options=options)
     before = {
         "params": [c.params() for c in intact.checkpoints],
@@ -119,8 +146,7 @@ def check_damage(url: str, options: dict[str, Any] | None, part: str, how: str) 
     where = "steps" if part == "steps" else f"checkpoint {KEYS[1]}"
     [problem] = raised.value.problems
     assert (problem.where, problem.names) == (where, names)
-    expected = integrity.MISMATCH if how == "deleted" else integrity.UNREADABLE
-    assert problem.reason.endswith(expected)
+    assert problem.reason.endswith(reason)
     assert where in str(raised.value) and names[0] in str(raised.value)
 
     run = open_run(url, storage_options=options)
@@ -168,7 +194,7 @@ def test_damaged_chunk_on_s3_is_refused(
 
 
 def test_chunk_of_another_checkpoint_is_refused(tmp_path: Path) -> None:
-    """A chunk copied from another checkpoint passes its checksum, not the digests."""
+    """A chunk copied from another checkpoint reads, but fails the digests of its tensors."""
     store = tmp_path / "run.zarr"
     write_store(str(store), None)
     chunk = "params.float32/c/0"
@@ -248,23 +274,22 @@ def test_rows_survive_truncation_widening_and_new_blocks(
 def test_failure_mid_checkpoint_leaves_it_uncommitted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An error while packing (here: the optimizer state's array) commits nothing of it."""
+    """An error while writing (here: the optimizer state's array) commits nothing of it."""
     store = tmp_path / "run.zarr"
     write_store(str(store), None)
     before = [c.params() for c in open_run(store).checkpoints]
-    original = integrity._Pack.values
+    original = zarr.AsyncGroup.create_array
 
-    def failing(pack: integrity._Pack) -> np.ndarray:
-        if pack.key.startswith("optimizer."):
+    async def failing(group: zarr.AsyncGroup, name: str, **kwargs: Any) -> zarr.AsyncArray:
+        if name.startswith("optimizer."):
             raise OSError("disk full")
-        return original(pack)
+        return await original(group, name, **kwargs)
 
-    monkeypatch.setattr(integrity._Pack, "values", failing)
+    monkeypatch.setattr(zarr.AsyncGroup, "create_array", failing)
     writer = StoreWriter.open(str(store))
     with pytest.raises(OSError, match="disk full"):
-        writer.write_checkpoint(
-            5, schema.ROLE_INTERIOR, 0, _params(5), {}, {"exp_avg_sq": _params(6)}
-        )
+        snapshot = snapshot_checkpoint(_params(5), {}, {"exp_avg_sq": _params(6)})
+        writer.write_checkpoint(5, schema.ROLE_INTERIOR, 0, snapshot)
     run = open_run(store)
     *committed, interrupted = run.checkpoints
     assert interrupted.key == "0000000005_interior" and not interrupted.committed

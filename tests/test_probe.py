@@ -50,13 +50,15 @@ class SmoothedTask(ClassificationTask):
 
 
 class Dropout(TinyClassifier):
-    """Dropout between the layers, shuffled data, and a training_step that logs."""
+    """Dropout between the layers, shuffled data, and a training_step that logs and counts."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
 
     def training_step(self, batch, batch_idx):
+        self.seen += 1
         loss = super().training_step(batch, batch_idx)
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         return loss
@@ -162,7 +164,8 @@ def test_dropout_is_recorded_and_analyzed_and_training_is_unchanged(tmp_path) ->
         fit = trainer(callbacks, tmp_path / str(recorded), max_epochs=2)
         fit.fit(model, loader(DATA, shuffle=True))
         runs[recorded] = (model, fit.callback_metrics)
-    # Bit-identical training, and the user's logged metrics untouched by the probe.
+    # Bit-identical training (the probe's calls of training_step leave no count in ``seen``),
+    # and the user's logged metrics untouched by the probe.
     for (name, ours), theirs in zip(
         runs[True][0].state_dict().items(), runs[False][0].state_dict().values(), strict=True
     ):

@@ -18,7 +18,7 @@ from models import TinyClassifier, loader, make_dataset, trainer
 from source_callback import Run, SourceCallback, open_run
 from source_callback.store import schema
 from source_callback.store.reader import read_tensors
-from source_callback.store.writer import StoreWriter, write_tensors
+from source_callback.store.writer import StoreWriter, snapshot_checkpoint, write_tensors
 
 STAGES = ("pretrain", "finetune")
 
@@ -169,7 +169,8 @@ def test_s3_checkpoint_of_many_tensors_reads_back_identically(
     checkpoints = []
     for url, options in ((f"{prefix}/many.zarr", storage_options), (tmp_path / "many.zarr", None)):
         writer = StoreWriter.open(str(url), options)
-        writer.write_checkpoint(0, schema.ROLE_START, 0, params, buffers, optimizer_state)
+        snapshot = snapshot_checkpoint(params, buffers, optimizer_state)
+        writer.write_checkpoint(0, schema.ROLE_START, 0, snapshot)
         (checkpoint,) = open_run(url, storage_options=options).checkpoints
         checkpoints.append(checkpoint)
     remote, local = checkpoints

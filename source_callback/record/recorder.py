@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,12 +23,14 @@ from source_callback.fingerprint import UnstableItemsError, example_digests
 from source_callback.lineage import Continuation, match_stages
 from source_callback.record.plan import interior_steps
 from source_callback.store import schema
-from source_callback.store.writer import StepRow, StoreWriter, TensorDict
-
-
-def to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies (the originals keep changing while the copies are written)."""
-    return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+from source_callback.store.writer import (
+    CheckpointSnapshot,
+    StepRow,
+    StoreWriter,
+    TensorDict,
+    snapshot_checkpoint,
+    snapshot_frozen,
+)
 
 
 def step_hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
@@ -90,6 +93,9 @@ class Recorder:
             max_workers=1, thread_name_prefix="source-callback-digests"
         )
         self._digests: concurrent.futures.Future[np.ndarray | None] | None = None
+        # The buffers of the last checkpoint written, refilled by the next (set by the writer).
+        self._spare: dict[str, torch.Tensor] = {}
+        self._spare_lock = threading.Lock()
         self.stage_index = -1
         self.first_step = 0
         self.next_step = writer.num_steps
@@ -104,9 +110,11 @@ class Recorder:
             concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
             self._raise_failed()
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         self._wait_for_slot()
-        self._pending.append(self._executor.submit(fn, *args))
+        future = self._executor.submit(fn, *args)
+        self._pending.append(future)
+        return future
 
     def _raise_failed(self) -> None:
         for future in [f for f in self._pending if f.done()]:
@@ -130,6 +138,7 @@ class Recorder:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self._spare = {}
             self._digester.shutdown(wait=False, cancel_futures=True)
 
     # -- stages ------------------------------------------------------------------------------
@@ -203,7 +212,7 @@ class Recorder:
         )
         self.writer.add_stage(stage)
         if frozen:
-            self._submit(self.writer.write_frozen, self.stage_index, to_cpu(frozen))
+            self._submit(self.writer.write_frozen, self.stage_index, snapshot_frozen(frozen))
         self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe)
         return stage
 
@@ -332,17 +341,20 @@ class Recorder:
         """Copy the tensors to CPU now and write them as a checkpoint in the background.
 
         ``probe``: the probe's indices and losses at this checkpoint
-        (:func:`source_callback.record.probe.probe_tensors`), if any.
+        (:func:`source_callback.record.probe.probe_tensors`), if any. The copy goes into the
+        buffers of the last checkpoint written, when its layout still fits.
         """
         self._wait_for_slot()  # before copying: at most max_pending copies are ever held
-        state = {key: to_cpu(values) for key, values in optimizer_state.items()}
-        self._submit(
-            self.writer.write_checkpoint,
-            step,
-            role,
-            self.stage_index,
-            to_cpu(params),
-            to_cpu(buffers),
-            state,
-            probe,
-        )
+        with self._spare_lock:
+            spare, self._spare = self._spare, {}
+        snapshot = snapshot_checkpoint(params, buffers, optimizer_state, probe, spare)
+        future = self._submit(self.writer.write_checkpoint, step, role, self.stage_index, snapshot)
+        future.add_done_callback(lambda written: self._keep_spare(written, snapshot))
+
+    def _keep_spare(
+        self, written: concurrent.futures.Future[Any], snapshot: CheckpointSnapshot
+    ) -> None:
+        """Keep a written snapshot's buffers for the next checkpoint (one set at most)."""
+        if written.exception() is None:
+            with self._spare_lock:
+                self._spare = snapshot.packed.arrays

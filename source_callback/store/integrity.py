@@ -1,11 +1,12 @@
 """Format 2's packed tensors and digests: packing on write, verified unpacking on read.
 
 A checkpoint (or frozen) group holds one 1-d array per section and dtype; its ``packed``
-attribute indexes every tensor (name, dtype, offset, shape) with a digest of its bytes. Every
-chunk also carries a CRC-32C (``schema.packed_codecs``). A read checks both: a truncated or
-altered chunk fails its checksum, and a missing chunk (which Zarr reads back as zeros) or a
-chunk from elsewhere fails the digests of the tensors it held. Step rows get a digest per
-``schema.STEP_ROW_CHUNK`` rows (``row_digests``).
+attribute indexes every tensor (name, dtype, offset, shape) with a digest of its bytes
+(``schema.TENSOR_DIGEST``). A read checks every tensor against it: a missing chunk (which Zarr
+reads back as zeros), an altered one or one from elsewhere fails the digests of the tensors it
+held, and a truncated one (or one whose codec or checksum fails, in stores of the first format-2
+writer) cannot be decoded. Step rows get a digest per ``schema.STEP_ROW_CHUNK`` rows
+(``row_digests``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -39,6 +41,23 @@ def digest(values: np.ndarray) -> str:
     return hashlib.sha256(data.reshape(-1).view(np.uint8)).hexdigest()[:32]
 
 
+def tensor_digest(values: np.ndarray) -> str:
+    """``schema.TENSOR_DIGEST`` of an array's little-endian bytes, in C order."""
+    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    data = data.reshape(-1).view(np.uint8)
+    if data.flags.writeable:  # google_crc32c takes read-only buffers only
+        data = data.view()
+        data.flags.writeable = False
+    return f"{google_crc32c.value(data):08x}"
+
+
+#: Packed tensors' digest functions by the name an index records.
+_TENSOR_DIGESTS: dict[str, Callable[[np.ndarray], str]] = {
+    schema.DIGEST: digest,
+    schema.TENSOR_DIGEST: tensor_digest,
+}
+
+
 def _run(coroutine: Any) -> Any:
     """Run a coroutine on Zarr's event loop (the writer thread and readers both block on it)."""
     return sync(coroutine, timeout=zarr.config.get("async.timeout"))
@@ -53,76 +72,121 @@ def _async_group(group: zarr.Group) -> zarr.AsyncGroup:
 
 
 @dataclass(frozen=True)
-class _Pack:
-    """The tensors of one section and dtype, in index order, to be written as one array."""
+class Packed:
+    """Tensors packed into one flat CPU tensor per section and dtype, ready to be written.
 
-    key: str
-    tensors: list[np.ndarray]
+    Made by :func:`pack` on the training thread (one copy of each tensor, into buffers that can
+    be reused from one checkpoint to the next); written by :func:`write_packed`.
 
-    @property
-    def length(self) -> int:
-        return sum(t.size for t in self.tensors)
+    Attributes
+    ----------
+    arrays
+        The flat tensors by packed array key (``schema.packed_array_key``).
+    entries
+        Per section, ``[name, torch dtype, offset, shape]`` of every tensor, names sorted: the
+        ``packed`` index without its digests.
 
-    def values(self) -> np.ndarray:
-        """The packed array (a copy: made only when it is written)."""
-        return np.concatenate([t.reshape(-1) for t in self.tensors])
+    """
+
+    arrays: dict[str, torch.Tensor]
+    entries: dict[str, list[list[Any]]]
 
 
-def _plan(sections: Mapping[str, TensorDict]) -> tuple[list[_Pack], PackedIndex]:
-    """The packs of ``sections`` and their index (tensors by name, digests computed here)."""
-    packs: dict[str, _Pack] = {}
+def pack(
+    sections: Mapping[str, TensorDict], spare: Mapping[str, torch.Tensor] | None = None
+) -> Packed:
+    """Copy ``{section: {name: tensor}}`` (any device) into flat CPU tensors.
+
+    ``spare``: the ``arrays`` of an earlier :class:`Packed` that has been written; those of the
+    same key, dtype and length are filled again instead of allocating (fresh memory costs a page
+    fault per 4 KiB, several times the copy itself).
+    """
+    entries: dict[str, list[list[Any]]] = {}
     lengths: dict[str, int] = {}
-    tensors: dict[str, list[list[Any]]] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for section, values in sections.items():
-        entries = tensors.setdefault(section, [])
+        rows = entries.setdefault(section, [])
         for name in sorted(values):
-            encoded = schema.encode_tensor(values[name])
-            key = schema.packed_array_key(section, encoded.torch_dtype)
-            packs.setdefault(key, _Pack(key, [])).tensors.append(encoded.array)
+            tensor = values[name]
+            dtype_name = str(tensor.dtype).removeprefix("torch.")
+            key = schema.packed_array_key(section, dtype_name)
             offset = lengths.get(key, 0)
-            lengths[key] = offset + encoded.array.size
-            shape = list(encoded.array.shape)
-            entries.append([name, encoded.torch_dtype, offset, shape, digest(encoded.array)])
-    index = {
-        schema.PACKED_DIGEST: schema.DIGEST,
-        schema.PACKED_ARRAYS: lengths,
+            lengths[key] = offset + tensor.numel()
+            dtypes[key] = tensor.dtype
+            rows.append([name, dtype_name, offset, list(tensor.shape)])
+    spare = spare or {}
+    arrays = {}
+    for key, length in lengths.items():
+        buffer = spare.get(key)
+        if buffer is None or buffer.dtype != dtypes[key] or buffer.numel() != length:
+            buffer = torch.empty(length, dtype=dtypes[key])
+        arrays[key] = buffer
+    with torch.no_grad():
+        for section, rows in entries.items():
+            for name, dtype_name, offset, shape in rows:
+                tensor = sections[section][name]
+                target = arrays[schema.packed_array_key(section, dtype_name)]
+                target[offset : offset + tensor.numel()].view(shape).copy_(tensor)
+    return Packed(arrays, entries)
+
+
+def _index(packed: Packed, values: Mapping[str, np.ndarray]) -> PackedIndex:
+    """The ``packed`` index of ``packed``: its entries with the digest of every tensor."""
+    tensors = {
+        section: [
+            [name, dtype, offset, shape, tensor_digest(values[key][offset : offset + size])]
+            for name, dtype, offset, shape in rows
+            for key, size in [(schema.packed_array_key(section, dtype), math.prod(shape))]
+        ]
+        for section, rows in packed.entries.items()
+    }
+    return {
+        schema.PACKED_DIGEST: schema.TENSOR_DIGEST,
+        schema.PACKED_ARRAYS: {key: int(a.numel()) for key, a in packed.arrays.items()},
         schema.PACKED_TENSORS: tensors,
     }
-    return list(packs.values()), index
 
 
-async def _write_packs(group: zarr.AsyncGroup, packs: Sequence[_Pack]) -> None:
-    """Create and fill every packed array, ``async.concurrency`` arrays at a time.
+async def _write_arrays(group: zarr.AsyncGroup, values: Mapping[str, np.ndarray]) -> None:
+    """Create every packed array and write it chunk by chunk, ``async.concurrency`` at a time.
 
-    An array's values are concatenated only once its turn comes, so that at most that many
-    packed copies exist at once; Zarr writes an array's chunks concurrently.
+    One ``setitem`` per chunk, and every chunk written (even one of zeros): Zarr then encodes
+    the caller's memory as it is. A write spanning chunks would first copy each chunk into a
+    fresh buffer, and leaving out all-zero chunks costs a scan of every chunk.
     """
     limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
 
-    async def write(pack: _Pack) -> None:
+    async def write_chunk(array: zarr.AsyncArray, data: np.ndarray, start: int) -> None:
         async with limit:
-            values = pack.values()
-            array = await group.create_array(
-                pack.key,
-                shape=values.shape,
-                dtype=values.dtype,
-                chunks=schema.packed_chunks(values.size, values.itemsize),
-                compressors=schema.packed_codecs(),
-                fill_value=0,
-            )
-            if values.size:
-                await array.setitem(slice(None), values)
+            await array.setitem(slice(start, start + len(data)), data)
 
-    await _all_or_none(write(pack) for pack in packs)
+    async def write(key: str, data: np.ndarray) -> None:
+        array = await group.create_array(
+            key,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=schema.packed_chunks(data.size, data.itemsize),
+            compressors=schema.packed_codecs(),
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        step = array.chunks[0]
+        await _all_or_none(
+            write_chunk(array, data[start : start + step], start)
+            for start in range(0, data.size, step)
+        )
+
+    await _all_or_none(write(key, data) for key, data in values.items())
 
 
-def write_packed(group: zarr.Group, sections: Mapping[str, TensorDict]) -> PackedIndex:
-    """Write ``{section: {name: tensor}}`` packed into ``group``; returns the ``packed`` index.
+def write_packed(group: zarr.Group, packed: Packed) -> PackedIndex:
+    """Write ``packed`` into ``group``; returns the ``packed`` index, with the digests.
 
-    The index (with the digests) belongs in the group's commit: set it with ``committed``.
+    The index belongs in the group's commit: set it with ``committed``.
     """
-    packs, index = _plan(sections)
-    _run(_write_packs(_async_group(group), packs))
+    values = {key: schema.encode_tensor(a).array for key, a in packed.arrays.items()}
+    index = _index(packed, values)
+    _run(_write_arrays(_async_group(group), values))
     return index
 
 
@@ -187,8 +251,9 @@ def read_packed(
 
     """
     index = group.attrs.get(schema.ATTR_PACKED)
-    if not isinstance(index, dict) or index.get(schema.PACKED_DIGEST) != schema.DIGEST:
+    if not isinstance(index, dict) or index.get(schema.PACKED_DIGEST) not in _TENSOR_DIGESTS:
         return {}, [Damage(where, (), f"no '{schema.ATTR_PACKED}' index of its tensors")]
+    digest_of = _TENSOR_DIGESTS[index[schema.PACKED_DIGEST]]
     sections = {s: e for s, e in index[schema.PACKED_TENSORS].items() if wanted(s)}
     dtypes = {
         schema.packed_array_key(section, entry[1]): schema.storage_dtype(entry[1])
@@ -208,7 +273,7 @@ def read_packed(
                 damaged.setdefault(array.reason, []).append(label)
                 continue
             values = array.values[offset:stop].reshape(shape)
-            if digest(values) != expected:
+            if digest_of(values) != expected:
                 damaged.setdefault(MISMATCH, []).append(label)
                 continue
             out[name] = schema.decode_array(values, torch_dtype)

@@ -287,31 +287,15 @@ class StoreWriter:
         del self.root[schema.CHECKPOINTS][key]
 
     def write_checkpoint(
-        self,
-        step: int,
-        role: str,
-        stage: int,
-        params: TensorDict,
-        buffers: TensorDict,
-        optimizer_state: Mapping[str, TensorDict],
-        probe: TensorDict | None = None,
+        self, step: int, role: str, stage: int, snapshot: CheckpointSnapshot
     ) -> str:
         """Write a checkpoint packed (format 2) and commit it; returns its key.
 
-        ``probe``: the probe's indices and losses (``schema.SECTION_PROBE``), if any. Replaces
-        an existing one. The commit record (``committed``, the packed index with the
+        Replaces an existing one. The commit record (``committed``, the packed index with the
         tensors' digests, the scalar optimizer state) is written in one update after every
         array, so a crash before it leaves an uncommitted checkpoint.
         """
         key = schema.checkpoint_key(step, role)
-        scalar_state: dict[str, dict[str, float]] = {}
-        tensor_state: dict[str, dict[str, torch.Tensor]] = {}
-        for state_key, values in optimizer_state.items():
-            for name, value in values.items():
-                if value.ndim == 0:
-                    scalar_state.setdefault(state_key, {})[name] = value.item()
-                else:
-                    tensor_state.setdefault(state_key, {})[name] = value
         group = self.root[schema.CHECKPOINTS].create_group(
             key,
             overwrite=True,
@@ -322,14 +306,7 @@ class StoreWriter:
                 schema.ATTR_COMMITTED: False,
             },
         )
-        sections = {
-            schema.SECTION_PARAMS: params,
-            schema.SECTION_BUFFERS: buffers,
-            **{schema.optimizer_section(k): values for k, values in tensor_state.items()},
-        }
-        if probe:
-            sections[schema.SECTION_PROBE] = probe
-        _commit(group, sections, {schema.ATTR_SCALAR_STATE: scalar_state})
+        _commit(group, snapshot.packed, {schema.ATTR_SCALAR_STATE: snapshot.scalar_state})
         return key
 
     def write_example_digests(self, stage: int, digests: np.ndarray) -> None:
@@ -342,19 +319,72 @@ class StoreWriter:
             overwrite=True,
         )
 
-    def write_frozen(self, stage: int, params: TensorDict) -> None:
-        """Write the non-trainable parameters of stage ``stage`` and commit them."""
+    def write_frozen(self, stage: int, params: integrity.Packed) -> None:
+        """Write stage ``stage``'s non-trainable parameters (:func:`snapshot_frozen`), commit."""
         group = self.root[schema.FROZEN].create_group(
             schema.frozen_key(stage), overwrite=True, attributes={schema.ATTR_COMMITTED: False}
         )
-        _commit(group, {schema.SECTION_PARAMS: params}, {})
+        _commit(group, params, {})
 
 
-def _commit(
-    group: zarr.Group, sections: Mapping[str, TensorDict], attributes: dict[str, Any]
-) -> None:
-    """Write ``sections`` packed into ``group``, then commit it with their index and digests."""
-    index = integrity.write_packed(group, sections)
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """A checkpoint's tensors packed on the CPU, and the optimizer's scalar state."""
+
+    packed: integrity.Packed
+    scalar_state: dict[str, dict[str, float]]
+
+
+def snapshot_checkpoint(
+    params: TensorDict,
+    buffers: TensorDict,
+    optimizer_state: Mapping[str, TensorDict],
+    probe: TensorDict | None = None,
+    spare: Mapping[str, torch.Tensor] | None = None,
+) -> CheckpointSnapshot:
+    """Copy a checkpoint's tensors (any device) for :meth:`StoreWriter.write_checkpoint`.
+
+    Runs on the training thread: the originals keep changing once training goes on.
+
+    Parameters
+    ----------
+    params, buffers
+        The model's trained parameters and buffers by name.
+    optimizer_state
+        ``{state key: {parameter name: tensor}}``; 0-d tensors (Adam's step count) are stored
+        as scalars.
+    probe
+        The probe's indices and losses (``schema.SECTION_PROBE``), if any.
+    spare
+        Buffers of a snapshot already written, to fill again (see :func:`integrity.pack`).
+
+    """
+    scalar_state: dict[str, dict[str, float]] = {}
+    tensor_state: dict[str, dict[str, torch.Tensor]] = {}
+    for state_key, values in optimizer_state.items():
+        for name, value in values.items():
+            if value.ndim == 0:
+                scalar_state.setdefault(state_key, {})[name] = value.item()
+            else:
+                tensor_state.setdefault(state_key, {})[name] = value
+    sections = {
+        schema.SECTION_PARAMS: params,
+        schema.SECTION_BUFFERS: buffers,
+        **{schema.optimizer_section(k): values for k, values in tensor_state.items()},
+    }
+    if probe:
+        sections[schema.SECTION_PROBE] = probe
+    return CheckpointSnapshot(integrity.pack(sections, spare), scalar_state)
+
+
+def snapshot_frozen(params: TensorDict) -> integrity.Packed:
+    """Copy a stage's non-trainable parameters for :meth:`StoreWriter.write_frozen`."""
+    return integrity.pack({schema.SECTION_PARAMS: params})
+
+
+def _commit(group: zarr.Group, packed: integrity.Packed, attributes: dict[str, Any]) -> None:
+    """Write ``packed`` into ``group``, then commit it with its index and digests."""
+    index = integrity.write_packed(group, packed)
     # One metadata write (``attrs.update`` would write once per key).
     group.update_attributes({**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True})
 
