@@ -17,6 +17,11 @@ import torch
 
 from source_callback.store import schema
 
+
+class ProbeUnavailable(Exception):
+    """The training framework cannot give the probe's losses; the message says why."""
+
+
 #: Examples per stage whose training loss every checkpoint records.
 PROBE_SIZE = 8
 #: Seed of the choice of probed examples, and of the generators while their losses are computed.
@@ -50,6 +55,22 @@ def preserved_rng(seed: int = PROBE_SEED) -> Iterator[None]:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def probing(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients and the generators preserved; the training modes restored after.
+
+    Training that computes a probe continues exactly as it would have without it.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad(), preserved_rng():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def probe_tensors(indices: Sequence[int], losses: Sequence[float]) -> dict[str, torch.Tensor]:
