@@ -24,6 +24,20 @@ from source_callback.record.probe import ProbeUnavailable, probing
 from source_callback.record.session import RecordingSession, StageSetup, TorchRanks
 
 DEFAULT_STORE_NAME = "source.zarr"
+#: TRL's argument classes of trainers whose loss is not a per-example loss of the trained model
+#: alone (preference pairs through a reference model, generated samples, reward models).
+REFUSED_CONFIGS = (
+    "DPOConfig",
+    "KTOConfig",
+    "ORPOConfig",
+    "CPOConfig",
+    "BCOConfig",
+    "RewardConfig",
+    "GRPOConfig",
+    "RLOOConfig",
+    "PPOConfig",
+    "OnlineDPOConfig",
+)
 #: Keys of a batch whose first dimension counts the examples, in order of preference.
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
@@ -265,6 +279,17 @@ class SourceTrainerCallback(TrainerCallback, ExportableState):
 
     @staticmethod
     def _check_supported(args: TrainingArguments) -> None:
+        refused = [c.__name__ for c in type(args).__mro__ if c.__name__ in REFUSED_CONFIGS]
+        if refused:
+            raise errors.SourceCallbackError(
+                f"SourceTrainerCallback does not record runs configured by TRL's {refused[0]}: "
+                "SOURCE attributes a stage through a per-example training loss of the trained "
+                "model alone, and this trainer's loss is not one (DPO's compares a chosen and a "
+                "rejected completion through a frozen reference model's log-probabilities; "
+                "online methods train on generated samples). source-callback has no Task for it, "
+                "so analyze() could not attribute the stage. Record the SFT stages "
+                "(Trainer, SFTTrainer) and train this stage without the callback."
+            )
         if args.load_best_model_at_end:
             raise errors.SourceCallbackError(
                 "SourceTrainerCallback cannot record a run with load_best_model_at_end=True: the "
