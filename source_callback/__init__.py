@@ -1,4 +1,4 @@
-"""source-callback: record multi-stage Lightning training, attribute predictions with SOURCE."""
+"""source-callback: record multi-stage training runs, attribute predictions with SOURCE."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from source_callback.store.reader import Checkpoint, Run, open_run
 from source_callback.store.schema import Stage
 
 if TYPE_CHECKING:
+    from source_callback.hf import SourceTrainerCallback
     from source_callback.lightning import SourceCallback
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "Run",
     "SourceCallback",
     "SourceCallbackError",
+    "SourceTrainerCallback",
     "Stage",
     "StoreError",
     "Task",
@@ -68,10 +70,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lightning is imported only when the callback is used, so that reading a store and the
-    # command line start quickly.
+    # Lightning and transformers are imported only when a callback is used, so that reading a
+    # store and the command line start quickly (and transformers stays optional: the hf extra).
     if name == "SourceCallback":
         from source_callback.lightning import SourceCallback
 
         return SourceCallback
+    if name == "SourceTrainerCallback":
+        from source_callback.hf import SourceTrainerCallback
+
+        return SourceTrainerCallback
     raise AttributeError(f"module 'source_callback' has no attribute {name!r}")

@@ -88,3 +88,37 @@ class TokenSequences(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long)}
+
+
+class LabelledSequences(TokenSequences):
+    """Token sequences with ``labels`` (the Hugging Face models' own loss needs them)."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class SameNames(pl.LightningModule):
+    """A causal LM trained by Lightning under the LM's own tensor names, on its own loss.
+
+    The module holds the LM's children (``model``, ``lm_head``), not the LM, so its parameters
+    are named as the Hugging Face ``Trainer`` names them: stages of one store recorded by
+    either framework name the same tensors alike. ``training_step`` is ``lm(**batch).loss``,
+    the ``Trainer``'s loss.
+    """
+
+    def __init__(self, lm: nn.Module, optimizer, scheduler=None) -> None:
+        super().__init__()
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "lm", lm)  # not a child: no "lm." prefix
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+
+    def training_step(self, batch, batch_idx):
+        return self.lm(**batch).loss
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Objects the API reference documents (docs/api.md), by the anchor mkdocstrings gives them.
 DOCUMENTED = [
     "source_callback.SourceCallback",
+    "source_callback.SourceTrainerCallback",
     "source_callback.analyze",
     "source_callback.AnalysisOptions",
     "source_callback.load_analysis",

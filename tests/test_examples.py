@@ -133,3 +133,25 @@ def test_hf_lora_finetune(tmp_path, examples_path, one_thread, capsys) -> None:
     assert completion.split()[0] in PLACES  # the fine-tuned model answers with a place
     assert result.scores["pretrain"].shape == (1, pretrain.num_examples)
     assert np.isfinite(result.stage_effects).all()
+
+
+def test_hf_trainer_sft_records_both_trainers_and_attributes(
+    tmp_path, examples_path, one_thread
+) -> None:
+    pytest.importorskip("trl")
+    from hf_trainer_sft import run
+
+    store = tmp_path / "sft.zarr"
+    result = run(store, quick=True, verbose=False)
+    recorded = open_run(store)
+    assert [(s.name, s.recorded_by) for s in recorded.stages] == [
+        ("pretrain", "transformers"),
+        ("sft", "transformers"),
+    ]
+    assert [s.num_examples for s in recorded.stages] == [32, 10]
+    assert result.scores["pretrain"].shape == (3, 32) and result.scores["sft"].shape == (3, 10)
+    # The queries are SFT examples: the most helpful SFT example is the query itself (or its
+    # duplicate: the SFT set holds every pair twice).
+    for q, top in enumerate(np.argmax(result.scores["sft"], axis=1)):
+        assert top % 5 == q
+    assert np.isfinite(result.stage_effects).all()

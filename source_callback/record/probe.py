@@ -17,6 +17,11 @@ import torch
 
 from source_callback.store import schema
 
+
+class ProbeUnavailable(Exception):
+    """The training framework cannot give the probe's losses; the message says why."""
+
+
 #: Examples per stage whose training loss every checkpoint records.
 PROBE_SIZE = 8
 #: Seed of the choice of probed examples, and of the generators while their losses are computed.
@@ -50,6 +55,29 @@ def preserved_rng(seed: int = PROBE_SEED) -> Iterator[None]:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def probing(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, the generators and buffers preserved; the modes restored after.
+
+    Training that computes a probe continues exactly as it would have without it: a training
+    step may update buffers (a batch counter, a running average), whose values are put back.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    buffers = [(name, b, b.clone()) for name, b in module.named_buffers()]
+    module.eval()
+    try:
+        with torch.no_grad(), preserved_rng():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for name, original, value in buffers:
+                original.copy_(value)
+                owner, _, attribute = name.rpartition(".")
+                setattr(module.get_submodule(owner), attribute, original)
 
 
 def probe_tensors(indices: Sequence[int], losses: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Framework-free recording: stages, step rows and checkpoints, written off the training thread.
 
-A framework adapter (``source_callback.lightning``) calls the recorder at the right moments;
+A framework adapter (``source_callback.lightning``, ``source_callback.hf``), through its
+:class:`~source_callback.record.session.RecordingSession`, calls the recorder at the right moments;
 the recorder decides what goes where, buffers step rows into blocks, and hands every store write
 to one background thread so that writes stay ordered and training does not wait on storage.
 """
@@ -160,14 +161,15 @@ class Recorder:
             last = stages[-1]
             raise InterruptedStageError(
                 f"stage {last.name!r} in {self.writer.url} was interrupted after "
-                f"{self.writer.num_steps - last.first_step} recorded steps. Resume it with "
-                "trainer.fit(..., ckpt_path=<the Lightning checkpoint>) and the same store, or "
+                f"{self.writer.num_steps - last.first_step} recorded steps. Resume it from "
+                "the last training checkpoint with the same store (Lightning: trainer.fit(..., "
+                "ckpt_path=...); Hugging Face: trainer.train(resume_from_checkpoint=...)), or "
                 "record the new run into a new store; the store was not modified."
             )
         if stage.name in [s.name for s in stages]:
             raise StoreError(
                 f"stage {stage.name!r} is already recorded in {self.writer.url}. Give the new "
-                "stage another name (SourceCallback(stage=...) or callback.next_stage(...))."
+                "stage another name (the callback's stage=... or callback.next_stage(...))."
             )
         if not stages:
             return None

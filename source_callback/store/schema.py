@@ -405,6 +405,9 @@ class Stage:
         Why the stage's checkpoints hold no probe losses (``training_step`` returned no loss,
         manual optimization, an iterable dataset, ...); ``None`` when they do, and in stores
         written before probes were recorded (whose checkpoints hold none either).
+    recorded_by
+        The framework whose adapter recorded the stage (``lightning``, ``transformers``);
+        ``None`` in stores written before it was recorded. The analysis does not read it.
 
     """
 
@@ -428,6 +431,7 @@ class Stage:
     manifest: list[dict[str, Any]] | None = None
     continues: dict[str, list[str]] | None = None
     probe: str | None = None
+    recorded_by: str | None = None
 
     @property
     def num_steps(self) -> int | None:

@@ -1,0 +1,611 @@
+"""A recording session: everything a training-framework adapter does that is not the framework's.
+
+An adapter (:class:`~source_callback.lightning.SourceCallback` for Lightning,
+:class:`~source_callback.hf.SourceTrainerCallback` for the Hugging Face ``Trainer``) translates
+its framework's hooks into these calls and supplies what only the framework knows (the model,
+the optimizer, the training set, how to compute one example's training loss, the process ranks):
+
+=====================  ===============================  ======================================
+session                Lightning                        Hugging Face ``Trainer``
+=====================  ===============================  ======================================
+``open``               ``setup``                        ``on_train_begin``
+``start``              ``on_train_start``               ``on_train_begin``
+``before_step``        ``on_train_batch_start``         ``on_step_begin``
+``optimizer_step``     ``on_before_optimizer_step``     ``on_pre_optimizer_step``
+``add_batch``          ``on_train_batch_end``           a forward hook on the model
+``finish_steps``       ``on_train_batch_end``           ``on_step_end``
+``end``                ``on_train_end``                 ``on_train_end``
+``close``/``abort``    ``teardown``/``on_exception``    ``on_train_end``/next ``on_train_begin``
+``state_dict``         ``state_dict``                   ``state()`` (saved in trainer_state.json)
+=====================  ===============================  ======================================
+
+The session holds the rules both share: one writer process (global rank 0) whose store errors
+are raised on every rank, a stage begun or resumed from the state saved with the framework's
+checkpoint, a checkpoint before each planned step, one step row per optimizer step with the
+hyperparameters that step used, and the probe.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from source_callback import errors
+from source_callback.fingerprint import dataset_fingerprint, example_digest
+from source_callback.manifest import model_manifest, persistent_buffers
+from source_callback.optim import (
+    OptimizerRecord,
+    UpdateRule,
+    describe_optimizer,
+    optimizer_state_by_name,
+)
+from source_callback.record.probe import ProbeUnavailable, probe_indices, probe_tensors
+from source_callback.record.recorder import Recorder, step_hyperparameters
+from source_callback.store import location, schema
+from source_callback.store.writer import StepRow, StoreWriter
+
+T = TypeVar("T")
+#: The training losses of the given examples of the stage's training set, each alone, at the
+#: current parameters (raises :class:`ProbeUnavailable` where the framework cannot say).
+ProbeLosses = Callable[[Sequence[int]], list[float]]
+
+STATE_VERSION = 1
+
+# Sessions of this process with an open recorder, by store URL: a session left open by a
+# training that raised (no hook told it) is closed before another writes the same store.
+_OPEN: dict[str, RecordingSession] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+class Ranks(Protocol):
+    """The processes of a run as the session needs them."""
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the store (global rank 0)."""
+        ...
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (a collective: every rank calls it)."""
+        ...
+
+
+class TorchRanks:
+    """The ranks of ``torch.distributed``'s default group (one process when not initialised).
+
+    Parameters
+    ----------
+    is_main
+        Whether this process is global rank 0.
+    """
+
+    def __init__(self, is_main: bool) -> None:
+        self.is_main = is_main
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def raise_on_all_ranks(ranks: Ranks, error: Exception | None) -> None:
+    """Broadcast rank 0's error (or its absence) and raise it on every rank.
+
+    Only rank 0 touches the store; raising there alone would leave the other ranks waiting in
+    their next collective.
+    """
+    payload = None if error is None else (type(error).__name__, str(error))
+    payload = ranks.broadcast(payload)
+    if payload is None:
+        return
+    if error is not None:
+        raise error
+    kind = getattr(errors, payload[0], None)
+    raise (kind if isinstance(kind, type) else errors.SourceCallbackError)(payload[1])
+
+
+def dataset_length(dataset: Any) -> int | None:
+    """``len(dataset)``, or ``None`` for a dataset without a length."""
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+@dataclass(frozen=True)
+class StageSetup:
+    """What the framework knows when a stage (one ``fit``/``train`` call) starts training.
+
+    Attributes
+    ----------
+    model
+        The module whose parameters are recorded (their names are the record's names).
+    optimizer
+        The (unwrapped) PyTorch optimizer.
+    dataset
+        The training set (map-style for its size, fingerprint, digests and probe).
+    batch_size, accumulate_grad_batches, world_size
+        Per-process batch size; batches and processes per optimizer step.
+    precision
+        Lightning's name of the precision (``32-true``, ``bf16-mixed``, ...).
+    estimated_steps
+        Optimizer steps the stage will take from its first (``inf``/``None``: unknown).
+    global_step
+        The framework's optimizer-step counter now.
+    probe_losses
+        Computes the probed examples' training losses; ``None`` when the framework cannot.
+    recorded_by
+        The adapter's framework (``lightning``, ``transformers``).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: Any
+    batch_size: int | None
+    accumulate_grad_batches: int
+    world_size: int
+    precision: str
+    estimated_steps: float | None
+    global_step: int
+    probe_losses: ProbeLosses | None
+    recorded_by: str
+
+
+def _validate_stage_name(name: str | None) -> None:
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"a stage name must be a non-empty string, got {name!r}")
+
+
+def _validate_renamed(renamed: dict[str, str | None] | None) -> None:
+    if renamed is not None and not (
+        isinstance(renamed, dict)
+        and all(isinstance(k, str) and isinstance(v, str | None) for k, v in renamed.items())
+    ):
+        raise TypeError(
+            "renamed must map tensor names of the new stage's model to names in the "
+            f"previous stage's model (or None for a new tensor), got {renamed!r}"
+        )
+
+
+class RecordingSession:
+    """Records the stages of one run into one store, driven by a framework adapter.
+
+    Parameters
+    ----------
+    store
+        Local path or fsspec URL; ``None`` lets :meth:`open` use the adapter's default.
+    stage
+        Name of the next stage (``stage-<index>`` when ``None``).
+    checkpoints_per_stage
+        Equal parts per stage; a checkpoint at each part's start and at the stage's end.
+    storage_options
+        fsspec options for URLs.
+    flush_every
+        Step rows buffered before a block is written.
+    renamed
+        Tensor matches for the next stage (see :meth:`next_stage`).
+    adapter
+        The adapter's class name, for messages.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | None,
+        *,
+        stage: str | None,
+        checkpoints_per_stage: int,
+        storage_options: dict[str, Any] | None,
+        flush_every: int,
+        renamed: dict[str, str | None] | None,
+        adapter: str,
+    ) -> None:
+        if not isinstance(checkpoints_per_stage, int) or checkpoints_per_stage < 1:
+            raise ValueError(
+                f"checkpoints_per_stage must be a positive integer, got {checkpoints_per_stage!r}"
+            )
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be a positive integer, got {flush_every!r}")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError("storage_options must be a dict of fsspec options")
+        _validate_stage_name(stage)
+        _validate_renamed(renamed)
+        self.store = None if store is None else location.normalize(store)
+        self.storage_options = storage_options
+        self.checkpoints_per_stage = checkpoints_per_stage
+        self.flush_every = flush_every
+        self.adapter = adapter
+        self.url: str | None = None
+        self.recorder: Recorder | None = None
+        self._next_name = stage
+        self._renamed = renamed
+        self._previous_tensors: dict[str, weakref.ref[torch.Tensor]] = {}
+        self._resume: dict[str, Any] | None = None
+        self._reset_stage()
+
+    def _reset_stage(self) -> None:
+        self.active = False
+        self._stage_index = -1
+        self._stage_name = ""
+        self._first_step = 0
+        self._origin = 0
+        self._rows_in_stage = 0
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._rule = UpdateRule.UNKNOWN
+        self._names: dict[int, str] = {}
+        self._hyper: list[dict[str, float]] | None = None
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
+        self._loss_summed = False
+        self._examples = 0
+        self._checkpointed: set[int] = set()
+        self._probe: tuple[list[int], ProbeLosses] | None = None
+        self._probe_reason: str | None = None  # why there is none
+
+    def next_stage(self, name: str, renamed: dict[str, str | None] | None) -> None:
+        """Name the next stage and say how its tensors continue the last one's."""
+        _validate_stage_name(name)
+        _validate_renamed(renamed)
+        self._next_name = name
+        self._renamed = renamed
+
+    # -- the store ---------------------------------------------------------------------------
+
+    def open(self, default_store: str | os.PathLike[str], ranks: Ranks) -> None:
+        """Agree on the store's URL (rank 0's) and open its writer on rank 0."""
+        url = self.store or location.normalize(default_store)
+        self.url = ranks.broadcast(url)
+        error = None
+        if ranks.is_main and self.recorder is None:
+            with _OPEN_LOCK:
+                stale = _OPEN.pop(self.url, None)
+            if stale is not None and stale is not self:
+                stale.abort()
+            try:
+                writer = StoreWriter.open(self.url, self.storage_options)
+                self.recorder = Recorder(writer, flush_every=self.flush_every)
+                with _OPEN_LOCK:
+                    _OPEN[self.url] = self
+            except errors.StoreError as exc:
+                error = exc
+        raise_on_all_ranks(ranks, error)
+
+    def close(self) -> None:
+        """Write what is buffered, wait for the background writes and release the store."""
+        if self.recorder is None:
+            return
+        recorder, self.recorder = self.recorder, None
+        with _OPEN_LOCK:
+            if _OPEN.get(recorder.writer.url) is self:
+                del _OPEN[recorder.writer.url]
+        recorder.close()
+
+    def abort(self) -> None:
+        """Keep what was recorded and release the store; the stage stays resumable."""
+        self.close()
+        self._reset_stage()
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _model_views(
+        self,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Trainable parameters, frozen parameters and buffers, by name.
+
+        Trainable means updated by the optimizer: in one of its groups *and* requiring grad (a
+        parameter handed to the optimizer but frozen never moves).
+        """
+        trainable_ids = {
+            id(p) for g in self._optimizer.param_groups for p in g["params"] if p.requires_grad
+        }
+        trainable, frozen = {}, {}
+        for name, param in self._model.named_parameters():
+            (trainable if id(param) in trainable_ids else frozen)[name] = param
+        return trainable, frozen, persistent_buffers(self._model)
+
+    def _identity(self) -> dict[str, str]:
+        """Tensor names of the model -> the last recorded stage's names for the same objects."""
+        alive = ((name, ref()) for name, ref in self._previous_tensors.items())
+        previous = {id(t): name for name, t in alive if t is not None}
+        current = {**dict(self._model.named_parameters()), **persistent_buffers(self._model)}
+        return {name: previous[id(t)] for name, t in current.items() if id(t) in previous}
+
+    def _optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return optimizer_state_by_name(self._optimizer, self._names, self._rule)
+
+    def start(self, ranks: Ranks, setup: StageSetup) -> None:
+        """Begin a new stage, or continue the one a loaded state was saved in.
+
+        See :meth:`load_state_dict`.
+        """
+        self._model, self._optimizer = setup.model, setup.optimizer
+        self._names = {id(p): n for n, p in setup.model.named_parameters()}
+        description = describe_optimizer(setup.optimizer, self._names)
+        self._rule = description.update_rule
+        if self._rule is UpdateRule.UNKNOWN and ranks.is_main:
+            warnings.warn(
+                f"{self.adapter}: the analysis has no model of {description.class_name}; it is "
+                "recorded as 'unknown' and analyze() will need an explicit optimizer_model=.",
+                stacklevel=3,
+            )
+        if self._resume is not None:
+            self._resume_stage(ranks, setup)
+        else:
+            self._begin_stage(ranks, setup, description)
+        self.active = True
+
+    def _begin_stage(self, ranks: Ranks, setup: StageSetup, description: OptimizerRecord) -> None:
+        trainable, frozen, buffers = self._model_views()
+        error, recorded = None, None
+        if self.recorder is not None:
+            num_examples = dataset_length(setup.dataset)
+            if num_examples is None:
+                warnings.warn(
+                    f"{self.adapter} could not determine the training set's size (not a "
+                    "map-style dataset); analyze() will not be able to attribute this stage.",
+                    stacklevel=4,
+                )
+            name = self._next_name or f"stage-{len(self.recorder.writer.stages)}"
+            self._choose_probe(setup, name)
+            probe = self._take_probe(name)
+            estimated = setup.estimated_steps
+            template = schema.Stage(
+                index=-1,
+                name=name,
+                status=schema.STAGE_RECORDING,
+                first_step=-1,
+                last_step=None,
+                planned_checkpoints=[],
+                num_examples=num_examples,
+                fingerprint=None if num_examples is None else dataset_fingerprint(setup.dataset),
+                batch_size=setup.batch_size,
+                accumulate_grad_batches=setup.accumulate_grad_batches,
+                world_size=setup.world_size,
+                precision=setup.precision,
+                estimated_steps=float(estimated)
+                if estimated is not None and math.isfinite(estimated)
+                else None,
+                checkpoints_per_stage=self.checkpoints_per_stage,
+                optimizer=description,
+                trainable=list(trainable),
+                frozen=list(frozen),
+                manifest=model_manifest(setup.model),
+                probe=self._probe_reason,
+                recorded_by=setup.recorded_by,
+            )
+            try:
+                recorded = self.recorder.begin_stage(
+                    template,
+                    frozen,
+                    trainable,
+                    buffers,
+                    self._optimizer_state(),
+                    identity=self._identity(),
+                    renamed=self._renamed,
+                    probe=probe,
+                )
+                if num_examples is not None:
+                    self.recorder.digest_examples(setup.dataset)
+            except errors.StoreError as exc:
+                error = exc
+        raise_on_all_ranks(ranks, error)
+        summary = None if recorded is None else (recorded.index, recorded.name, recorded.first_step)
+        self._stage_index, self._stage_name, self._first_step = ranks.broadcast(summary)
+        self._next_name = self._renamed = None
+        self._origin = setup.global_step
+        self._rows_in_stage = 0
+
+    def _resume_stage(self, ranks: Ranks, setup: StageSetup) -> None:
+        state, self._resume = self._resume, None
+        error = None
+        if self.recorder is not None:
+            try:
+                stages = self.recorder.writer.stages
+                index = state["stage_index"]
+                if index >= len(stages) or stages[index].name != state["stage_name"]:
+                    raise errors.StoreError(
+                        f"the checkpoint being resumed recorded stage {state['stage_name']!r} "
+                        f"into {state['store']}, which {self.url} does not hold. Resume with "
+                        f"{self.adapter} pointing at the store the run was recorded into."
+                    )
+                self.recorder.resume_stage(index, state["first_step"] + state["rows_in_stage"])
+                if stages[index].probe is None:  # the same examples: they depend on N_s only
+                    self._choose_probe(setup, stages[index].name)
+                if dataset_length(setup.dataset) is not None:
+                    self.recorder.digest_examples(setup.dataset)
+            except errors.StoreError as exc:
+                error = exc
+        raise_on_all_ranks(ranks, error)
+        self._stage_index = state["stage_index"]
+        self._stage_name = state["stage_name"]
+        self._first_step = state["first_step"]
+        self._origin = state["origin"]
+        self._rows_in_stage = state["rows_in_stage"]
+
+    def end(self, ranks: Ranks) -> None:
+        """Close the stage with its stage-end checkpoint (a no-op when none is active)."""
+        if not self.active:
+            return
+        error = None
+        if self.recorder is not None:
+            trainable, frozen, buffers = self._model_views()
+            probe = self._take_probe(self._stage_name)
+            try:
+                if self._probe_reason is not None:  # probing stopped, or never started
+                    self.recorder.note_no_probe(self._probe_reason)
+                self.recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
+            except errors.StoreError as exc:
+                error = exc
+            # The next stage's tensors are matched to these by identity where they are the same.
+            self._previous_tensors = {
+                name: weakref.ref(t) for name, t in {**trainable, **frozen, **buffers}.items()
+            }
+        self._reset_stage()
+        raise_on_all_ranks(ranks, error)
+
+    # -- the probe ---------------------------------------------------------------------------
+
+    def _choose_probe(self, setup: StageSetup, stage_name: str) -> None:
+        """Pick the stage's probed examples, or warn why there are none (``_no_probe``)."""
+        if setup.probe_losses is None:
+            self._no_probe(stage_name, f"{setup.recorded_by} gives no per-example loss")
+            return
+        dataset = setup.dataset
+        size = dataset_length(dataset)
+        if not size:
+            self._no_probe(stage_name, "the training set has no length or no examples")
+            return
+        indices = probe_indices(size)
+        try:
+            unstable = any(
+                example_digest(dataset[i]) != example_digest(dataset[i]) for i in indices
+            )
+        except Exception as exc:
+            self._no_probe(stage_name, f"its probed examples cannot be read ({exc!r})")
+            return
+        if unstable:
+            self._no_probe(stage_name, "its examples change between reads (random transforms?)")
+            return
+        self._probe = (indices, setup.probe_losses)
+
+    def _no_probe(self, stage_name: str, reason: str) -> None:
+        self._probe, self._probe_reason = None, reason
+        warnings.warn(
+            f"{self.adapter} records no probe losses for stage {stage_name!r} from here on: "
+            f"{reason}. analyze() and retrain() will skip their check that the model and data "
+            "they are given reproduce the training loss ('The probe' in docs/recording.md).",
+            stacklevel=5,
+        )
+
+    def _take_probe(self, stage_name: str) -> dict[str, torch.Tensor] | None:
+        """The probe at the current parameters: its indices and training losses."""
+        if self._probe is None:
+            return None
+        indices, losses = self._probe
+        try:
+            return probe_tensors(indices, losses(indices))
+        except ProbeUnavailable as exc:
+            self._no_probe(stage_name, str(exc))
+            return None
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def before_step(self, global_step: int) -> None:
+        """Take the checkpoint planned before the step after ``global_step`` completed steps.
+
+        Called before the step's first micro-batch, which sees θ_t, the buffers and the
+        optimizer state after step t-1: the state "before step t" (later, the step's forward
+        pass may have changed buffers such as batch-norm statistics).
+        """
+        if self.recorder is None or not self.active:
+            return
+        step = self._first_step + global_step - self._origin
+        if step in self.recorder.planned and step not in self._checkpointed:
+            self._checkpointed.add(step)
+            trainable, _, buffers = self._model_views()
+            probe = self._take_probe(self._stage_name)
+            self.recorder.checkpoint(
+                step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state(), probe
+            )
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Right before ``optimizer`` steps: its hyperparameters are the ones this step uses.
+
+        Schedulers step after the optimizer, and user code that sets the rate before the step
+        has run by now. An optimizer other than the stage's (unwrapped) one is ignored.
+        """
+        if self.active and optimizer is self._optimizer:
+            self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
+
+    def add_batch(
+        self, loss: torch.Tensor | None, examples: int | None, *, summed: bool = False
+    ) -> None:
+        """Count one (micro-)batch of the current step.
+
+        Parameters
+        ----------
+        loss
+            The batch's training loss (a scalar tensor; ``None`` when unknown).
+        examples
+            Examples in the batch over all processes (``None`` when unknown: the step's count
+            is then recorded as -1).
+        summed
+            The loss is the batch's share of the step's loss (the framework normalises by the
+            step's total, so the step's loss is the sum of its batches'); otherwise the step's
+            loss is the mean of its batches'.
+        """
+        if not self.active:
+            return
+        if isinstance(loss, torch.Tensor):
+            self._loss_sum = self._loss_sum + loss.detach()
+            self._loss_count += 1
+            self._loss_summed = summed
+        if examples is None:
+            self._examples = -1
+        elif self._examples >= 0:
+            self._examples += examples
+
+    def finish_steps(self, global_step: int, epoch: int) -> None:
+        """Emit a row for each optimizer step completed since the last row."""
+        if not self.active:
+            return
+        while self._rows_in_stage < global_step - self._origin and self._hyper is not None:
+            loss = self._loss_sum
+            if not self._loss_count:
+                loss = float("nan")
+            elif not self._loss_summed:
+                loss = loss / self._loss_count
+            row = StepRow(
+                stage=self._stage_index,
+                epoch=epoch,
+                loss=loss,
+                examples=self._examples,
+                groups=self._hyper,
+            )
+            if self.recorder is not None:
+                self.recorder.record_step(row)
+            self._rows_in_stage += 1
+            self._loss_sum, self._loss_count, self._examples = 0.0, 0, 0
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the record stands, saved with the framework's checkpoint.
+
+        ``{}`` between stages. Everything it vouches for is written before it returns.
+        """
+        if not self.active:
+            return {}
+        if self.recorder is not None:
+            self.recorder.wait()
+        return {
+            "version": STATE_VERSION,
+            "store": self.url,
+            "stage_index": self._stage_index,
+            "stage_name": self._stage_name,
+            "first_step": self._first_step,
+            "origin": self._origin,
+            "rows_in_stage": self._rows_in_stage,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue, at the next :meth:`start`, the stage ``state`` was saved in."""
+        if state.get("version") != STATE_VERSION:
+            raise errors.SourceCallbackError(
+                f"this checkpoint's {self.adapter} state has version {state.get('version')!r}; "
+                f"this source-callback reads version {STATE_VERSION}."
+            )
+        self._resume = dict(state)

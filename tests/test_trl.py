@@ -1,0 +1,148 @@
+"""TRL on a tiny Llama built from a config, with a word-level tokenizer built in the test.
+
+``SFTTrainer`` with a prompt-completion dataset (loss on the completion tokens only) is recorded
+and analyzed end to end; ``DPOTrainer`` is refused with the reason before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hf_models import VOCAB, tiny_llama
+
+from source_callback import SourceCallbackError, SourceTrainerCallback, analyze, open_run
+from source_callback.analysis.task import LanguageModelingTask
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# TRL's configs turn gradient checkpointing on through transformers' deprecated name.
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated")
+
+WORDS = [f"w{i}" for i in range(VOCAB - 2)]  # and <pad>, <eos>
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate([*WORDS, "<pad>", "<eos>"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>"
+    )
+
+
+def sentences(rng: random.Random, lengths: tuple[int, int]) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(*lengths)))
+
+
+def prompt_completions(n: int, seed: int):
+    """Prompts of 2-3 words, completions of 1-3 (the Trainer appends <eos>): 4-7 tokens."""
+    rng = random.Random(seed)
+    rows = [(sentences(rng, (2, 3)), " " + sentences(rng, (1, 3))) for _ in range(n)]
+    return datasets.Dataset.from_dict(
+        {"prompt": [p for p, _ in rows], "completion": [c for _, c in rows]}
+    )
+
+
+def config(kind, out, **overrides: Any):
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 2,
+        "learning_rate": 0.01,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return kind(**{**settings, **overrides})
+
+
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+def test_sft_trainer_is_recorded_and_analyzed_on_the_completion_tokens(tmp_path) -> None:
+    store = tmp_path / "sft.zarr"
+    trainer = trl.SFTTrainer(
+        model=llama(),
+        args=config(
+            trl.SFTConfig, tmp_path / "out", completion_only_loss=True, learning_rate=0.003
+        ),
+        train_dataset=prompt_completions(12, seed=1),
+        processing_class=word_tokenizer(),
+        callbacks=[SourceTrainerCallback(store, stage="sft")],
+    )
+    trainer.train()
+    # What the Trainer trained on: the tokenized dataset (prompt tokens labelled -100) and the
+    # collator that pads it. analyze() gets both.
+    trained = trainer.get_train_dataloader().dataset
+    labels = [np.array(trained[i]["labels"]) for i in range(len(trained))]
+    assert all((row[:2] == -100).all() and (row[-1] != -100) for row in labels)
+    assert len({int((row != -100).sum()) for row in labels}) > 1  # completions of 2-4 tokens
+
+    run = open_run(store)
+    (stage,) = run.stages
+    assert (stage.name, stage.num_examples, stage.num_steps) == ("sft", 12, 6)
+    assert stage.recorded_by == "transformers" and stage.probe is None
+    assert run.learning_rates()[0, 0] == 0.003  # linear decay from the base rate
+    assert np.isfinite(run.steps()["loss"]).all()
+
+    common = {
+        "model": llama(),
+        "train": {"sft": trained},
+        "queries": trained.select(range(3)),
+        "collate_fn": trainer.data_collator,
+        "segments": 1,
+        "batch_size": 8,
+        "name": None,
+        "verbose": False,
+    }
+    # The probe (each probed example's own loss in training) holds with the completion-token
+    # task; a task on every token does not reproduce the training loss and is refused.
+    result = analyze(store, task=LanguageModelingTask(), **common)
+    scores = result.scores["sft"]
+    assert scores.shape == (3, 12) and np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+    class EveryToken(LanguageModelingTask):
+        @staticmethod
+        def _logits_and_labels(model, batch):
+            everything = {**batch, "labels": batch["input_ids"]}
+            return LanguageModelingTask._logits_and_labels(model, everything)
+
+    with pytest.raises(Exception, match="do not reproduce the training loss"):
+        analyze(store, task=EveryToken(), **common)
+
+
+def test_dpo_trainer_is_refused_with_the_reason(tmp_path) -> None:
+    rng = random.Random(0)
+    pairs = datasets.Dataset.from_dict(
+        {
+            "prompt": [sentences(rng, (2, 3)) for _ in range(4)],
+            "chosen": [" " + sentences(rng, (1, 2)) for _ in range(4)],
+            "rejected": [" " + sentences(rng, (1, 2)) for _ in range(4)],
+        }
+    )
+    store = tmp_path / "dpo.zarr"
+    trainer = trl.DPOTrainer(
+        model=llama(),
+        ref_model=llama(),  # built here: by default TRL would load it by the model's name
+        args=config(trl.DPOConfig, tmp_path / "out"),
+        train_dataset=pairs,
+        processing_class=word_tokenizer(),
+        callbacks=[SourceTrainerCallback(store, stage="dpo")],
+    )
+    with pytest.raises(SourceCallbackError, match=r"DPOConfig.*reference model"):
+        trainer.train()
+    assert not store.exists()
