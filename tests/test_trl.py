@@ -125,6 +125,58 @@ def test_sft_trainer_is_recorded_and_analyzed_on_the_completion_tokens(tmp_path)
         analyze(store, task=EveryToken(), **common)
 
 
+def test_sft_on_completions_of_different_lengths_weights_examples_by_their_tokens(
+    tmp_path,
+) -> None:
+    """The Trainer's loss is the mean over a step's labelled tokens: longer completions weigh
+    more. ``LanguageModelingTask(tokens_per_example=c)``, c the stage's mean labelled tokens
+    per example, has that objective as its dataset mean; its probe loss is still each
+    example's own token mean, which the probe recorded, so analyze() accepts it."""
+    store = tmp_path / "sft.zarr"
+    trainer = trl.SFTTrainer(
+        model=llama(),
+        args=config(
+            trl.SFTConfig, tmp_path / "out", completion_only_loss=True, learning_rate=0.003
+        ),
+        train_dataset=prompt_completions(12, seed=3),
+        processing_class=word_tokenizer(),
+        callbacks=[SourceTrainerCallback(store, stage="sft")],
+    )
+    trainer.train()
+    trained, collate = trainer.get_train_dataloader().dataset, trainer.data_collator
+    # c as the docs say: labelled tokens after the first position (the ones a label predicts).
+    counts = [int((np.array(example["labels"][1:]) != -100).sum()) for example in trained]
+    assert len(set(counts)) > 1
+    task = LanguageModelingTask(tokens_per_example=float(np.mean(counts)))
+
+    model = trainer.model.eval()
+    stage = collate([trained[i] for i in range(len(trained))])
+    with torch.no_grad():
+        token_mean = model(**stage).loss  # the Trainer's objective over the whole stage
+        np.testing.assert_allclose(task.loss(model, stage).mean(), token_mean, rtol=1e-5)
+        example_mean = LanguageModelingTask().loss(model, stage).mean()
+        assert abs(example_mean - token_mean) > 1e-3 * token_mean
+        alone = torch.stack([model(**collate([trained[i]])).loss for i in range(4)])
+        first = collate([trained[i] for i in range(4)])  # padded to the longest
+        np.testing.assert_allclose(task.probe_loss(model, first), alone, rtol=1e-5)
+        own = LanguageModelingTask().loss(model, first) * torch.tensor(counts[:4])
+        np.testing.assert_allclose(task.loss(model, first) * np.mean(counts), own, rtol=1e-5)
+
+    result = analyze(
+        store,
+        task=task,
+        model=llama(),
+        train={"sft": trained},
+        queries=trained.select(range(3)),
+        collate_fn=collate,
+        segments=1,
+        batch_size=8,
+        name=None,
+        verbose=False,
+    )
+    assert np.isfinite(result.scores["sft"]).all()
+
+
 def test_dpo_trainer_is_refused_with_the_reason(tmp_path) -> None:
     rng = random.Random(0)
     pairs = datasets.Dataset.from_dict(

@@ -191,8 +191,11 @@ class LanguageModelingTask:
     ----------
     tokens_per_example
         The per-example loss is the sum of its token losses divided by this number, so that
-        its dataset mean equals a token-mean training objective. ``None`` divides by the
-        example's own token count (right when all sequences have the same length).
+        its dataset mean equals a token-mean training objective (the Hugging Face
+        ``Trainer``'s: the mean over all labelled tokens of a step) when this is the mean
+        number of labelled tokens per example of the stage. ``None`` divides by the example's
+        own token count (the same objective when all examples have as many labelled tokens).
+        Either way :meth:`probe_loss` is the example's own token mean.
     """
 
     def __init__(self, tokens_per_example: float | None = None) -> None:
@@ -217,10 +220,13 @@ class LanguageModelingTask:
         return logits[:, :-1], labels[:, 1:]
 
     def _normalise(self, token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        total = token_losses.sum(1)
         if self.tokens_per_example is not None:
-            return total / self.tokens_per_example
-        return total / (labels != -100).sum(1).clamp_min(1)
+            return token_losses.sum(1) / self.tokens_per_example
+        return self._own_mean(token_losses, labels)
+
+    @staticmethod
+    def _own_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_losses.sum(1) / (labels != -100).sum(1).clamp_min(1)
 
     @staticmethod
     def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -233,6 +239,19 @@ class LanguageModelingTask:
         """Per-example next-token cross-entropy, normalised as configured."""
         logits, labels = self._logits_and_labels(model, batch)
         return self._normalise(self._token_losses(logits, labels), labels)
+
+    def probe_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example mean of the example's own token losses: its training loss alone.
+
+        A token-mean objective (the models' own ``loss``, the ``Trainer``'s) computes this for
+        a batch of one example, and the probe recorded it so. With ``tokens_per_example`` it
+        differs from :meth:`loss`, which weights the examples as the whole stage's token mean
+        does. (A ``training_step`` that itself averages this task's :meth:`loss` with
+        ``tokens_per_example`` recorded that loss instead: give such a task a ``probe_loss``
+        returning :meth:`loss`.)
+        """
+        logits, labels = self._logits_and_labels(model, batch)
+        return self._own_mean(self._token_losses(logits, labels), labels)
 
     def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Per-query negative log-likelihood of its labelled tokens (summed)."""
