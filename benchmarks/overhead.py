@@ -11,6 +11,9 @@ checkpoint, 5 interior ones and a stage-end one). The wall time of ``trainer.fit
     python benchmarks/overhead.py --out overhead.json
     python benchmarks/overhead.py --merge a.json b.json   # pool earlier runs' repetitions
     python benchmarks/overhead.py --sizes 2M 20M 200M --markdown sizes.md   # against model size
+    python benchmarks/overhead.py --framework trainer   # Hugging Face Trainer and
+                                                        # SourceTrainerCallback (Llama, 300 steps)
+    python benchmarks/overhead.py --framework trainer --save-steps 50   # with Trainer saves
 
 A timing callback in *both* arms records the time of every training batch, and the recording
 arm's ``SourceCallback`` hooks are timed on the training thread, so the report also shows where
@@ -51,7 +54,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from source_callback import SourceCallback, open_run
 from source_callback.record.plan import interior_steps
@@ -73,6 +76,14 @@ class Config:
     seed: int = 0
     blocks: int = 0  # > 0: residual feed-forward blocks of width `width` instead of `depth`
     fused: bool = False  # AdamW(fused=True)
+    framework: str = "lightning"  # or "trainer": a Llama (`depth` layers of `width`), HF Trainer
+    vocab: int = 2048  # trainer: vocabulary, and tokens per example
+    seq_len: int = 32
+    save_steps: int = 0  # trainer: > 0 saves a Trainer checkpoint every this many steps
+
+
+# The Trainer arm: a Llama of 2 layers of width 128 (0.9 M parameters), batches of 8 x 32 tokens.
+TRAINER: dict[str, Any] = {"width": 128, "depth": 2, "batch_size": 8, "steps": 300}
 
 
 # Model sizes of ``--sizes``: residual MLPs, fused AdamW, batch 4, 200 steps between checkpoints.
@@ -161,7 +172,7 @@ class BatchTimer(pl.Callback):
         self.fit_end = time.perf_counter()
 
 
-HOOKS = (
+LIGHTNING_HOOKS = (
     "setup",
     "on_train_start",
     "on_train_batch_start",
@@ -171,15 +182,26 @@ HOOKS = (
     "state_dict",
     "teardown",
 )
+# SourceTrainerCallback's: ``_on_forward`` is its forward hook on the model (bound when
+# ``on_train_begin`` registers it), ``state`` what each Trainer save calls.
+TRAINER_HOOKS = (
+    "on_train_begin",
+    "on_step_begin",
+    "_on_forward",
+    "on_pre_optimizer_step",
+    "on_step_end",
+    "state",
+    "on_train_end",
+)
 
 
-def time_hooks(callback: pl.Callback) -> dict[str, float]:
+def time_hooks(callback: Any, hooks: tuple[str, ...]) -> dict[str, float]:
     """Wrap the callback's hooks (on this instance) to sum their wall time on the calling thread.
 
-    Lightning looks hooks up with ``getattr(callback, name)``, so instance attributes take
+    Lightning and the Trainer look hooks up on the callback object, so instance attributes take
     effect. The wrapper costs two ``perf_counter`` calls per hook call.
     """
-    totals = dict.fromkeys(HOOKS, 0.0)
+    totals = dict.fromkeys(hooks, 0.0)
 
     def wrap(name: str) -> None:
         hook = getattr(callback, name)
@@ -193,7 +215,7 @@ def time_hooks(callback: pl.Callback) -> dict[str, float]:
 
         setattr(callback, name, timed)
 
-    for name in HOOKS:
+    for name in hooks:
         wrap(name)
     return totals
 
@@ -224,31 +246,124 @@ def timed_writes() -> Iterator[list[dict[str, Any]]]:
         StoreWriter.write_checkpoint = original  # type: ignore[method-assign]
 
 
-def make_data(cfg: Config) -> TensorDataset:
+class TokenData(Dataset):
+    """Random token sequences as the Trainer takes them (``labels`` are the inputs)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_data(cfg: Config) -> Dataset:
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.steps * cfg.batch_size
+    if cfg.framework == "trainer":
+        return TokenData(torch.randint(0, cfg.vocab, (n, cfg.seq_len), generator=g))
     x = torch.randn(n, cfg.features, generator=g)
     y = torch.randint(0, cfg.classes, (n,), generator=g)
     return TensorDataset(x, y)
 
 
-def run_once(
-    cfg: Config, data: TensorDataset, init: dict[str, torch.Tensor], record: bool, workdir: str
-) -> dict[str, Any]:
-    """One training run; returns its timings (and the store's size for the recording arm)."""
-    torch.manual_seed(cfg.seed)
-    model = MLP(cfg)
-    model.load_state_dict(init)
+def make_model(cfg: Config) -> nn.Module:
+    """The arm's model: :class:`MLP`, or for the Trainer a Llama built from a config."""
+    if cfg.framework != "trainer":
+        return MLP(cfg)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.width,
+        intermediate_size=4 * cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=cfg.seq_len,
+    )
+    return LlamaForCausalLM(config)
+
+
+def fit_trainer(
+    cfg: Config, model: nn.Module, data: Dataset, record: bool, workdir: str
+) -> tuple[BatchTimer, dict[str, float], Any]:
+    """A Hugging Face ``Trainer`` for the run (with ``SourceTrainerCallback`` when recording).
+
+    Returns the step timer, the callback's hook times and a function that trains.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from source_callback import SourceTrainerCallback
+
+    hf_logging.disable_progress_bar()  # the bars of each Trainer save
+
+    timer = BatchTimer()
+
+    class StepTimer(TrainerCallback):
+        """``timer``'s times from the Trainer's hooks: optimizer steps for batches."""
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            timer.on_train_start(None, None)
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            timer.on_train_batch_start(None)
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            timer.on_train_batch_end(None)
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            timer.on_fit_end(None, None)
+
+    callbacks: list[Any] = [StepTimer()]
+    hook_times: dict[str, float] = {}
+    if record:
+        callback = SourceTrainerCallback(
+            os.path.join(workdir, "run.zarr"),
+            stage="bench",
+            checkpoints_per_stage=cfg.checkpoints_per_stage,
+        )
+        hook_times = time_hooks(callback, TRAINER_HOOKS)
+        callbacks.append(callback)
+    args = TrainingArguments(
+        output_dir=workdir,
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.steps,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        optim="adamw_torch_fused" if cfg.fused else "adamw_torch",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    return timer, hook_times, trainer.train
+
+
+def fit_lightning(
+    cfg: Config, model: nn.Module, data: Dataset, record: bool, workdir: str
+) -> tuple[BatchTimer, dict[str, float], Any]:
+    """As :func:`fit_trainer`, for Lightning and ``SourceCallback``."""
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     timer = BatchTimer()
     callbacks: list[pl.Callback] = [timer]
-    store = os.path.join(workdir, "run.zarr")
     hook_times: dict[str, float] = {}
     if record:
         callback = SourceCallback(
-            store, stage="bench", checkpoints_per_stage=cfg.checkpoints_per_stage
+            os.path.join(workdir, "run.zarr"),
+            stage="bench",
+            checkpoints_per_stage=cfg.checkpoints_per_stage,
         )
-        hook_times = time_hooks(callback)
+        hook_times = time_hooks(callback, LIGHTNING_HOOKS)
         callbacks.append(callback)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -261,10 +376,23 @@ def run_once(
         enable_model_summary=False,
         default_root_dir=workdir,
     )
+    return timer, hook_times, lambda: trainer.fit(model, loader)
+
+
+def run_once(
+    cfg: Config, data: Dataset, init: dict[str, torch.Tensor], record: bool, workdir: str
+) -> dict[str, Any]:
+    """One training run; returns its timings (and the store's size for the recording arm)."""
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg)
+    model.load_state_dict(init)
+    fit = fit_trainer if cfg.framework == "trainer" else fit_lightning
+    timer, hook_times, train = fit(cfg, model, data, record, workdir)
+    store = os.path.join(workdir, "run.zarr")
     cpu0, thread0 = time.process_time(), time.thread_time()
     with timed_writes() as writes:
         start = time.perf_counter()
-        trainer.fit(model, loader)
+        train()
         wall = time.perf_counter() - start
     result: dict[str, Any] = {
         "wall_s": wall,
@@ -432,7 +560,8 @@ def summarize(cfg: Config, runs: dict[str, list[dict[str, Any]]]) -> dict[str, A
         "breakdown_with": batch_split(with_),
         "breakdown_without": batch_split(without),
         "callback_hooks_ms": {
-            name: 1e3 * statistics.median(r["hook_s"][name] for r in with_) for name in HOOKS
+            name: 1e3 * statistics.median(r["hook_s"][name] for r in with_)
+            for name in with_[0]["hook_s"]
         },
         "callback_total_ms": 1e3 * statistics.median(sum(r["hook_s"].values()) for r in with_),
         "store_bytes": with_[0].get("store_bytes"),
@@ -451,14 +580,34 @@ def print_table(cfg: Config, s: dict[str, Any]) -> None:
     bw, bo = s["breakdown_with"], s["breakdown_without"]
     lo, hi = s["ratio_bootstrap_95"]
     print()
-    hidden = (
-        f"{cfg.blocks} residual blocks of {cfg.width}" if cfg.blocks else f"{cfg.depth}x{cfg.width}"
-    )
+    trainer = cfg.framework == "trainer"
+    if trainer:
+        model = (
+            f"Hugging Face Trainer, Llama {cfg.depth} layers of {cfg.width}, vocabulary "
+            f"{cfg.vocab}, batch {cfg.batch_size} x {cfg.seq_len} tokens"
+        )
+        saves = f", a Trainer save every {cfg.save_steps} steps" if cfg.save_steps else ""
+    else:
+        hidden = (
+            f"{cfg.blocks} residual blocks of {cfg.width}"
+            if cfg.blocks
+            else f"{cfg.depth}x{cfg.width}"
+        )
+        model = f"Lightning, MLP {cfg.features}->{hidden}->{cfg.classes}, batch {cfg.batch_size}"
+        saves = ""
     print(
-        f"model: MLP {cfg.features}->{hidden}->{cfg.classes}, {'fused ' * cfg.fused}AdamW, "
-        f"batch {cfg.batch_size}, {cfg.steps} steps, checkpoints_per_stage "
-        f"{cfg.checkpoints_per_stage}, torch threads {cfg.threads}, {cfg.reps} reps per arm"
+        f"model: {model}, {'fused ' * cfg.fused}AdamW, {cfg.steps} steps{saves}, "
+        f"checkpoints_per_stage {cfg.checkpoints_per_stage}, torch threads {cfg.threads}, "
+        f"{cfg.reps} reps per arm"
     )
+    # The Trainer's hooks for Lightning's: train() for fit(), optimizer steps for batches.
+    start, first, end, returns = (
+        ("train() -> on_train_begin", "on_train_begin -> 1st step", "last step -> on_train_end",
+         "on_train_end -> train() returns")
+        if trainer
+        else ("setup -> on_train_start", "on_train_start -> 1st batch",
+              "last batch -> on_fit_end", "on_fit_end -> fit returns")
+    )  # fmt: skip
     print(f"{'':38}{'without':>12}{'with':>12}{'ratio':>9}")
     rows = [
         ("fit wall time, median (s)", s["median_without_s"], s["median_with_s"]),
@@ -480,14 +629,10 @@ def print_table(cfg: Config, s: dict[str, Any]) -> None:
             bo["median_checkpoint_batch_ms"],
             bw["median_checkpoint_batch_ms"],
         ),
-        ("setup -> on_train_start (ms)", bo["median_setup_ms"], bw["median_setup_ms"]),
-        (
-            "on_train_start -> 1st batch (ms)",
-            bo["median_train_start_ms"],
-            bw["median_train_start_ms"],
-        ),
-        ("last batch -> on_fit_end (ms)", bo["median_train_end_ms"], bw["median_train_end_ms"]),
-        ("on_fit_end -> fit returns (ms)", bo["median_teardown_ms"], bw["median_teardown_ms"]),
+        (f"{start} (ms)", bo["median_setup_ms"], bw["median_setup_ms"]),
+        (f"{first} (ms)", bo["median_train_start_ms"], bw["median_train_start_ms"]),
+        (f"{end} (ms)", bo["median_train_end_ms"], bw["median_train_end_ms"]),
+        (f"{returns} (ms)", bo["median_teardown_ms"], bw["median_teardown_ms"]),
     ]
     for label, a, b in rows:
         print(f"{label:38}{a:12.3f}{b:12.3f}{b / a:9.3f}")
@@ -499,11 +644,19 @@ def print_table(cfg: Config, s: dict[str, Any]) -> None:
     )
     total = s["callback_total_ms"]
     print(
-        f"SourceCallback hooks on the training thread: {total:.0f} ms per run (median), "
+        f"{'SourceTrainerCallback' if trainer else 'SourceCallback'} hooks on the training "
+        f"thread: {total:.0f} ms per run (median), "
         f"{total / 1e3 / s['median_without_s']:.2%} of the run without it:"
     )
     for name, ms in s["callback_hooks_ms"].items():
         print(f"  {name:26}{ms:9.1f} ms")
+    if trainer and cfg.save_steps:
+        saves = cfg.steps // cfg.save_steps
+        state = s["callback_hooks_ms"]["state"]
+        print(
+            f"Trainer saves: {saves} per run; the callback's state() (waiting for the buffered "
+            f"step rows) took {state / saves:.1f} ms per save"
+        )
     background = s["median_process_cpu_with_s"] - s["median_thread_cpu_with_s"]
     print(
         f"CPU used off the training thread in the recording arm (writer, codecs; process CPU "
@@ -548,7 +701,7 @@ def merge(paths: list[str], out: str | None) -> dict[str, Any]:
     }
     for arm_runs in runs.values():
         for run in arm_runs:
-            run.setdefault("hook_s", dict.fromkeys(HOOKS, float("nan")))
+            run.setdefault("hook_s", dict.fromkeys(LIGHTNING_HOOKS, float("nan")))
     cfg = Config(**{**configs[0], "reps": len(runs["with"])})
     summary = summarize(cfg, runs)
     print(f"pooled {len(paths)} files: {', '.join(paths)}")
@@ -566,7 +719,7 @@ def measure(cfg: Config) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     data = make_data(cfg)
     torch.manual_seed(cfg.seed)
-    init = {k: v.clone() for k, v in MLP(cfg).state_dict().items()}
+    init = {k: v.clone() for k, v in make_model(cfg).state_dict().items()}
     params = sum(v.numel() for v in init.values())
     print(
         f"{params / 1e6:.1f} M parameters in {len(init)} tensors, "
@@ -751,6 +904,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both arms")
     parser.add_argument("--checkpoints-per-stage", type=int)
+    parser.add_argument(
+        "--framework",
+        choices=["lightning", "trainer"],
+        default="lightning",
+        help="Lightning and SourceCallback (an MLP), or the Hugging Face Trainer and "
+        "SourceTrainerCallback (a Llama built from a config)",
+    )
+    parser.add_argument(
+        "--save-steps", type=int, help="with --framework trainer: a Trainer save every N steps"
+    )
     parser.add_argument("--out", help="write the results as JSON to this path")
     parser.add_argument(
         "--merge",
@@ -776,6 +939,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     names = ("steps", "reps", "width", "depth", "batch_size", "threads", "checkpoints_per_stage")
+    names += ("framework", "save_steps")
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.sizes:
         report = by_size(args.sizes, args.quick, overrides)
@@ -785,9 +949,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f.write(sizes_markdown(report) + "\n")
             print(f"wrote {args.markdown}")
     else:
-        report = measure(
-            replace(Config(steps=150, reps=3) if args.quick else Config(), **overrides)
-        )
+        preset = TRAINER if args.framework == "trainer" else {}
+        quick = {"steps": 60 if preset else 150, "reps": 2 if preset else 3}
+        report = measure(Config(**{**preset, **(quick if args.quick else {}), **overrides}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
