@@ -112,6 +112,28 @@ class TiedNet(nn.Module):
         return self.lm_head(torch.tanh(self.mix(self.embed(ids))))
 
 
+class AdapterNet(nn.Module):
+    """A frozen base layer with a trained low-rank adapter beside it, modified in place.
+
+    The adapter's first layer is the first unit: its output needs a gradient only because the
+    passes capture it (every parameter is frozen while capturing), and the model scales it in
+    place, as a model may do with a module's output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(3, WIDTH)
+        self.base.requires_grad_(False)
+        self.down = nn.Linear(3, 2, bias=False)
+        self.up = nn.Linear(2, WIDTH, bias=False)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.down(x)
+        low.mul_(2)
+        return self.head(torch.tanh(self.base(x) + self.up(low)))
+
+
 def _tokens(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
@@ -136,11 +158,13 @@ def _case(name: str) -> Case:
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, None
     if name == "tied-diagonal":
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, VOCAB - 1
+    if name == "adapter":
+        return AdapterNet().double(), (torch.randn(7, 2, 3, dtype=torch.float64),), 3, None
     assert name == "large-side"  # the head's 3 outputs and 4+1 inputs both above 2
     return EmbeddingNet(None).double(), (_tokens(7, 3),), 3, 2
 
 
-CASES = ["conv1d", "embedding", "norms", "tied", "tied-diagonal", "large-side"]
+CASES = ["conv1d", "embedding", "norms", "tied", "tied-diagonal", "large-side", "adapter"]
 
 
 def _units(model: nn.Module, diagonal_above: int | None) -> dict[str, Unit]:
@@ -199,6 +223,24 @@ def test_query_gradients_and_contractions_equal_autograd(
         monkeypatch.setattr(units_module, "CHUNK_ELEMENTS", elements)
         got_contract = contract(model, units, task.loss, batch, vectors)
         torch.testing.assert_close(got_contract, truth, rtol=1e-10, atol=1e-12)
+
+
+def test_passes_form_no_parameter_gradients_and_unfreeze_after() -> None:
+    model, batch, outputs, _ = _case("adapter")
+    units = _units(model, None)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    seen: list[bool] = []
+    task = ProbeTask(outputs)
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
+        seen.append(any(p.requires_grad for p in model.parameters()))
+        return task.loss(model, batch)
+
+    got = per_example_grads(model, units, loss, [batch])
+    assert seen == [False]
+    assert all(p.grad is None for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    assert got["down"].abs().min() > 0  # the adapter's first layer got its gradient
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -45,6 +45,12 @@ class Capture:
     prepended unless it has one of 1), the same values downstream, so that each example's
     gradient stays separate. B is the leading dimension of the model's first tensor argument;
     a shared tensor whose leading dimension happens to equal B cannot be told apart.
+
+    No parameter gradient is formed: while capturing, every parameter of the model is frozen,
+    and the output of a unit's call that then needs no gradient (no unit before it; grad mode
+    on) is replaced by a copy that does. The backward pass reaches every unit's output as
+    before, but skips the weight-gradient products and every module before the first unit
+    (the frozen base of a model with adapters). The parameters are unfrozen on exit.
     """
 
     def __init__(self, model: nn.Module, units: dict[str, Unit], on_grads: OnGrads) -> None:
@@ -57,6 +63,7 @@ class Capture:
         self._handles: list[Any] = []
         self._batch = 1
         self._finite = RowFlags()
+        self._frozen: list[nn.Parameter] = []
 
     def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = next(
@@ -96,6 +103,9 @@ class Capture:
                 args = tuple(self._broadcast(x, prepend) for x in args)
                 kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
                 output = self._broadcast(output, prepend)
+            if not output.requires_grad and torch.is_grad_enabled():
+                # a copy (not the leaf itself), so that the model may still modify it in place
+                output = output.detach().requires_grad_().clone()
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
             if known is not None:
@@ -126,14 +136,19 @@ class Capture:
         """``value.backward()``, then hand over the gradients of uses that are still waiting.
 
         Raises :class:`~source_callback.errors.NonFiniteError` for the first example whose
-        gradient holds a NaN or infinity (see :mod:`~source_callback.analysis.finite`).
+        gradient holds a NaN or infinity (see :mod:`~source_callback.analysis.finite`). A
+        ``value`` that no unit's output reaches has no gradient to hand over.
         """
-        value.backward(retain_graph=retain_graph)
+        if value.requires_grad:
+            value.backward(retain_graph=retain_graph)
         for name in list(self._pending):
             self.on_grads(name, self._pending.pop(name))
         self._finite.check("gradient")
 
     def __enter__(self) -> Capture:
+        self._frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for param in self._frozen:
+            param.requires_grad_(False)
         self._handles.append(
             self.model.register_forward_pre_hook(self._batch_hook, with_kwargs=True)
         )
@@ -150,6 +165,9 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._frozen.clear()
         self.reset()
 
 
@@ -186,7 +204,6 @@ def pseudo_passes(
             losses = task.pseudo_loss(model, batch, generator)[None]
         for _ in _backward_each(capture, losses):
             pass
-        model.zero_grad(set_to_none=True)
         yield losses.shape[1]
 
 
