@@ -8,6 +8,8 @@ what plain autograd gives per example.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -48,11 +50,12 @@ class ProbeTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
         out = self._out(model, batch)
-        return (torch.tanh(out) @ self.weights[0]).sum(1) + out.square().sum((1, 2)) / 4
+        weight = self.weights[0].to(out.dtype)
+        return (torch.tanh(out) @ weight).sum(1) + out.square().sum((1, 2)) / 4
 
     def exact_pseudo_losses(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
         out = self._out(model, batch)
-        return torch.stack([(torch.tanh(out) @ w).sum(1) for w in self.weights])
+        return torch.stack([(torch.tanh(out) @ w.to(out.dtype)).sum(1) for w in self.weights])
 
 
 class Conv1DNet(nn.Module):
@@ -443,3 +446,45 @@ def test_calls_shared_by_the_batch_keep_per_example_gradients() -> None:
     one = per_example_grads(model, units, task.loss, [(batch[0][:1],)])  # a batch of one
     for name in units:
         torch.testing.assert_close(one[name], expected[name][:1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["conv1d", "tied", "adapter"])
+def test_a_float32_model_gives_its_float64_twins_results_in_float64(case: str) -> None:
+    """Products formed in float32 for a float32 model, summed in float64: float32's precision."""
+    model64, batch64, outputs, diagonal_above = _case(case)
+    model32 = copy.deepcopy(model64).float()
+    batch32 = tuple(x.float() if x.is_floating_point() else x for x in batch64)
+    task = ProbeTask(outputs)
+    g = torch.Generator().manual_seed(3)
+    units = {m: _units(model, diagonal_above) for m, model in (("64", model64), ("32", model32))}
+    vectors = {
+        n: torch.randn(3, *u.shape, generator=g, dtype=torch.float64)
+        for n, u in units["64"].items()
+    }
+    ones = {n: torch.ones(u.shape, dtype=torch.float64) for n, u in units["64"].items()}
+    results: dict[str, list[torch.Tensor]] = {}
+    for key, model, batch in (("64", model64, batch64), ("32", model32, batch32)):
+        found = units[key]
+        grads = per_example_grads(model, found, task.loss, [batch])
+        covs = covariances(model, found, task, [batch], torch.Generator(), exact=True)
+        scaled = covariances(model, found, task, [batch], torch.Generator(), True, ones)
+        factors = [f for c in (*covs.values(), *scaled.values()) for f in c.mean() if f is not None]
+        if key == "64":
+            bases = {
+                n: tuple(None if f is None else eigh_float64(f)[1] for f in c.mean())
+                for n, c in covs.items()
+            }
+        lam = corrected_eigenvalues(model, found, bases, task, [batch], torch.Generator(), True)
+        lam_scaled = corrected_eigenvalues(
+            model, found, bases, task, [batch], torch.Generator(), True, ones
+        )
+        results[key] = [
+            *grads.values(),
+            contract(model, found, task.loss, batch, vectors),
+            *factors,
+            *lam.values(),
+            *lam_scaled.values(),
+        ]
+    for got, want in zip(results["32"], results["64"], strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

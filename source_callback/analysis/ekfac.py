@@ -233,7 +233,7 @@ class Covariances:
 
 def per_example(parts: list[Factored]) -> torch.Tensor:
     """Per-example gradients summed over a unit's uses: ``[B, out, in]`` (float64)."""
-    return torch.cat([total for _, total in dense_sum(parts)])
+    return torch.cat([total for _, total in dense_sum(parts)]).double()
 
 
 def covariances(
@@ -246,6 +246,9 @@ def covariances(
     scale: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Covariances]:
     """One pass over ``batches``: the two Kronecker factors per unit (float64).
+
+    A batch's products are formed in the precision of its captured gradients (see
+    :mod:`~source_callback.analysis.units`), and summed over batches in float64.
 
     Without ``scale``: per-example ``E[a aᵀ]`` and ``E[s sᵀ]`` (tokens summed), each use adding
     its own factors in the unit's layout (a tied parameter sums them over its uses). With
@@ -263,11 +266,11 @@ def covariances(
                     sums[name].add(1 - part.known, part.sides[1 - part.known].covariance())
             return
         for _, g in dense_sum(parts):
-            g = g * scale[name]
+            g = g * scale[name].to(g.dtype)
             if dense[0]:
-                sums[name].add(0, torch.einsum("boi,bpi->op", g, g))
+                sums[name].add(0, torch.einsum("boi,bpi->op", g, g).double())
             if dense[1]:
-                sums[name].add(1, torch.einsum("boi,boj->ij", g, g))
+                sums[name].add(1, torch.einsum("boi,boj->ij", g, g).double())
 
     with Capture(model, units, on_grads) as capture:
         for size in pseudo_passes(model, capture, task, batches, generator, exact):
@@ -294,12 +297,15 @@ def corrected_eigenvalues(
 
     ``bases[name]`` is ``(Q_A, Q_S)`` (``None``: identity). ``G'`` is the per-example gradient
     summed over the unit's uses, times ``scale`` when given (see :func:`covariances`). In exact
-    mode each of the K backward passes contributes its own squared rotated gradient.
+    mode each of the K backward passes contributes its own squared rotated gradient. The
+    rotations are made in the precision of the captured gradients (the bases cast to it), the
+    squares summed in float64.
     """
     sums: dict[str, torch.Tensor] = {}
 
     def on_grads(name: str, parts: list[Factored]) -> None:
-        q_a, q_s = bases[name]
+        dtype = parts[0].dtype
+        q_a, q_s = (None if q is None else q.to(dtype) for q in bases[name])
         if scale is None and len(parts) == 1:
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
             # is 4-10x faster than the four-operand einsum (benchmarks/speed.py); a one-hot side
@@ -309,12 +315,12 @@ def corrected_eigenvalues(
             total = 0
             for _, g in dense_sum(parts):
                 if scale is not None:
-                    g = g * scale[name]
+                    g = g * scale[name].to(g.dtype)
                 if q_s is not None:
                     g = q_s.T @ g
                 if q_a is not None:
                     g = g @ q_a
-                total = total + g.square().sum(0)
+                total = total + g.square().sum(0, dtype=torch.float64)
         sums[name] = total + sums.get(name, 0)
 
     count = 0
