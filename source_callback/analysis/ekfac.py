@@ -306,10 +306,10 @@ def corrected_eigenvalues(
     def on_grads(name: str, parts: list[Factored]) -> None:
         dtype = parts[0].dtype
         q_a, q_s = (None if q is None else q.to(dtype) for q in bases[name])
-        if scale is None and len(parts) == 1:
+        if scale is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
-            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py); a one-hot side
-            # adds up only the tokens present.
+            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py) where it takes
+            # fewer products than rotating G; a one-hot side adds up only the tokens present.
             total = parts[0].rotated(q_s, q_a).squares()
         else:
             total = 0

@@ -146,6 +146,23 @@ class Factored:
         """``Q_rowsᵀ G Q_cols`` (``None``: identity)."""
         return Factored(self.rows.times(q_rows), self.cols.times(q_cols), self.known)
 
+    def rotate_sides_first(self, q_rows: torch.Tensor | None, q_cols: torch.Tensor | None) -> bool:
+        """Whether rotating each token's sides costs fewer products than each example's ``G``.
+
+        ``Σ_t (Q_rowsᵀ r_t)(Q_colsᵀ c_t)ᵀ`` takes ``T·(rows² + cols²) + T·rows·cols`` products
+        per example, ``Q_rowsᵀ G Q_cols`` after ``G`` takes ``T·rows·cols + rows·cols·(rows +
+        cols)`` (a side without a basis costs nothing): short sequences of wide layers rotate
+        the sides, long ones the gradient. A one-hot side is rotated by a lookup: always first.
+        """
+        if self.rows.onehot or self.cols.onehot:
+            return True
+        tokens = self.rows.values.shape[1]
+        rows = 0 if q_rows is None else self.rows.size
+        cols = 0 if q_cols is None else self.cols.size
+        return tokens * (rows * rows + cols * cols) <= self.rows.size * self.cols.size * (
+            rows + cols
+        )
+
     def dense(self) -> torch.Tensor:
         """``[B, rows, cols]`` in :attr:`dtype`."""
         if self.cols.onehot:
