@@ -206,16 +206,18 @@ class Factored:
     def contract(self, vectors: torch.Tensor) -> torch.Tensor:
         """``⟨vectors[q], G_b⟩`` for ``[Q, rows, cols]`` vectors: ``[B, Q]`` float64.
 
-        The products are formed in :attr:`dtype` (the vectors cast to it).
-
-        Dense sides: the gradients of a few examples at a time times all queries' vectors in one
-        product (2-40× faster than going through a ``[B, T, Q, in]`` intermediate,
-        ``benchmarks/speed.py``). A one-hot side gathers the vectors' columns of its tokens.
+        Dense sides: the gradients of a few examples at a time (formed in :attr:`dtype`) times
+        all queries' vectors in one float64 product (2-40× faster than going through a
+        ``[B, T, Q, in]`` intermediate, ``benchmarks/speed.py``); a sum over all ``rows·cols``
+        coordinates in float32 would add rounding several times the float32 model's own. A
+        one-hot side gathers the vectors' columns of its tokens, a sum over ``rows`` only,
+        formed in :attr:`dtype`.
         """
-        v = vectors.to(self.rows.values.device, self.dtype)
+        v = vectors.to(self.rows.values.device, torch.float64)
         if self.rows.onehot:
             return self.T.contract(v.transpose(1, 2))
         if self.cols.onehot:
+            v = v.to(self.dtype)
             batch, tokens = self.cols.values.shape
             out = []
             step = max(1, CHUNK_ELEMENTS // (len(v) * self.rows.size * tokens))
@@ -227,7 +229,7 @@ class Factored:
                 out.append(values.reshape(len(part), tokens, -1).double().sum(1))
             return torch.cat(out)
         flat = v.reshape(len(v), -1).T
-        return torch.cat([(part.dense().flatten(1) @ flat).double() for part in self.chunks()])
+        return torch.cat([part.dense().flatten(1).double() @ flat for part in self.chunks()])
 
 
 # -- kinds of modules --------------------------------------------------------------------------
