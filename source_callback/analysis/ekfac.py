@@ -320,7 +320,7 @@ def corrected_eigenvalues(
                     g = q_s.T @ g
                 if q_a is not None:
                     g = g @ q_a
-                total = total + g.square().sum(0, dtype=torch.float64)
+                total = total + g.square().sum(0).double()
         sums[name] = total + sums.get(name, 0)
 
     count = 0
