@@ -163,6 +163,13 @@ class Factored:
             rows + cols
         )
 
+    def to(self, dtype: torch.dtype) -> Factored:
+        """The same gradients with the (non-one-hot) sides' values in ``dtype``."""
+        rows, cols = (
+            side if side.onehot else Side(side.values.to(dtype), side.size) for side in self.sides
+        )
+        return Factored(rows, cols, self.known)
+
     def dense(self) -> torch.Tensor:
         """``[B, rows, cols]`` in :attr:`dtype`."""
         if self.cols.onehot:
@@ -229,7 +236,9 @@ class Factored:
                 out.append(values.reshape(len(part), tokens, -1).double().sum(1))
             return torch.cat(out)
         flat = v.reshape(len(v), -1).T
-        return torch.cat([part.dense().flatten(1).double() @ flat for part in self.chunks()])
+        # a single token's gradient sums nothing: formed in float64, it needs no conversion
+        parts = (self.to(torch.float64) if self.rows.values.shape[1] == 1 else self).chunks()
+        return torch.cat([part.dense().flatten(1).double() @ flat for part in parts])
 
 
 # -- kinds of modules --------------------------------------------------------------------------
