@@ -8,6 +8,8 @@ what plain autograd gives per example.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -48,11 +50,12 @@ class ProbeTask:
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
         out = self._out(model, batch)
-        return (torch.tanh(out) @ self.weights[0]).sum(1) + out.square().sum((1, 2)) / 4
+        weight = self.weights[0].to(out.dtype)
+        return (torch.tanh(out) @ weight).sum(1) + out.square().sum((1, 2)) / 4
 
     def exact_pseudo_losses(self, model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
         out = self._out(model, batch)
-        return torch.stack([(torch.tanh(out) @ w).sum(1) for w in self.weights])
+        return torch.stack([(torch.tanh(out) @ w.to(out.dtype)).sum(1) for w in self.weights])
 
 
 class Conv1DNet(nn.Module):
@@ -112,6 +115,28 @@ class TiedNet(nn.Module):
         return self.lm_head(torch.tanh(self.mix(self.embed(ids))))
 
 
+class AdapterNet(nn.Module):
+    """A frozen base layer with a trained low-rank adapter beside it, modified in place.
+
+    The adapter's first layer is the first unit: its output needs a gradient only because the
+    passes capture it (every parameter is frozen while capturing), and the model scales it in
+    place, as a model may do with a module's output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(3, WIDTH)
+        self.base.requires_grad_(False)
+        self.down = nn.Linear(3, 2, bias=False)
+        self.up = nn.Linear(2, WIDTH, bias=False)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.down(x)
+        low.mul_(2)
+        return self.head(torch.tanh(self.base(x) + self.up(low)))
+
+
 def _tokens(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
@@ -136,11 +161,13 @@ def _case(name: str) -> Case:
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, None
     if name == "tied-diagonal":
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, VOCAB - 1
+    if name == "adapter":
+        return AdapterNet().double(), (torch.randn(7, 2, 3, dtype=torch.float64),), 3, None
     assert name == "large-side"  # the head's 3 outputs and 4+1 inputs both above 2
     return EmbeddingNet(None).double(), (_tokens(7, 3),), 3, 2
 
 
-CASES = ["conv1d", "embedding", "norms", "tied", "tied-diagonal", "large-side"]
+CASES = ["conv1d", "embedding", "norms", "tied", "tied-diagonal", "large-side", "adapter"]
 
 
 def _units(model: nn.Module, diagonal_above: int | None) -> dict[str, Unit]:
@@ -199,6 +226,24 @@ def test_query_gradients_and_contractions_equal_autograd(
         monkeypatch.setattr(units_module, "CHUNK_ELEMENTS", elements)
         got_contract = contract(model, units, task.loss, batch, vectors)
         torch.testing.assert_close(got_contract, truth, rtol=1e-10, atol=1e-12)
+
+
+def test_passes_form_no_parameter_gradients_and_unfreeze_after() -> None:
+    model, batch, outputs, _ = _case("adapter")
+    units = _units(model, None)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    seen: list[bool] = []
+    task = ProbeTask(outputs)
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor]) -> torch.Tensor:
+        seen.append(any(p.requires_grad for p in model.parameters()))
+        return task.loss(model, batch)
+
+    got = per_example_grads(model, units, loss, [batch])
+    assert seen == [False]
+    assert all(p.grad is None for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    assert got["down"].abs().min() > 0  # the adapter's first layer got its gradient
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -401,3 +446,45 @@ def test_calls_shared_by_the_batch_keep_per_example_gradients() -> None:
     one = per_example_grads(model, units, task.loss, [(batch[0][:1],)])  # a batch of one
     for name in units:
         torch.testing.assert_close(one[name], expected[name][:1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["conv1d", "tied", "adapter"])
+def test_a_float32_model_gives_its_float64_twins_results_in_float64(case: str) -> None:
+    """Products formed in float32 for a float32 model, summed in float64: float32's precision."""
+    model64, batch64, outputs, diagonal_above = _case(case)
+    model32 = copy.deepcopy(model64).float()
+    batch32 = tuple(x.float() if x.is_floating_point() else x for x in batch64)
+    task = ProbeTask(outputs)
+    g = torch.Generator().manual_seed(3)
+    units = {m: _units(model, diagonal_above) for m, model in (("64", model64), ("32", model32))}
+    vectors = {
+        n: torch.randn(3, *u.shape, generator=g, dtype=torch.float64)
+        for n, u in units["64"].items()
+    }
+    ones = {n: torch.ones(u.shape, dtype=torch.float64) for n, u in units["64"].items()}
+    results: dict[str, list[torch.Tensor]] = {}
+    for key, model, batch in (("64", model64, batch64), ("32", model32, batch32)):
+        found = units[key]
+        grads = per_example_grads(model, found, task.loss, [batch])
+        covs = covariances(model, found, task, [batch], torch.Generator(), exact=True)
+        scaled = covariances(model, found, task, [batch], torch.Generator(), True, ones)
+        factors = [f for c in (*covs.values(), *scaled.values()) for f in c.mean() if f is not None]
+        if key == "64":
+            bases = {
+                n: tuple(None if f is None else eigh_float64(f)[1] for f in c.mean())
+                for n, c in covs.items()
+            }
+        lam = corrected_eigenvalues(model, found, bases, task, [batch], torch.Generator(), True)
+        lam_scaled = corrected_eigenvalues(
+            model, found, bases, task, [batch], torch.Generator(), True, ones
+        )
+        results[key] = [
+            *grads.values(),
+            contract(model, found, task.loss, batch, vectors),
+            *factors,
+            *lam.values(),
+            *lam_scaled.values(),
+        ]
+    for got, want in zip(results["32"], results["64"], strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

@@ -24,6 +24,7 @@ from source_callback.analysis.optimizers import (
     AdamVariant,
     module_rates,
     segment_operator,
+    stage_modules,
 )
 from source_callback.analysis.options import AnalysisOptions, Fisher, Method, option_names
 from source_callback.analysis.parallel import Workers
@@ -561,6 +562,7 @@ def _source(job: _Job, cache: GradientCache | None) -> Arrivals:
                 job.sink,
                 indices[number],
                 weights[number],
+                stage_modules(engines[number], run.stages[indices[number]]),
             )
     return {k: arrivals[n] for k, n in _last_segments(plan).items()}
 
@@ -613,6 +615,7 @@ def _tracin(job: _Job) -> Arrivals:
                 job.sink,
                 stage.index,
                 1 / stage.num_examples,  # type: ignore[operator]
+                stage_modules(work, stage),
             )
     work.load(job.final_state)
     u = work.query_grads(job.queries)

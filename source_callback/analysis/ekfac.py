@@ -45,6 +45,12 @@ class Capture:
     prepended unless it has one of 1), the same values downstream, so that each example's
     gradient stays separate. B is the leading dimension of the model's first tensor argument;
     a shared tensor whose leading dimension happens to equal B cannot be told apart.
+
+    No parameter gradient is formed: while capturing, every parameter of the model is frozen,
+    and the output of a unit's call that then needs no gradient (no unit before it; grad mode
+    on) is replaced by a copy that does. The backward pass reaches every unit's output as
+    before, but skips the weight-gradient products and every module before the first unit
+    (the frozen base of a model with adapters). The parameters are unfrozen on exit.
     """
 
     def __init__(self, model: nn.Module, units: dict[str, Unit], on_grads: OnGrads) -> None:
@@ -57,6 +63,7 @@ class Capture:
         self._handles: list[Any] = []
         self._batch = 1
         self._finite = RowFlags()
+        self._frozen: list[nn.Parameter] = []
 
     def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = next(
@@ -96,6 +103,9 @@ class Capture:
                 args = tuple(self._broadcast(x, prepend) for x in args)
                 kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
                 output = self._broadcast(output, prepend)
+            if not output.requires_grad and torch.is_grad_enabled():
+                # a copy (not the leaf itself), so that the model may still modify it in place
+                output = output.detach().requires_grad_().clone()
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
             if known is not None:
@@ -126,14 +136,19 @@ class Capture:
         """``value.backward()``, then hand over the gradients of uses that are still waiting.
 
         Raises :class:`~source_callback.errors.NonFiniteError` for the first example whose
-        gradient holds a NaN or infinity (see :mod:`~source_callback.analysis.finite`).
+        gradient holds a NaN or infinity (see :mod:`~source_callback.analysis.finite`). A
+        ``value`` that no unit's output reaches has no gradient to hand over.
         """
-        value.backward(retain_graph=retain_graph)
+        if value.requires_grad:
+            value.backward(retain_graph=retain_graph)
         for name in list(self._pending):
             self.on_grads(name, self._pending.pop(name))
         self._finite.check("gradient")
 
     def __enter__(self) -> Capture:
+        self._frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for param in self._frozen:
+            param.requires_grad_(False)
         self._handles.append(
             self.model.register_forward_pre_hook(self._batch_hook, with_kwargs=True)
         )
@@ -150,6 +165,9 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._frozen.clear()
         self.reset()
 
 
@@ -186,7 +204,6 @@ def pseudo_passes(
             losses = task.pseudo_loss(model, batch, generator)[None]
         for _ in _backward_each(capture, losses):
             pass
-        model.zero_grad(set_to_none=True)
         yield losses.shape[1]
 
 
@@ -216,7 +233,7 @@ class Covariances:
 
 def per_example(parts: list[Factored]) -> torch.Tensor:
     """Per-example gradients summed over a unit's uses: ``[B, out, in]`` (float64)."""
-    return torch.cat([total for _, total in dense_sum(parts)])
+    return torch.cat([total for _, total in dense_sum(parts)]).double()
 
 
 def covariances(
@@ -229,6 +246,9 @@ def covariances(
     scale: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Covariances]:
     """One pass over ``batches``: the two Kronecker factors per unit (float64).
+
+    A batch's products are formed in the precision of its captured gradients (see
+    :mod:`~source_callback.analysis.units`), and summed over batches in float64.
 
     Without ``scale``: per-example ``E[a aᵀ]`` and ``E[s sᵀ]`` (tokens summed), each use adding
     its own factors in the unit's layout (a tied parameter sums them over its uses). With
@@ -246,11 +266,11 @@ def covariances(
                     sums[name].add(1 - part.known, part.sides[1 - part.known].covariance())
             return
         for _, g in dense_sum(parts):
-            g = g * scale[name]
+            g = g * scale[name].to(g.dtype)
             if dense[0]:
-                sums[name].add(0, torch.einsum("boi,bpi->op", g, g))
+                sums[name].add(0, torch.einsum("boi,bpi->op", g, g).double())
             if dense[1]:
-                sums[name].add(1, torch.einsum("boi,boj->ij", g, g))
+                sums[name].add(1, torch.einsum("boi,boj->ij", g, g).double())
 
     with Capture(model, units, on_grads) as capture:
         for size in pseudo_passes(model, capture, task, batches, generator, exact):
@@ -277,27 +297,30 @@ def corrected_eigenvalues(
 
     ``bases[name]`` is ``(Q_A, Q_S)`` (``None``: identity). ``G'`` is the per-example gradient
     summed over the unit's uses, times ``scale`` when given (see :func:`covariances`). In exact
-    mode each of the K backward passes contributes its own squared rotated gradient.
+    mode each of the K backward passes contributes its own squared rotated gradient. The
+    rotations are made in the precision of the captured gradients (the bases cast to it), the
+    squares summed in float64.
     """
     sums: dict[str, torch.Tensor] = {}
 
     def on_grads(name: str, parts: list[Factored]) -> None:
-        q_a, q_s = bases[name]
-        if scale is None and len(parts) == 1:
+        dtype = parts[0].dtype
+        q_a, q_s = (None if q is None else q.to(dtype) for q in bases[name])
+        if scale is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
-            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py); a one-hot side
-            # adds up only the tokens present.
+            # is 4-10x faster than the four-operand einsum (benchmarks/speed.py) where it takes
+            # fewer products than rotating G; a one-hot side adds up only the tokens present.
             total = parts[0].rotated(q_s, q_a).squares()
         else:
             total = 0
             for _, g in dense_sum(parts):
                 if scale is not None:
-                    g = g * scale[name]
+                    g = g * scale[name].to(g.dtype)
                 if q_s is not None:
                     g = q_s.T @ g
                 if q_a is not None:
                     g = g @ q_a
-                total = total + g.square().sum(0)
+                total = total + g.square().sum(0).double()
         sums[name] = total + sums.get(name, 0)
 
     count = 0

@@ -258,17 +258,21 @@ class Engine:
         sink: ScoreSink,
         stage: int,
         weight: float = 1.0,
+        modules: dict[str, Unit] | None = None,
     ) -> None:
         """Add ``(weight/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` of every example of ``dataset`` to ``sink``.
 
-        This rank's examples are scored one block of ``SCORE_CHUNK[1]`` at a time (the width
-        of a stored score chunk), so a block is handed to the sink whole and no two ranks ever
-        write into one chunk; memory holds one ``[Q, block]`` buffer.
+        ``modules`` restricts the products to those units (the ones a stage trains, where its
+        vectors are zero elsewhere); all units by default. This rank's examples are scored one
+        block of ``SCORE_CHUNK[1]`` at a time (the width of a stored score chunk), so a block is
+        handed to the sink whole and no two ranks ever write into one chunk; memory holds one
+        ``[Q, block]`` buffer.
         """
         width = SCORE_CHUNK[1]
         blocks = self.workers.blocks(len(dataset), width)  # type: ignore[arg-type]
         queries = len(next(iter(vectors.values())))
         factor = weight / len(states)
+        modules = self.modules if modules is None else modules
 
         def score() -> None:
             for i, state in enumerate(states):
@@ -278,7 +282,7 @@ class Engine:
                 buffer = self._zeros(queries, stop - start)
                 filled = 0
                 for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}", blocks):
-                    rows = contract(self.model, self.modules, self.task.loss, batch, vectors)
+                    rows = contract(self.model, modules, self.task.loss, batch, vectors)
                     require_finite(rows, "score")
                     buffer[:, filled : filled + len(rows)] = rows.T
                     filled += len(rows)

@@ -38,7 +38,6 @@ def per_example_grads(
             batch_grads: dict[str, torch.Tensor] = {}
             values = fn(model, batch)
             capture.backward(values.sum())
-            model.zero_grad(set_to_none=True)
             for name, unit in units.items():
                 parts[name].append(batch_grads.get(name, _zeros(len(values), unit.shape, device)))
     return {
@@ -72,7 +71,6 @@ def contract(
     with Capture(model, units, on_grads) as capture:
         values = fn(model, batch)
         capture.backward(values.sum())
-        model.zero_grad(set_to_none=True)
     queries = len(next(iter(vectors.values())))
     out = torch.zeros(len(values), queries, dtype=torch.float64, device=values.device)
     return out + sum(total) if total else out

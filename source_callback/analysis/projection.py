@@ -261,7 +261,6 @@ def projected_grads(
     with Capture(model, hooked, on_grads) as capture:
         values = fn(model, batch)
         capture.backward(values.sum())
-        model.zero_grad(set_to_none=True)
     out = torch.zeros(len(values), projection.dim, dtype=dtype, device=values.device)
     for name, block in parts.items():  # a module no gradient reached keeps zeros, as in contract
         out[:, projection.offsets[name]] = block

@@ -18,6 +18,11 @@ unit whose matrix is the parameter's own layout; its gradient is the sum over al
 A side of a unit (rows or columns) is an *identity side* when its eigenbasis is taken as the
 identity: one-hot sides (every use is an embedding's token side), every side of a diagonal unit,
 and, on request, sides longer than a threshold (e.g. a 50,000-token ``lm_head`` output).
+
+Precision: products of a batch's per-example gradients are formed in the precision of the
+captured sides (:attr:`Factored.dtype`: float32 for a float32 model, whose activations and
+output gradients carry float32's precision already), and what they return to be summed over
+batches (covariances, squares, contractions) is float64.
 """
 
 from __future__ import annotations
@@ -82,12 +87,12 @@ class Side:
         return Side(self.values.to(matrix.dtype) @ matrix, matrix.shape[1])
 
     def covariance(self) -> torch.Tensor:
-        """``Σ_{b,t} x xᵀ`` in float64, ``[size, size]``."""
+        """``Σ_{b,t} x xᵀ``, ``[size, size]``: formed in the values' precision, float64."""
         if self.onehot:
             counts = torch.bincount(self.values.reshape(-1), minlength=self.size)
             return torch.diag(counts.double())
-        x = self.values.double().reshape(-1, self.size)
-        return x.T @ x
+        x = self.values.reshape(-1, self.size)
+        return (x.T @ x).double()
 
     def __getitem__(self, rows: slice) -> Side:
         return Side(self.values[rows], self.size)
@@ -97,8 +102,8 @@ def _scatter(dense: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tenso
     """``Σ_t x_t e_{index_t}ᵀ`` per example: ``[B, T, n]`` and ``[B, T]`` to ``[B, size, n]``."""
     batch, n = dense.shape[0], dense.shape[-1]
     flat = index + torch.arange(batch, device=index.device)[:, None] * size
-    out = torch.zeros(batch * size, n, dtype=torch.float64, device=dense.device)
-    out.index_add_(0, flat.reshape(-1), dense.double().reshape(-1, n))
+    out = torch.zeros(batch * size, n, dtype=dense.dtype, device=dense.device)
+    out.index_add_(0, flat.reshape(-1), dense.reshape(-1, n))
     return out.reshape(batch, size, n)
 
 
@@ -131,17 +136,48 @@ class Factored:
         """``(rows, cols)``."""
         return self.rows, self.cols
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the products: the wider of the (non-one-hot) sides' dtypes."""
+        floats = [side.values.dtype for side in self.sides if not side.onehot]
+        return floats[0] if len(floats) == 1 else torch.promote_types(*floats)
+
     def rotated(self, q_rows: torch.Tensor | None, q_cols: torch.Tensor | None) -> Factored:
         """``Q_rowsᵀ G Q_cols`` (``None``: identity)."""
         return Factored(self.rows.times(q_rows), self.cols.times(q_cols), self.known)
 
+    def rotate_sides_first(self, q_rows: torch.Tensor | None, q_cols: torch.Tensor | None) -> bool:
+        """Whether rotating each token's sides costs fewer products than each example's ``G``.
+
+        ``Σ_t (Q_rowsᵀ r_t)(Q_colsᵀ c_t)ᵀ`` takes ``T·(rows² + cols²) + T·rows·cols`` products
+        per example, ``Q_rowsᵀ G Q_cols`` after ``G`` takes ``T·rows·cols + rows·cols·(rows +
+        cols)`` (a side without a basis costs nothing): short sequences of wide layers rotate
+        the sides, long ones the gradient. A one-hot side is rotated by a lookup: always first.
+        """
+        if self.rows.onehot or self.cols.onehot:
+            return True
+        tokens = self.rows.values.shape[1]
+        rows = 0 if q_rows is None else self.rows.size
+        cols = 0 if q_cols is None else self.cols.size
+        return tokens * (rows * rows + cols * cols) <= self.rows.size * self.cols.size * (
+            rows + cols
+        )
+
+    def to(self, dtype: torch.dtype) -> Factored:
+        """The same gradients with the (non-one-hot) sides' values in ``dtype``."""
+        rows, cols = (
+            side if side.onehot else Side(side.values.to(dtype), side.size) for side in self.sides
+        )
+        return Factored(rows, cols, self.known)
+
     def dense(self) -> torch.Tensor:
-        """``[B, rows, cols]`` float64."""
+        """``[B, rows, cols]`` in :attr:`dtype`."""
         if self.cols.onehot:
             return _scatter(self.rows.values, self.cols.values, self.cols.size).transpose(1, 2)
         if self.rows.onehot:
             return _scatter(self.cols.values, self.rows.values, self.rows.size)
-        return self.rows.values.double().transpose(1, 2) @ self.cols.values.double()
+        dtype = self.dtype
+        return self.rows.values.to(dtype).transpose(1, 2) @ self.cols.values.to(dtype)
 
     def slices(self) -> Iterator[slice]:
         """Consecutive groups of examples whose dense gradients hold ≤ ``CHUNK_ELEMENTS``."""
@@ -162,41 +198,47 @@ class Factored:
         if self.rows.onehot:
             return self.T.squares().T
         if not self.cols.onehot:
-            return sum(part.dense().square().sum(0) for part in self.chunks())
+            return sum(part.dense().square().sum(0).double() for part in self.chunks())
         size = self.cols.size
         index = self.cols.values
         keys = index + torch.arange(len(self), device=index.device)[:, None] * size
         unique, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-        rows = self.rows.values.double().reshape(-1, self.rows.size)
-        sums = torch.zeros(len(unique), self.rows.size, dtype=torch.float64, device=rows.device)
+        rows = self.rows.values.reshape(-1, self.rows.size)
+        sums = torch.zeros(len(unique), self.rows.size, dtype=rows.dtype, device=rows.device)
         sums.index_add_(0, inverse, rows)
         out = torch.zeros(size, self.rows.size, dtype=torch.float64, device=rows.device)
-        out.index_add_(0, unique % size, sums.square())
+        out.index_add_(0, unique % size, sums.square().double())
         return out.T
 
     def contract(self, vectors: torch.Tensor) -> torch.Tensor:
         """``⟨vectors[q], G_b⟩`` for ``[Q, rows, cols]`` vectors: ``[B, Q]`` float64.
 
-        Dense sides: the gradients of a few examples at a time times all queries' vectors in one
-        product (2-40× faster than going through a ``[B, T, Q, in]`` intermediate,
-        ``benchmarks/speed.py``). A one-hot side gathers the vectors' columns of its tokens.
+        Dense sides: the gradients of a few examples at a time (formed in :attr:`dtype`) times
+        all queries' vectors in one float64 product (2-40× faster than going through a
+        ``[B, T, Q, in]`` intermediate, ``benchmarks/speed.py``); a sum over all ``rows·cols``
+        coordinates in float32 would add rounding several times the float32 model's own. A
+        one-hot side gathers the vectors' columns of its tokens, a sum over ``rows`` only,
+        formed in :attr:`dtype`.
         """
         v = vectors.to(self.rows.values.device, torch.float64)
         if self.rows.onehot:
             return self.T.contract(v.transpose(1, 2))
         if self.cols.onehot:
+            v = v.to(self.dtype)
             batch, tokens = self.cols.values.shape
             out = []
             step = max(1, CHUNK_ELEMENTS // (len(v) * self.rows.size * tokens))
             for start in range(0, batch, step):
                 part = self[start : start + step]
                 picked = v[:, :, part.cols.values.reshape(-1)]  # [Q, rows, b·T]
-                s = part.rows.values.double().reshape(-1, self.rows.size)
+                s = part.rows.values.reshape(-1, self.rows.size)
                 values = torch.einsum("qrn,nr->nq", picked, s)
-                out.append(values.reshape(len(part), tokens, -1).sum(1))
+                out.append(values.reshape(len(part), tokens, -1).double().sum(1))
             return torch.cat(out)
         flat = v.reshape(len(v), -1).T
-        return torch.cat([part.dense().flatten(1) @ flat for part in self.chunks()])
+        # a single token's gradient sums nothing: formed in float64, it needs no conversion
+        parts = (self.to(torch.float64) if self.rows.values.shape[1] == 1 else self).chunks()
+        return torch.cat([part.dense().flatten(1).double() @ flat for part in parts])
 
 
 # -- kinds of modules --------------------------------------------------------------------------
