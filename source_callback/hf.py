@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from source_callback import errors
 from source_callback.record.probe import ProbeUnavailable, probing
-from source_callback.record.session import RecordingSession, StageSetup, TorchRanks
+from source_callback.record.session import RecordingCallback, StageSetup, TorchRanks
 
 DEFAULT_STORE_NAME = "source.zarr"
 #: TRL's argument classes of trainers whose loss is not a per-example loss of the trained model
@@ -107,7 +107,7 @@ def _precision(args: TrainingArguments, model: nn.Module) -> str:
     return {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
 
 
-class SourceTrainerCallback(TrainerCallback, ExportableState):
+class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState):
     """Record everything SOURCE needs from a (multi-stage) Hugging Face ``Trainer`` run.
 
     Each ``trainer.train()`` records one *stage* into the same store format as
@@ -154,43 +154,10 @@ class SourceTrainerCallback(TrainerCallback, ExportableState):
 
     """
 
-    def __init__(
-        self,
-        store: str | os.PathLike[str] | None = None,
-        *,
-        stage: str | None = None,
-        checkpoints_per_stage: int = 6,
-        storage_options: dict[str, Any] | None = None,
-        flush_every: int = 256,
-        renamed: dict[str, str | None] | None = None,
-    ) -> None:
-        self._session = RecordingSession(
-            store,
-            stage=stage,
-            checkpoints_per_stage=checkpoints_per_stage,
-            storage_options=storage_options,
-            flush_every=flush_every,
-            renamed=renamed,
-            adapter=type(self).__name__,
-        )
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._epoch = 0
-        self._loss_scale = 1
-        self._world_size = 1
-
-    def next_stage(self, name: str, *, renamed: dict[str, str | None] | None = None) -> None:
-        """Name the stage that the next ``trainer.train()`` records.
-
-        As :meth:`source_callback.SourceCallback.next_stage`: the next stage's model may be
-        wrapped (``get_peft_model``), gain or lose tensors; ``renamed`` states the matches
-        the rules cannot make.
-        """
-        self._session.next_stage(name, renamed)
-
-    @property
-    def url(self) -> str | None:
-        """The store's location once training has started."""
-        return self._session.url
+    _hook: torch.utils.hooks.RemovableHandle | None = None
+    _epoch = 0
+    _loss_scale = 1
+    _world_size = 1
 
     # -- resume ------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 from source_callback import errors
 from source_callback.record.probe import ProbeUnavailable, probing
-from source_callback.record.session import RecordingSession, StageSetup
+from source_callback.record.session import RecordingCallback, StageSetup
 
 DEFAULT_STORE_NAME = "source.zarr"
 
@@ -96,7 +96,7 @@ def training_step_losses(
     return losses
 
 
-class SourceCallback(Callback):
+class SourceCallback(RecordingCallback, Callback):
     """Record everything SOURCE needs from a (multi-stage) Lightning training run.
 
     Each ``trainer.fit()`` records one *stage*: the learning rate and optimizer hyperparameters
@@ -136,56 +136,6 @@ class SourceCallback(Callback):
     >>> Trainer(max_epochs=1, callbacks=[callback]).fit(model, sft_data)  # doctest: +SKIP
 
     """
-
-    def __init__(
-        self,
-        store: str | os.PathLike[str] | None = None,
-        *,
-        stage: str | None = None,
-        checkpoints_per_stage: int = 6,
-        storage_options: dict[str, Any] | None = None,
-        flush_every: int = 256,
-        renamed: dict[str, str | None] | None = None,
-    ) -> None:
-        self._session = RecordingSession(
-            store,
-            stage=stage,
-            checkpoints_per_stage=checkpoints_per_stage,
-            storage_options=storage_options,
-            flush_every=flush_every,
-            renamed=renamed,
-            adapter=type(self).__name__,
-        )
-
-    def next_stage(self, name: str, *, renamed: dict[str, str | None] | None = None) -> None:
-        """Name the stage that the next ``trainer.fit()`` records.
-
-        The next stage's model may differ from the last one's: wrapped (``get_peft_model``,
-        ``torch.compile``), with tensors added (adapters, a new head) or dropped. Its tensors
-        are matched to the previous stage's by object identity (when this callback recorded
-        that stage), by name, and by name without wrapper components (``base_model.model``,
-        ``_orig_mod``, ``base_layer``); see :mod:`source_callback.lineage`.
-
-        Parameters
-        ----------
-        name
-            The stage's name, unique in the store.
-        renamed
-            Matches the rules cannot make or would make wrongly: a tensor name of the new
-            model -> the previous stage's name, or ``None`` for a tensor that is new (e.g. a
-            re-initialised head of the same name).
-        """
-        self._session.next_stage(name, renamed)
-
-    @property
-    def store(self) -> str | None:
-        """The store given to the constructor (normalised), ``None`` for the default."""
-        return self._session.store
-
-    @property
-    def url(self) -> str | None:
-        """The store's location once a fit has started."""
-        return self._session.url
 
     # -- setup and teardown ------------------------------------------------------------------
 

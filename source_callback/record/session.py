@@ -609,3 +609,62 @@ class RecordingSession:
                 f"this source-callback reads version {STATE_VERSION}."
             )
         self._resume = dict(state)
+
+
+class RecordingCallback:
+    """What every framework adapter's callback offers: its session, ``next_stage``, ``url``.
+
+    The adapters (:class:`~source_callback.SourceCallback`,
+    :class:`~source_callback.SourceTrainerCallback`) document the constructor's parameters
+    in their own terms and call the session from their framework's hooks.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        stage: str | None = None,
+        checkpoints_per_stage: int = 6,
+        storage_options: dict[str, Any] | None = None,
+        flush_every: int = 256,
+        renamed: dict[str, str | None] | None = None,
+    ) -> None:
+        self._session = RecordingSession(
+            store,
+            stage=stage,
+            checkpoints_per_stage=checkpoints_per_stage,
+            storage_options=storage_options,
+            flush_every=flush_every,
+            renamed=renamed,
+            adapter=type(self).__name__,
+        )
+
+    def next_stage(self, name: str, *, renamed: dict[str, str | None] | None = None) -> None:
+        """Name the stage that the next training run (``fit()``, ``train()``) records.
+
+        The next stage's model may differ from the last one's: wrapped (``get_peft_model``,
+        ``torch.compile``), with tensors added (adapters, a new head) or dropped. Its tensors
+        are matched to the previous stage's by object identity (when this callback recorded
+        that stage), by name, and by name without wrapper components (``base_model.model``,
+        ``_orig_mod``, ``base_layer``); see :mod:`source_callback.lineage`.
+
+        Parameters
+        ----------
+        name
+            The stage's name, unique in the store.
+        renamed
+            Matches the rules cannot make or would make wrongly: a tensor name of the new
+            model -> the previous stage's name, or ``None`` for a tensor that is new (e.g. a
+            re-initialised head of the same name).
+        """
+        self._session.next_stage(name, renamed)
+
+    @property
+    def store(self) -> str | None:
+        """The store given to the constructor (normalised), ``None`` for the default."""
+        return self._session.store
+
+    @property
+    def url(self) -> str | None:
+        """The store's location once training has started."""
+        return self._session.url
