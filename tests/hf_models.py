@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +31,31 @@ def tiny_llama() -> nn.Module:
         attn_implementation="eager",  # differentiable twice (the unrolled ground truth)
     )
     return LlamaForCausalLM(config)
+
+
+def seeded_llama() -> nn.Module:
+    """:func:`tiny_llama` with the weights of seed 0."""
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+def trainer_arguments(out: Any, kind: Any = None, **overrides: Any) -> Any:
+    """``TrainingArguments`` (or ``kind``, e.g. TRL's ``SFTConfig``) for a quiet CPU run."""
+    from transformers import TrainingArguments
+
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 1,
+        "learning_rate": 0.01,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return (kind or TrainingArguments)(**{**settings, **overrides})
 
 
 def tiny_gpt2() -> nn.Module:

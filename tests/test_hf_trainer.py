@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from hf_models import LabelledSequences, SameNames, tiny_llama
+from hf_models import LabelledSequences, SameNames, seeded_llama, trainer_arguments
 from torch.utils.data import DataLoader
 
 from source_callback import (
@@ -30,30 +30,9 @@ from source_callback import (
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def arguments(out, **overrides: Any) -> TrainingArguments:
-    settings: dict[str, Any] = {
-        "output_dir": str(out),
-        "per_device_train_batch_size": 4,
-        "num_train_epochs": 1,
-        "learning_rate": 0.01,
-        "report_to": [],
-        "use_cpu": True,
-        "save_strategy": "no",
-        "logging_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    return TrainingArguments(**{**settings, **overrides})
-
-
-def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return tiny_llama()
 
 
 class Snapshots(TrainerCallback):
@@ -85,7 +64,7 @@ class Snapshots(TrainerCallback):
 def two_stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_stages")
     store = root / "run.zarr"
-    model = llama()
+    model = seeded_llama()
     callback = SourceTrainerCallback(store, stage="pretrain", checkpoints_per_stage=3)
     snapshots, histories = [Snapshots(), Snapshots()], []
     stages = [
@@ -97,7 +76,9 @@ def two_stages(tmp_path_factory):
     for k, (data, settings) in enumerate(stages):
         if k:
             callback.next_stage("sft")
-        args = arguments(root / f"out{k}", logging_strategy="steps", logging_steps=1, **settings)
+        args = trainer_arguments(
+            root / f"out{k}", logging_strategy="steps", logging_steps=1, **settings
+        )
         trainer = Trainer(
             model=model, args=args, train_dataset=data, callbacks=[callback, snapshots[k]]
         )
@@ -200,7 +181,7 @@ class CrashAt(TrainerCallback):
 
 def _train_resumable(out, callbacks, resume=None) -> None:
     """12 steps (24 examples, batches of 4, 2 epochs); a Trainer checkpoint every 4 steps."""
-    args = arguments(
+    args = trainer_arguments(
         out,
         num_train_epochs=2,
         lr_scheduler_type="linear",
@@ -209,7 +190,10 @@ def _train_resumable(out, callbacks, resume=None) -> None:
         save_steps=4,
     )
     trainer = Trainer(
-        model=llama(), args=args, train_dataset=LabelledSequences(24, seed=3), callbacks=callbacks
+        model=seeded_llama(),
+        args=args,
+        train_dataset=LabelledSequences(24, seed=3),
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
 
@@ -261,7 +245,7 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
 
 
 def test_load_best_model_at_end_is_refused(tmp_path) -> None:
-    args = arguments(
+    args = trainer_arguments(
         tmp_path,
         load_best_model_at_end=True,
         eval_strategy="steps",
@@ -270,7 +254,7 @@ def test_load_best_model_at_end_is_refused(tmp_path) -> None:
     )
     data = LabelledSequences(8, seed=1)
     trainer = Trainer(
-        model=llama(),
+        model=seeded_llama(),
         args=args,
         train_dataset=data,
         eval_dataset=data,
@@ -308,7 +292,7 @@ def _record_stage(framework: str, lm, store, stage: str, data, epochs: int, out)
         ).fit(SameNames(lm, _sgd, _decay), DataLoader(data, batch_size=4))
         return
     optimizer = _sgd(lm.parameters())
-    args = arguments(
+    args = trainer_arguments(
         out, num_train_epochs=epochs, train_sampling_strategy="sequential", max_grad_norm=0.0
     )
     Trainer(
@@ -322,12 +306,12 @@ def _record_stage(framework: str, lm, store, stage: str, data, epochs: int, out)
 
 def _record(root, frameworks: tuple[str, str]):
     store = root / "-".join(frameworks) / "run.zarr"
-    lm = llama()
+    lm = seeded_llama()
     _record_stage(frameworks[0], lm, store, "pretrain", PRETRAIN, 2, root / "out0")
     _record_stage(frameworks[1], lm, store, "sft", SFT, 1, root / "out1")
     result = analyze(
         store,
-        model=llama(),
+        model=seeded_llama(),
         task="language_modeling",
         train={"pretrain": PRETRAIN, "sft": SFT},
         queries=LabelledSequences(QUERIES, seed=9),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from hf_models import VOCAB, tiny_llama
+from hf_models import VOCAB, seeded_llama, trainer_arguments
 
 from source_callback import SourceCallbackError, SourceTrainerCallback, analyze, open_run
 from source_callback.analysis.task import LanguageModelingTask
@@ -52,38 +53,24 @@ def prompt_completions(n: int, seed: int):
     )
 
 
-def config(kind, out, **overrides: Any):
-    settings: dict[str, Any] = {
-        "output_dir": str(out),
-        "per_device_train_batch_size": 4,
-        "num_train_epochs": 2,
-        "learning_rate": 0.01,
-        "report_to": [],
-        "use_cpu": True,
-        "save_strategy": "no",
-        "logging_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    return kind(**{**settings, **overrides})
+def sft_trainer(out: Path, seed: int, store: Path) -> Any:
+    """An SFTTrainer on 12 prompt-completion pairs, loss on the completions, recorded."""
+    return trl.SFTTrainer(
+        model=seeded_llama(),
+        args=config(trl.SFTConfig, out, completion_only_loss=True, learning_rate=0.003),
+        train_dataset=prompt_completions(12, seed=seed),
+        processing_class=word_tokenizer(),
+        callbacks=[SourceTrainerCallback(store, stage="sft")],
+    )
 
 
-def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return tiny_llama()
+def config(kind: Any, out: Path, **overrides: Any) -> Any:
+    return trainer_arguments(out, kind, num_train_epochs=2, **overrides)
 
 
 def test_sft_trainer_is_recorded_and_analyzed_on_the_completion_tokens(tmp_path) -> None:
     store = tmp_path / "sft.zarr"
-    trainer = trl.SFTTrainer(
-        model=llama(),
-        args=config(
-            trl.SFTConfig, tmp_path / "out", completion_only_loss=True, learning_rate=0.003
-        ),
-        train_dataset=prompt_completions(12, seed=1),
-        processing_class=word_tokenizer(),
-        callbacks=[SourceTrainerCallback(store, stage="sft")],
-    )
+    trainer = sft_trainer(tmp_path / "out", 1, store)
     trainer.train()
     # What the Trainer trained on: the tokenized dataset (prompt tokens labelled -100) and the
     # collator that pads it. analyze() gets both.
@@ -100,7 +87,7 @@ def test_sft_trainer_is_recorded_and_analyzed_on_the_completion_tokens(tmp_path)
     assert np.isfinite(run.steps()["loss"]).all()
 
     common = {
-        "model": llama(),
+        "model": seeded_llama(),
         "train": {"sft": trained},
         "queries": trained.select(range(3)),
         "collate_fn": trainer.data_collator,
@@ -133,15 +120,7 @@ def test_sft_on_completions_of_different_lengths_weights_examples_by_their_token
     per example, has that objective as its dataset mean; its probe loss is still each
     example's own token mean, which the probe recorded, so analyze() accepts it."""
     store = tmp_path / "sft.zarr"
-    trainer = trl.SFTTrainer(
-        model=llama(),
-        args=config(
-            trl.SFTConfig, tmp_path / "out", completion_only_loss=True, learning_rate=0.003
-        ),
-        train_dataset=prompt_completions(12, seed=3),
-        processing_class=word_tokenizer(),
-        callbacks=[SourceTrainerCallback(store, stage="sft")],
-    )
+    trainer = sft_trainer(tmp_path / "out", 3, store)
     trainer.train()
     trained, collate = trainer.get_train_dataloader().dataset, trainer.data_collator
     # c as the docs say: labelled tokens after the first position (the ones a label predicts).
@@ -165,7 +144,7 @@ def test_sft_on_completions_of_different_lengths_weights_examples_by_their_token
     result = analyze(
         store,
         task=task,
-        model=llama(),
+        model=seeded_llama(),
         train={"sft": trained},
         queries=trained.select(range(3)),
         collate_fn=collate,
@@ -188,8 +167,8 @@ def test_dpo_trainer_is_refused_with_the_reason(tmp_path) -> None:
     )
     store = tmp_path / "dpo.zarr"
     trainer = trl.DPOTrainer(
-        model=llama(),
-        ref_model=llama(),  # built here: by default TRL would load it by the model's name
+        model=seeded_llama(),
+        ref_model=seeded_llama(),  # built here: by default TRL would load it by the model's name
         args=config(trl.DPOConfig, tmp_path / "out"),
         train_dataset=pairs,
         processing_class=word_tokenizer(),
