@@ -328,7 +328,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             return  # evaluation, generation, or the probe
         loss = _loss_of(output)
         summed = kwargs.get("num_items_in_batch") is not None
-        if loss is not None and summed:
+        if loss is not None and summed and self._loss_scale != 1:
             loss = loss.detach() * self._loss_scale
         examples = _examples_in(args, kwargs)
         examples = None if examples is None else examples * self._world_size

@@ -225,7 +225,7 @@ class SourceCallback(RecordingCallback, Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
-            if pl_module.automatic_optimization:
+            if pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
                 loss = loss * trainer.accumulate_grad_batches  # undo Lightning's 1/k
         else:
             loss = None

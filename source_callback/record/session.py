@@ -550,7 +550,10 @@ class RecordingSession:
         if not self.active:
             return
         if isinstance(loss, torch.Tensor):
-            self._loss_sum = self._loss_sum + loss.detach()
+            # Tensor arithmetic costs microseconds per step (a division ~30 us on CPU): none
+            # for the usual one batch per step.
+            loss = loss.detach()
+            self._loss_sum = loss if not self._loss_count else self._loss_sum + loss
             self._loss_count += 1
             self._loss_summed = summed
         if examples is None:
@@ -566,7 +569,7 @@ class RecordingSession:
             loss = self._loss_sum
             if not self._loss_count:
                 loss = float("nan")
-            elif not self._loss_summed:
+            elif not self._loss_summed and self._loss_count > 1:
                 loss = loss / self._loss_count
             row = StepRow(
                 stage=self._stage_index,
