@@ -269,7 +269,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             raise errors.SourceCallbackError(
                 "SourceTrainerCallback records single-process and DDP runs; FSDP and DeepSpeed "
                 "shard the parameters and optimizer state, which it cannot gather yet. Record "
-                "with DDP, or use Lightning's SourceCallback with ModelParallelStrategy."
+                "with DDP or on a single device, or train this run without the callback."
             )
 
     def on_epoch_begin(

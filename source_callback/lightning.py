@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch import strategies
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import default_collate
@@ -19,6 +20,47 @@ from source_callback.record.probe import ProbeUnavailable, probing
 from source_callback.record.session import RecordingCallback, StageSetup
 
 DEFAULT_STORE_NAME = "source.zarr"
+
+#: Lightning strategies that shard parameters and optimizer state across ranks (looked up by
+#: name: a Lightning version may lack one).
+SHARDED_STRATEGIES: tuple[type[strategies.Strategy], ...] = tuple(
+    getattr(strategies, name)
+    for name in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+    if hasattr(strategies, name)
+)
+
+
+def refuse_sharded(strategy: strategies.Strategy, module: torch.nn.Module) -> None:
+    """Raise if the run shards its parameters (FSDP, DeepSpeed, ``fully_shard``).
+
+    Depends only on the strategy's class and the parameters' types, which every rank shares,
+    so every rank raises the same error and none is left waiting in a collective.
+
+    Raises
+    ------
+    SourceCallbackError
+        A sharded strategy, or a parameter that is a ``DTensor``.
+    """
+    found = None
+    if isinstance(strategy, SHARDED_STRATEGIES):
+        found = f"the trainer's strategy is {type(strategy).__name__}"
+    elif torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        sharded = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+        if sharded:
+            found = (
+                f"{len(sharded)} parameters are sharded DTensors (FSDP2 fully_shard), "
+                f"e.g. {sharded[0]!r}"
+            )
+    if found is not None:
+        raise errors.SourceCallbackError(
+            f"SourceCallback cannot record this run: {found}. Sharded recording (FSDP, "
+            "DeepSpeed, fully_shard) is not supported yet (issue: record FSDP runs with every "
+            "rank writing its own shards); rank 0 holds only its shard of the parameters and "
+            "optimizer state. Train with DDP or on a single device, or train this run without "
+            "SourceCallback."
+        )
 
 
 class _Ranks:
@@ -139,10 +181,12 @@ class SourceCallback(RecordingCallback, Callback):
 
     # -- setup and teardown ------------------------------------------------------------------
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            default = os.path.join(trainer.default_root_dir, DEFAULT_STORE_NAME)
-            self._session.open(default, _Ranks(trainer))
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model and the strategy's setup, so that fully_shard is visible, and
+        # before the store is opened.
+        refuse_sharded(trainer.strategy, pl_module)
+        default = os.path.join(trainer.default_root_dir, DEFAULT_STORE_NAME)
+        self._session.open(default, _Ranks(trainer))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -8,7 +8,7 @@ the optimizer, the training set, how to compute one example's training loss, the
 =====================  ===============================  ======================================
 session                Lightning                        Hugging Face ``Trainer``
 =====================  ===============================  ======================================
-``open``               ``setup``                        ``on_train_begin``
+``open``               ``on_fit_start``                 ``on_train_begin``
 ``start``              ``on_train_start``               ``on_train_begin``
 ``before_step``        ``on_train_batch_start``         ``on_step_begin``
 ``optimizer_step``     ``on_before_optimizer_step``     ``on_pre_optimizer_step``
