@@ -35,20 +35,24 @@ UNREADABLE = "a chunk fails its checksum or cannot be decoded (altered or trunca
 MISMATCH = "bytes differ from the digest recorded at commit (a chunk is missing or was altered)"
 
 
-def digest(values: np.ndarray) -> str:
-    """``schema.DIGEST`` of an array's little-endian bytes, in C order."""
-    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
-    return hashlib.sha256(data.reshape(-1).view(np.uint8)).hexdigest()[:32]
-
-
-def tensor_digest(values: np.ndarray) -> str:
-    """``schema.TENSOR_DIGEST`` of an array's little-endian bytes, in C order."""
+def _stored_bytes(values: np.ndarray) -> np.ndarray:
+    """An array's little-endian bytes in C order, as a read-only ``uint8`` array."""
     data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
     data = data.reshape(-1).view(np.uint8)
     if data.flags.writeable:  # google_crc32c takes read-only buffers only
         data = data.view()
         data.flags.writeable = False
-    return f"{google_crc32c.value(data):08x}"
+    return data
+
+
+def digest(values: np.ndarray) -> str:
+    """``schema.DIGEST`` of an array's little-endian bytes, in C order."""
+    return hashlib.sha256(_stored_bytes(values)).hexdigest()[:32]
+
+
+def tensor_digest(values: np.ndarray) -> str:
+    """``schema.TENSOR_DIGEST`` of an array's little-endian bytes, in C order."""
+    return f"{google_crc32c.value(_stored_bytes(values)):08x}"
 
 
 #: Packed tensors' digest functions by the name an index records.
