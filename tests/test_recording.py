@@ -228,6 +228,37 @@ def _assert_tensors_equal(actual: dict[str, torch.Tensor], expected: dict[str, t
         assert torch.equal(actual[name], expected[name]), name
 
 
+class _SpareBuffers(pl.Callback):
+    """Where the recorder's reusable checkpoint buffers are at the start of batch ``batch``."""
+
+    def __init__(self, source: SourceCallback, batch: int) -> None:
+        self.source, self.batch = source, batch
+        self.pointers: dict[str, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            recorder = self.source._session.recorder
+            recorder.wait()
+            self.pointers = {k: b.data_ptr() for k, b in recorder._spare.items()}
+
+
+def test_first_interior_checkpoint_fills_buffers_allocated_after_the_first_step(tmp_path) -> None:
+    """The stage-start checkpoint has no Adam state; its buffers are allocated in the background
+    after the first step, not by the first interior checkpoint on the training thread."""
+    callback = SourceCallback(tmp_path / "run.zarr", checkpoints_per_stage=2)
+    model = TinyClassifier(optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    # The stage has 8 steps, so its interior checkpoint is before step 4 (batch 4).
+    before, after = _SpareBuffers(callback, 4), _SpareBuffers(callback, 4)
+    trainer([before, callback, after], tmp_path, max_epochs=1).fit(model, loader(make_dataset()))
+    run = open_run(tmp_path / "run.zarr")
+    assert [c.step for c in run.checkpoints if c.role == "interior"] == [4]
+    assert any("exp_avg_sq" in key for key in before.pointers), before.pointers
+    # The same memory, refilled (the probe's few values get their own small buffers).
+    assert {k: after.pointers[k] for k in before.pointers} == before.pointers
+    state = run.checkpoints[1].optimizer_state()
+    assert all(values["exp_avg_sq"].abs().sum() > 0 for values in state.values())
+
+
 def test_new_callback_on_same_store_and_default_names(tmp_path) -> None:
     model = TinyClassifier()
     trainer([SourceCallback()], tmp_path, max_epochs=1).fit(model, loader(make_dataset(16)))

@@ -23,12 +23,13 @@ from source_callback.errors import InterruptedStageError, StoreError
 from source_callback.fingerprint import UnstableItemsError, example_digests
 from source_callback.lineage import Continuation, match_stages
 from source_callback.record.plan import interior_steps
-from source_callback.store import schema
+from source_callback.store import integrity, schema
 from source_callback.store.writer import (
     CheckpointSnapshot,
     StepRow,
     StoreWriter,
     TensorDict,
+    checkpoint_layout,
     snapshot_checkpoint,
     snapshot_frozen,
 )
@@ -352,6 +353,27 @@ class Recorder:
         snapshot = snapshot_checkpoint(params, buffers, optimizer_state, probe, spare)
         future = self._submit(self.writer.write_checkpoint, step, role, self.stage_index, snapshot)
         future.add_done_callback(lambda written: self._keep_spare(written, snapshot))
+
+    def prepare_checkpoints(
+        self,
+        params: TensorDict,
+        buffers: TensorDict,
+        optimizer_state: Mapping[str, TensorDict],
+    ) -> None:
+        """Allocate the next checkpoint's buffers in the background, if it will need new ones.
+
+        Called once the optimizer state exists (after a stage's first step): the stage-start
+        checkpoint was taken before it did, so without this the first interior checkpoint would
+        allocate and fault in the optimizer state's buffers on the training thread (about 2 s
+        for 0.8 GB). Does nothing when no interior checkpoint is planned after ``next_step``.
+        """
+        if not any(step >= self.next_step for step in self.planned):
+            return
+        self._submit(self._allocate_spare, checkpoint_layout(params, buffers, optimizer_state))
+
+    def _allocate_spare(self, target: integrity.Layout) -> None:
+        with self._spare_lock:
+            self._spare = integrity.allocate(target, self._spare, touch=True)
 
     def _keep_spare(
         self, written: concurrent.futures.Future[Any], snapshot: CheckpointSnapshot

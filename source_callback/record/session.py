@@ -252,6 +252,7 @@ class RecordingSession:
         self._loss_summed = False
         self._examples = 0
         self._checkpointed: set[int] = set()
+        self._prepared = False  # the checkpoints' buffers, once the optimizer state exists
         self._probe: tuple[list[int], ProbeLosses] | None = None
         self._probe_reason: str | None = None  # why there is none
 
@@ -582,6 +583,10 @@ class RecordingSession:
                 self.recorder.record_step(row)
             self._rows_in_stage += 1
             self._loss_sum, self._loss_count, self._examples = 0.0, 0, 0
+        if not self._prepared and self.recorder is not None and self._rows_in_stage:
+            self._prepared = True
+            trainable, _, buffers = self._model_views()
+            self.recorder.prepare_checkpoints(trainable, buffers, self._optimizer_state())
 
     # -- resume ------------------------------------------------------------------------------
 

@@ -96,42 +96,74 @@ class Packed:
     entries: dict[str, list[list[Any]]]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where :func:`pack` puts each tensor: the flat arrays' lengths and dtypes, and the entries.
+
+    Attributes
+    ----------
+    entries
+        Per section, ``[name, torch dtype, offset, shape]`` of every tensor, names sorted.
+    arrays
+        ``{packed array key: (length, torch dtype)}``.
+
+    """
+
+    entries: dict[str, list[list[Any]]]
+    arrays: dict[str, tuple[int, torch.dtype]]
+
+
+def layout(sections: Mapping[str, TensorDict]) -> Layout:
+    """The layout of ``{section: {name: tensor}}`` packed (reads shapes and dtypes only)."""
+    entries: dict[str, list[list[Any]]] = {}
+    arrays: dict[str, tuple[int, torch.dtype]] = {}
+    for section, values in sections.items():
+        rows = entries.setdefault(section, [])
+        for name in sorted(values):
+            tensor = values[name]
+            dtype = schema.dtype_name(tensor.dtype)
+            key = schema.packed_array_key(section, dtype)
+            offset = arrays[key][0] if key in arrays else 0
+            arrays[key] = (offset + tensor.numel(), tensor.dtype)
+            rows.append([name, dtype, offset, list(tensor.shape)])
+    return Layout(entries, arrays)
+
+
+def allocate(
+    target: Layout, spare: Mapping[str, torch.Tensor] | None = None, *, touch: bool = False
+) -> dict[str, torch.Tensor]:
+    """Flat CPU buffers for ``target``: those of ``spare`` that fit (same key, dtype, length).
+
+    Fresh memory costs a page fault per 4 KiB when first written, several times the copy
+    itself; ``touch`` zero-fills new buffers to take those faults now (off the training thread).
+    """
+    spare = spare or {}
+    buffers = {}
+    for key, (length, dtype) in target.arrays.items():
+        buffer = spare.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() != length:
+            buffer = (torch.zeros if touch else torch.empty)(length, dtype=dtype)
+        buffers[key] = buffer
+    return buffers
+
+
 def pack(
     sections: Mapping[str, TensorDict], spare: Mapping[str, torch.Tensor] | None = None
 ) -> Packed:
     """Copy ``{section: {name: tensor}}`` (any device) into flat CPU tensors.
 
-    ``spare``: the ``arrays`` of an earlier :class:`Packed` that has been written; those of the
-    same key, dtype and length are filled again instead of allocating (fresh memory costs a page
-    fault per 4 KiB, several times the copy itself).
+    ``spare``: the ``arrays`` of an earlier :class:`Packed` that has been written (or buffers
+    from :func:`allocate`); those that fit are filled again instead of allocating.
     """
-    entries: dict[str, list[list[Any]]] = {}
-    lengths: dict[str, int] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    for section, values in sections.items():
-        rows = entries.setdefault(section, [])
-        for name in sorted(values):
-            tensor = values[name]
-            dtype_name = str(tensor.dtype).removeprefix("torch.")
-            key = schema.packed_array_key(section, dtype_name)
-            offset = lengths.get(key, 0)
-            lengths[key] = offset + tensor.numel()
-            dtypes[key] = tensor.dtype
-            rows.append([name, dtype_name, offset, list(tensor.shape)])
-    spare = spare or {}
-    arrays = {}
-    for key, length in lengths.items():
-        buffer = spare.get(key)
-        if buffer is None or buffer.dtype != dtypes[key] or buffer.numel() != length:
-            buffer = torch.empty(length, dtype=dtypes[key])
-        arrays[key] = buffer
+    target = layout(sections)
+    arrays = allocate(target, spare)
     with torch.no_grad():
-        for section, rows in entries.items():
-            for name, dtype_name, offset, shape in rows:
+        for section, rows in target.entries.items():
+            for name, dtype, offset, shape in rows:
                 tensor = sections[section][name]
-                target = arrays[schema.packed_array_key(section, dtype_name)]
-                target[offset : offset + tensor.numel()].view(shape).copy_(tensor)
-    return Packed(arrays, entries)
+                buffer = arrays[schema.packed_array_key(section, dtype)]
+                buffer[offset : offset + tensor.numel()].view(shape).copy_(tensor)
+    return Packed(arrays, target.entries)
 
 
 def _index(packed: Packed, values: Mapping[str, np.ndarray]) -> PackedIndex:

@@ -349,13 +349,18 @@ class EncodedTensor:
     torch_dtype: str
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a torch dtype is stored under (``"float32"``, ``"bfloat16"``, ...)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def encode_tensor(tensor: torch.Tensor) -> EncodedTensor:
     """Encode a CPU tensor for storage without changing its dtype's precision."""
     tensor = tensor.detach()
-    dtype_name = str(tensor.dtype).removeprefix("torch.")
+    name = dtype_name(tensor.dtype)
     if tensor.dtype in _NUMPY_LACKS:
         tensor = tensor.view(_NUMPY_LACKS[tensor.dtype])
-    return EncodedTensor(tensor.contiguous().numpy(), dtype_name)
+    return EncodedTensor(tensor.contiguous().numpy(), name)
 
 
 def decode_array(array: np.ndarray, torch_dtype: str) -> torch.Tensor:

@@ -335,6 +335,31 @@ class CheckpointSnapshot:
     scalar_state: dict[str, dict[str, float]]
 
 
+def _checkpoint_sections(
+    params: TensorDict,
+    buffers: TensorDict,
+    optimizer_state: Mapping[str, TensorDict],
+    probe: TensorDict | None,
+) -> tuple[dict[str, TensorDict], dict[str, dict[str, float]]]:
+    """A checkpoint's tensors by packed section, and its 0-d optimizer state as scalars."""
+    scalar_state: dict[str, dict[str, float]] = {}
+    tensor_state: dict[str, dict[str, torch.Tensor]] = {}
+    for state_key, values in optimizer_state.items():
+        for name, value in values.items():
+            if value.ndim == 0:
+                scalar_state.setdefault(state_key, {})[name] = value.item()
+            else:
+                tensor_state.setdefault(state_key, {})[name] = value
+    sections = {
+        schema.SECTION_PARAMS: params,
+        schema.SECTION_BUFFERS: buffers,
+        **{schema.optimizer_section(k): values for k, values in tensor_state.items()},
+    }
+    if probe:
+        sections[schema.SECTION_PROBE] = probe
+    return sections, scalar_state
+
+
 def snapshot_checkpoint(
     params: TensorDict,
     buffers: TensorDict,
@@ -359,22 +384,15 @@ def snapshot_checkpoint(
         Buffers of a snapshot already written, to fill again (see :func:`integrity.pack`).
 
     """
-    scalar_state: dict[str, dict[str, float]] = {}
-    tensor_state: dict[str, dict[str, torch.Tensor]] = {}
-    for state_key, values in optimizer_state.items():
-        for name, value in values.items():
-            if value.ndim == 0:
-                scalar_state.setdefault(state_key, {})[name] = value.item()
-            else:
-                tensor_state.setdefault(state_key, {})[name] = value
-    sections = {
-        schema.SECTION_PARAMS: params,
-        schema.SECTION_BUFFERS: buffers,
-        **{schema.optimizer_section(k): values for k, values in tensor_state.items()},
-    }
-    if probe:
-        sections[schema.SECTION_PROBE] = probe
+    sections, scalar_state = _checkpoint_sections(params, buffers, optimizer_state, probe)
     return CheckpointSnapshot(integrity.pack(sections, spare), scalar_state)
+
+
+def checkpoint_layout(
+    params: TensorDict, buffers: TensorDict, optimizer_state: Mapping[str, TensorDict]
+) -> integrity.Layout:
+    """The packed layout a checkpoint of these tensors would have (without a probe)."""
+    return integrity.layout(_checkpoint_sections(params, buffers, optimizer_state, None)[0])
 
 
 def snapshot_frozen(params: TensorDict) -> integrity.Packed:
