@@ -394,6 +394,31 @@ def row_problems(
     return damaged
 
 
+def write_row_blocks(
+    arrays: Mapping[str, zarr.Array], first: int, rows: Mapping[str, np.ndarray]
+) -> None:
+    """Write every step array's rows from ``first`` (a multiple of ``STEP_ROW_CHUNK``) on.
+
+    Whole chunks are written, the rows after ``rows`` holding fill values, so that no chunk is
+    read back to be merged; an array grows a chunk's worth of rows at a time. All arrays are
+    written concurrently, in one round trip to Zarr's event loop: every synchronous call costs
+    the writer thread a hand-off of the interpreter lock to that loop and back, which the
+    training thread feels.
+    """
+
+    async def write(array: zarr.AsyncArray, values: np.ndarray) -> None:
+        chunk = schema.STEP_ROW_CHUNK
+        capacity = -(-(first + len(values)) // chunk) * chunk
+        if array.shape[0] < capacity:
+            await array.resize((capacity, *array.shape[1:]))
+        whole = np.full((capacity - first, *values.shape[1:]), array.metadata.fill_value)
+        whole = whole.astype(values.dtype, copy=False)
+        whole[: len(values)] = values
+        await array.setitem(slice(first, capacity), whole)
+
+    _run(_all_or_none(write(arrays[name].async_array, rows[name]) for name in rows))
+
+
 def read_rows(
     arrays: Mapping[str, zarr.Array],
     start: int,

@@ -57,6 +57,8 @@ class StoreWriter:
     def __init__(self, root: zarr.Group, url: str) -> None:
         self.root = root
         self.url = url
+        # This writer alone changes the steps group: its attributes are read from memory.
+        self._steps_group = root[schema.STEPS]
         self._step_arrays: dict[str, zarr.Array] | None = None
         # Rows of the last, partial STEP_ROW_CHUNK block as stored (its digest covers them).
         self._tail: dict[str, np.ndarray] | None = None
@@ -138,11 +140,11 @@ class StoreWriter:
     @property
     def num_steps(self) -> int:
         """Number of fully written step rows."""
-        return int(self.root[schema.STEPS].attrs[schema.ATTR_NUM_STEPS])
+        return int(self._steps_group.attrs[schema.ATTR_NUM_STEPS])
 
     def _steps(self, num_groups: int) -> dict[str, zarr.Array]:
         """The step arrays, created on first use, widened to ``num_groups`` groups."""
-        group = self.root[schema.STEPS]
+        group = self._steps_group
         if self._step_arrays is None:
             existing = dict(group.arrays())
             if not existing:
@@ -186,12 +188,12 @@ class StoreWriter:
         for name in schema.STEP_GROUP_FIELDS:
             rows = integrity.row_digests(arrays[name][: self.num_steps], 0)
             digests[name] = list(rows.values())
-        self.root[schema.STEPS].attrs[schema.ATTR_ROW_DIGESTS] = digests
+        self._steps_group.update_attributes({schema.ATTR_ROW_DIGESTS: digests})
         self._tail = None
 
     def _row_digests(self) -> dict[str, list[str]]:
         """The recorded digests of the step rows, by array (a copy to change and write back)."""
-        recorded = self.root[schema.STEPS].attrs.get(schema.ATTR_ROW_DIGESTS, {})
+        recorded = self._steps_group.attrs.get(schema.ATTR_ROW_DIGESTS, {})
         return {name: list(values) for name, values in recorded.items()}
 
     def _verified_rows(
@@ -245,17 +247,11 @@ class StoreWriter:
             for i, row in enumerate(rows):
                 block[i, : len(row.groups)] = [g[name] for g in row.groups]
             columns[name] = block
-        end = start + len(rows)
         first = start - start % schema.STEP_ROW_CHUNK
         head = self._tail if self._tail is not None else self._verified_rows(arrays, first, start)
-        for name, array in arrays.items():
-            # A crash mid-append can leave arrays longer than the committed row count.
-            if array.shape[0] != end:
-                array.resize((end, *array.shape[1:]))
-            array[start:end] = columns[name]
-        self._commit_rows(
-            arrays, first, {name: np.concatenate([head[name], columns[name]]) for name in arrays}
-        )
+        block = {name: np.concatenate([head[name], columns[name]]) for name in arrays}
+        integrity.write_row_blocks(arrays, first, block)
+        self._commit_rows(arrays, first, block)
 
     def _commit_rows(
         self, arrays: Mapping[str, zarr.Array], first: int, rows: Mapping[str, np.ndarray]
@@ -271,7 +267,7 @@ class StoreWriter:
         for name in arrays:
             blocks = integrity.row_digests(rows[name], first)
             digests.setdefault(name, [])[first // schema.STEP_ROW_CHUNK :] = list(blocks.values())
-        self.root[schema.STEPS].update_attributes(
+        self._steps_group.update_attributes(
             {schema.ATTR_NUM_STEPS: end, schema.ATTR_ROW_DIGESTS: digests}
         )
         self._tail = {name: values[tail_start - first :] for name, values in rows.items()}
