@@ -264,9 +264,13 @@ class Recorder:
         """
         self._digests = self._digester.submit(example_digests, dataset)
 
-    def _write_digests(self) -> None:
-        """Wait for the stage's example digests, then hand them to the writer."""
-        if self._digests is None:
+    def _write_digests(self, *, if_ready: bool = False) -> None:
+        """Wait for the stage's example digests, then hand them to the writer.
+
+        ``if_ready``: only if they are done, without waiting (they are then written during the
+        stage rather than in the stage-end wait).
+        """
+        if self._digests is None or (if_ready and not self._digests.done()):
             return
         future, self._digests = self._digests, None
         try:
@@ -331,6 +335,7 @@ class Recorder:
             rows, self._rows = self._rows, []
             materialize_losses(rows)
             self._submit(self.writer.append_steps, rows)
+        self._write_digests(if_ready=True)
 
     def checkpoint(
         self,
