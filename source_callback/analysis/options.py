@@ -89,7 +89,9 @@ class AnalysisOptions:
         Seed of the pseudo-label sampling.
     adam_variant
         How Adam's preconditioner enters (SOURCE-math §4): ``"preconditioned"`` (EK-FAC of
-        ``P^{1/2} H P^{1/2}``, exact for a constant P) or ``"diagonal"`` (the paper's App. D.2).
+        ``P^{1/2} H P^{1/2}``, exact for a constant P), ``"factored"`` (the same with each
+        unit's ``P^{1/2}`` replaced by its best rank-one approximation: the Adam passes cost
+        what SGD's do) or ``"diagonal"`` (the paper's App. D.2).
     damping
         Damping of inverse curvatures, relative to each module's mean eigenvalue: the
         ``"diagonal"`` Adam variant's, and influence functions' (``method="if"``).
