@@ -48,7 +48,7 @@ class AdamOptions:
         Floor of √v̂ relative to its median per parameter (see :func:`adam_preconditioner`).
     """
 
-    variant: AdamVariant = "preconditioned"
+    variant: AdamVariant = "factored"
     damping: float = 0.1
     floor: float = 0.01
 
