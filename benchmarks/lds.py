@@ -47,7 +47,10 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 #: Variants that decide defaults, added where they apply.
 SGD_VARIANTS = {"SOURCE, no momentum tail": {"method": "source", "momentum_tail": False}}
-ADAM_VARIANTS = {"SOURCE, diagonal Adam": {"method": "source", "adam_variant": "diagonal"}}
+ADAM_VARIANTS = {
+    "SOURCE, diagonal Adam": {"method": "source", "adam_variant": "diagonal"},
+    "SOURCE, factored Adam": {"method": "source", "adam_variant": "factored"},
+}
 
 SETTINGS = {
     "logistic-breast-cancer": logistic_breast_cancer,

@@ -14,9 +14,12 @@ benchmarks/analyze_memory.py, in a subprocess; with ``--full`` about 8 minutes a
 temporary disk), transformer (a 24 M-parameter Hugging Face Llama, a full stage then a peft
 LoRA stage: recording overhead per stage and analysis time against its floor by pass,
 benchmarks/transformer.py, in a subprocess; with ``--full`` about 25 minutes on 2 cores),
-recording-size (recording overhead, writer throughput against ``dd`` and the stage-end wait on
-models of 2 M, 20 M and, with ``--full``, 200 M parameters, ``overhead.py --sizes``, in a
-subprocess; about 20 minutes with ``--full``, 2 with ``--quick``).
+floors (every data pass per batch in units of one forward+backward pass, SGD and both Adam
+variants, on the digits MLP, a ConvNet and the Llama, benchmarks/floors.py, in a subprocess;
+with ``--full`` about 10 minutes), recording-size (recording overhead, writer throughput
+against ``dd`` and the stage-end wait on models of 2 M, 20 M and, with ``--full``, 200 M
+parameters, ``overhead.py --sizes``, in a subprocess; about 20 minutes with ``--full``, 2 with
+``--quick``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ PARTS = (
     "cache",
     "scale",
     "transformer",
+    "floors",
     "recording-size",
 )
 SPEED_PLOTS = ("breakdown", "memory", "kronfluence")  # docs/img/speed_<name>.png
@@ -458,6 +462,14 @@ def main() -> None:
             command += [f"--{args.mode}", "--out", str(out / "transformer.json")]
             subprocess.run([*command, "--markdown", str(transformer_md)], check=True)
         sections["transformer"] = transformer_md.read_text().strip()
+    if "floors" in parts:
+        floors_md = out / "floors.md"
+        if measure:
+            print("each data pass against its floor, three shapes", flush=True)
+            command = [sys.executable, str(ROOT / "benchmarks" / "floors.py"), f"--{args.mode}"]
+            command += ["--out", str(out / "floors.json"), "--markdown", str(floors_md)]
+            subprocess.run(command, check=True)
+        sections["floors"] = floors_md.read_text().strip()
     if "cache" in parts:
         if measure:
             print("projected-gradient cache", flush=True)

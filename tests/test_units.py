@@ -20,11 +20,13 @@ from unitgrads import autograd_per_example, split
 from source_callback.analysis import units as units_module
 from source_callback.analysis.ekfac import (
     ModuleCurvature,
+    RankOne,
     corrected_eigenvalues,
     covariances,
     eigh_float64,
 )
 from source_callback.analysis.gradients import contract, per_example_grads
+from source_callback.analysis.optimizers import rank_one
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.task import LanguageModelingTask
 from source_callback.analysis.units import ModuleSelection, Unit, find_units
@@ -488,3 +490,53 @@ def test_a_float32_model_gives_its_float64_twins_results_in_float64(case: str) -
     for got, want in zip(results["32"], results["64"], strict=True):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_factored_scale_equals_its_dense_matrix(case: str) -> None:
+    """A ``RankOne`` scale: factors rescaled, eigenvalues those of ``r cᵀ ∘ G`` exactly."""
+    model, batch, outputs, diagonal_above = _case(case)
+    units = _units(model, diagonal_above)
+    task, gen = ProbeTask(outputs), torch.Generator()
+    batches = [(batch[0][:4],), (batch[0][4:],)]
+    g = torch.Generator().manual_seed(3)
+    factored = {
+        n: RankOne(
+            0.5 + torch.rand(u.shape[0], generator=g, dtype=torch.float64),
+            0.5 + torch.rand(u.shape[1], generator=g, dtype=torch.float64),
+        )
+        for n, u in units.items()
+    }
+    dense = {n: f.matrix() for n, f in factored.items()}
+    covs = covariances(model, units, task, batches, gen, exact=True)
+    scaled = covariances(model, units, task, batches, gen, exact=True, scale=factored)
+    for name in units:
+        for got, want, vector in zip(
+            scaled[name].mean(),
+            covs[name].mean(),
+            (factored[name].cols, factored[name].rows),
+            strict=True,
+        ):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, torch.outer(vector, vector) * want)
+    bases = {
+        n: tuple(None if f is None else eigh_float64(f)[1] for f in c.mean())
+        for n, c in scaled.items()
+    }
+    got = corrected_eigenvalues(model, units, bases, task, batches, gen, True, factored)
+    want = corrected_eigenvalues(model, units, bases, task, batches, gen, True, dense)
+    for name in units:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-14)
+
+
+def test_rank_one_is_the_leading_singular_pair() -> None:
+    g = torch.Generator().manual_seed(0)
+    r, c = 0.1 + torch.rand(7, generator=g), 0.1 + torch.rand(5, generator=g)
+    exact = rank_one(torch.outer(r, c).double())
+    torch.testing.assert_close(exact.matrix(), torch.outer(r, c).double())
+    matrix = 0.1 + torch.rand(9, 4, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(matrix)
+    fitted = rank_one(matrix)
+    assert (fitted.rows > 0).all() and (fitted.cols > 0).all()
+    torch.testing.assert_close(fitted.matrix(), s[0] * torch.outer(u[:, 0], vh[0]))

@@ -77,7 +77,7 @@ def analyze(
     seed: int = 0,
     collate_fn: Any = None,
     name: str | None = "default",
-    adam_variant: AdamVariant = "preconditioned",
+    adam_variant: AdamVariant = "factored",
     damping: float = 0.1,
     preconditioner_floor: float = 0.01,
     out_of_core: bool = False,

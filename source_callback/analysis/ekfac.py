@@ -24,6 +24,61 @@ from source_callback.errors import AnalysisError
 OnGrads = Callable[[str, list[Factored]], None]
 
 
+@dataclass(frozen=True)
+class RankOne:
+    """A positive ``[out, in]`` scale in factored form, ``rows colsᵀ`` (Adafactor-style).
+
+    Scaling a unit's per-example gradients by it keeps their Kronecker structure:
+    ``(r cᵀ) ∘ Σ_t s aᵀ = Σ_t (r ∘ s)(c ∘ a)ᵀ``, so the passes that use it cost what the
+    unscaled ones do. Products are formed in the sides' precision (the vectors cast to it).
+
+    Attributes
+    ----------
+    rows
+        ``r``, ``[out]``.
+    cols
+        ``c``, ``[in]``.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def matrix(self) -> torch.Tensor:
+        """``r cᵀ``, ``[out, in]``."""
+        return torch.outer(self.rows, self.cols)
+
+    def factored(self, part: Factored) -> Factored:
+        """``(r cᵀ) ∘ G_b`` of every example; a one-hot side's factor moves to the other side.
+
+        ``Σ_t x_t c_{k_t} e_{k_t}ᵀ`` for tokens ``k_t``: each token's dense vector takes the
+        factor of its own token.
+        """
+        rows, cols = (vector.to(part.rows.values) for vector in (self.rows, self.cols))
+        if part.cols.onehot:
+            weighted = part.rows.values * rows * cols[part.cols.values][..., None]
+            return Factored(Side(weighted, part.rows.size), part.cols, part.known)
+        if part.rows.onehot:
+            return RankOne(self.cols, self.rows).factored(part.T).T
+        return Factored(
+            Side(part.rows.values * rows, part.rows.size),
+            Side(part.cols.values * cols, part.cols.size),
+            part.known,
+        )
+
+
+#: A unit's scale of its pseudo-gradients: an ``[out, in]`` matrix, or factored.
+Scale = torch.Tensor | RankOne
+
+
+def _unscaled(
+    scale: Scale | None, parts: list[Factored]
+) -> tuple[torch.Tensor | None, list[Factored]]:
+    """``(dense scale left to apply, parts)``: a :class:`RankOne` scale applied to the parts."""
+    if isinstance(scale, RankOne):
+        return None, [scale.factored(part) for part in parts]
+    return scale, parts
+
+
 def tracked_modules(model: nn.Module, diagonal_above: int | None = None) -> dict[str, Unit]:
     """The units EK-FAC covers, by name (see :func:`~source_callback.analysis.units.find_units`)."""
     return find_units(model, diagonal_above).units
@@ -223,6 +278,14 @@ class Covariances:
         """``(E[a aᵀ], E[s sᵀ])`` per example."""
         return tuple(None if f is None else f / self.count for f in (self.a, self.s))  # type: ignore[return-value]
 
+    def scaled(self, factor: RankOne) -> Covariances:
+        """The factors of each token's sides scaled by ``factor``: ``c cᵀ ∘ a``, ``r rᵀ ∘ s``."""
+        a, s = (
+            None if f is None else torch.outer(v, v).to(f) * f
+            for f, v in ((self.a, factor.cols), (self.s, factor.rows))
+        )
+        return Covariances(a, s, self.count)
+
     def add(self, axis: int, value: torch.Tensor) -> None:
         """Add to the rows' (0) or the columns' (1) factor."""
         if axis == 0:
@@ -243,7 +306,7 @@ def covariances(
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool = False,
-    scale: dict[str, torch.Tensor] | None = None,
+    scale: dict[str, Scale] | None = None,
 ) -> dict[str, Covariances]:
     """One pass over ``batches``: the two Kronecker factors per unit (float64).
 
@@ -254,19 +317,24 @@ def covariances(
     its own factors in the unit's layout (a tied parameter sums them over its uses). With
     ``scale`` (an ``[out, in]`` matrix per unit, e.g. Adam's ``P^{1/2}``): ``E[G'ᵀG']`` and
     ``E[G'G'ᵀ]`` of the scaled per-example pseudo-gradients ``G' = scale ∘ G`` (``G`` summed
-    over uses). Identity sides are skipped (``None``).
+    over uses). A factored scale ``r cᵀ`` (:class:`RankOne`) keeps the Kronecker structure:
+    the factors are those of each token's scaled sides, ``c cᵀ ∘ E[a aᵀ]`` and
+    ``r rᵀ ∘ E[s sᵀ]``. Identity sides are skipped (``None``).
     """
     sums = {name: Covariances(None, None) for name in units}
+    dense_scale = {
+        name: matrix for name, matrix in (scale or {}).items() if isinstance(matrix, torch.Tensor)
+    }
 
     def on_grads(name: str, parts: list[Factored]) -> None:
         dense = [not flag for flag in units[name].identity]
-        if scale is None:
+        if name not in dense_scale:
             for part in parts:
                 if part.known is not None and dense[1 - part.known]:
                     sums[name].add(1 - part.known, part.sides[1 - part.known].covariance())
             return
         for _, g in dense_sum(parts):
-            g = g * scale[name].to(g.dtype)
+            g = g * dense_scale[name].to(g.dtype)
             if dense[0]:
                 sums[name].add(0, torch.einsum("boi,bpi->op", g, g).double())
             if dense[1]:
@@ -275,11 +343,14 @@ def covariances(
     with Capture(model, units, on_grads) as capture:
         for size in pseudo_passes(model, capture, task, batches, generator, exact):
             for name in units:
-                if scale is None:
+                if name not in dense_scale:
                     for axis, side in capture.inputs.get(name, []):
                         if not units[name].identity[axis]:
                             sums[name].add(axis, side.covariance())
                 sums[name].count += size
+    for name, factor in (scale or {}).items():
+        if isinstance(factor, RankOne) and name in sums:
+            sums[name] = sums[name].scaled(factor)
     return sums
 
 
@@ -291,7 +362,7 @@ def corrected_eigenvalues(
     batches: Iterable[Any],
     generator: torch.Generator,
     exact: bool = False,
-    scale: dict[str, torch.Tensor] | None = None,
+    scale: dict[str, Scale] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One pass: ``Λ[i, j] = E_z[(Q_Sᵀ G'_z Q_A)_ij²]`` per unit in the given bases.
 
@@ -306,7 +377,8 @@ def corrected_eigenvalues(
     def on_grads(name: str, parts: list[Factored]) -> None:
         dtype = parts[0].dtype
         q_a, q_s = (None if q is None else q.to(dtype) for q in bases[name])
-        if scale is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
+        matrix, parts = _unscaled(None if scale is None else scale[name], parts)
+        if matrix is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
             # is 4-10x faster than the four-operand einsum (benchmarks/speed.py) where it takes
             # fewer products than rotating G; a one-hot side adds up only the tokens present.
@@ -314,8 +386,8 @@ def corrected_eigenvalues(
         else:
             total = 0
             for _, g in dense_sum(parts):
-                if scale is not None:
-                    g = g * scale[name].to(g.dtype)
+                if matrix is not None:
+                    g = g * matrix.to(g.dtype)
                 if q_s is not None:
                     g = q_s.T @ g
                 if q_a is not None:

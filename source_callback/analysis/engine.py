@@ -155,12 +155,13 @@ class Engine:
         dataset: Dataset,
         states: list[StateSource],
         label: str,
-        scale: dict[str, torch.Tensor] | None = None,
+        scale: dict[str, ekfac.Scale] | None = None,
         modules: dict[str, Unit] | None = None,
     ) -> dict[str, ekfac.ModuleCurvature]:
         """EK-FAC of the mean Gauss-Newton Hessian over ``states`` on ``dataset``.
 
-        With ``scale`` (Adam's ``P^{1/2}`` per unit) it is fitted to the scaled
+        With ``scale`` (Adam's ``P^{1/2}`` per unit, or its :class:`~ekfac.RankOne` form) it
+        is fitted to the scaled
         pseudo-gradients, i.e. to ``P^{1/2} H P^{1/2}``. ``modules`` restricts the fit (to
         the units a stage trains); all units by default. Identity sides need no factor.
         """

@@ -3,8 +3,9 @@
 SGD (with momentum, dampening, coupled weight decay) enters through the learning-rate mass and
 a curvature shift. Adam and AdamW add a diagonal preconditioner ``P = 1/(√v̂ + eps)`` read from
 the second moments saved in the segment's checkpoints; it enters either through EK-FAC fitted to
-``P^{1/2}``-scaled pseudo-gradients (``"preconditioned"``) or, as in the paper's App. D.2,
-through per-coordinate exponentials (``"diagonal"``).
+``P^{1/2}``-scaled pseudo-gradients (``"preconditioned"``; ``"factored"`` with ``P^{1/2}``
+replaced by its best rank-one approximation, which keeps the Kronecker structure) or, as in the
+paper's App. D.2, through per-coordinate exponentials (``"diagonal"``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule, WeightDecay
 from source_callback.store.schema import STEP_BETA2, STEP_EPS, STEP_WEIGHT_DECAY, Stage
 
-AdamVariant = Literal["preconditioned", "diagonal"]
+AdamVariant = Literal["preconditioned", "factored", "diagonal"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class AdamOptions:
     Attributes
     ----------
     variant
-        ``"preconditioned"`` (EK-FAC of ``P^{1/2} H P^{1/2}``) or ``"diagonal"`` (App. D.2).
+        ``"preconditioned"`` (EK-FAC of ``P^{1/2} H P^{1/2}``), ``"factored"`` (the same with
+        ``P^{1/2}`` replaced by its best rank-one approximation per unit, see
+        :func:`rank_one`) or ``"diagonal"`` (App. D.2).
     damping
         For ``"diagonal"``: δ of the inverse curvature, relative to each module's mean
         eigenvalue.
@@ -45,7 +48,7 @@ class AdamOptions:
         Floor of √v̂ relative to its median per parameter (see :func:`adam_preconditioner`).
     """
 
-    variant: AdamVariant = "preconditioned"
+    variant: AdamVariant = "factored"
     damping: float = 0.1
     floor: float = 0.01
 
@@ -135,6 +138,31 @@ def adam_preconditioner(
     return {name: unit.matrix(per_param).to(engine.device) for name, unit in modules.items()}
 
 
+def rank_one(matrix: torch.Tensor, tol: float = 1e-12, iterations: int = 200) -> ekfac.RankOne:
+    """The best rank-one approximation ``r cᵀ`` of a positive matrix in Frobenius norm (float64).
+
+    Power iteration on ``M Mᵀ`` from the column means: for a positive matrix the leading
+    singular vectors are positive (Perron-Frobenius), and so is every iterate, so ``r`` and
+    ``c`` are positive. It stops when ``c`` changes by less than ``tol`` (relative) or after
+    ``iterations``; ``√σ`` is put on each side.
+    """
+    m = matrix.double()
+    cols = m.mean(0)
+    cols = cols / cols.norm()
+    for _ in range(iterations):
+        rows = m @ cols
+        rows = rows / rows.norm()
+        updated = m.T @ rows
+        sigma = updated.norm()
+        updated = updated / sigma
+        converged = (updated - cols).norm() <= tol
+        cols = updated
+        if converged:
+            break
+    root = sigma.sqrt()
+    return ekfac.RankOne(rows * root, cols * root)
+
+
 def module_rates(
     engine: Engine, segment: Segment, stage: Stage, steps: dict[str, np.ndarray]
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -194,9 +222,13 @@ def segment_operator(
         return EkfacOperator(curvature, tau, shift)
     p = adam_preconditioner(engine, segment, stage, steps, adam.floor)
     decoupled = rule is UpdateRule.ADAMW or not coupled
-    if adam.variant == "preconditioned":
-        sqrt_p = {n: m.sqrt() for n, m in p.items()}
-        curvature = engine.curvature(dataset, states, label, scale=sqrt_p, modules=modules)
+    if adam.variant in ("preconditioned", "factored"):
+        scale: dict[str, ekfac.Scale] = {n: m.sqrt() for n, m in p.items()}
+        if adam.variant == "factored":
+            scale = {n: rank_one(m) for n, m in scale.items()}
+            p = {n: f.matrix().square() for n, f in scale.items()}
+        sqrt_p = {n: p[n].sqrt() for n in p}
+        curvature = engine.curvature(dataset, states, label, scale=scale, modules=modules)
         shift = {
             # AdamW: exp(−τ(PH + λI)); Adam: λP inside, approximated by its eigenbasis diagonal
             n: decay[n] if decoupled else decay[n] * curvature[n].in_basis(p[n])
