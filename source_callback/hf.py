@@ -21,7 +21,12 @@ from transformers.trainer_callback import ExportableState
 
 from source_callback import errors
 from source_callback.record.probe import ProbeUnavailable, probing
-from source_callback.record.session import RecordingCallback, StageSetup, TorchRanks
+from source_callback.record.session import (
+    RecordingCallback,
+    StageSetup,
+    TorchRanks,
+    sharded_parameters,
+)
 
 DEFAULT_STORE_NAME = "source.zarr"
 #: TRL's argument classes of trainers whose loss is not a per-example loss of the trained model
@@ -201,7 +206,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         train_dataloader: Any = None,
         **kwargs: Any,
     ) -> None:
-        self._check_supported(args)
+        self._check_supported(args, model)
         self._release()  # what a train() that raised left open
         record = self._saved_record(state)
         if record is not None:
@@ -245,7 +250,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
     @staticmethod
-    def _check_supported(args: TrainingArguments) -> None:
+    def _check_supported(args: TrainingArguments, model: nn.Module | None) -> None:
         refused = [c.__name__ for c in type(args).__mro__ if c.__name__ in REFUSED_CONFIGS]
         if refused:
             raise errors.SourceCallbackError(
@@ -265,11 +270,14 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
                 "load_best_model_at_end=False (and load the best checkpoint yourself afterwards) "
                 "or remove the callback."
             )
-        if args.fsdp or args.deepspeed:
+        sharded = [] if model is None else sharded_parameters(model)
+        if args.fsdp or args.deepspeed or sharded:
+            found = f", e.g. {sharded[0]!r} is a sharded DTensor" if sharded else ""
             raise errors.SourceCallbackError(
-                "SourceTrainerCallback records single-process and DDP runs; FSDP and DeepSpeed "
-                "shard the parameters and optimizer state, which it cannot gather yet. Record "
-                "with DDP or on a single device, or train this run without the callback."
+                "SourceTrainerCallback records single-process and DDP runs; FSDP, DeepSpeed and "
+                f"fully_shard shard the parameters and optimizer state{found}, which it cannot "
+                "gather yet. Record with DDP or on a single device, or train this run without "
+                "the callback."
             )
 
     def on_epoch_begin(

@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 
 from source_callback import errors
 from source_callback.record.probe import ProbeUnavailable, probing
-from source_callback.record.session import RecordingCallback, StageSetup
+from source_callback.record.session import RecordingCallback, StageSetup, sharded_parameters
 
 DEFAULT_STORE_NAME = "source.zarr"
 
@@ -44,15 +44,11 @@ def refuse_sharded(strategy: strategies.Strategy, module: torch.nn.Module) -> No
     found = None
     if isinstance(strategy, SHARDED_STRATEGIES):
         found = f"the trainer's strategy is {type(strategy).__name__}"
-    elif torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        sharded = [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
-        if sharded:
-            found = (
-                f"{len(sharded)} parameters are sharded DTensors (FSDP2 fully_shard), "
-                f"e.g. {sharded[0]!r}"
-            )
+    elif sharded := sharded_parameters(module):
+        found = (
+            f"{len(sharded)} parameters are sharded DTensors (FSDP2 fully_shard), "
+            f"e.g. {sharded[0]!r}"
+        )
     if found is not None:
         raise errors.SourceCallbackError(
             f"SourceCallback cannot record this run: {found}. Sharded recording (FSDP, "

@@ -91,3 +91,27 @@ def test_fsdp_and_deepspeed_strategies_are_refused(kind: type[Strategy]) -> None
 def test_ddp_with_plain_parameters_is_not_refused() -> None:
     refuse_sharded(DDPStrategy(), TinyClassifier())
     refuse_sharded(SingleDeviceStrategy(torch.device("cpu")), TinyClassifier())
+
+
+def test_trainer_with_fully_shard_by_hand_is_refused(tmp_path, one_process_group) -> None:
+    """The Hugging Face adapter refuses DTensor parameters too, before creating the store."""
+    pytest.importorskip("transformers")
+    from hf_models import LabelledSequences, seeded_llama, trainer_arguments
+    from transformers import Trainer
+
+    from source_callback import SourceTrainerCallback
+
+    model = seeded_llama()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+    store = tmp_path / "run.zarr"
+    fit = Trainer(
+        model=model,
+        args=trainer_arguments(tmp_path / "out"),
+        train_dataset=LabelledSequences(16, seed=0),
+        callbacks=[SourceTrainerCallback(store)],
+    )
+    with pytest.raises(SourceCallbackError, match="is a sharded DTensor") as info:
+        fit.train()
+    assert "'model.layers.0." in str(info.value)
+    assert not store.exists() and not list(tmp_path.rglob("*.zarr"))

@@ -117,6 +117,19 @@ def raise_on_all_ranks(ranks: Ranks, error: Exception | None) -> None:
     raise (kind if isinstance(kind, type) else errors.SourceCallbackError)(payload[1])
 
 
+def sharded_parameters(module: nn.Module) -> list[str]:
+    """Names of ``module``'s parameters that are sharded DTensors (FSDP2 ``fully_shard``).
+
+    Rank 0 holds only its shard of these (and of their optimizer state): recording them as
+    they are would store a part of the model as if it were all of it.
+    """
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.tensor import DTensor
+
+    return [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+
+
 def dataset_length(dataset: Any) -> int | None:
     """``len(dataset)``, or ``None`` for a dataset without a length."""
     try:
