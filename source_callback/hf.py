@@ -275,9 +275,9 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             found = f", e.g. {sharded[0]!r} is a sharded DTensor" if sharded else ""
             raise errors.SourceCallbackError(
                 "SourceTrainerCallback records single-process and DDP runs; FSDP, DeepSpeed and "
-                f"fully_shard shard the parameters and optimizer state{found}, which it cannot "
-                "gather yet. Record with DDP or on a single device, or train this run without "
-                "the callback."
+                f"fully_shard shard the parameters and optimizer state{found}, which it does "
+                "not record yet (SourceCallback records FSDP2 runs under Lightning). Record with "
+                "DDP or on a single device, or train this run without the callback."
             )
 
     def on_epoch_begin(

@@ -17,46 +17,56 @@ from torch.utils.data import default_collate
 
 from source_callback import errors
 from source_callback.record.probe import ProbeUnavailable, probing
-from source_callback.record.session import RecordingCallback, StageSetup, sharded_parameters
+from source_callback.record.session import (
+    RecordingCallback,
+    StageSetup,
+    sharded_parameters,
+    unrecordable_shards,
+)
 
 DEFAULT_STORE_NAME = "source.zarr"
 
-#: Lightning strategies that shard parameters and optimizer state across ranks (looked up by
-#: name: a Lightning version may lack one).
-SHARDED_STRATEGIES: tuple[type[strategies.Strategy], ...] = tuple(
+#: Lightning strategies whose sharding is not recorded (looked up by name: a Lightning version
+#: may lack one). FSDP1 and DeepSpeed keep flat shards of their own, and run on GPUs only.
+UNRECORDED_STRATEGIES: tuple[type[strategies.Strategy], ...] = tuple(
     getattr(strategies, name)
-    for name in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+    for name in ("FSDPStrategy", "DeepSpeedStrategy")
     if hasattr(strategies, name)
 )
 
 
-def refuse_sharded(strategy: strategies.Strategy, module: torch.nn.Module) -> None:
-    """Raise if the run shards its parameters (FSDP, DeepSpeed, ``fully_shard``).
+def check_sharding(strategy: strategies.Strategy, module: torch.nn.Module) -> bool:
+    """Whether the run shards its parameters with FSDP2 (``fully_shard``), which is recorded.
 
-    Depends only on the strategy's class and the parameters' types, which every rank shares,
-    so every rank raises the same error and none is left waiting in a collective.
+    Depends only on the strategy's class and the parameters' types and layouts, which every
+    rank shares, so every rank answers (or raises) the same and none is left waiting in a
+    collective.
 
     Raises
     ------
     SourceCallbackError
-        A sharded strategy, or a parameter that is a ``DTensor``.
+        FSDP1 (``FSDPStrategy``) or DeepSpeed; a ``DTensor`` laid out other than by
+        ``fully_shard`` (tensor parallelism, hybrid sharding); ``ModelParallelStrategy`` with no
+        parameter sharded.
     """
+    sharded = bool(sharded_parameters(module))
     found = None
-    if isinstance(strategy, SHARDED_STRATEGIES):
+    if isinstance(strategy, UNRECORDED_STRATEGIES):
         found = f"the trainer's strategy is {type(strategy).__name__}"
-    elif sharded := sharded_parameters(module):
-        found = (
-            f"{len(sharded)} parameters are sharded DTensors (FSDP2 fully_shard), "
-            f"e.g. {sharded[0]!r}"
-        )
+    elif (reason := unrecordable_shards(module)) is not None:
+        found = reason
+    elif isinstance(strategy, strategies.ModelParallelStrategy) and not sharded:
+        found = "the trainer's strategy is ModelParallelStrategy and no parameter is sharded"
     if found is not None:
         raise errors.SourceCallbackError(
-            f"SourceCallback cannot record this run: {found}. Sharded recording (FSDP, "
-            "DeepSpeed, fully_shard) is not supported yet (issue: record FSDP runs with every "
-            "rank writing its own shards); rank 0 holds only its shard of the parameters and "
-            "optimizer state. Train with DDP or on a single device, or train this run without "
-            "SourceCallback."
+            f"SourceCallback cannot record this run: {found}. Sharded runs are recorded when "
+            "sharded with FSDP2 (fully_shard over one device mesh of all ranks, e.g. "
+            "ModelParallelStrategy with tensor_parallel_size=1 and fully_shard in "
+            "configure_model); FSDPStrategy, DeepSpeed and tensor parallelism are not "
+            "supported yet. Train with FSDP2, DDP or on a single device, or train this run "
+            "without SourceCallback."
         )
+    return sharded
 
 
 class _Ranks:
@@ -180,9 +190,9 @@ class SourceCallback(RecordingCallback, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model and the strategy's setup, so that fully_shard is visible, and
         # before the store is opened.
-        refuse_sharded(trainer.strategy, pl_module)
+        sharded = check_sharding(trainer.strategy, pl_module)
         default = os.path.join(trainer.default_root_dir, DEFAULT_STORE_NAME)
-        self._session.open(default, _Ranks(trainer))
+        self._session.open(default, _Ranks(trainer), sharded=sharded)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

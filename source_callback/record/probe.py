@@ -62,7 +62,10 @@ def probing(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode, no gradients, the generators and buffers preserved; the modes restored after.
 
     Training that computes a probe continues exactly as it would have without it: a training
-    step may update buffers (a batch counter, a running average), whose values are put back.
+    step may update buffers (a batch counter, a running average), whose values are put back,
+    and modules sharded with FSDP2 are resharded (a root module keeps its parameters gathered
+    after a forward pass: training's next forward would then skip the gather that the other
+    ranks make, and the model would show its gathered parameters rather than its shards).
     """
     modes = [(m, m.training) for m in module.modules()]
     buffers = [(name, b, b.clone()) for name, b in module.named_buffers()]
@@ -78,6 +81,18 @@ def probing(module: torch.nn.Module) -> Iterator[None]:
                 original.copy_(value)
                 owner, _, attribute = name.rpartition(".")
                 setattr(module.get_submodule(owner), attribute, original)
+        _reshard(module)
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 module in ``module`` (a local operation)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
 
 
 def probe_tensors(indices: Sequence[int], losses: Sequence[float]) -> dict[str, torch.Tensor]:

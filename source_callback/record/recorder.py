@@ -214,10 +214,32 @@ class Recorder:
             continues=None if continuation is None else continuation.to_json(),
         )
         self.writer.add_stage(stage)
-        if frozen:
-            self._submit(self.writer.write_frozen, self.stage_index, snapshot_frozen(frozen))
-        self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe)
+        self.write_stage_start(frozen, params, buffers, optimizer_state, probe)
         return stage
+
+    def follow_stage(self, stage_index: int, next_step: int, planned: frozenset[int]) -> None:
+        """On a rank other than 0 of a sharded run: write the shards of this stage's checkpoints.
+
+        Rank 0 recorded (or resumed) stage ``stage_index``; the next optimizer step is
+        ``next_step`` and the interior checkpoints are planned before ``planned``.
+        """
+        self.stage_index = stage_index
+        self.first_step = self.next_step = next_step
+        self.planned = planned
+
+    def write_stage_start(
+        self,
+        frozen: TensorDict,
+        params: TensorDict,
+        buffers: TensorDict,
+        optimizer_state: Mapping[str, TensorDict],
+        probe: TensorDict | None = None,
+    ) -> None:
+        """Write the stage's frozen parameters and its stage-start checkpoint."""
+        if frozen:
+            packed = snapshot_frozen(frozen, self.writer.shard_group)
+            self._submit(self.writer.write_frozen, self.stage_index, packed)
+        self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe)
 
     def resume_stage(self, stage_index: int, next_step: int) -> None:
         """Continue stage ``stage_index`` at global step ``next_step`` after a restart.
@@ -355,7 +377,9 @@ class Recorder:
         self._wait_for_slot()  # before copying: at most max_pending copies are ever held
         with self._spare_lock:
             spare, self._spare = self._spare, {}
-        snapshot = snapshot_checkpoint(params, buffers, optimizer_state, probe, spare)
+        snapshot = snapshot_checkpoint(
+            params, buffers, optimizer_state, probe, spare, self.writer.shard_group
+        )
         future = self._submit(self.writer.write_checkpoint, step, role, self.stage_index, snapshot)
         future.add_done_callback(lambda written: self._keep_spare(written, snapshot))
 
@@ -374,7 +398,8 @@ class Recorder:
         """
         if not any(step >= self.next_step for step in self.planned):
             return
-        self._submit(self._allocate_spare, checkpoint_layout(params, buffers, optimizer_state))
+        layout = checkpoint_layout(params, buffers, optimizer_state, self.writer.shard_group)
+        self._submit(self._allocate_spare, layout)
 
     def _allocate_spare(self, target: integrity.Layout) -> None:
         with self._spare_lock:
@@ -386,4 +411,4 @@ class Recorder:
         """Keep a written snapshot's buffers for the next checkpoint (one set at most)."""
         if written.exception() is None:
             with self._spare_lock:
-                self._spare = snapshot.packed.arrays
+                self._spare = snapshot.buffers

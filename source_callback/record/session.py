@@ -51,6 +51,7 @@ from source_callback.optim import (
 from source_callback.record.probe import ProbeUnavailable, probe_indices, probe_tensors
 from source_callback.record.recorder import Recorder, step_hyperparameters
 from source_callback.store import location, schema
+from source_callback.store.shards import ShardGroup, is_sharded, unsupported_layout
 from source_callback.store.writer import StepRow, StoreWriter
 
 T = TypeVar("T")
@@ -117,17 +118,55 @@ def raise_on_all_ranks(ranks: Ranks, error: Exception | None) -> None:
     raise (kind if isinstance(kind, type) else errors.SourceCallbackError)(payload[1])
 
 
+def raise_on_any_rank(error: Exception | None) -> None:
+    """Raise on every rank the first error any rank had (a collective of the default group).
+
+    Where every rank touches the store (sharded runs), an error on one rank alone would leave
+    the others waiting in their next collective.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    payloads: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(payloads, None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    for rank, payload in enumerate(payloads):
+        if payload is not None:
+            kind = getattr(errors, payload[0], None)
+            kind = kind if isinstance(kind, type) else errors.SourceCallbackError
+            raise kind(f"(on rank {rank}) {payload[1]}")
+
+
 def sharded_parameters(module: nn.Module) -> list[str]:
     """Names of ``module``'s parameters that are sharded DTensors (FSDP2 ``fully_shard``).
 
-    Rank 0 holds only its shard of these (and of their optimizer state): recording them as
-    they are would store a part of the model as if it were all of it.
+    Each rank holds only its shard of these (and of their optimizer state): every rank writes
+    its own shards of each checkpoint (:mod:`source_callback.store.shards`).
     """
     if not torch.distributed.is_available():
         return []
     from torch.distributed.tensor import DTensor
 
     return [name for name, p in module.named_parameters() if isinstance(p, DTensor)]
+
+
+def unrecordable_shards(module: nn.Module) -> str | None:
+    """Why ``module``'s sharded parameters cannot be recorded (``None``: they can, or none).
+
+    Recorded: FSDP2's ``fully_shard`` layout, every sharded parameter split by rows over one
+    mesh of all ranks. The answer depends only on the model, the same on every rank.
+    """
+    dist = torch.distributed
+    params = dict(module.named_parameters())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for name in sharded_parameters(module):
+        reason = unsupported_layout(params[name], world)
+        if reason is not None:
+            return f"parameter {name!r} is a DTensor with {reason}"
+    return None
 
 
 def dataset_length(dataset: Any) -> int | None:
@@ -241,7 +280,10 @@ class RecordingSession:
         self.flush_every = flush_every
         self.adapter = adapter
         self.url: str | None = None
-        self.recorder: Recorder | None = None
+        self.recorder: Recorder | None = None  # the record's writer (rank 0)
+        # A sharded run's other ranks: each writes its shards of every checkpoint.
+        self._shard_recorder: Recorder | None = None
+        self._sharded = False  # every rank writes its shards of each checkpoint
         self._next_name = stage
         self._renamed = renamed
         self._previous_tensors: dict[str, weakref.ref[torch.Tensor]] = {}
@@ -265,6 +307,7 @@ class RecordingSession:
         self._loss_summed = False
         self._examples = 0
         self._checkpointed: set[int] = set()
+        self._planned: frozenset[int] = frozenset()  # steps before which a checkpoint is taken
         self._prepared = False  # the checkpoints' buffers, once the optimizer state exists
         self._probe: tuple[list[int], ProbeLosses] | None = None
         self._probe_reason: str | None = None  # why there is none
@@ -278,10 +321,18 @@ class RecordingSession:
 
     # -- the store ---------------------------------------------------------------------------
 
-    def open(self, default_store: str | os.PathLike[str], ranks: Ranks) -> None:
-        """Agree on the store's URL (rank 0's) and open its writer on rank 0."""
+    def open(
+        self, default_store: str | os.PathLike[str], ranks: Ranks, *, sharded: bool = False
+    ) -> None:
+        """Agree on the store's URL (rank 0's) and open its writer on rank 0.
+
+        ``sharded``: the model's parameters are sharded over the ranks (the same on every
+        rank): every rank opens a writer for its shards of the checkpoints.
+        """
         url = self.store or location.normalize(default_store)
         self.url = ranks.broadcast(url)
+        self._sharded = sharded
+        shard_group = ShardGroup.create() if sharded else None
         error = None
         if ranks.is_main and self.recorder is None:
             with _OPEN_LOCK:
@@ -289,16 +340,34 @@ class RecordingSession:
             if stale is not None and stale is not self:
                 stale.abort()
             try:
-                writer = StoreWriter.open(self.url, self.storage_options)
+                writer = StoreWriter.open(self.url, self.storage_options, shard_group)
                 self.recorder = Recorder(writer, flush_every=self.flush_every)
                 with _OPEN_LOCK:
                     _OPEN[self.url] = self
             except errors.StoreError as exc:
                 error = exc
         raise_on_all_ranks(ranks, error)
+        if shard_group is None:
+            return
+        error = None
+        if not ranks.is_main and self._shard_recorder is None:
+            try:
+                writer = StoreWriter.join(self.url, self.storage_options, shard_group)
+                self._shard_recorder = Recorder(writer, flush_every=self.flush_every)
+            except errors.StoreError as exc:
+                error = exc
+        raise_on_any_rank(error)
+
+    @property
+    def _checkpointer(self) -> Recorder | None:
+        """The recorder that writes this rank's checkpoints (or shards of them), if any."""
+        return self.recorder or self._shard_recorder
 
     def close(self) -> None:
         """Write what is buffered, wait for the background writes and release the store."""
+        if self._shard_recorder is not None:
+            shard_recorder, self._shard_recorder = self._shard_recorder, None
+            shard_recorder.close()
         if self.recorder is None:
             return
         recorder, self.recorder = self.recorder, None
@@ -415,9 +484,28 @@ class RecordingSession:
                     self.recorder.digest_examples(setup.dataset)
             except errors.StoreError as exc:
                 error = exc
+        elif self._shard_recorder is not None:  # the probe's forward passes are collectives
+            self._choose_probe(setup, self._next_name or "")
+            self._take_probe("")
         raise_on_all_ranks(ranks, error)
-        summary = None if recorded is None else (recorded.index, recorded.name, recorded.first_step)
-        self._stage_index, self._stage_name, self._first_step = ranks.broadcast(summary)
+        summary = None
+        if recorded is not None:
+            planned = sorted(self.recorder.planned)
+            summary = (recorded.index, recorded.name, recorded.first_step, planned)
+        self._stage_index, self._stage_name, self._first_step, planned = ranks.broadcast(summary)
+        self._planned = frozenset(planned)
+        if self._sharded:
+            error = None
+            if self._shard_recorder is not None:
+                shard_recorder = self._shard_recorder
+                shard_recorder.follow_stage(self._stage_index, self._first_step, self._planned)
+                try:
+                    shard_recorder.write_stage_start(
+                        frozen, trainable, buffers, self._optimizer_state()
+                    )
+                except errors.StoreError as exc:
+                    error = exc
+            raise_on_any_rank(error)
         self._next_name = self._renamed = None
         self._origin = setup.global_step
         self._rows_in_stage = 0
@@ -440,9 +528,18 @@ class RecordingSession:
                     self._choose_probe(setup, stages[index].name)
                 if dataset_length(setup.dataset) is not None:
                     self.recorder.digest_examples(setup.dataset)
+                # Other ranks write the shards of checkpoints the resume may have to remove.
+                self.recorder.wait()
             except errors.StoreError as exc:
                 error = exc
+        elif self._shard_recorder is not None:
+            self._choose_probe(setup, state["stage_name"])
         raise_on_all_ranks(ranks, error)
+        planned = sorted(self.recorder.planned) if self.recorder is not None else None
+        self._planned = frozenset(ranks.broadcast(planned))
+        next_step = state["first_step"] + state["rows_in_stage"]
+        if self._shard_recorder is not None:
+            self._shard_recorder.follow_stage(state["stage_index"], next_step, self._planned)
         self._stage_index = state["stage_index"]
         self._stage_name = state["stage_name"]
         self._first_step = state["first_step"]
@@ -454,21 +551,38 @@ class RecordingSession:
         if not self.active:
             return
         error = None
-        if self.recorder is not None:
+        if self._checkpointer is not None:
             trainable, frozen, buffers = self._model_views()
             probe = self._take_probe(self._stage_name)
             try:
-                if self._probe_reason is not None:  # probing stopped, or never started
-                    self.recorder.note_no_probe(self._probe_reason)
-                self.recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
+                if self.recorder is not None:
+                    if self._probe_reason is not None:  # probing stopped, or never started
+                        self.recorder.note_no_probe(self._probe_reason)
+                    self.recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
+                else:  # another rank of a sharded run: its shards of the stage-end checkpoint
+                    self._checkpointer.checkpoint(
+                        self._first_step + self._rows_in_stage,
+                        schema.ROLE_END,
+                        trainable,
+                        buffers,
+                        self._optimizer_state(),
+                    )
+                    self._checkpointer.wait()
             except errors.StoreError as exc:
                 error = exc
             # The next stage's tensors are matched to these by identity where they are the same.
+            # Not sharded ones, by name only: FSDP2 moves a module's parameters by swapping
+            # their contents (torch.utils.swap_tensors), which a weak reference forbids.
             self._previous_tensors = {
-                name: weakref.ref(t) for name, t in {**trainable, **frozen, **buffers}.items()
+                name: weakref.ref(t)
+                for name, t in {**trainable, **frozen, **buffers}.items()
+                if not is_sharded(t)
             }
         self._reset_stage()
-        raise_on_all_ranks(ranks, error)
+        if self._sharded:
+            raise_on_any_rank(error)
+        else:
+            raise_on_all_ranks(ranks, error)
 
     # -- the probe ---------------------------------------------------------------------------
 
@@ -497,6 +611,8 @@ class RecordingSession:
 
     def _no_probe(self, stage_name: str, reason: str) -> None:
         self._probe, self._probe_reason = None, reason
+        if self.recorder is None:  # another rank of a sharded run: rank 0 warns
+            return
         warnings.warn(
             f"{self.adapter} records no probe losses for stage {stage_name!r} from here on: "
             f"{reason}. analyze() and retrain() will skip their check that the model and data "
@@ -524,14 +640,15 @@ class RecordingSession:
         optimizer state after step t-1: the state "before step t" (later, the step's forward
         pass may have changed buffers such as batch-norm statistics).
         """
-        if self.recorder is None or not self.active:
+        recorder = self._checkpointer
+        if recorder is None or not self.active:
             return
         step = self._first_step + global_step - self._origin
-        if step in self.recorder.planned and step not in self._checkpointed:
+        if step in self._planned and step not in self._checkpointed:
             self._checkpointed.add(step)
             trainable, _, buffers = self._model_views()
             probe = self._take_probe(self._stage_name)
-            self.recorder.checkpoint(
+            recorder.checkpoint(
                 step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state(), probe
             )
 
@@ -596,10 +713,11 @@ class RecordingSession:
                 self.recorder.record_step(row)
             self._rows_in_stage += 1
             self._loss_sum, self._loss_count, self._examples = 0.0, 0, 0
-        if not self._prepared and self.recorder is not None and self._rows_in_stage:
+        recorder = self._checkpointer
+        if not self._prepared and recorder is not None and self._rows_in_stage:
             self._prepared = True
             trainable, _, buffers = self._model_views()
-            self.recorder.prepare_checkpoints(trainable, buffers, self._optimizer_state())
+            recorder.prepare_checkpoints(trainable, buffers, self._optimizer_state())
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -610,8 +728,8 @@ class RecordingSession:
         """
         if not self.active:
             return {}
-        if self.recorder is not None:
-            self.recorder.wait()
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
         return {
             "version": STATE_VERSION,
             "store": self.url,

@@ -62,7 +62,7 @@ _TENSOR_DIGESTS: dict[str, Callable[[np.ndarray], str]] = {
 }
 
 
-def _run(coroutine: Any) -> Any:
+def run(coroutine: Any) -> Any:
     """Run a coroutine on Zarr's event loop (the writer thread and readers both block on it)."""
     return sync(coroutine, timeout=zarr.config.get("async.timeout"))
 
@@ -207,12 +207,12 @@ async def _write_arrays(group: zarr.AsyncGroup, values: Mapping[str, np.ndarray]
             config={"write_empty_chunks": True},
         )
         step = array.chunks[0]
-        await _all_or_none(
+        await all_or_none(
             write_chunk(array, data[start : start + step], start)
             for start in range(0, data.size, step)
         )
 
-    await _all_or_none(write(key, data) for key, data in values.items())
+    await all_or_none(write(key, data) for key, data in values.items())
 
 
 def write_packed(group: zarr.Group, packed: Packed) -> PackedIndex:
@@ -222,7 +222,7 @@ def write_packed(group: zarr.Group, packed: Packed) -> PackedIndex:
     """
     values = {key: schema.encode_tensor(a).array for key, a in packed.arrays.items()}
     index = _index(packed, values)
-    _run(_write_arrays(_async_group(group), values))
+    run(_write_arrays(_async_group(group), values))
     return index
 
 
@@ -261,7 +261,7 @@ async def _fetch(
             except (ValueError, RuntimeError, IndexError, TypeError):  # codec errors
                 bad.append((start, stop))
 
-    await _all_or_none(read(start) for start in range(0, length, step))
+    await all_or_none(read(start) for start in range(0, length, step))
     return _Fetched(values, bad)
 
 
@@ -286,35 +286,87 @@ def read_packed(
         :class:`Damage` per kind of problem with the tensors it affects.
 
     """
-    index = group.attrs.get(schema.ATTR_PACKED)
-    if not isinstance(index, dict) or index.get(schema.PACKED_DIGEST) not in _TENSOR_DIGESTS:
-        return {}, [Damage(where, (), f"no '{schema.ATTR_PACKED}' index of its tensors")]
-    digest_of = _TENSOR_DIGESTS[index[schema.PACKED_DIGEST]]
-    sections = {s: e for s, e in index[schema.PACKED_TENSORS].items() if wanted(s)}
+    found = _tensor_index(group)
+    if isinstance(found, str):
+        return {}, [Damage(where, (), found)]
+    digest_of, lengths, indexed = found
+    sections = {s: e for s, e in indexed.items() if wanted(s)}
     dtypes = {
-        schema.packed_array_key(section, entry[1]): schema.storage_dtype(entry[1])
+        schema.packed_array_key(section, dtype): schema.storage_dtype(dtype)
         for section, entries in sections.items()
-        for entry in entries
+        for _, dtype, _, _ in entries
     }
-    fetched = _run(_fetch_all(_async_group(group), index[schema.PACKED_ARRAYS], dtypes))
+    fetched = run(_fetch_all(_async_group(group), lengths, dtypes))
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     damaged: dict[str, list[str]] = {}
     for section, entries in sections.items():
         out = tensors.setdefault(section, {})
-        for name, torch_dtype, offset, shape, expected in entries:
+        for name, torch_dtype, shape, pieces in entries:
             array = fetched[schema.packed_array_key(section, torch_dtype)]
-            stop = offset + math.prod(shape)
             label = name if section == schema.SECTION_PARAMS else f"{section}/{name}"
-            if array.values is None or any(a < stop and offset < b for a, b in array.bad):
-                damaged.setdefault(array.reason, []).append(label)
+            parts, problem = _pieces(array, pieces, math.prod(shape), digest_of)
+            if problem is not None:
+                rank = problem[1]
+                damaged.setdefault(problem[0], []).append(
+                    label if rank is None else f"{label} (rank {rank}'s rows)"
+                )
                 continue
-            values = array.values[offset:stop].reshape(shape)
-            if digest_of(values) != expected:
-                damaged.setdefault(MISMATCH, []).append(label)
-                continue
-            out[name] = schema.decode_array(values, torch_dtype)
+            key = schema.packed_array_key(section, torch_dtype)
+            values = np.concatenate(parts) if parts else np.empty(0, dtype=dtypes[key])
+            out[name] = schema.decode_array(values.reshape(shape), torch_dtype)
     problems = [Damage(where, tuple(names), reason) for reason, names in damaged.items()]
     return tensors, problems
+
+
+#: ``[rank (None: unsharded), offset in the array, first element, count, digest]``.
+Piece = list[Any]
+
+
+def _tensor_index(
+    group: zarr.Group,
+) -> tuple[Callable[[np.ndarray], str], dict[str, int], dict[str, list[Any]]] | str:
+    """A group's ``packed`` or ``sharded`` index as ``[name, dtype, shape, pieces]`` per section.
+
+    Returns the digest function, the arrays' lengths and the entries; or why there is none.
+    """
+    attrs = group.attrs
+    sharded = schema.ATTR_SHARDED in attrs
+    index = attrs.get(schema.ATTR_SHARDED if sharded else schema.ATTR_PACKED)
+    if not isinstance(index, dict) or index.get(schema.PACKED_DIGEST) not in _TENSOR_DIGESTS:
+        return f"no '{schema.ATTR_PACKED}' index of its tensors"
+    entries = index[schema.PACKED_TENSORS]
+    if not sharded:
+        entries = {
+            section: [
+                [name, dtype, shape, [[None, offset, 0, math.prod(shape), expected]]]
+                for name, dtype, offset, shape, expected in rows
+            ]
+            for section, rows in entries.items()
+        }
+    lengths = {key: int(n) for key, n in index[schema.PACKED_ARRAYS].items()}
+    return _TENSOR_DIGESTS[index[schema.PACKED_DIGEST]], lengths, entries
+
+
+def _pieces(
+    array: _Fetched, pieces: list[Piece], numel: int, digest_of: Callable[[np.ndarray], str]
+) -> tuple[list[np.ndarray], tuple[str, int | None] | None]:
+    """A tensor's pieces read from ``array`` and verified, or the first problem and its rank."""
+    parts = []
+    expected_first = 0
+    for rank, offset, first, count, expected in pieces:
+        if first != expected_first:
+            return [], ("its pieces in the index do not cover the tensor", rank)
+        expected_first += count
+        stop = offset + count
+        if array.values is None or any(a < stop and offset < b for a, b in array.bad):
+            return [], (array.reason, rank)
+        part = array.values[offset:stop]
+        if digest_of(part) != expected:
+            return [], (MISMATCH, rank)
+        parts.append(part)
+    if expected_first != numel:
+        return [], ("its pieces in the index do not cover the tensor", None)
+    return parts, None
 
 
 async def _fetch_all(
@@ -323,13 +375,13 @@ async def _fetch_all(
     """Every array of ``dtypes`` read concurrently, ``async.concurrency`` chunks at a time."""
     limit = asyncio.Semaphore(zarr.config.get("async.concurrency"))
     keys = list(dtypes)
-    results = await _all_or_none(
+    results = await all_or_none(
         _fetch(group, key, int(lengths.get(key, 0)), dtypes[key], limit) for key in keys
     )
     return dict(zip(keys, results, strict=True))
 
 
-async def _all_or_none(coroutines: Iterable[Awaitable[Any]]) -> list[Any]:
+async def all_or_none(coroutines: Iterable[Awaitable[Any]]) -> list[Any]:
     """Await every coroutine concurrently; on the first failure cancel the others and raise it.
 
     (``asyncio.gather`` would leave the others running, writing after the failure.)
@@ -341,15 +393,6 @@ async def _all_or_none(coroutines: Iterable[Awaitable[Any]]) -> list[Any]:
         for task in tasks:
             task.cancel()
         raise
-
-
-def packed_nbytes(index: PackedIndex) -> int:
-    """Uncompressed bytes of the tensors a packed index lists."""
-    return sum(
-        math.prod(shape) * getattr(torch, torch_dtype).itemsize
-        for entries in index[schema.PACKED_TENSORS].values()
-        for _, torch_dtype, _, shape, _ in entries
-    )
 
 
 # -- step rows ---------------------------------------------------------------------------------
@@ -416,7 +459,7 @@ def write_row_blocks(
         whole[: len(values)] = values
         await array.setitem(slice(first, capacity), whole)
 
-    _run(_all_or_none(write(arrays[name].async_array, rows[name]) for name in rows))
+    run(all_or_none(write(arrays[name].async_array, rows[name]) for name in rows))
 
 
 def read_rows(

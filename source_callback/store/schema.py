@@ -108,6 +108,14 @@ FROZEN = "frozen"
 #      "tensors": {section: [[name, torch dtype, offset, shape, digest], ...]}}
 # Sections: "params", "buffers", and "optimizer.<state key>" per optimizer state.
 ATTR_PACKED = "packed"
+# A sharded checkpoint (FSDP2; ``source_callback.store.shards``) has the same arrays laid out
+# rank-major, and a ``sharded`` attribute in place of ``packed``, listing each tensor's pieces
+# (every rank's rows of it, in element order) with their digests:
+#     {"digest": TENSOR_DIGEST, "arrays": {array key: length}, "ranks": W,
+#      "tensors": {section: [[name, torch dtype, shape,
+#                             [[rank, offset, first element, count, digest], ...]], ...]}}
+ATTR_SHARDED = "sharded"
+SHARDED_RANKS = "ranks"
 PACKED_DIGEST = "digest"
 PACKED_ARRAYS = "arrays"
 PACKED_TENSORS = "tensors"

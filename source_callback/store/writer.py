@@ -19,7 +19,7 @@ import torch
 import zarr
 
 from source_callback.errors import DamagedStoreError, FormatVersionError, StoreError
-from source_callback.store import integrity, location, schema
+from source_callback.store import integrity, location, schema, shards
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -52,11 +52,19 @@ def library_versions() -> dict[str, str]:
 
 
 class StoreWriter:
-    """Writes one source-callback store. Use :meth:`open` to create or validate one."""
+    """Writes one source-callback store. Use :meth:`open` to create or validate one.
 
-    def __init__(self, root: zarr.Group, url: str) -> None:
+    In a sharded run (``shard_group`` set) every rank has a writer, which writes only its own
+    shards of each checkpoint (:mod:`source_callback.store.shards`); rank 0's writes the rest
+    of the record.
+    """
+
+    def __init__(
+        self, root: zarr.Group, url: str, shard_group: shards.ShardGroup | None = None
+    ) -> None:
         self.root = root
         self.url = url
+        self.shard_group = shard_group
         # This writer alone changes the steps group: its attributes are read from memory.
         self._steps_group = root[schema.STEPS]
         self._step_arrays: dict[str, zarr.Array] | None = None
@@ -66,8 +74,15 @@ class StoreWriter:
     # -- opening -----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, storage_options: location.StorageOptions = None) -> StoreWriter:
+    def open(
+        cls,
+        url: str,
+        storage_options: location.StorageOptions = None,
+        shard_group: shards.ShardGroup | None = None,
+    ) -> StoreWriter:
         """Open the store at ``url`` for writing, creating it when the location is empty.
+
+        ``shard_group``: the ranks of a sharded run (this one is rank 0).
 
         Raises
         ------
@@ -107,7 +122,22 @@ class StoreWriter:
                     "Record into a new store, or resume this one with the source-callback "
                     "release that created it; the store was not modified."
                 )
-        return cls(root, url)
+        return cls(root, url, shard_group)
+
+    @classmethod
+    def join(
+        cls, url: str, storage_options: location.StorageOptions, shard_group: shards.ShardGroup
+    ) -> StoreWriter:
+        """The writer of a rank other than 0 of a sharded run, once rank 0 has opened ``url``.
+
+        It writes this rank's shards of each checkpoint and nothing else.
+        """
+        url = location.normalize(url)
+        root = location.open_existing(url, storage_options, mode="r+")
+        if root is None:
+            raise StoreError(f"rank {shard_group.rank} finds no store at {url} to write into")
+        schema.check_format(root, url)
+        return cls(root, url, shard_group)
 
     # -- stages -----------------------------------------------------------
 
@@ -292,18 +322,35 @@ class StoreWriter:
         array, so a crash before it leaves an uncommitted checkpoint.
         """
         key = schema.checkpoint_key(step, role)
-        group = self.root[schema.CHECKPOINTS].create_group(
-            key,
-            overwrite=True,
-            attributes={
-                schema.ATTR_STEP: step,
-                schema.ATTR_STAGE: stage,
-                schema.ATTR_ROLE: role,
-                schema.ATTR_COMMITTED: False,
-            },
-        )
-        _commit(group, snapshot.packed, {schema.ATTR_SCALAR_STATE: snapshot.scalar_state})
+        attributes = {
+            schema.ATTR_STEP: step,
+            schema.ATTR_STAGE: stage,
+            schema.ATTR_ROLE: role,
+            schema.ATTR_COMMITTED: False,
+        }
+        commit = {schema.ATTR_SCALAR_STATE: snapshot.scalar_state}
+        self._write_group(schema.CHECKPOINTS, key, attributes, snapshot.packed, commit)
         return key
+
+    def _write_group(
+        self,
+        parent: str,
+        key: str,
+        attributes: dict[str, Any],
+        packed: integrity.Packed | shards.ShardedPacked,
+        commit: dict[str, Any],
+    ) -> None:
+        """Write a packed group ``parent/key`` and commit it (replacing one unless sharded).
+
+        A sharded group is never replaced: the other ranks write into it while rank 0 creates
+        it (a stale one, left by an interrupted write, is removed when the stage resumes).
+        """
+        if isinstance(packed, shards.ShardedPacked):
+            assert self.shard_group is not None
+            shards.write(self.root[parent], key, attributes, packed, self.shard_group, commit)
+            return
+        group = self.root[parent].create_group(key, overwrite=True, attributes=attributes)
+        _commit(group, packed, commit)
 
     def write_example_digests(self, stage: int, digests: np.ndarray) -> None:
         """Write the per-example digests of stage ``stage``'s training set (replacing any)."""
@@ -315,20 +362,24 @@ class StoreWriter:
             overwrite=True,
         )
 
-    def write_frozen(self, stage: int, params: integrity.Packed) -> None:
+    def write_frozen(self, stage: int, params: integrity.Packed | shards.ShardedPacked) -> None:
         """Write stage ``stage``'s non-trainable parameters (:func:`snapshot_frozen`), commit."""
-        group = self.root[schema.FROZEN].create_group(
-            schema.frozen_key(stage), overwrite=True, attributes={schema.ATTR_COMMITTED: False}
-        )
-        _commit(group, params, {})
+        attributes = {schema.ATTR_COMMITTED: False}
+        self._write_group(schema.FROZEN, schema.frozen_key(stage), attributes, params, {})
 
 
 @dataclass(frozen=True)
 class CheckpointSnapshot:
     """A checkpoint's tensors packed on the CPU, and the optimizer's scalar state."""
 
-    packed: integrity.Packed
+    packed: integrity.Packed | shards.ShardedPacked
     scalar_state: dict[str, dict[str, float]]
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The flat CPU tensors it fills (to be filled again by a later snapshot)."""
+        packed = self.packed
+        return (packed.local if isinstance(packed, shards.ShardedPacked) else packed).arrays
 
 
 def _checkpoint_sections(
@@ -362,6 +413,7 @@ def snapshot_checkpoint(
     optimizer_state: Mapping[str, TensorDict],
     probe: TensorDict | None = None,
     spare: Mapping[str, torch.Tensor] | None = None,
+    shard_group: shards.ShardGroup | None = None,
 ) -> CheckpointSnapshot:
     """Copy a checkpoint's tensors (any device) for :meth:`StoreWriter.write_checkpoint`.
 
@@ -378,22 +430,42 @@ def snapshot_checkpoint(
         The probe's indices and losses (``schema.SECTION_PROBE``), if any.
     spare
         Buffers of a snapshot already written, to fill again (see :func:`integrity.pack`).
+    shard_group
+        The ranks of a sharded run: this rank's shards are copied (:func:`shards.pack`).
 
     """
     sections, scalar_state = _checkpoint_sections(params, buffers, optimizer_state, probe)
-    return CheckpointSnapshot(integrity.pack(sections, spare), scalar_state)
+    return CheckpointSnapshot(_pack(sections, spare, shard_group), scalar_state)
+
+
+def _pack(
+    sections: Mapping[str, TensorDict],
+    spare: Mapping[str, torch.Tensor] | None,
+    shard_group: shards.ShardGroup | None,
+) -> integrity.Packed | shards.ShardedPacked:
+    if shard_group is None:
+        return integrity.pack(sections, spare)
+    return shards.pack(sections, shard_group, spare)
 
 
 def checkpoint_layout(
-    params: TensorDict, buffers: TensorDict, optimizer_state: Mapping[str, TensorDict]
+    params: TensorDict,
+    buffers: TensorDict,
+    optimizer_state: Mapping[str, TensorDict],
+    shard_group: shards.ShardGroup | None = None,
 ) -> integrity.Layout:
-    """The packed layout a checkpoint of these tensors would have (without a probe)."""
-    return integrity.layout(_checkpoint_sections(params, buffers, optimizer_state, None)[0])
+    """The buffers a checkpoint of these tensors would fill (without a probe)."""
+    sections = _checkpoint_sections(params, buffers, optimizer_state, None)[0]
+    if shard_group is None:
+        return integrity.layout(sections)
+    return shards.local_layout(sections, shard_group)
 
 
-def snapshot_frozen(params: TensorDict) -> integrity.Packed:
+def snapshot_frozen(
+    params: TensorDict, shard_group: shards.ShardGroup | None = None
+) -> integrity.Packed | shards.ShardedPacked:
     """Copy a stage's non-trainable parameters for :meth:`StoreWriter.write_frozen`."""
-    return integrity.pack({schema.SECTION_PARAMS: params})
+    return _pack({schema.SECTION_PARAMS: params}, None, shard_group)
 
 
 def _commit(group: zarr.Group, packed: integrity.Packed, attributes: dict[str, Any]) -> None:

@@ -1,14 +1,16 @@
-"""Record two stages of DDP training on CPU into one store.
+"""Record two stages of DDP (or FSDP2) training on CPU into one store.
 
-Usage: ``python train_ddp.py STORE DEVICES``. With ``DEVICES > 1`` Lightning's DDP launcher
-re-executes this script once per extra rank, so all the work happens under ``__main__``. Each
-process prints ``DONE rank=<global rank>`` after both stages. The per-process batch size is
-``PER_PROCESS_BATCH``; :func:`train` also serves the single-process reference run.
+Usage: ``python train_ddp.py STORE DEVICES [sharded]``. ``sharded`` trains with FSDP2
+(``fully_shard`` under Lightning's ModelParallelStrategy, gloo) instead of DDP. With
+``DEVICES > 1`` Lightning's launcher re-executes this script once per extra rank, so all the
+work happens under ``__main__``. Each process prints ``DONE rank=<global rank>`` after both
+stages. The per-process batch size is ``PER_PROCESS_BATCH``; :func:`train` also serves the
+single-process reference run.
 
-Lightning gives every DDP training loader a shuffling ``DistributedSampler`` (seed 0 after
-``seed_everything(0)``): each epoch, rank ``r`` takes ``randperm(n)[r::world]``. The
-single-process reference uses the same sampler with one replica, so its batch ``k`` holds exactly
-the examples of the ranks' batches ``k`` together and it takes the same optimizer steps.
+Lightning gives every DDP (and FSDP2) training loader a shuffling ``DistributedSampler`` (seed
+0 after ``seed_everything(0)``): each epoch, rank ``r`` takes ``randperm(n)[r::world]``. The
+single-process reference uses the same sampler with one replica, so its batch ``k`` holds
+exactly the examples of the ranks' batches ``k`` together and it takes the same optimizer steps.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,11 +35,27 @@ PRETRAIN = {"n": 64, "seed": 0, "epochs": 2}  # 64 / (8 x 2) = 4 steps per epoch
 FINETUNE = {"n": 48, "seed": 1, "epochs": 1}  # 48 / (8 x 2) = 3 steps
 
 
-def _trainer(callback: SourceCallback, root: str, devices: int, epochs: int) -> pl.Trainer:
+class ShardedClassifier(TinyClassifier):
+    """The classifier sharded with FSDP2 over the data-parallel mesh."""
+
+    def configure_model(self) -> None:
+        if not isinstance(self.net, FSDPModule):  # the second stage's fit finds it sharded
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+
+def _strategy(devices: int, sharded: bool) -> str | Strategy:
+    if sharded:
+        return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+    return "ddp" if devices > 1 else "auto"
+
+
+def _trainer(
+    callback: SourceCallback, root: str, devices: int, epochs: int, sharded: bool
+) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=_strategy(devices, sharded),
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
@@ -53,16 +73,21 @@ def _loader(data: Dataset, batch_size: int, devices: int) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, sampler=sampler)
 
 
-def train(store: str, devices: int, batch_size: int, root: str) -> pl.Trainer:
-    """Two stages (SGD with a per-step schedule, then Adam) into ``store``; the last trainer."""
+def train(
+    store: str, devices: int, batch_size: int, root: str, sharded: bool = False
+) -> pl.Trainer:
+    """Two stages (SGD with a per-step schedule, then Adam) into ``store``; the last trainer.
+
+    ``sharded``: FSDP2 (``fully_shard`` under ModelParallelStrategy) rather than DDP.
+    """
     pl.seed_everything(0, verbose=False)
-    model = TinyClassifier(
+    model = (ShardedClassifier if sharded else TinyClassifier)(
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
     )
     callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=4)
     data = make_dataset(PRETRAIN["n"], seed=PRETRAIN["seed"])
-    _trainer(callback, root, devices, PRETRAIN["epochs"]).fit(
+    _trainer(callback, root, devices, PRETRAIN["epochs"], sharded).fit(
         model, _loader(data, batch_size, devices)
     )
 
@@ -70,15 +95,16 @@ def train(store: str, devices: int, batch_size: int, root: str) -> pl.Trainer:
     model.scheduler_factory = None
     callback.next_stage("finetune")
     data = make_dataset(FINETUNE["n"], seed=FINETUNE["seed"])
-    last = _trainer(callback, root, devices, FINETUNE["epochs"])
+    last = _trainer(callback, root, devices, FINETUNE["epochs"], sharded)
     last.fit(model, _loader(data, batch_size, devices))
     return last
 
 
 def main() -> None:
     store, devices = sys.argv[1], int(sys.argv[2])
+    sharded = sys.argv[3:] == ["sharded"]
     root = str(Path(store).parent / "lightning")
-    trainer = train(store, devices, PER_PROCESS_BATCH, root)
+    trainer = train(store, devices, PER_PROCESS_BATCH, root, sharded)
     print(f"DONE rank={trainer.global_rank}", flush=True)
 
 
