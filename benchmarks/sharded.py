@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> None:
         "params": params,
         "local_params": local,
     }
-    print("RESULT " + json.dumps(report), flush=True)
+    with open(os.path.join(args.root, f"result-{trainer.global_rank}.json"), "w") as f:
+        json.dump(report, f)
 
 
 def launch(args: argparse.Namespace, arm: str, folder: str) -> list[dict[str, Any]]:
@@ -133,9 +135,7 @@ def launch(args: argparse.Namespace, arm: str, folder: str) -> list[dict[str, An
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("WORLD_SIZE", None)
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    results = [
-        json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")
-    ]
+    results = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("result-*.json"))]
     if out.returncode or len(results) != WORLD:
         raise RuntimeError(f"the {arm} arm failed:\n{out.stdout}\n{out.stderr}")
     return sorted(results, key=lambda r: r["rank"])
@@ -171,9 +171,7 @@ def main() -> None:
         arm: [max(r[rank]["peak_rss_mb"] for r in runs) for rank in range(WORLD)]
         for arm, runs in arms.items()
     }
-    shard_mb = [
-        3 * 4 * runs[rank]["local_params"] / 2**20 for rank, runs in enumerate(arms["with"][0])
-    ]
+    shard_mb = [3 * 4 * report["local_params"] / 2**20 for report in arms["with"][0]]
     print(
         f"`python benchmarks/sharded.py{' --quick' if args.quick else ''}` ({WORLD} CPU processes, "
         f"gloo, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
