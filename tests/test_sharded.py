@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, distribute_tensor
 
-from source_callback import SourceCallback, open_run
+from source_callback import SourceCallback, analyze, open_run
 from source_callback.errors import DamagedStoreError, SourceCallbackError
 from source_callback.lightning import check_sharding
 from source_callback.store import schema
@@ -97,6 +97,29 @@ def test_fsdp2_on_two_processes_records_what_one_process_does(tmp_path) -> None:
             for key, value in values.items():
                 torch.testing.assert_close(got_state[name][key], value, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(got.probe()[1], want.probe()[1], rtol=1e-5)
+
+    # The analysis reads the sharded record as the unsharded one: the same scores.
+    train = {
+        "pretrain": make_dataset(script.PRETRAIN["n"], seed=script.PRETRAIN["seed"]),
+        "finetune": make_dataset(script.FINETUNE["n"], seed=script.FINETUNE["seed"]),
+    }
+    scores = [
+        analyze(
+            path,
+            model=TinyClassifier(),
+            task="classification",
+            train=train,
+            queries=make_dataset(5, seed=7),
+            segments=1,
+            name=None,
+            verbose=False,
+        ).scores
+        for path in (store, reference)
+    ]
+    for name in train:
+        got, want = np.asarray(scores[0][name]), np.asarray(scores[1][name])
+        assert got.shape == (5, len(train[name]))
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
 
     # A byte flipped in rank 1's region is found and named, never read as valid.
     damaged = tmp_path / "damaged.zarr"
