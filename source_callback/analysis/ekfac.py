@@ -163,11 +163,15 @@ class Capture:
                 output = output.detach().requires_grad_().clone()
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
+            side = None
             if known is not None:
                 self.inputs.setdefault(name, []).append(known)
+                side = known[1]
             if output.requires_grad:
                 self._calls[name] = self._calls.get(name, 0) + 1
-                output.register_hook(lambda grad: self._arrive(name, use.factored(data, grad)))
+                output.register_hook(
+                    lambda grad: self._arrive(name, use.factored(data, side, grad))
+                )
             return output
 
         return hook

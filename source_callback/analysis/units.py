@@ -280,9 +280,14 @@ class Kind:
             a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
         return Side(a, a.shape[-1])
 
-    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
-        """The per-example gradients of one call, in the natural orientation."""
-        side = self.inputs(module, data, bias)
+    def factored(
+        self, module: nn.Module, data: Any, side: Side | None, grad: torch.Tensor
+    ) -> Factored:
+        """The per-example gradients of one call, in the natural orientation.
+
+        ``side`` is what :meth:`inputs` gave for ``data`` (formed once per call: unfolded
+        patches are costly).
+        """
         assert side is not None
         return Factored(Side(_rows(grad), grad.shape[-1]), side, known=1)
 
@@ -305,9 +310,11 @@ class Conv2dKind(Kind):
         )  # [B, C·kh·kw, L]
         return super().inputs(module, patches.transpose(1, 2), bias)
 
-    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+    def factored(
+        self, module: nn.Module, data: Any, side: Side | None, grad: torch.Tensor
+    ) -> Factored:
         """Output gradients per patch position, ``[B, L, out]``."""
-        return super().factored(module, data, grad.flatten(2).transpose(1, 2), bias)
+        return super().factored(module, data, side, grad.flatten(2).transpose(1, 2))
 
 
 class Conv1dKind(Kind):
@@ -333,9 +340,10 @@ class EmbeddingKind(Kind):
         """The token indices, ``[B, T]``, of one-hot vectors of the vocabulary's size."""
         return Side(data.reshape(data.shape[0], -1), module.num_embeddings)
 
-    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+    def factored(
+        self, module: nn.Module, data: Any, tokens: Side | None, grad: torch.Tensor
+    ) -> Factored:
         """``s`` per token (zero at the padding index) and the tokens."""
-        tokens = self.inputs(module, data, bias)
         assert tokens is not None
         s = _rows(grad)
         if module.padding_idx is not None:  # the padding row receives no gradient
@@ -365,7 +373,9 @@ class DiagonalKind(Kind):
         """None: no side of a diagonal unit is known from the forward pass."""
         return None
 
-    def factored(self, module: nn.Module, data: Any, grad: torch.Tensor, bias: bool) -> Factored:
+    def factored(
+        self, module: nn.Module, data: Any, side: Side | None, grad: torch.Tensor
+    ) -> Factored:
         """``G = 1 · gᵀ`` with ``g`` the per-example gradient of the module's parameters."""
         args, kwargs = data
         batch = grad.shape[0]
@@ -444,9 +454,12 @@ class Use:
     bias: bool
     transposed: bool
 
-    def factored(self, data: Any, grad: torch.Tensor) -> Factored:
-        """The per-example gradients of one call, in the unit's orientation."""
-        out = self.kind.factored(self.module, data, grad, self.bias)
+    def factored(self, data: Any, side: Side | None, grad: torch.Tensor) -> Factored:
+        """The per-example gradients of one call, in the unit's orientation.
+
+        ``side`` is the kind's input side of ``data`` (:meth:`inputs`).
+        """
+        out = self.kind.factored(self.module, data, side, grad)
         return out.T if self.transposed else out
 
     def inputs(self, data: Any) -> tuple[int, Side] | None:
