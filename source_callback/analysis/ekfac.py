@@ -282,20 +282,26 @@ class Covariances:
         """``(E[a aᵀ], E[s sᵀ])`` per example."""
         return tuple(None if f is None else f / self.count for f in (self.a, self.s))  # type: ignore[return-value]
 
-    def scaled(self, factor: RankOne) -> Covariances:
-        """The factors of each token's sides scaled by ``factor``: ``c cᵀ ∘ a``, ``r rᵀ ∘ s``."""
-        a, s = (
-            None if f is None else torch.outer(v, v).to(f) * f
-            for f, v in ((self.a, factor.cols), (self.s, factor.rows))
-        )
-        return Covariances(a, s, self.count)
+    def rescale(self, factor: RankOne) -> None:
+        """Scale in place to the factors of each token's sides scaled by ``factor``.
+
+        ``c cᵀ ∘ a`` and ``r rᵀ ∘ s``, as a row and a column scaling: no ``[n, n]`` temporary.
+        """
+        for f, v in ((self.a, factor.cols), (self.s, factor.rows)):
+            if f is not None:
+                v = v.to(f)
+                f.mul_(v[:, None]).mul_(v)
 
     def add(self, axis: int, value: torch.Tensor) -> None:
-        """Add to the rows' (0) or the columns' (1) factor."""
+        """Add to the rows' (0) or the columns' (1) factor.
+
+        The first ``value`` becomes the sum itself (later ones are added in place): it must be a
+        tensor nothing else holds.
+        """
         if axis == 0:
-            self.s = value if self.s is None else self.s + value
+            self.s = value if self.s is None else self.s.add_(value)
         else:
-            self.a = value if self.a is None else self.a + value
+            self.a = value if self.a is None else self.a.add_(value)
 
 
 def per_example(parts: list[Factored]) -> torch.Tensor:
@@ -354,7 +360,7 @@ def covariances(
                 sums[name].count += size
     for name, factor in (scale or {}).items():
         if isinstance(factor, RankOne) and name in sums:
-            sums[name] = sums[name].scaled(factor)
+            sums[name].rescale(factor)
     return sums
 
 
