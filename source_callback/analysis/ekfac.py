@@ -383,10 +383,13 @@ def corrected_eigenvalues(
     squares summed in float64.
     """
     sums: dict[str, torch.Tensor] = {}
+    cast: dict[tuple[str, torch.dtype], tuple[torch.Tensor | None, ...]] = {}
 
     def on_grads(name: str, parts: list[Factored]) -> None:
         dtype = parts[0].dtype
-        q_a, q_s = (None if q is None else q.to(dtype) for q in bases[name])
+        if (name, dtype) not in cast:  # once per pass, not per batch (lm_head's is 4096²)
+            cast[name, dtype] = tuple(None if q is None else q.to(dtype) for q in bases[name])
+        q_a, q_s = cast[name, dtype]
         matrix, parts = _unscaled(None if scale is None else scale[name], parts)
         if matrix is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
@@ -402,8 +405,8 @@ def corrected_eigenvalues(
                     g = q_s.T @ g
                 if q_a is not None:
                     g = g @ q_a
-                total = total + g.square().sum(0).double()
-        sums[name] = total + sums.get(name, 0)
+                total = total + g.square_().sum(0).double()
+        sums[name] = sums[name].add_(total) if name in sums else total
 
     count = 0
     with Capture(model, units, on_grads) as capture:

@@ -198,7 +198,7 @@ class Factored:
         if self.rows.onehot:
             return self.T.squares().T
         if not self.cols.onehot:
-            return sum(part.dense().square().sum(0).double() for part in self.chunks())
+            return sum(part.dense().square_().sum(0).double() for part in self.chunks())
         size = self.cols.size
         index = self.cols.values
         keys = index + torch.arange(len(self), device=index.device)[:, None] * size
