@@ -300,15 +300,35 @@ class Conv2dKind(Kind):
     """``nn.Conv2d`` over unfolded patches: weight ``[out, C, kh, kw]``."""
 
     def inputs(self, module: nn.Module, data: Any, bias: bool) -> Side | None:
-        """The unfolded patches, ``[B, L, C·kh·kw (+1)]``."""
-        patches = F.unfold(
-            data,
+        """The unfolded patches, ``[B, L, C·kh·kw (+1)]``, in the weight's ``(C, kh, kw)`` order.
+
+        What ``F.unfold`` gives, transposed, with the bias's column of ones: written in place by
+        one strided copy per kernel offset from the padded input viewed channels last, about twice
+        as fast as ``F.unfold`` and the transposing copy.
+        """
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = (
             module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )  # [B, C·kh·kw, L]
-        return super().inputs(module, patches.transpose(1, 2), bias)
+            module.dilation,
+            module.padding,
+            module.stride,
+        )
+        batch, channels = data.shape[:2]
+        x = F.pad(data, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, H, W, C]
+        lh = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+        lw = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+        size = channels * kh * kw
+        patches = x.new_empty(batch, lh * lw, size + bias)
+        grid = patches[..., :size].view(batch, lh, lw, channels, kh, kw)
+        for i in range(kh):
+            for j in range(kw):
+                grid[..., i, j] = x[
+                    :,
+                    i * dh : i * dh + sh * (lh - 1) + 1 : sh,
+                    j * dw : j * dw + sw * (lw - 1) + 1 : sw,
+                ]
+        if bias:
+            patches[..., size] = 1
+        return Side(patches, size + bias)
 
     def factored(
         self, module: nn.Module, data: Any, side: Side | None, grad: torch.Tensor
