@@ -337,7 +337,7 @@ class Conv2dKind(Kind):
         lh = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
         lw = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
         size = channels * kh * kw
-        patches = x.new_empty(batch, lh * lw, size + bias)
+        patches = x.new_empty(batch, lh * lw, size + int(bias))
         grid = patches[..., :size].view(batch, lh, lw, channels, kh, kw)
         for i in range(kh):
             for j in range(kw):
@@ -348,7 +348,7 @@ class Conv2dKind(Kind):
                 ]
         if bias:
             patches[..., size] = 1
-        return Side(patches, size + bias)
+        return Side(patches, patches.shape[-1])
 
     def factored(
         self, module: nn.Module, data: Any, side: Side | None, grad: torch.Tensor
