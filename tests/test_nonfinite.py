@@ -22,6 +22,7 @@ from source_callback import (
     analyze,
     load_analysis,
 )
+from source_callback.analysis.finite import RowFlags, enter
 from source_callback.record.probe import probe_indices
 
 #: Marks an input on which the models and tasks below misbehave (a finite input).
@@ -207,3 +208,23 @@ def test_influence_names_the_stage_within_the_pooled_data(recorded, tmp_path) ->
         "influence factors 1/1",
     )
     _assert_unchanged(store, recorded["faulty"][1])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_row_flags_find_the_first_example_with_a_non_finite_value(value: float) -> None:
+    enter(None)  # outside any pass (a failed pass above may have left its batch recorded)
+    flags = RowFlags()
+    wide = torch.randn(5, 3, 4)
+    wide[3, 2, 1] = value
+    flags.add(wide.transpose(1, 2))  # a view, as the hooks' sides often are
+    flags.add(torch.randn(5))
+    flags.add(torch.tensor(value))  # no examples' axis: ignored
+    flags.add(torch.empty(5, 0))  # no values: ignored
+    assert [f.tolist() for f in flags.flags] == [[True, True, True, False, True], [True] * 5]
+    narrow = torch.randn(5)
+    narrow[1] = value
+    flags.add(narrow)
+    with pytest.raises(NonFiniteError) as caught:
+        flags.check("gradient")
+    assert (caught.value.quantity, caught.value.index) == ("gradient", 1)
+    flags.check("gradient")  # the flags are cleared by a check

@@ -208,6 +208,28 @@ def test_unit_matrices_follow_each_parameter_layout() -> None:
     torch.testing.assert_close(unit.matrix(dict(tied.named_parameters())), tied.embed.weight)
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1, stride=2),
+        dict(kernel_size=(3, 2), dilation=(2, 1), padding=(1, 2), stride=(2, 3), bias=False),
+        dict(kernel_size=5),
+    ],
+)
+def test_convolution_patches_are_the_unfolded_input(conv: dict[str, object]) -> None:
+    module = nn.Conv2d(3, 4, **conv)  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 9, 11)
+    side = units_module.Conv2dKind().inputs(module, x, module.bias is not None)
+    assert side is not None
+    unfolded = nn.functional.unfold(
+        x, module.kernel_size, module.dilation, module.padding, module.stride
+    ).transpose(1, 2)
+    if module.bias is not None:
+        unfolded = torch.cat([unfolded, torch.ones(*unfolded.shape[:2], 1)], dim=2)
+    assert side.size == unfolded.shape[2]
+    assert torch.equal(side.values, unfolded)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_query_gradients_and_contractions_equal_autograd(
     case: str, monkeypatch: pytest.MonkeyPatch

@@ -163,11 +163,15 @@ class Capture:
                 output = output.detach().requires_grad_().clone()
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
+            side = None
             if known is not None:
                 self.inputs.setdefault(name, []).append(known)
+                side = known[1]
             if output.requires_grad:
                 self._calls[name] = self._calls.get(name, 0) + 1
-                output.register_hook(lambda grad: self._arrive(name, use.factored(data, grad)))
+                output.register_hook(
+                    lambda grad: self._arrive(name, use.factored(data, side, grad))
+                )
             return output
 
         return hook
@@ -278,20 +282,26 @@ class Covariances:
         """``(E[a aᵀ], E[s sᵀ])`` per example."""
         return tuple(None if f is None else f / self.count for f in (self.a, self.s))  # type: ignore[return-value]
 
-    def scaled(self, factor: RankOne) -> Covariances:
-        """The factors of each token's sides scaled by ``factor``: ``c cᵀ ∘ a``, ``r rᵀ ∘ s``."""
-        a, s = (
-            None if f is None else torch.outer(v, v).to(f) * f
-            for f, v in ((self.a, factor.cols), (self.s, factor.rows))
-        )
-        return Covariances(a, s, self.count)
+    def rescale(self, factor: RankOne) -> None:
+        """Scale in place to the factors of each token's sides scaled by ``factor``.
+
+        ``c cᵀ ∘ a`` and ``r rᵀ ∘ s``, as a row and a column scaling: no ``[n, n]`` temporary.
+        """
+        for f, v in ((self.a, factor.cols), (self.s, factor.rows)):
+            if f is not None:
+                v = v.to(f)
+                f.mul_(v[:, None]).mul_(v)
 
     def add(self, axis: int, value: torch.Tensor) -> None:
-        """Add to the rows' (0) or the columns' (1) factor."""
+        """Add to the rows' (0) or the columns' (1) factor.
+
+        The first ``value`` becomes the sum itself (later ones are added in place): it must be a
+        tensor nothing else holds.
+        """
         if axis == 0:
-            self.s = value if self.s is None else self.s + value
+            self.s = value if self.s is None else self.s.add_(value)
         else:
-            self.a = value if self.a is None else self.a + value
+            self.a = value if self.a is None else self.a.add_(value)
 
 
 def per_example(parts: list[Factored]) -> torch.Tensor:
@@ -350,7 +360,7 @@ def covariances(
                 sums[name].count += size
     for name, factor in (scale or {}).items():
         if isinstance(factor, RankOne) and name in sums:
-            sums[name] = sums[name].scaled(factor)
+            sums[name].rescale(factor)
     return sums
 
 
@@ -373,10 +383,13 @@ def corrected_eigenvalues(
     squares summed in float64.
     """
     sums: dict[str, torch.Tensor] = {}
+    cast: dict[tuple[str, torch.dtype], tuple[torch.Tensor | None, ...]] = {}
 
     def on_grads(name: str, parts: list[Factored]) -> None:
         dtype = parts[0].dtype
-        q_a, q_s = (None if q is None else q.to(dtype) for q in bases[name])
+        if (name, dtype) not in cast:  # once per pass, not per batch (lm_head's is 4096²)
+            cast[name, dtype] = tuple(None if q is None else q.to(dtype) for q in bases[name])
+        q_a, q_s = cast[name, dtype]
         matrix, parts = _unscaled(None if scale is None else scale[name], parts)
         if matrix is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
@@ -392,8 +405,8 @@ def corrected_eigenvalues(
                     g = q_s.T @ g
                 if q_a is not None:
                     g = g @ q_a
-                total = total + g.square().sum(0).double()
-        sums[name] = total + sums.get(name, 0)
+                total = total + g.square_().sum(0).double()
+        sums[name] = sums[name].add_(total) if name in sums else total
 
     count = 0
     with Capture(model, units, on_grads) as capture:
