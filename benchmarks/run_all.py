@@ -19,7 +19,8 @@ variants, on the digits MLP, a ConvNet and the Llama, benchmarks/floors.py, in a
 with ``--full`` about 10 minutes), recording-size (recording overhead, writer throughput
 against ``dd`` and the stage-end wait on models of 2 M, 20 M and, with ``--full``, 200 M
 parameters, ``overhead.py --sizes``, in a subprocess; about 20 minutes with ``--full``, 2 with
-``--quick``).
+``--quick``), sharded (recording an FSDP2 run on two CPU processes against the same run
+without the callback, and each rank's peak memory, benchmarks/sharded.py; about 2 minutes).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ PARTS = (
     "transformer",
     "floors",
     "recording-size",
+    "sharded",
 )
 SPEED_PLOTS = ("breakdown", "memory", "kronfluence")  # docs/img/speed_<name>.png
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -436,6 +438,14 @@ def main() -> None:
             command += ["--out", str(out / "overhead_sizes.json"), "--markdown", str(sizes_md)]
             subprocess.run(command, check=True)
         sections["overhead-size"] = sizes_md.read_text().strip()
+    if "sharded" in parts:
+        sharded_md = out / "sharded.md"
+        if measure:
+            print("recording an FSDP2 run", flush=True)
+            command = [sys.executable, str(ROOT / "benchmarks" / "sharded.py")]
+            command += ["--quick"] if args.mode == "quick" else []
+            subprocess.run([*command, "--markdown", str(sharded_md)], check=True)
+        sections["sharded"] = sharded_md.read_text().strip()
     if "speed" in parts:
         speed_md = out / "speed.md"
         if measure:
