@@ -8,6 +8,7 @@ parameter and optimizer state; the record must read back as the unsharded run's.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -136,6 +137,38 @@ def test_fsdp2_on_two_processes_records_what_one_process_does(tmp_path) -> None:
     chunk.write_bytes(bytes(data))
     with pytest.raises(DamagedStoreError, match=rf"{name} \(rank 1's rows\)"):
         open_run(damaged).checkpoints[1].params()
+
+
+def test_fsdp2_records_into_s3(tmp_path, s3, monkeypatch) -> None:
+    """Every rank writes its shards through fsspec (moto's S3 server), rank 0 the metadata."""
+    prefix, options = s3
+    url = f"{prefix}/sharded.zarr"
+    script = load_script(TRAIN_DDP)
+    monkeypatch.setenv(script.STORAGE_OPTIONS, json.dumps(options))
+    code, output = run_script([str(TRAIN_DDP), url, str(WORLD_SIZE), "sharded"])
+    assert code == 0 and "DONE rank=1" in output, output
+
+    reference = tmp_path / "single.zarr"
+    script.train(
+        str(reference), 1, script.PER_PROCESS_BATCH * WORLD_SIZE, str(tmp_path / "lightning")
+    )
+    run, single = open_run(url, options), open_run(reference)
+    assert run.status == "complete" and run.verify() == []
+    assert [c.key for c in run.checkpoints] == [c.key for c in single.checkpoints]
+    last, want = run.checkpoints[-1], single.checkpoints[-1]
+    pieces = [
+        p
+        for rows in last._group.attrs[schema.ATTR_SHARDED]["tensors"].values()
+        for *_, ps in rows
+        for p in ps
+    ]
+    assert {p[0] for p in pieces} == {0, 1}
+    for name, value in want.params().items():
+        torch.testing.assert_close(last.params()[name], value, rtol=1e-5, atol=1e-6)
+    for name, values in want.optimizer_state().items():
+        for key, value in values.items():
+            got = last.optimizer_state()[name][key]
+            torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-7)
 
 
 def test_rank_killed_while_writing_its_shards_leaves_the_committed_record_intact(

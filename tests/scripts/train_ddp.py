@@ -1,9 +1,10 @@
 """Record two stages of DDP (or FSDP2) training on CPU into one store.
 
 Usage: ``python train_ddp.py STORE DEVICES [sharded]``. ``sharded`` trains with FSDP2
-(``fully_shard`` under Lightning's ModelParallelStrategy, gloo) instead of DDP. With
-``DEVICES > 1`` Lightning's launcher re-executes this script once per extra rank, so all the
-work happens under ``__main__``. Each process prints ``DONE rank=<global rank>`` after both
+(``fully_shard`` under Lightning's ModelParallelStrategy, gloo) instead of DDP. STORE may be a
+URL, with its fsspec options as JSON in the environment variable that ``STORAGE_OPTIONS`` names.
+With ``DEVICES > 1`` Lightning's launcher re-executes this script once per extra rank, so all
+the work happens under ``__main__``. Each process prints ``DONE rank=<global rank>`` after both
 stages. The per-process batch size is ``PER_PROCESS_BATCH``; :func:`train` also serves the
 single-process reference run.
 
@@ -15,8 +16,12 @@ exactly the examples of the ranks' batches ``k`` together and it takes the same 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from source_callback import SourceCallback
 
+#: Environment variable with the store's fsspec options as JSON (for an S3 URL as STORE).
+STORAGE_OPTIONS = "SOURCE_CALLBACK_TEST_STORAGE_OPTIONS"
 PER_PROCESS_BATCH = 8
 PRETRAIN = {"n": 64, "seed": 0, "epochs": 2}  # 64 / (8 x 2) = 4 steps per epoch
 FINETUNE = {"n": 48, "seed": 1, "epochs": 1}  # 48 / (8 x 2) = 3 steps
@@ -74,7 +81,12 @@ def _loader(data: Dataset, batch_size: int, devices: int) -> DataLoader:
 
 
 def train(
-    store: str, devices: int, batch_size: int, root: str, sharded: bool = False
+    store: str,
+    devices: int,
+    batch_size: int,
+    root: str,
+    sharded: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> pl.Trainer:
     """Two stages (SGD with a per-step schedule, then Adam) into ``store``; the last trainer.
 
@@ -85,7 +97,9 @@ def train(
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
     )
-    callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=4)
+    callback = SourceCallback(
+        store, stage="pretrain", checkpoints_per_stage=4, storage_options=storage_options
+    )
     data = make_dataset(PRETRAIN["n"], seed=PRETRAIN["seed"])
     _trainer(callback, root, devices, PRETRAIN["epochs"], sharded).fit(
         model, _loader(data, batch_size, devices)
@@ -103,8 +117,9 @@ def train(
 def main() -> None:
     store, devices = sys.argv[1], int(sys.argv[2])
     sharded = sys.argv[3:] == ["sharded"]
-    root = str(Path(store).parent / "lightning")
-    trainer = train(store, devices, PER_PROCESS_BATCH, root, sharded)
+    options = json.loads(os.environ.get(STORAGE_OPTIONS, "null"))
+    root = str(Path(store).parent / "lightning") if options is None else tempfile.mkdtemp()
+    trainer = train(store, devices, PER_PROCESS_BATCH, root, sharded, options)
     print(f"DONE rank={trainer.global_rank}", flush=True)
 
 
