@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from processes import SCRIPTS, load_script, subprocess_env
 from storeutil import tree_digest
 
-from source_callback import open_run
+from source_callback import Run, open_run
 
 TRAIN_DDP = SCRIPTS / "train_ddp.py"
 WORLD_SIZE = 2
@@ -48,6 +49,16 @@ def run_script(args: list[str], timeout: float = HANG_TIMEOUT_S) -> tuple[int, s
     return proc.returncode, output
 
 
+def single_process_reference(tmp_path: Path) -> Run:
+    """``train_ddp.py``'s two stages on one process, each batch the ranks' batches together."""
+    script = load_script(TRAIN_DDP)
+    reference = tmp_path / "single.zarr"
+    script.train(
+        str(reference), 1, script.PER_PROCESS_BATCH * WORLD_SIZE, str(tmp_path / "lightning")
+    )
+    return open_run(reference)
+
+
 def test_ddp_two_stages_written_once_like_a_single_process_run(tmp_path) -> None:
     store = tmp_path / "ddp.zarr"
     code, output = run_script([str(TRAIN_DDP), str(store), str(WORLD_SIZE)])
@@ -58,12 +69,7 @@ def test_ddp_two_stages_written_once_like_a_single_process_run(tmp_path) -> None
     # the order Lightning's DistributedSampler deals it out (see the script), so each step sees
     # the same 16 examples and the averaged DDP gradient equals the single-process one.
     script = load_script(TRAIN_DDP)
-    reference = tmp_path / "single.zarr"
-    script.train(
-        str(reference), 1, script.PER_PROCESS_BATCH * WORLD_SIZE, str(tmp_path / "lightning")
-    )
-
-    ddp, single = open_run(store), open_run(reference)
+    ddp, single = open_run(store), single_process_reference(tmp_path)
     assert ddp.status == single.status == "complete"
     assert [s.name for s in ddp.stages] == ["pretrain", "finetune"]
     for got, want in zip(ddp.stages, single.stages, strict=True):

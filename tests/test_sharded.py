@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import (
 from models import TinyClassifier, loader, make_dataset, trainer
 from processes import SCRIPTS, load_script
 from storeutil import assert_same_record
-from test_ddp import TRAIN_DDP, WORLD_SIZE, run_script
+from test_ddp import TRAIN_DDP, WORLD_SIZE, run_script, single_process_reference
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, distribute_tensor
@@ -60,10 +60,7 @@ def test_fsdp2_on_two_processes_records_what_one_process_does(tmp_path) -> None:
     # The same optimizer steps on one process, unsharded (see train_ddp.py's docstring).
     script = load_script(TRAIN_DDP)
     reference = tmp_path / "single.zarr"
-    script.train(
-        str(reference), 1, script.PER_PROCESS_BATCH * WORLD_SIZE, str(tmp_path / "lightning")
-    )
-    run, single = open_run(store), open_run(reference)
+    run, single = open_run(store), single_process_reference(tmp_path)
     assert run.status == single.status == "complete"
     assert run.verify() == []
     for got, want in zip(run.stages, single.stages, strict=True):
@@ -148,11 +145,7 @@ def test_fsdp2_records_into_s3(tmp_path, s3, monkeypatch) -> None:
     code, output = run_script([str(TRAIN_DDP), url, str(WORLD_SIZE), "sharded"])
     assert code == 0 and "DONE rank=1" in output, output
 
-    reference = tmp_path / "single.zarr"
-    script.train(
-        str(reference), 1, script.PER_PROCESS_BATCH * WORLD_SIZE, str(tmp_path / "lightning")
-    )
-    run, single = open_run(url, options), open_run(reference)
+    run, single = open_run(url, options), single_process_reference(tmp_path)
     assert run.status == "complete" and run.verify() == []
     assert [c.key for c in run.checkpoints] == [c.key for c in single.checkpoints]
     last, want = run.checkpoints[-1], single.checkpoints[-1]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,19 +113,28 @@ class Layout:
     arrays: dict[str, tuple[int, torch.dtype]]
 
 
-def layout(sections: Mapping[str, TensorDict]) -> Layout:
-    """The layout of ``{section: {name: tensor}}`` packed (reads shapes and dtypes only)."""
-    entries: dict[str, list[list[Any]]] = {}
-    arrays: dict[str, tuple[int, torch.dtype]] = {}
+def packing_order(
+    sections: Mapping[str, TensorDict],
+) -> Iterator[tuple[str, str, torch.Tensor, str, str]]:
+    """``(section, name, tensor, torch dtype, packed array key)`` in the order tensors are packed.
+
+    Sections in their order, names sorted within each.
+    """
     for section, values in sections.items():
-        rows = entries.setdefault(section, [])
         for name in sorted(values):
             tensor = values[name]
             dtype = schema.dtype_name(tensor.dtype)
-            key = schema.packed_array_key(section, dtype)
-            offset = arrays[key][0] if key in arrays else 0
-            arrays[key] = (offset + tensor.numel(), tensor.dtype)
-            rows.append([name, dtype, offset, list(tensor.shape)])
+            yield section, name, tensor, dtype, schema.packed_array_key(section, dtype)
+
+
+def layout(sections: Mapping[str, TensorDict]) -> Layout:
+    """The layout of ``{section: {name: tensor}}`` packed (reads shapes and dtypes only)."""
+    entries: dict[str, list[list[Any]]] = {section: [] for section in sections}
+    arrays: dict[str, tuple[int, torch.dtype]] = {}
+    for section, name, tensor, dtype, key in packing_order(sections):
+        offset = arrays[key][0] if key in arrays else 0
+        arrays[key] = (offset + tensor.numel(), tensor.dtype)
+        entries[section].append([name, dtype, offset, list(tensor.shape)])
     return Layout(entries, arrays)
 
 

@@ -153,39 +153,34 @@ def _local(tensor: torch.Tensor, name: str, start: int, stop: int) -> torch.Tens
 def _assign(sections: Mapping[str, TensorDict], shards: ShardGroup) -> _Assignment:
     """Lay out ``{section: {name: tensor}}`` over the ranks (the same on every rank)."""
     mine: dict[str, dict[str, torch.Tensor]] = {}
-    entries: dict[str, list[list[Any]]] = {}
+    entries: dict[str, list[list[Any]]] = {section: [] for section in sections}
     used: dict[str, list[int]] = {}  # per array, elements each rank's region holds so far
     itemsize: dict[str, int] = {}
     placed: list[tuple[str, list[int]]] = []  # (array, piece): offsets within the region
-    for section, values in sections.items():
-        rows = entries.setdefault(section, [])
-        for name in sorted(values):
-            tensor = values[name]
-            dtype = schema.dtype_name(tensor.dtype)
-            key = schema.packed_array_key(section, dtype)
-            filled = used.setdefault(key, [0] * shards.world)
-            itemsize[key] = tensor.dtype.itemsize
-            shape = list(tensor.shape)
-            pieces = []
-            if is_sharded(tensor):
-                row = math.prod(shape[1:])
-                for rank in range(shards.world):
-                    start, stop = shard_rows(shape[0], shards.world, rank)
-                    if stop == start:
-                        continue
-                    count = (stop - start) * row
-                    pieces.append([rank, filled[rank], start * row, count])
-                    filled[rank] += count
-                    if rank == shards.rank:
-                        local = _local(tensor, f"{section}/{name}", start, stop)
-                        mine.setdefault(section, {})[name] = local
-            elif tensor.numel():
-                pieces.append([0, filled[0], 0, tensor.numel()])
-                filled[0] += tensor.numel()
-                if shards.rank == 0:
-                    mine.setdefault(section, {})[name] = tensor
-            rows.append([name, dtype, shape, pieces])
-            placed += [(key, piece) for piece in pieces]
+    for section, name, tensor, dtype, key in integrity.packing_order(sections):
+        filled = used.setdefault(key, [0] * shards.world)
+        itemsize[key] = tensor.dtype.itemsize
+        shape = list(tensor.shape)
+        pieces = []
+        if is_sharded(tensor):
+            row = math.prod(shape[1:])
+            for rank in range(shards.world):
+                start, stop = shard_rows(shape[0], shards.world, rank)
+                if stop == start:
+                    continue
+                count = (stop - start) * row
+                pieces.append([rank, filled[rank], start * row, count])
+                filled[rank] += count
+                if rank == shards.rank:
+                    local = _local(tensor, f"{section}/{name}", start, stop)
+                    mine.setdefault(section, {})[name] = local
+        elif tensor.numel():
+            pieces.append([0, filled[0], 0, tensor.numel()])
+            filled[0] += tensor.numel()
+            if shards.rank == 0:
+                mine.setdefault(section, {})[name] = tensor
+        entries[section].append([name, dtype, shape, pieces])
+        placed += [(key, piece) for piece in pieces]
     arrays: dict[str, tuple[int, int]] = {}
     starts: dict[str, list[int]] = {}
     for key, filled in used.items():
