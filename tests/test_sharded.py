@@ -228,9 +228,11 @@ def one_process_group(tmp_path):
 
 
 def test_fully_shard_by_hand_is_recorded_as_the_plain_model_is(tmp_path, one_process_group) -> None:
+    """One process: the sharded layout with one rank, frozen parameters included."""
+
     def record(store, model_class: type[TinyClassifier]) -> None:
         torch.manual_seed(0)
-        model = model_class(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+        model = model_class(optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), freeze_first=True)
         trainer([SourceCallback(store, checkpoints_per_stage=2)], tmp_path, max_epochs=1).fit(
             model, loader(make_dataset(32))
         )
@@ -240,6 +242,11 @@ def test_fully_shard_by_hand_is_recorded_as_the_plain_model_is(tmp_path, one_pro
     sharded, plain = open_run(tmp_path / "sharded.zarr"), open_run(tmp_path / "plain.zarr")
     assert all(schema.ATTR_SHARDED in c._group.attrs for c in sharded.checkpoints)
     assert_same_record(sharded, plain)
+    assert schema.ATTR_SHARDED in sharded._root[schema.FROZEN][schema.frozen_key(0)].attrs
+    frozen, expected = sharded.frozen_params(0), plain.frozen_params(0)
+    assert sorted(frozen) == sorted(expected) == ["net.0.bias", "net.0.weight"]
+    for name, value in expected.items():
+        torch.testing.assert_close(frozen[name], value)
 
 
 @pytest.mark.parametrize("kind", [FSDPStrategy, DeepSpeedStrategy])
