@@ -104,13 +104,11 @@ class ShardGroup:
 
 
 @dataclass(frozen=True)
-class ShardedPacked:
-    """A rank's part of a sharded checkpoint, packed on the CPU, and the whole layout.
+class ShardedLayout:
+    """Where every rank's rows of every tensor go, as this rank sees it.
 
     Attributes
     ----------
-    local
-        This rank's pieces packed (:func:`integrity.pack`): its region of each array, unpadded.
     entries
         Per section, ``[name, torch dtype, shape, [[rank, offset, first, count], ...]]`` of
         every tensor (all ranks' pieces, in element order), names sorted: the ``sharded``
@@ -122,20 +120,26 @@ class ShardedPacked:
 
     """
 
-    local: integrity.Packed
     entries: dict[str, list[list[Any]]]
     arrays: dict[str, tuple[int, int]]
     regions: dict[str, int]
 
 
 @dataclass(frozen=True)
-class _Assignment:
-    """Which rank holds which rows of every tensor: this rank's tensors and the layout."""
+class ShardedPacked:
+    """A rank's part of a sharded checkpoint, packed on the CPU, and the whole layout.
 
-    mine: dict[str, dict[str, torch.Tensor]]
-    entries: dict[str, list[list[Any]]]
-    arrays: dict[str, tuple[int, int]]
-    regions: dict[str, int]
+    Attributes
+    ----------
+    local
+        This rank's pieces packed (:func:`integrity.pack`): its region of each array, unpadded.
+    layout
+        Where every rank's pieces go.
+
+    """
+
+    local: integrity.Packed
+    layout: ShardedLayout
 
 
 def _local(tensor: torch.Tensor, name: str, start: int, stop: int) -> torch.Tensor:
@@ -150,8 +154,14 @@ def _local(tensor: torch.Tensor, name: str, start: int, stop: int) -> torch.Tens
     return local
 
 
-def _assign(sections: Mapping[str, TensorDict], shards: ShardGroup) -> _Assignment:
-    """Lay out ``{section: {name: tensor}}`` over the ranks (the same on every rank)."""
+def _assign(
+    sections: Mapping[str, TensorDict], shards: ShardGroup
+) -> tuple[dict[str, dict[str, torch.Tensor]], ShardedLayout]:
+    """Lay out ``{section: {name: tensor}}`` over the ranks (the same on every rank).
+
+    Returns this rank's tensors (its shards, and the plain tensors on rank 0) by section, and
+    the layout.
+    """
     mine: dict[str, dict[str, torch.Tensor]] = {}
     entries: dict[str, list[list[Any]]] = {section: [] for section in sections}
     used: dict[str, list[int]] = {}  # per array, elements each rank's region holds so far
@@ -190,12 +200,12 @@ def _assign(sections: Mapping[str, TensorDict], shards: ShardGroup) -> _Assignme
     for key, piece in placed:
         piece[1] += starts[key][piece[0]]
     regions = {key: offsets[shards.rank] for key, offsets in starts.items()}
-    return _Assignment(mine, entries, arrays, regions)
+    return mine, ShardedLayout(entries, arrays, regions)
 
 
 def local_layout(sections: Mapping[str, TensorDict], shards: ShardGroup) -> integrity.Layout:
     """The layout of this rank's pieces packed (what :func:`pack` will fill)."""
-    return integrity.layout(_assign(sections, shards).mine)
+    return integrity.layout(_assign(sections, shards)[0])
 
 
 def pack(
@@ -207,10 +217,8 @@ def pack(
 
     ``spare``: buffers of an earlier snapshot of this rank, filled again where they fit.
     """
-    assigned = _assign(sections, shards)
-    return ShardedPacked(
-        integrity.pack(assigned.mine, spare), assigned.entries, assigned.arrays, assigned.regions
-    )
+    mine, layout = _assign(sections, shards)
+    return ShardedPacked(integrity.pack(mine, spare), layout)
 
 
 async def _array(
@@ -233,11 +241,11 @@ async def _array(
 
 
 async def _write_region(
-    group_path: StorePath, packed: ShardedPacked, values: Mapping[str, np.ndarray], rank: int
+    group_path: StorePath, layout: ShardedLayout, values: Mapping[str, np.ndarray], rank: int
 ) -> None:
     """Write this rank's region of every array in whole chunks (rank 0 creates the arrays)."""
     writes = []
-    for key, (length, chunk) in packed.arrays.items():
+    for key, (length, chunk) in layout.arrays.items():
         data = values.get(key)
         if rank != 0 and data is None:
             continue
@@ -245,7 +253,7 @@ async def _write_region(
         array = await _array(group_path, key, length, chunk, dtype, create=rank == 0)
         if data is None:
             continue
-        region = packed.regions[key]
+        region = layout.regions[key]
         for start in range(0, data.size, chunk):
             part = data[start : start + chunk]
             if part.size < chunk:  # the region's last chunk, padded
@@ -255,15 +263,15 @@ async def _write_region(
     await integrity.all_or_none(writes)
 
 
-def _piece_digests(packed: ShardedPacked, values: Mapping[str, np.ndarray], rank: int) -> list[str]:
+def _piece_digests(layout: ShardedLayout, values: Mapping[str, np.ndarray], rank: int) -> list[str]:
     """Digests of this rank's pieces, in index order."""
     digests = []
-    for section, rows in packed.entries.items():
+    for section, rows in layout.entries.items():
         for _, dtype, _, pieces in rows:
             key = schema.packed_array_key(section, dtype)
             for owner, offset, _, count in pieces:
                 if owner == rank:
-                    start = offset - packed.regions[key]
+                    start = offset - layout.regions[key]
                     digests.append(integrity.tensor_digest(values[key][start : start + count]))
     return digests
 
@@ -296,8 +304,8 @@ def write(
     try:
         if shards.rank == 0:
             parent.create_group(key, attributes=attributes)
-        integrity.run(_write_region(path, packed, values, shards.rank))
-        digests = _piece_digests(packed, values, shards.rank)
+        integrity.run(_write_region(path, packed.layout, values, shards.rank))
+        digests = _piece_digests(packed.layout, values, shards.rank)
     except Exception as exc:
         error = repr(exc)
     reports = shards.gather((error, digests))
@@ -308,13 +316,13 @@ def write(
             "not committed."
         )
     if shards.rank == 0:
-        index = _index(packed, [digests for _, digests in reports])
+        index = _index(packed.layout, [digests for _, digests in reports])
         parent[key].update_attributes(
             {**commit, schema.ATTR_SHARDED: index, schema.ATTR_COMMITTED: True}
         )
 
 
-def _index(packed: ShardedPacked, digests: list[list[str]]) -> dict[str, Any]:
+def _index(layout: ShardedLayout, digests: list[list[str]]) -> dict[str, Any]:
     """The ``sharded`` index: the entries with every piece's digest (``digests`` by rank)."""
     remaining = [iter(d) for d in digests]
     tensors = {
@@ -322,11 +330,11 @@ def _index(packed: ShardedPacked, digests: list[list[str]]) -> dict[str, Any]:
             [name, dtype, shape, [[*piece, next(remaining[piece[0]])] for piece in pieces]]
             for name, dtype, shape, pieces in rows
         ]
-        for section, rows in packed.entries.items()
+        for section, rows in layout.entries.items()
     }
     return {
         schema.PACKED_DIGEST: schema.TENSOR_DIGEST,
-        schema.PACKED_ARRAYS: {key: length for key, (length, _) in packed.arrays.items()},
+        schema.PACKED_ARRAYS: {key: length for key, (length, _) in layout.arrays.items()},
         schema.SHARDED_RANKS: len(digests),
         schema.PACKED_TENSORS: tensors,
     }
