@@ -108,14 +108,23 @@ def raise_on_all_ranks(ranks: Ranks, error: Exception | None) -> None:
     Only rank 0 touches the store; raising there alone would leave the other ranks waiting in
     their next collective.
     """
-    payload = None if error is None else (type(error).__name__, str(error))
-    payload = ranks.broadcast(payload)
+    payload = ranks.broadcast(_payload(error))
     if payload is None:
         return
     if error is not None:
         raise error
+    raise _rebuilt(payload)
+
+
+def _payload(error: Exception | None) -> tuple[str, str] | None:
+    """An error as it travels between ranks: its class's name and message."""
+    return None if error is None else (type(error).__name__, str(error))
+
+
+def _rebuilt(payload: tuple[str, str], where: str = "") -> Exception:
+    """Another rank's error (:func:`_payload`) as an exception of its class where known."""
     kind = getattr(errors, payload[0], None)
-    raise (kind if isinstance(kind, type) else errors.SourceCallbackError)(payload[1])
+    return (kind if isinstance(kind, type) else errors.SourceCallbackError)(where + payload[1])
 
 
 def raise_on_any_rank(error: Exception | None) -> None:
@@ -130,14 +139,12 @@ def raise_on_any_rank(error: Exception | None) -> None:
             raise error
         return
     payloads: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(payloads, None if error is None else (type(error).__name__, str(error)))
+    dist.all_gather_object(payloads, _payload(error))
     if error is not None:
         raise error
     for rank, payload in enumerate(payloads):
         if payload is not None:
-            kind = getattr(errors, payload[0], None)
-            kind = kind if isinstance(kind, type) else errors.SourceCallbackError
-            raise kind(f"(on rank {rank}) {payload[1]}")
+            raise _rebuilt(payload, f"(on rank {rank}) ")
 
 
 def sharded_parameters(module: nn.Module) -> list[str]:

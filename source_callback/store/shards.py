@@ -114,14 +114,14 @@ class ShardedLayout:
         every tensor (all ranks' pieces, in element order), names sorted: the ``sharded``
         index without its digests.
     arrays
-        ``{packed array key: (length, chunk length)}`` of the whole arrays.
+        ``{packed array key: (length, chunk length, torch dtype)}`` of the whole arrays.
     regions
         ``{packed array key: offset of this rank's region}``.
 
     """
 
     entries: dict[str, list[list[Any]]]
-    arrays: dict[str, tuple[int, int]]
+    arrays: dict[str, tuple[int, int, str]]
     regions: dict[str, int]
 
 
@@ -165,11 +165,11 @@ def _assign(
     mine: dict[str, dict[str, torch.Tensor]] = {}
     entries: dict[str, list[list[Any]]] = {section: [] for section in sections}
     used: dict[str, list[int]] = {}  # per array, elements each rank's region holds so far
-    itemsize: dict[str, int] = {}
+    dtypes: dict[str, torch.dtype] = {}
     placed: list[tuple[str, list[int]]] = []  # (array, piece): offsets within the region
     for section, name, tensor, dtype, key in integrity.packing_order(sections):
         filled = used.setdefault(key, [0] * shards.world)
-        itemsize[key] = tensor.dtype.itemsize
+        dtypes[key] = tensor.dtype
         shape = list(tensor.shape)
         pieces = []
         if is_sharded(tensor):
@@ -191,12 +191,12 @@ def _assign(
                 mine.setdefault(section, {})[name] = tensor
         entries[section].append([name, dtype, shape, pieces])
         placed += [(key, piece) for piece in pieces]
-    arrays: dict[str, tuple[int, int]] = {}
+    arrays: dict[str, tuple[int, int, str]] = {}
     starts: dict[str, list[int]] = {}
     for key, filled in used.items():
-        (chunk,) = schema.packed_chunks(max(filled), itemsize[key])
+        (chunk,) = schema.packed_chunks(max(filled), dtypes[key].itemsize)
         starts[key] = np.cumsum([0] + [-(-n // chunk) * chunk for n in filled]).tolist()
-        arrays[key] = (starts[key][-1], chunk)
+        arrays[key] = (starts[key][-1], chunk, schema.dtype_name(dtypes[key]))
     for key, piece in placed:
         piece[1] += starts[key][piece[0]]
     regions = {key: offsets[shards.rank] for key, offsets in starts.items()}
@@ -245,12 +245,13 @@ async def _write_region(
 ) -> None:
     """Write this rank's region of every array in whole chunks (rank 0 creates the arrays)."""
     writes = []
-    for key, (length, chunk) in layout.arrays.items():
+    for key, (length, chunk, dtype) in layout.arrays.items():
         data = values.get(key)
         if rank != 0 and data is None:
             continue
-        dtype = data.dtype if data is not None else schema.storage_dtype(key.rsplit(".", 1)[1])
-        array = await _array(group_path, key, length, chunk, dtype, create=rank == 0)
+        array = await _array(
+            group_path, key, length, chunk, schema.storage_dtype(dtype), create=rank == 0
+        )
         if data is None:
             continue
         region = layout.regions[key]
@@ -334,7 +335,7 @@ def _index(layout: ShardedLayout, digests: list[list[str]]) -> dict[str, Any]:
     }
     return {
         schema.PACKED_DIGEST: schema.TENSOR_DIGEST,
-        schema.PACKED_ARRAYS: {key: length for key, (length, _) in layout.arrays.items()},
+        schema.PACKED_ARRAYS: {key: length for key, (length, *_) in layout.arrays.items()},
         schema.SHARDED_RANKS: len(digests),
         schema.PACKED_TENSORS: tensors,
     }
