@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -58,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from source_callback import SourceCallback, open_run
 from source_callback.record.plan import interior_steps
+from source_callback.record.recorder import Recorder
 from source_callback.store import schema
 from source_callback.store.writer import CheckpointSnapshot, StoreWriter
 
@@ -246,6 +248,43 @@ def timed_writes() -> Iterator[list[dict[str, Any]]]:
         StoreWriter.write_checkpoint = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def timed_stage_end() -> Iterator[dict[str, float]]:
+    """Time ``Recorder.end_stage`` on the training thread, and the part of it blocked on writes.
+
+    Yields a dict that gets ``total_s`` (the stage-end checkpoint's probe and copy, handing the
+    last rows to the writer, waiting for the writes, closing the stage) and ``blocked_s`` (the
+    time in ``Recorder.wait`` inside it: waiting for the stage-end checkpoint's write, the
+    rows, and the stage's closing write).
+    """
+    times = {"total_s": 0.0, "blocked_s": 0.0}
+    end_stage, wait = Recorder.end_stage, Recorder.wait
+    inside = threading.Event()
+
+    def timed_end(self: Recorder, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        inside.set()
+        try:
+            end_stage(self, *args, **kwargs)
+        finally:
+            inside.clear()
+            times["total_s"] += time.perf_counter() - start
+
+    def timed_wait(self: Recorder) -> None:
+        start = time.perf_counter()
+        try:
+            wait(self)
+        finally:
+            if inside.is_set():
+                times["blocked_s"] += time.perf_counter() - start
+
+    Recorder.end_stage, Recorder.wait = timed_end, timed_wait  # type: ignore[method-assign]
+    try:
+        yield times
+    finally:
+        Recorder.end_stage, Recorder.wait = end_stage, wait  # type: ignore[method-assign]
+
+
 class TokenData(Dataset):
     """Random token sequences as the Trainer takes them (``labels`` are the inputs)."""
 
@@ -390,7 +429,7 @@ def run_once(
     timer, hook_times, train = fit(cfg, model, data, record, workdir)
     store = os.path.join(workdir, "run.zarr")
     cpu0, thread0 = time.process_time(), time.thread_time()
-    with timed_writes() as writes:
+    with timed_writes() as writes, timed_stage_end() as stage_end:
         start = time.perf_counter()
         train()
         wall = time.perf_counter() - start
@@ -408,6 +447,7 @@ def run_once(
         "intervals": np.diff(timer.starts).tolist(),
         "hook_s": dict(hook_times),
         "writes": writes,
+        "stage_end": stage_end,
     }
     if record:
         run = open_run(store)
@@ -487,7 +527,9 @@ def writer_summary(arm: list[dict[str, Any]]) -> dict[str, float]:
     Throughput is a checkpoint's bytes in memory (parameters, buffers, optimizer state) over
     the wall time of its write, medians over the checkpoints that hold optimizer state (all but
     the stage-start ones). The stage-end wait is ``on_train_end`` on the training thread: the
-    stage-end checkpoint's CPU copy, its write, and anything still pending before it.
+    stage-end checkpoint's probe and CPU copy, its write, anything still pending before it, and
+    closing the stage; "blocked" is the part of it spent waiting for writes (everything but the
+    probe and the copy, which every checkpoint costs the training thread).
     """
     writes = [w for r in arm for w in r["writes"]]
     full = [w for w in writes if w["role"] != schema.ROLE_START]
@@ -508,6 +550,10 @@ def writer_summary(arm: list[dict[str, Any]]) -> dict[str, float]:
             r["hook_s"]["on_train_end"] / end_write(r) for r in arm
         ),
         "wait_over_write": wait_s / write_s,
+        "stage_end_blocked_s": statistics.median(r["stage_end"]["blocked_s"] for r in arm),
+        "blocked_over_end_write": statistics.median(
+            r["stage_end"]["blocked_s"] / end_write(r) for r in arm
+        ),
     }
 
 
@@ -683,7 +729,8 @@ def print_table(cfg: Config, s: dict[str, Any]) -> None:
             f"{w['write_s']:.3f} s, {w['write_mb_s']:.0f} MB/s; stage-end wait "
             f"{w['stage_end_wait_s']:.3f} s = {w['wait_over_end_write']:.2f} x the stage-end "
             f"checkpoint's write ({w['end_write_s']:.3f} s), {w['wait_over_write']:.2f} x the "
-            "median write"
+            f"median write; blocked on writes {w['stage_end_blocked_s']:.3f} s = "
+            f"{w['blocked_over_end_write']:.2f} x the stage-end checkpoint's write"
         )
 
 
@@ -880,8 +927,9 @@ def sizes_markdown(result: dict[str, Any]) -> str:
         "",
         "| model | checkpoint (MB) | write on the writer thread (s) | writer (MB/s) "
         "| of `dd` fdatasync | stage-end wait (s) | stage-end checkpoint's write (s) "
-        "| wait / that write | wait / median write |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| wait / that write | wait / median write | blocked on writes (s) "
+        "| blocked / that write |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["sizes"].items():
         w = r["summary"]["writer"]
@@ -889,7 +937,8 @@ def sizes_markdown(result: dict[str, Any]) -> str:
             f"| {name} | {w['checkpoint_bytes'] / 1e6:.0f} | {w['write_s']:.3f} "
             f"| {w['write_mb_s']:.0f} | {w['write_mb_s'] / sync:.0%} "
             f"| {w['stage_end_wait_s']:.3f} | {w['end_write_s']:.3f} "
-            f"| {w['wait_over_end_write']:.2f} | {w['wait_over_write']:.2f} |"
+            f"| {w['wait_over_end_write']:.2f} | {w['wait_over_write']:.2f} "
+            f"| {w['stage_end_blocked_s']:.3f} | {w['blocked_over_end_write']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,6 +16,7 @@ from models import TinyClassifier, loader, make_dataset, trainer
 
 from source_callback import SourceCallback, SourceCallbackError, open_run
 from source_callback.optim import UpdateRule, WeightDecay
+from source_callback.store.writer import StoreWriter
 
 
 class Snapshots(pl.Callback):
@@ -346,3 +349,55 @@ def test_several_optimizers_are_refused(tmp_path) -> None:
         trainer([SourceCallback(tmp_path / "run.zarr")], tmp_path, max_epochs=1).fit(
             TwoOptimizers(), loader(make_dataset(16))
         )
+
+
+class _HeldRows(pl.Callback):
+    """Holds every step-row write back until the interior checkpoint before ``batch`` is
+    committed (waiting up to a minute for it), noting what the store held meanwhile."""
+
+    def __init__(self, store: Any, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.store, self.batch = store, batch
+        self.release = threading.Event()
+        self.started = 0
+        self.seen: tuple[list[int], int, int] | None = None
+        append = StoreWriter.append_steps
+
+        def held(writer: StoreWriter, rows: Any) -> None:
+            self.started += 1
+            assert self.release.wait(120)
+            append(writer, rows)
+
+        monkeypatch.setattr(StoreWriter, "append_steps", held)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx != self.batch:
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            run = open_run(self.store)
+            committed = [c.step for c in run.checkpoints if c.committed]
+            if self.batch in committed:
+                break
+            time.sleep(0.05)
+        self.seen = (committed, run.num_steps, self.started)
+        self.release.set()
+
+
+def test_checkpoints_are_not_queued_behind_step_rows(tmp_path, monkeypatch) -> None:
+    """Step rows and checkpoints are written by separate threads: a slow write of rows does
+    not hold up a checkpoint (the stage-end one would otherwise wait for the last rows). A
+    stage's first row is written at once, and the stage closes only after both."""
+    store = tmp_path / "run.zarr"
+    held = _HeldRows(store, 4, monkeypatch)
+    callback = SourceCallback(store, checkpoints_per_stage=2)
+    trainer([callback, held], tmp_path, max_epochs=1).fit(TinyClassifier(), loader(make_dataset()))
+    # The interior checkpoint before step 4 committed while the first row's write was held.
+    assert held.seen == ([0, 4], 0, 1)
+    run = open_run(store)
+    assert run.status == "complete" and run.num_steps == 8
+    assert [(c.step, c.role) for c in run.checkpoints] == [
+        (0, "stage-start"),
+        (4, "interior"),
+        (8, "stage-end"),
+    ]
+    assert run.stages[0].last_step == 7

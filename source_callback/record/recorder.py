@@ -3,7 +3,10 @@
 A framework adapter (``source_callback.lightning``, ``source_callback.hf``), through its
 :class:`~source_callback.record.session.RecordingSession`, calls the recorder at the right moments;
 the recorder decides what goes where, buffers step rows into blocks, and hands every store write
-to one background thread so that writes stay ordered and training does not wait on storage.
+to a background thread so that training does not wait on storage: checkpoints go to one, the
+rest of the record (step rows, example digests, stage entries) to another, so that the
+stage-end checkpoint is not queued behind the last block of rows. Each keeps its writes in
+order; the two touch different parts of the store.
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ class Recorder:
     flush_every
         Step rows buffered before a block is written.
     max_pending
-        Background writes allowed in flight before the training thread waits (bounds the memory
-        held by checkpoint copies).
+        Checkpoint writes allowed in flight before the training thread waits to copy the next
+        (bounds the memory held by checkpoint copies).
 
     """
 
@@ -85,9 +88,13 @@ class Recorder:
         self.flush_every = flush_every
         self.max_pending = max_pending
         self._rows: list[StepRow] = []
-        self._pending: list[concurrent.futures.Future[Any]] = []
+        self._pending: list[concurrent.futures.Future[Any]] = []  # of both threads
+        self._checkpoints: list[concurrent.futures.Future[Any]] = []  # in flight
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="source-callback-writer"
+        )
+        self._records = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="source-callback-records"
         )
         # Digests every training example while the stage trains: one read of the dataset,
         # off the training thread and apart from the writer, whose order it must not hold up.
@@ -106,19 +113,31 @@ class Recorder:
     # -- background writes -------------------------------------------------------------------
 
     def _wait_for_slot(self) -> None:
-        """Block until fewer than ``max_pending`` writes are in flight (and none failed)."""
+        """Block until fewer than ``max_pending`` checkpoints are in flight (and none failed)."""
         self._raise_failed()
-        while len(self._pending) >= self.max_pending:
-            concurrent.futures.wait(self._pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        while len(self._checkpoints) >= self.max_pending:
+            concurrent.futures.wait(
+                self._checkpoints, return_when=concurrent.futures.FIRST_COMPLETED
+            )
             self._raise_failed()
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    def _submit_checkpoint(
+        self, fn: Callable[..., Any], *args: Any
+    ) -> concurrent.futures.Future[Any]:
+        """Run a write of checkpoint data on the checkpoint thread (at most ``max_pending``)."""
         self._wait_for_slot()
         future = self._executor.submit(fn, *args)
+        self._checkpoints.append(future)
         self._pending.append(future)
         return future
 
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run any other write of the record on its thread."""
+        self._raise_failed()
+        self._pending.append(self._records.submit(fn, *args))
+
     def _raise_failed(self) -> None:
+        self._checkpoints = [f for f in self._checkpoints if not f.done()]
         for future in [f for f in self._pending if f.done()]:
             self._pending.remove(future)
             error = future.exception()
@@ -140,6 +159,7 @@ class Recorder:
             self.wait()
         finally:
             self._executor.shutdown(wait=True)
+            self._records.shutdown(wait=True)
             self._spare = {}
             self._digester.shutdown(wait=False, cancel_futures=True)
 
@@ -238,14 +258,15 @@ class Recorder:
         """Write the stage's frozen parameters and its stage-start checkpoint."""
         if frozen:
             packed = snapshot_frozen(frozen, self.writer.shard_group)
-            self._submit(self.writer.write_frozen, self.stage_index, packed)
+            self._submit_checkpoint(self.writer.write_frozen, self.stage_index, packed)
         self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe)
 
     def resume_stage(self, stage_index: int, next_step: int) -> None:
         """Continue stage ``stage_index`` at global step ``next_step`` after a restart.
 
         Step rows and checkpoints recorded after ``next_step`` (a crash after the last
-        Lightning checkpoint) are dropped: those steps are about to be trained again.
+        Lightning checkpoint) are dropped: those steps are about to be trained again. Returns
+        once they are (in a sharded run, the other ranks then write into the same checkpoints).
         """
         stages = self.writer.stages
         if stage_index != len(stages) - 1:
@@ -265,6 +286,7 @@ class Recorder:
         self.next_step = next_step
         self.planned = frozenset(stages[stage_index].planned_checkpoints)
         self._submit(self._truncate_for_resume, stage_index, next_step)
+        self.wait()
 
     def _truncate_for_resume(self, stage_index: int, next_step: int) -> None:
         self.writer.truncate_steps(next_step)
@@ -327,12 +349,18 @@ class Recorder:
         params: TensorDict,
         buffers: TensorDict,
         optimizer_state: Mapping[str, TensorDict],
-        probe: TensorDict | None = None,
+        probe: Callable[[], TensorDict | None] = lambda: None,
     ) -> None:
-        """Write the example digests and the stage-end checkpoint, close the stage, wait."""
+        """Write the last rows, the example digests and the stage-end checkpoint; close the stage.
+
+        ``probe`` takes the probe at the stage's final parameters (see :meth:`checkpoint`):
+        called after the rows are handed to the writer, so that their write overlaps it.
+        Returns once the stage is closed.
+        """
         self._write_digests()
         self.flush()
-        self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state, probe)
+        self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state, probe())
+        self.wait()  # the stage is complete only once everything in it is
         self._submit(self._close_stage, self.stage_index, self.next_step)
         self.wait()
 
@@ -343,11 +371,15 @@ class Recorder:
     # -- steps and checkpoints ---------------------------------------------------------------
 
     def record_step(self, row: StepRow) -> int:
-        """Buffer one optimizer step's row; returns its global step index."""
+        """Buffer one optimizer step's row; returns its global step index.
+
+        A stage's first row is written at once: the step arrays are created (or widened to the
+        stage's parameter groups) early in the stage, not in its stage-end wait.
+        """
         self._rows.append(row)
         step = self.next_step
         self.next_step += 1
-        if len(self._rows) >= self.flush_every:
+        if len(self._rows) >= self.flush_every or step == self.first_step:
             self.flush()
         return step
 
@@ -375,12 +407,15 @@ class Recorder:
         buffers of the last checkpoint written, when its layout still fits.
         """
         self._wait_for_slot()  # before copying: at most max_pending copies are ever held
+        self._write_digests(if_ready=True)
         with self._spare_lock:
             spare, self._spare = self._spare, {}
         snapshot = snapshot_checkpoint(
             params, buffers, optimizer_state, probe, spare, self.writer.shard_group
         )
-        future = self._submit(self.writer.write_checkpoint, step, role, self.stage_index, snapshot)
+        future = self._submit_checkpoint(
+            self.writer.write_checkpoint, step, role, self.stage_index, snapshot
+        )
         future.add_done_callback(lambda written: self._keep_spare(written, snapshot))
 
     def prepare_checkpoints(
@@ -399,7 +434,7 @@ class Recorder:
         if not any(step >= self.next_step for step in self.planned):
             return
         layout = checkpoint_layout(params, buffers, optimizer_state, self.writer.shard_group)
-        self._submit(self._allocate_spare, layout)
+        self._submit_checkpoint(self._allocate_spare, layout)
 
     def _allocate_spare(self, target: integrity.Layout) -> None:
         with self._spare_lock:

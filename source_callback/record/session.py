@@ -535,8 +535,6 @@ class RecordingSession:
                     self._choose_probe(setup, stages[index].name)
                 if dataset_length(setup.dataset) is not None:
                     self.recorder.digest_examples(setup.dataset)
-                # Other ranks write the shards of checkpoints the resume may have to remove.
-                self.recorder.wait()
             except errors.StoreError as exc:
                 error = exc
         elif self._shard_recorder is not None:
@@ -560,13 +558,19 @@ class RecordingSession:
         error = None
         if self._checkpointer is not None:
             trainable, frozen, buffers = self._model_views()
-            probe = self._take_probe(self._stage_name)
             try:
-                if self.recorder is not None:
-                    if self._probe_reason is not None:  # probing stopped, or never started
-                        self.recorder.note_no_probe(self._probe_reason)
-                    self.recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
+                recorder = self.recorder
+                if recorder is not None:
+
+                    def probe() -> dict[str, torch.Tensor] | None:
+                        taken = self._take_probe(self._stage_name)
+                        if self._probe_reason is not None:  # probing stopped, or never started
+                            recorder.note_no_probe(self._probe_reason)
+                        return taken
+
+                    recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
                 else:  # another rank of a sharded run: its shards of the stage-end checkpoint
+                    self._take_probe(self._stage_name)  # a collective in sharded models
                     self._checkpointer.checkpoint(
                         self._first_step + self._rows_in_stage,
                         schema.ROLE_END,

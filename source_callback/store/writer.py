@@ -65,8 +65,10 @@ class StoreWriter:
         self.root = root
         self.url = url
         self.shard_group = shard_group
-        # This writer alone changes the steps group: its attributes are read from memory.
+        # This writer alone changes the steps and stages groups: their attributes are read
+        # from memory.
         self._steps_group = root[schema.STEPS]
+        self._stages_group = root[schema.STAGES]
         self._step_arrays: dict[str, zarr.Array] | None = None
         # Rows of the last, partial STEP_ROW_CHUNK block as stored (its digest covers them).
         self._tail: dict[str, np.ndarray] | None = None
@@ -144,11 +146,11 @@ class StoreWriter:
     @property
     def stages(self) -> list[schema.Stage]:
         """The recorded stages."""
-        entries = self.root[schema.STAGES].attrs[schema.ATTR_STAGE_LIST]
+        entries = self._stages_group.attrs[schema.ATTR_STAGE_LIST]
         return [schema.Stage.from_json(e) for e in entries]
 
     def _write_stages(self, stages: list[schema.Stage]) -> None:
-        self.root[schema.STAGES].attrs[schema.ATTR_STAGE_LIST] = [s.to_json() for s in stages]
+        self._stages_group.attrs[schema.ATTR_STAGE_LIST] = [s.to_json() for s in stages]
 
     def add_stage(self, stage: schema.Stage) -> None:
         """Append a stage and mark the store as recording."""
