@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,7 @@ class Engine:
         with self.timer("checkpoint reads"):
             return state()
 
+    @contextmanager
     def data(
         self,
         dataset: Dataset,
@@ -103,15 +105,17 @@ class Engine:
         blocks: Blocks | None = None,
         seeded: bool = False,
         name: str | None = None,
-    ) -> Iterator[Any]:
-        """Batches of ``dataset`` (this rank's ``blocks``; all by default) on the model's device.
+    ) -> Iterator[Iterator[Any]]:
+        """A pass over ``dataset``: in the ``with`` block, its batches on the model's device.
 
-        With ``seeded``, the pseudo-label generator is reseeded before each batch from the
-        seed, the pass and the batch's first index, so that the draws do not depend on how
-        the batches are split between ranks. While a batch is out, a non-finite value found
-        in it (:mod:`~source_callback.analysis.finite`) is reported as example ``first + row``
-        of the dataset ``name`` (by default the stage whose training set ``dataset`` is) in the
-        pass ``desc``.
+        Only this rank's ``blocks`` (all of the dataset by default). With ``seeded``, the
+        pseudo-label generator is reseeded before each batch from the seed, the pass and the
+        batch's first index, so that the draws do not depend on how the batches are split
+        between ranks. While a batch is out, a non-finite value found in it
+        (:mod:`~source_callback.analysis.finite`) is reported as example ``first + row`` of the
+        dataset ``name`` (by default the stage whose training set ``dataset`` is) in the pass
+        ``desc``. Leaving the block ends the pass, also when it raises: a traceback that keeps
+        the iterator alive must not keep its batch recorded for later checks.
         """
         if blocks is None:
             blocks = [(0, len(dataset))]  # type: ignore[arg-type]
@@ -126,14 +130,19 @@ class Engine:
             disable=not self.verbose,
             leave=False,
         )
-        try:
+
+        def each() -> Iterator[Any]:
             for first, batch in zip(starts, progress, strict=True):
                 if seeded:
                     self.generator.manual_seed(batch_seed(self.seed, number, first))
                 enter(Place(desc, first, batch, parts))
                 yield batch
+
+        try:
+            yield each()
         finally:
             enter(None)
+            progress.close()
 
     def _parts(self, dataset: Dataset, name: str | None) -> tuple[tuple[str, int], ...]:
         """``(name, first index)`` of the datasets ``dataset`` is (see :class:`Place`)."""
@@ -176,15 +185,10 @@ class Engine:
 
             def factors(state: StateSource = state, desc: str = desc) -> dict[str, torch.Tensor]:
                 self.load(self.read(state))
-                covs = ekfac.covariances(
-                    self.model,
-                    factored,
-                    self.task,
-                    self.data(dataset, desc, blocks, seeded=True),
-                    self.generator,
-                    self.exact,
-                    scale,
-                )
+                with self.data(dataset, desc, blocks, seeded=True) as batches:
+                    covs = ekfac.covariances(
+                        self.model, factored, self.task, batches, self.generator, self.exact, scale
+                    )
                 sums = {}
                 for name, unit in factored.items():
                     out, in_ = unit.shape
@@ -211,16 +215,17 @@ class Engine:
                 state: StateSource = state, desc: str = desc
             ) -> dict[str, torch.Tensor]:
                 self.load(self.read(state))
-                mean = ekfac.corrected_eigenvalues(
-                    self.model,
-                    modules,
-                    bases,
-                    self.task,
-                    self.data(dataset, desc, blocks, seeded=True),
-                    self.generator,
-                    self.exact,
-                    scale,
-                )
+                with self.data(dataset, desc, blocks, seeded=True) as batches:
+                    mean = ekfac.corrected_eigenvalues(
+                        self.model,
+                        modules,
+                        bases,
+                        self.task,
+                        batches,
+                        self.generator,
+                        self.exact,
+                        scale,
+                    )
                 local = sum(stop - start for start, stop in blocks)
                 return {
                     name: mean[name] * local if name in mean else self._zeros(*unit.shape)
@@ -282,15 +287,17 @@ class Engine:
                 start, stop = next(pending, (0, 0))
                 buffer = self._zeros(queries, stop - start)
                 filled = 0
-                for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}", blocks):
-                    rows = contract(self.model, modules, self.task.loss, batch, vectors)
-                    require_finite(rows, "score")
-                    buffer[:, filled : filled + len(rows)] = rows.T
-                    filled += len(rows)
-                    if filled == stop - start:
-                        sink.add(stage, start, (buffer * factor).cpu().numpy())
-                        start, stop = next(pending, (0, 0))
-                        buffer, filled = self._zeros(queries, stop - start), 0
+                desc = f"{label} scores {i + 1}/{len(states)}"
+                with self.data(dataset, desc, blocks) as batches:
+                    for batch in batches:
+                        rows = contract(self.model, modules, self.task.loss, batch, vectors)
+                        require_finite(rows, "score")
+                        buffer[:, filled : filled + len(rows)] = rows.T
+                        filled += len(rows)
+                        if filled == stop - start:
+                            sink.add(stage, start, (buffer * factor).cpu().numpy())
+                            start, stop = next(pending, (0, 0))
+                            buffer, filled = self._zeros(queries, stop - start), 0
 
         with self.timer("scoring"):
             self.workers.run(score)
@@ -322,19 +329,20 @@ class Engine:
                 for i, state in enumerate(held):
                     self.load(state)
                     desc = f"{label} gradients {start}:{stop} {i + 1}/{len(held)}"
-                    total += torch.cat(
-                        [
-                            projected_grads(
-                                self.model,
-                                self.modules,
-                                self.task.loss,
-                                batch,
-                                projection,
-                                scale=scale,
-                            )
-                            for batch in self.data(dataset, desc, [(start, stop)])
-                        ]
-                    )
+                    with self.data(dataset, desc, [(start, stop)]) as batches:
+                        total += torch.cat(
+                            [
+                                projected_grads(
+                                    self.model,
+                                    self.modules,
+                                    self.task.loss,
+                                    batch,
+                                    projection,
+                                    scale=scale,
+                                )
+                                for batch in batches
+                            ]
+                        )
                 # float32 by design: the cache's precision (see analysis/cache.py)
                 array[start:stop] = (total / len(held)).cpu().numpy().astype(CACHE_DTYPE)
 
@@ -344,15 +352,13 @@ class Engine:
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
+
+        def take() -> ModuleTensors:
+            with self.data(queries, label, blocks, name="queries") as batches:
+                return per_example_grads(self.model, self.modules, self.task.measurement, batches)
+
         with self.timer("query gradients"):
-            local = self.workers.run(
-                lambda: per_example_grads(
-                    self.model,
-                    self.modules,
-                    self.task.measurement,
-                    self.data(queries, label, blocks, name="queries"),
-                )
-            )
+            local = self.workers.run(take)
             return {
                 name: self.workers.gather(grads, len(queries), self.batch_size)  # type: ignore[arg-type]
                 for name, grads in local.items()
@@ -361,17 +367,14 @@ class Engine:
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
+
+        def measure() -> torch.Tensor:
+            if not blocks:
+                return self._zeros(0)
+            with self.data(queries, "measurement", blocks, name="queries") as batches:
+                return evaluate(self.task.measurement, self.model, batches).double()
+
         with self.timer("measurements"):
-            local = self.workers.run(
-                lambda: (
-                    evaluate(
-                        self.task.measurement,
-                        self.model,
-                        self.data(queries, "measurement", blocks, name="queries"),
-                    ).double()
-                    if blocks
-                    else self._zeros(0)
-                )
-            )
+            local = self.workers.run(measure)
             values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
             return values.cpu().numpy()
