@@ -12,13 +12,13 @@ import torch
 import zarr
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
-from tqdm.auto import tqdm
 
 from source_callback.analysis import ekfac
 from source_callback.analysis.finite import CheckedTask, Place, enter, require_finite
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
 from source_callback.analysis.parallel import Blocks, Workers
+from source_callback.analysis.progress import Progress
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
@@ -43,6 +43,11 @@ def batch_seed(seed: int, data_pass: int, first: int) -> int:
     )
 
 
+def _factored(modules: dict[str, Unit]) -> dict[str, Unit]:
+    """The units with a Kronecker factor to fit: all but those with identity sides only."""
+    return {name: unit for name, unit in modules.items() if not all(unit.identity)}
+
+
 def _basis(factor: torch.Tensor | None) -> torch.Tensor | None:
     """Eigenvectors of a Kronecker factor; ``None`` (identity) for an identity side."""
     return None if factor is None else ekfac.eigh_float64(factor)[1]
@@ -63,7 +68,7 @@ class Engine:
         batch_size: int,
         fisher: str,
         seed: int,
-        verbose: bool,
+        progress: Progress,
         collate_fn: Any,
         workers: Workers | None = None,
         units: dict[str, Unit] | None = None,
@@ -81,7 +86,8 @@ class Engine:
         self.collate_fn = collate_fn
         self.device = next(model.parameters()).device
         self.workers = workers or Workers(self.device)
-        self.verbose = verbose and self.workers.rank == 0
+        #: What the passes show (shared by the engines of one analysis).
+        self.progress = progress
         self.modules = ekfac.tracked_modules(model) if units is None else units
         if not self.modules:
             raise AnalysisError("no unit of the model's trained parameters is selected")
@@ -122,27 +128,29 @@ class Engine:
         parts = self._parts(dataset, name)
         loader = batches(dataset, self.batch_size, self.collate_fn, blocks)
         number = next(self.passes)
-        starts = (first for start, stop in blocks for first in range(start, stop, self.batch_size))
-        progress = tqdm(
-            on_device(loader, self.device),
-            total=len(loader),
-            desc=desc,
-            disable=not self.verbose,
-            leave=False,
-        )
+        starts = self._starts(blocks)
+        with self.progress.data_pass(desc, len(starts)) as advance:
 
-        def each() -> Iterator[Any]:
-            for first, batch in zip(starts, progress, strict=True):
-                if seeded:
-                    self.generator.manual_seed(batch_seed(self.seed, number, first))
-                enter(Place(desc, first, batch, parts))
-                yield batch
+            def each() -> Iterator[Any]:
+                for first, batch in zip(starts, on_device(loader, self.device), strict=True):
+                    if seeded:
+                        self.generator.manual_seed(batch_seed(self.seed, number, first))
+                    enter(Place(desc, first, batch, parts))
+                    yield batch
+                    advance()
 
-        try:
-            yield each()
-        finally:
-            enter(None)
-            progress.close()
+            try:
+                yield each()
+            finally:
+                enter(None)
+
+    def _starts(self, blocks: Blocks) -> list[int]:
+        """The first example of each batch of a pass over ``blocks``."""
+        return [first for start, stop in blocks for first in range(start, stop, self.batch_size)]
+
+    def _batches(self, dataset: Dataset, width: int) -> int:
+        """Batches of this rank's share of a pass over ``dataset``, split in blocks of ``width``."""
+        return len(self._starts(self.workers.blocks(len(dataset), width)))  # type: ignore[arg-type]
 
     def _parts(self, dataset: Dataset, name: str | None) -> tuple[tuple[str, int], ...]:
         """``(name, first index)`` of the datasets ``dataset`` is (see :class:`Place`)."""
@@ -175,7 +183,7 @@ class Engine:
         the units a stage trains); all units by default. Identity sides need no factor.
         """
         modules = self.modules if modules is None else modules
-        factored = {n: u for n, u in modules.items() if not all(u.identity)}
+        factored = _factored(modules)
         blocks = self.workers.blocks(len(dataset), self.batch_size)  # type: ignore[arg-type]
         count = len(dataset)  # type: ignore[arg-type]
         a_sum: dict[str, torch.Tensor] = {}
@@ -247,6 +255,17 @@ class Engine:
             out[name] = ekfac.ModuleCurvature(q_a, q_s, eigenvalues)
         return out
 
+    def curvature_passes(
+        self, dataset: Dataset, states: int, modules: dict[str, Unit] | None = None
+    ) -> list[int]:
+        """Batches of each pass :meth:`curvature` makes with ``states`` states.
+
+        This rank's share, as in the other ``*_passes`` methods, which the overall progress
+        (:meth:`~source_callback.analysis.progress.Progress.plan`) adds up before the passes run.
+        """
+        factors = states if _factored(self.modules if modules is None else modules) else 0
+        return [self._batches(dataset, self.batch_size)] * (factors + states)
+
     def _zeros(self, *shape: int) -> torch.Tensor:
         """Float64 zeros on the analysis device."""
         return torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -302,6 +321,10 @@ class Engine:
         with self.timer("scoring"):
             self.workers.run(score)
 
+    def score_passes(self, dataset: Dataset, states: int) -> list[int]:
+        """Batches of each pass :meth:`scores` makes with ``states`` states."""
+        return [self._batches(dataset, SCORE_CHUNK[1])] * states
+
     def cache_gradients(
         self,
         dataset: Dataset,
@@ -349,6 +372,11 @@ class Engine:
         with self.timer("cached gradients"):
             self.workers.run(write)
 
+    def cache_passes(self, dataset: Dataset, states: int) -> list[int]:
+        """Batches of each pass :meth:`cache_gradients` makes: one per block and state."""
+        blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
+        return [len(self._starts([block])) for block in blocks for _ in range(states)]
+
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
@@ -364,6 +392,10 @@ class Engine:
                 for name, grads in local.items()
             }
 
+    def query_passes(self, queries: Dataset) -> list[int]:
+        """Batches of the pass :meth:`query_grads` makes."""
+        return [self._batches(queries, self.batch_size)]
+
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
@@ -378,3 +410,8 @@ class Engine:
             local = self.workers.run(measure)
             values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
             return values.cpu().numpy()
+
+    def measurement_passes(self, queries: Dataset) -> list[int]:
+        """Batches of the pass :meth:`measurement` makes: none where this rank has no query."""
+        count = self._batches(queries, self.batch_size)
+        return [count] if count else []
