@@ -12,6 +12,7 @@ import pytest
 from models import adamw, loader, sgd_momentum, trainer
 from processes import SCRIPTS, load_script
 from test_ddp import run_script
+from test_progress import OVERALL
 
 from source_callback import SourceCallback, load_analysis, open_run
 from source_callback.analysis.results import AnalysisResult
@@ -92,3 +93,15 @@ def test_a_non_finite_value_on_one_rank_fails_every_rank(recorded, tmp_path) -> 
     assert error in output, output  # rank 1's own error, with the global index
     assert f"rank 1 of the distributed analysis failed: {error}" in output, output
     assert "non-finite" not in open_run(store).analyses
+
+
+def test_only_rank_zero_shows_progress(recorded, tmp_path) -> None:
+    store, _ = recorded
+    code, output = run_script([str(ANALYZE_DDP), store, str(tmp_path), "verbose"])
+    assert code == 0, output
+    assert output.count("source analysis of 21 queries") == 1, output  # the summary
+    shown = [tuple(int(n) for n in found) for found in OVERALL.findall(output)]
+    assert len({(passes, planned) for _, passes, _, planned in shown}) == 1, output
+    at, passes, done, planned = shown[-1]
+    # rank 0's own share of the data: its plan is what it ran
+    assert (at, done) == (passes, planned), output

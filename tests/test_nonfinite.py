@@ -22,7 +22,7 @@ from source_callback import (
     analyze,
     load_analysis,
 )
-from source_callback.analysis.finite import RowFlags, enter
+from source_callback.analysis.finite import RowFlags, require_finite
 from source_callback.record.probe import probe_indices
 
 #: Marks an input on which the models and tasks below misbehave (a finite input).
@@ -210,9 +210,20 @@ def test_influence_names_the_stage_within_the_pooled_data(recorded, tmp_path) ->
     _assert_unchanged(store, recorded["faulty"][1])
 
 
+def test_a_failed_pass_leaves_no_batch_behind(recorded, tmp_path) -> None:
+    store = _store(recorded, "faulty", tmp_path)
+    with pytest.raises(NonFiniteError) as failed:
+        _analyze(store, FAULTY, model=Guarded(overflow=False))
+    # ``failed`` holds the traceback, and with it the frames of the pass that raised
+    with pytest.raises(NonFiniteError) as caught:
+        require_finite(torch.tensor([1.0, float("nan")]), "loss")
+    error = caught.value
+    assert (error.dataset, error.index, error.pass_name, error.in_input) == (None, 1, None, False)
+    assert failed.value.pass_name == "segment 2/2 factors 1/2"
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_row_flags_find_the_first_example_with_a_non_finite_value(value: float) -> None:
-    enter(None)  # outside any pass (a failed pass above may have left its batch recorded)
     flags = RowFlags()
     wide = torch.randn(5, 3, 4)
     wide[3, 2, 1] = value

@@ -29,6 +29,7 @@ from source_callback.analysis.optimizers import (
 from source_callback.analysis.options import AnalysisOptions, Fisher, Method, option_names
 from source_callback.analysis.parallel import Workers
 from source_callback.analysis.probes import check_probes
+from source_callback.analysis.progress import Progress
 from source_callback.analysis.projection import KroneckerProjection
 from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScores
@@ -171,28 +172,29 @@ def analyze(
             "out-of-core, cached and distributed analyses write into the store: pass a name "
             "for the analysis (name='default')."
         )
-    with timer("engines and probes"):
-        stages = _build_engines(
-            run, models, task, train, settings, collate_fn, verbose, workers, timer
-        )
-    with timer("segment plan"):
-        plan = _plan(run, stages, queries, settings)
-    coverage = _coverage(stages)
-    config = _stored_config(settings, plan, stages, coverage)
-    info = {INFO_STAGE_NAMES: [s.name for s in run.stages], INFO_CONFIG: config}
-    writer, sink = _open_sink(run, queries, settings, workers, name, storage_options, info)
-    final_state = _read(stages.final, run, len(run.stages) - 1, ROLE_END)
-    job = _Job(run, stages, plan, queries, settings, final_state, sink)
-    arrivals = _attribute(job, config, name, storage_options)
-    with timer("stage effects"):
-        effects, last_exact = _stage_effects(job, arrivals)
+    with Progress(verbose and workers.rank == 0) as progress:
+        with timer("engines and probes"):
+            stages = _build_engines(
+                run, models, task, train, settings, collate_fn, progress, workers, timer
+            )
+        with timer("segment plan"):
+            plan = _plan(run, stages, queries, settings)
+        coverage = _coverage(stages)
+        config = _stored_config(settings, plan, stages, coverage)
+        info = {INFO_STAGE_NAMES: [s.name for s in run.stages], INFO_CONFIG: config}
+        writer, sink = _open_sink(run, queries, settings, workers, name, storage_options, info)
+        final_state = _read(stages.final, run, len(run.stages) - 1, ROLE_END)
+        job = _Job(run, stages, plan, queries, settings, final_state, sink)
+        arrivals = _attribute(job, config, name, storage_options)
+        with timer("stage effects"):
+            effects, last_exact = _stage_effects(job, arrivals)
     with timer("writing results"):
         if writer is None:
             result = _keep(job, info, effects, last_exact, name, storage_options)
         else:
             result = _commit(job, writer, workers, effects, last_exact, name, storage_options)  # type: ignore[arg-type]
     result.timings = dict(timer.seconds)
-    if stages.final.verbose:
+    if progress.shown:
         print(summary(job, coverage, result.timings, name))
     return result
 
@@ -276,7 +278,7 @@ def _build_engines(
     train: Mapping[str, Dataset],
     options: AnalysisOptions,
     collate_fn: Any,
-    verbose: bool,
+    progress: Progress,
     workers: Workers,
     timer: Timer,
 ) -> StageEngines:
@@ -291,7 +293,7 @@ def _build_engines(
             options.batch_size,
             options.fisher,
             options.seed,
-            verbose,
+            progress,
             collate_fn,
             workers,
             units,
@@ -525,6 +527,7 @@ def _source(job: _Job, cache: GradientCache | None) -> Arrivals:
     engines = [job.stages.engines[segment.stage] for segment in plan]
     operators = cache.stored_operators(work) if cache else None
     fitted = operators is None
+    _show_plan(job, _source_passes(job, engines, datasets, states, fitted, cache is not None))
     if operators is None:
         adam = AdamOptions(options.adam_variant, options.damping, options.preconditioner_floor)
         steps = run.steps()
@@ -567,6 +570,44 @@ def _source(job: _Job, cache: GradientCache | None) -> Arrivals:
     return {k: arrivals[n] for k, n in _last_segments(plan).items()}
 
 
+def _source_passes(
+    job: _Job,
+    engines: list[Engine],
+    datasets: list[Dataset],
+    states: list[list[StateSource]],
+    fitting: bool,
+    cached: bool,
+) -> list[int]:
+    """Batches of each data pass :func:`_source` makes, segment ``ℓ`` on ``datasets[ℓ]``.
+
+    ``fitting``: the segment operators are fitted (no stored cache holds them); ``cached``:
+    scored through the projected cache.
+    """
+    work = job.stages.final
+    passes: list[int] = []
+    segments = list(zip(job.plan, engines, datasets, states, strict=True))
+    if fitting:
+        for segment, engine, dataset, segment_states in segments:
+            modules = stage_modules(engine, job.run.stages[segment.stage])
+            passes += engine.curvature_passes(dataset, len(segment_states), modules)
+    passes += work.query_passes(job.queries)
+    for _, engine, dataset, segment_states in segments:
+        if not cached:
+            passes += engine.score_passes(dataset, len(segment_states))
+        elif fitting:
+            passes += work.cache_passes(dataset, len(segment_states))
+    return passes
+
+
+def _show_plan(job: _Job, passes: list[int]) -> None:
+    """Show the progress of the whole analysis: the method's ``passes`` (batches of each).
+
+    The two measurements of :func:`_stage_effects` are added to them.
+    """
+    work = job.stages.final
+    work.progress.plan(passes + work.measurement_passes(job.queries) * 2)
+
+
 def _influence(job: _Job) -> Arrivals:
     """EK-FAC influence at the final parameters on all stages' data pooled (SOURCE-math §7).
 
@@ -575,6 +616,9 @@ def _influence(job: _Job) -> Arrivals:
     """
     work, run, final_state = job.stages.final, job.run, job.final_state
     pooled = ConcatDataset([work.train[s.name] for s in run.stages])
+    scoring = [n for s in run.stages for n in work.score_passes(work.train[s.name], 1)]
+    queries = work.query_passes(job.queries)
+    _show_plan(job, work.curvature_passes(pooled, 1) + queries + scoring)
     curvature = work.curvature(pooled, [lambda: final_state], "influence")
     work.load(final_state)
     u = work.query_grads(job.queries)
@@ -596,6 +640,13 @@ def _tracin(job: _Job) -> Arrivals:
     Stage effects use the final query gradient without propagation.
     """
     work, run, plan = job.stages.final, job.run, job.plan
+    queries = work.query_passes(job.queries)
+    per_checkpoint = [
+        queries + work.score_passes(work.train[run.stages[segment.stage].name], 1)
+        for segment in plan
+        for _ in segment.checkpoints
+    ]
+    _show_plan(job, [n for passes in per_checkpoint for n in passes] + queries)
     steps = run.steps()
     for number, segment in enumerate(plan):
         stage = run.stages[segment.stage]

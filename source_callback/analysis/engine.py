@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -11,13 +12,13 @@ import torch
 import zarr
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
-from tqdm.auto import tqdm
 
 from source_callback.analysis import ekfac
 from source_callback.analysis.finite import CheckedTask, Place, enter, require_finite
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
 from source_callback.analysis.parallel import Blocks, Workers
+from source_callback.analysis.progress import Progress
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
@@ -42,6 +43,11 @@ def batch_seed(seed: int, data_pass: int, first: int) -> int:
     )
 
 
+def _factored(modules: dict[str, Unit]) -> dict[str, Unit]:
+    """The units with a Kronecker factor to fit: all but those with identity sides only."""
+    return {name: unit for name, unit in modules.items() if not all(unit.identity)}
+
+
 def _basis(factor: torch.Tensor | None) -> torch.Tensor | None:
     """Eigenvectors of a Kronecker factor; ``None`` (identity) for an identity side."""
     return None if factor is None else ekfac.eigh_float64(factor)[1]
@@ -62,7 +68,7 @@ class Engine:
         batch_size: int,
         fisher: str,
         seed: int,
-        verbose: bool,
+        progress: Progress,
         collate_fn: Any,
         workers: Workers | None = None,
         units: dict[str, Unit] | None = None,
@@ -80,7 +86,8 @@ class Engine:
         self.collate_fn = collate_fn
         self.device = next(model.parameters()).device
         self.workers = workers or Workers(self.device)
-        self.verbose = verbose and self.workers.rank == 0
+        #: What the passes show (shared by the engines of one analysis).
+        self.progress = progress
         self.modules = ekfac.tracked_modules(model) if units is None else units
         if not self.modules:
             raise AnalysisError("no unit of the model's trained parameters is selected")
@@ -96,6 +103,7 @@ class Engine:
         with self.timer("checkpoint reads"):
             return state()
 
+    @contextmanager
     def data(
         self,
         dataset: Dataset,
@@ -103,37 +111,46 @@ class Engine:
         blocks: Blocks | None = None,
         seeded: bool = False,
         name: str | None = None,
-    ) -> Iterator[Any]:
-        """Batches of ``dataset`` (this rank's ``blocks``; all by default) on the model's device.
+    ) -> Iterator[Iterator[Any]]:
+        """A pass over ``dataset``: in the ``with`` block, its batches on the model's device.
 
-        With ``seeded``, the pseudo-label generator is reseeded before each batch from the
-        seed, the pass and the batch's first index, so that the draws do not depend on how
-        the batches are split between ranks. While a batch is out, a non-finite value found
-        in it (:mod:`~source_callback.analysis.finite`) is reported as example ``first + row``
-        of the dataset ``name`` (by default the stage whose training set ``dataset`` is) in the
-        pass ``desc``.
+        Only this rank's ``blocks`` (all of the dataset by default). With ``seeded``, the
+        pseudo-label generator is reseeded before each batch from the seed, the pass and the
+        batch's first index, so that the draws do not depend on how the batches are split
+        between ranks. While a batch is out, a non-finite value found in it
+        (:mod:`~source_callback.analysis.finite`) is reported as example ``first + row`` of the
+        dataset ``name`` (by default the stage whose training set ``dataset`` is) in the pass
+        ``desc``. Leaving the block ends the pass, also when it raises: a traceback that keeps
+        the iterator alive must not keep its batch recorded for later checks.
         """
         if blocks is None:
             blocks = [(0, len(dataset))]  # type: ignore[arg-type]
         parts = self._parts(dataset, name)
         loader = batches(dataset, self.batch_size, self.collate_fn, blocks)
         number = next(self.passes)
-        starts = (first for start, stop in blocks for first in range(start, stop, self.batch_size))
-        progress = tqdm(
-            on_device(loader, self.device),
-            total=len(loader),
-            desc=desc,
-            disable=not self.verbose,
-            leave=False,
-        )
-        try:
-            for first, batch in zip(starts, progress, strict=True):
-                if seeded:
-                    self.generator.manual_seed(batch_seed(self.seed, number, first))
-                enter(Place(desc, first, batch, parts))
-                yield batch
-        finally:
-            enter(None)
+        starts = self._starts(blocks)
+        with self.progress.data_pass(desc, len(starts)) as advance:
+
+            def each() -> Iterator[Any]:
+                for first, batch in zip(starts, on_device(loader, self.device), strict=True):
+                    if seeded:
+                        self.generator.manual_seed(batch_seed(self.seed, number, first))
+                    enter(Place(desc, first, batch, parts))
+                    yield batch
+                    advance()
+
+            try:
+                yield each()
+            finally:
+                enter(None)
+
+    def _starts(self, blocks: Blocks) -> list[int]:
+        """The first example of each batch of a pass over ``blocks``."""
+        return [first for start, stop in blocks for first in range(start, stop, self.batch_size)]
+
+    def _batches(self, dataset: Dataset, width: int) -> int:
+        """Batches of this rank's share of a pass over ``dataset``, split in blocks of ``width``."""
+        return len(self._starts(self.workers.blocks(len(dataset), width)))  # type: ignore[arg-type]
 
     def _parts(self, dataset: Dataset, name: str | None) -> tuple[tuple[str, int], ...]:
         """``(name, first index)`` of the datasets ``dataset`` is (see :class:`Place`)."""
@@ -166,7 +183,7 @@ class Engine:
         the units a stage trains); all units by default. Identity sides need no factor.
         """
         modules = self.modules if modules is None else modules
-        factored = {n: u for n, u in modules.items() if not all(u.identity)}
+        factored = _factored(modules)
         blocks = self.workers.blocks(len(dataset), self.batch_size)  # type: ignore[arg-type]
         count = len(dataset)  # type: ignore[arg-type]
         a_sum: dict[str, torch.Tensor] = {}
@@ -176,15 +193,10 @@ class Engine:
 
             def factors(state: StateSource = state, desc: str = desc) -> dict[str, torch.Tensor]:
                 self.load(self.read(state))
-                covs = ekfac.covariances(
-                    self.model,
-                    factored,
-                    self.task,
-                    self.data(dataset, desc, blocks, seeded=True),
-                    self.generator,
-                    self.exact,
-                    scale,
-                )
+                with self.data(dataset, desc, blocks, seeded=True) as batches:
+                    covs = ekfac.covariances(
+                        self.model, factored, self.task, batches, self.generator, self.exact, scale
+                    )
                 sums = {}
                 for name, unit in factored.items():
                     out, in_ = unit.shape
@@ -211,16 +223,17 @@ class Engine:
                 state: StateSource = state, desc: str = desc
             ) -> dict[str, torch.Tensor]:
                 self.load(self.read(state))
-                mean = ekfac.corrected_eigenvalues(
-                    self.model,
-                    modules,
-                    bases,
-                    self.task,
-                    self.data(dataset, desc, blocks, seeded=True),
-                    self.generator,
-                    self.exact,
-                    scale,
-                )
+                with self.data(dataset, desc, blocks, seeded=True) as batches:
+                    mean = ekfac.corrected_eigenvalues(
+                        self.model,
+                        modules,
+                        bases,
+                        self.task,
+                        batches,
+                        self.generator,
+                        self.exact,
+                        scale,
+                    )
                 local = sum(stop - start for start, stop in blocks)
                 return {
                     name: mean[name] * local if name in mean else self._zeros(*unit.shape)
@@ -241,6 +254,17 @@ class Engine:
                 )
             out[name] = ekfac.ModuleCurvature(q_a, q_s, eigenvalues)
         return out
+
+    def curvature_passes(
+        self, dataset: Dataset, states: int, modules: dict[str, Unit] | None = None
+    ) -> list[int]:
+        """Batches of each pass :meth:`curvature` makes with ``states`` states.
+
+        This rank's share, as in the other ``*_passes`` methods, which the overall progress
+        (:meth:`~source_callback.analysis.progress.Progress.plan`) adds up before the passes run.
+        """
+        factors = states if _factored(self.modules if modules is None else modules) else 0
+        return [self._batches(dataset, self.batch_size)] * (factors + states)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         """Float64 zeros on the analysis device."""
@@ -282,18 +306,24 @@ class Engine:
                 start, stop = next(pending, (0, 0))
                 buffer = self._zeros(queries, stop - start)
                 filled = 0
-                for batch in self.data(dataset, f"{label} scores {i + 1}/{len(states)}", blocks):
-                    rows = contract(self.model, modules, self.task.loss, batch, vectors)
-                    require_finite(rows, "score")
-                    buffer[:, filled : filled + len(rows)] = rows.T
-                    filled += len(rows)
-                    if filled == stop - start:
-                        sink.add(stage, start, (buffer * factor).cpu().numpy())
-                        start, stop = next(pending, (0, 0))
-                        buffer, filled = self._zeros(queries, stop - start), 0
+                desc = f"{label} scores {i + 1}/{len(states)}"
+                with self.data(dataset, desc, blocks) as batches:
+                    for batch in batches:
+                        rows = contract(self.model, modules, self.task.loss, batch, vectors)
+                        require_finite(rows, "score")
+                        buffer[:, filled : filled + len(rows)] = rows.T
+                        filled += len(rows)
+                        if filled == stop - start:
+                            sink.add(stage, start, (buffer * factor).cpu().numpy())
+                            start, stop = next(pending, (0, 0))
+                            buffer, filled = self._zeros(queries, stop - start), 0
 
         with self.timer("scoring"):
             self.workers.run(score)
+
+    def score_passes(self, dataset: Dataset, states: int) -> list[int]:
+        """Batches of each pass :meth:`scores` makes with ``states`` states."""
+        return [self._batches(dataset, SCORE_CHUNK[1])] * states
 
     def cache_gradients(
         self,
@@ -322,56 +352,66 @@ class Engine:
                 for i, state in enumerate(held):
                     self.load(state)
                     desc = f"{label} gradients {start}:{stop} {i + 1}/{len(held)}"
-                    total += torch.cat(
-                        [
-                            projected_grads(
-                                self.model,
-                                self.modules,
-                                self.task.loss,
-                                batch,
-                                projection,
-                                scale=scale,
-                            )
-                            for batch in self.data(dataset, desc, [(start, stop)])
-                        ]
-                    )
+                    with self.data(dataset, desc, [(start, stop)]) as batches:
+                        total += torch.cat(
+                            [
+                                projected_grads(
+                                    self.model,
+                                    self.modules,
+                                    self.task.loss,
+                                    batch,
+                                    projection,
+                                    scale=scale,
+                                )
+                                for batch in batches
+                            ]
+                        )
                 # float32 by design: the cache's precision (see analysis/cache.py)
                 array[start:stop] = (total / len(held)).cpu().numpy().astype(CACHE_DTYPE)
 
         with self.timer("cached gradients"):
             self.workers.run(write)
 
+    def cache_passes(self, dataset: Dataset, states: int) -> list[int]:
+        """Batches of each pass :meth:`cache_gradients` makes: one per block and state."""
+        blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
+        return [len(self._starts([block])) for block in blocks for _ in range(states)]
+
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
+
+        def take() -> ModuleTensors:
+            with self.data(queries, label, blocks, name="queries") as batches:
+                return per_example_grads(self.model, self.modules, self.task.measurement, batches)
+
         with self.timer("query gradients"):
-            local = self.workers.run(
-                lambda: per_example_grads(
-                    self.model,
-                    self.modules,
-                    self.task.measurement,
-                    self.data(queries, label, blocks, name="queries"),
-                )
-            )
+            local = self.workers.run(take)
             return {
                 name: self.workers.gather(grads, len(queries), self.batch_size)  # type: ignore[arg-type]
                 for name, grads in local.items()
             }
 
+    def query_passes(self, queries: Dataset) -> list[int]:
+        """Batches of the pass :meth:`query_grads` makes."""
+        return [self._batches(queries, self.batch_size)]
+
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
         blocks = self.workers.blocks(len(queries), self.batch_size)  # type: ignore[arg-type]
+
+        def measure() -> torch.Tensor:
+            if not blocks:
+                return self._zeros(0)
+            with self.data(queries, "measurement", blocks, name="queries") as batches:
+                return evaluate(self.task.measurement, self.model, batches).double()
+
         with self.timer("measurements"):
-            local = self.workers.run(
-                lambda: (
-                    evaluate(
-                        self.task.measurement,
-                        self.model,
-                        self.data(queries, "measurement", blocks, name="queries"),
-                    ).double()
-                    if blocks
-                    else self._zeros(0)
-                )
-            )
+            local = self.workers.run(measure)
             values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
             return values.cpu().numpy()
+
+    def measurement_passes(self, queries: Dataset) -> list[int]:
+        """Batches of the pass :meth:`measurement` makes: none where this rank has no query."""
+        count = self._batches(queries, self.batch_size)
+        return [count] if count else []

@@ -9,7 +9,8 @@ Usage: ``python analyze_ddp.py STORE OUT MODE``. ``MODE`` is
   layer) and keeps its scores out of core;
 - ``fail``: like ``fabric``, with a training set that raises on rank 1 only;
 - ``nan``: like ``fabric``, with a task whose loss is NaN on pretraining example ``NAN_AT``
-  (which rank 1 scores).
+  (which rank 1 scores);
+- ``verbose``: like ``fabric``, showing progress and the summary.
 
 Each rank saves its result as ``OUT/rank<r>.npz`` and prints ``DONE rank=<r>``.
 """
@@ -87,7 +88,7 @@ def analyze_run(store: str, **kwargs: Any) -> Any:
         queries=query_set(),
         batch_size=BATCH,
         segments=2,
-        verbose=False,
+        verbose=kwargs.pop("verbose", False),
         **kwargs,
     )
 
@@ -106,6 +107,7 @@ def main() -> None:
         kwargs["train"] = {name: FailsOnRankOne(data) for name, data in training_sets().items()}
     if mode == "nan":
         kwargs["task"] = NanLossAt(training_sets()["pretrain"][NAN_AT][0])
+    kwargs["verbose"] = mode == "verbose"
     result = analyze_run(store, **kwargs)
     rank = dist.get_rank()
     np.savez(
