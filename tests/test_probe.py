@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import warnings
 
 import lightning.pytorch as pl
@@ -199,3 +200,62 @@ def test_a_damaged_probe_is_reported(tanh_store, tmp_path) -> None:
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     assert [p.where for p in open_run(copy).verify()] == [f"checkpoint {key}"]
+
+
+class FailsAtStageEnd(TinyClassifier):
+    """Its forward raises ``error`` once ``broken`` is set (by :class:`Break`, at train end)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error, self.broken = error, False
+
+    def forward(self, x):
+        if self.broken:
+            raise self.error
+        return super().forward(x)
+
+
+class Break(pl.Callback):
+    def on_train_end(self, trainer, pl_module) -> None:
+        pl_module.broken = True
+
+
+def _break_at_stage_end(root, error: BaseException):
+    """Record a stage whose stage-end probe raises ``error``; the store and its checkpoints."""
+    store = root / "run.zarr"
+    callbacks = [Break(), SourceCallback(store, stage="s", checkpoints_per_stage=2)]
+    trainer(callbacks, root, max_epochs=1).fit(FailsAtStageEnd(error), loader(DATA))
+    return store
+
+
+def test_a_probe_failing_at_stage_end_is_recorded_as_missing(tmp_path) -> None:
+    """The stage-end probe runs while that checkpoint is written (after its copy); a failure
+    is noted in the stage and that checkpoint is committed without a probe."""
+    with pytest.warns(UserWarning, match=r"no probe losses.*forward broke"):
+        store = _break_at_stage_end(tmp_path, RuntimeError("forward broke"))
+    run = open_run(store)
+    assert run.stages[0].status == schema.STAGE_COMPLETE and "forward broke" in run.stages[0].probe
+    assert [(c.role, c.committed, c.probe() is None) for c in run.checkpoints] == [
+        (schema.ROLE_START, True, False),
+        (schema.ROLE_INTERIOR, True, False),
+        (schema.ROLE_END, True, True),
+    ]
+    assert run.verify() == []
+
+
+def test_an_interrupt_in_the_stage_end_probe_leaves_that_checkpoint_uncommitted(tmp_path):
+    """Ctrl-C while the stage-end checkpoint is written: its write is not committed (rather
+    than waiting for a probe that never comes), and what was committed before stays valid."""
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from then on
+    try:
+        with pytest.raises(SystemExit):
+            _break_at_stage_end(tmp_path, KeyboardInterrupt())
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    run = open_run(tmp_path / "run.zarr")
+    assert run.stages[0].status == schema.STAGE_RECORDING
+    assert [(c.step, c.role) for c in run.checkpoints if c.committed] == [
+        (0, schema.ROLE_START),
+        (4, schema.ROLE_INTERIOR),
+    ]
+    assert run.num_steps == 8 and run.verify() == []

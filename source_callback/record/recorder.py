@@ -29,6 +29,7 @@ from source_callback.record.plan import interior_steps
 from source_callback.store import integrity, schema
 from source_callback.store.writer import (
     CheckpointSnapshot,
+    LateProbe,
     StepRow,
     StoreWriter,
     TensorDict,
@@ -353,13 +354,25 @@ class Recorder:
     ) -> None:
         """Write the last rows, the example digests and the stage-end checkpoint; close the stage.
 
-        ``probe`` takes the probe at the stage's final parameters (see :meth:`checkpoint`):
-        called after the rows are handed to the writer, so that their write overlaps it.
-        Returns once the stage is closed.
+        ``probe`` takes the probe at the stage's final parameters (see :meth:`checkpoint`). It
+        runs once the last rows are handed to the writer and, unless the run is sharded (where
+        every rank's layout must hold the probe), once the tensors are copied, while they are
+        written: the stage-end wait is then the checkpoint's copy and write. Returns once the
+        stage is closed.
         """
         self._write_digests()
         self.flush()
-        self.checkpoint(self.next_step, schema.ROLE_END, params, buffers, optimizer_state, probe())
+        step, role = self.next_step, schema.ROLE_END
+        if self.writer.shard_group is not None:
+            self.checkpoint(step, role, params, buffers, optimizer_state, probe())
+        else:
+            late: LateProbe = concurrent.futures.Future()
+            self.checkpoint(step, role, params, buffers, optimizer_state, late_probe=late)
+            try:
+                late.set_result(probe())
+            except BaseException:
+                late.cancel()  # the write stops before its commit rather than waiting
+                raise
         self.wait()  # the stage is complete only once everything in it is
         self._submit(self._close_stage, self.stage_index, self.next_step)
         self.wait()
@@ -399,19 +412,22 @@ class Recorder:
         buffers: TensorDict,
         optimizer_state: Mapping[str, TensorDict],
         probe: TensorDict | None = None,
+        *,
+        late_probe: LateProbe | None = None,
     ) -> None:
         """Copy the tensors to CPU now and write them as a checkpoint in the background.
 
         ``probe``: the probe's indices and losses at this checkpoint
-        (:func:`source_callback.record.probe.probe_tensors`), if any. The copy goes into the
-        buffers of the last checkpoint written, when its layout still fits.
+        (:func:`source_callback.record.probe.probe_tensors`), if any; or ``late_probe``, the
+        probe to come (:class:`~source_callback.store.writer.CheckpointSnapshot`). The copy
+        goes into the buffers of the last checkpoint written, when its layout still fits.
         """
         self._wait_for_slot()  # before copying: at most max_pending copies are ever held
         self._write_digests(if_ready=True)
         with self._spare_lock:
             spare, self._spare = self._spare, {}
         snapshot = snapshot_checkpoint(
-            params, buffers, optimizer_state, probe, spare, self.writer.shard_group
+            params, buffers, optimizer_state, probe, spare, self.writer.shard_group, late_probe
         )
         future = self._submit_checkpoint(
             self.writer.write_checkpoint, step, role, self.stage_index, snapshot

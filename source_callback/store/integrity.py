@@ -224,6 +224,15 @@ async def _write_arrays(group: zarr.AsyncGroup, values: Mapping[str, np.ndarray]
     await all_or_none(write(key, data) for key, data in values.items())
 
 
+def merged(first: PackedIndex, second: PackedIndex) -> PackedIndex:
+    """The index of a group holding the packed arrays of both indexes (their keys distinct)."""
+    return {
+        schema.PACKED_DIGEST: first[schema.PACKED_DIGEST],
+        schema.PACKED_ARRAYS: {**first[schema.PACKED_ARRAYS], **second[schema.PACKED_ARRAYS]},
+        schema.PACKED_TENSORS: {**first[schema.PACKED_TENSORS], **second[schema.PACKED_TENSORS]},
+    }
+
+
 def write_packed(group: zarr.Group, packed: Packed) -> PackedIndex:
     """Write ``packed`` into ``group``; returns the ``packed`` index, with the digests.
 

@@ -7,6 +7,7 @@ attribute is set, with the digests of its tensors, after all of its arrays are w
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import platform
@@ -331,7 +332,9 @@ class StoreWriter:
             schema.ATTR_COMMITTED: False,
         }
         commit = {schema.ATTR_SCALAR_STATE: snapshot.scalar_state}
-        self._write_group(schema.CHECKPOINTS, key, attributes, snapshot.packed, commit)
+        self._write_group(
+            schema.CHECKPOINTS, key, attributes, snapshot.packed, commit, snapshot.late_probe
+        )
         return key
 
     def _write_group(
@@ -341,18 +344,20 @@ class StoreWriter:
         attributes: dict[str, Any],
         packed: integrity.Packed | shards.ShardedPacked,
         commit: dict[str, Any],
+        late_probe: LateProbe | None = None,
     ) -> None:
         """Write a packed group ``parent/key`` and commit it (replacing one unless sharded).
 
         A sharded group is never replaced: the other ranks write into it while rank 0 creates
         it (a stale one, left by an interrupted write, is removed when the stage resumes).
+        ``late_probe``: see :class:`CheckpointSnapshot` (not for sharded groups).
         """
         if isinstance(packed, shards.ShardedPacked):
-            assert self.shard_group is not None
+            assert self.shard_group is not None and late_probe is None
             shards.write(self.root[parent], key, attributes, packed, self.shard_group, commit)
             return
         group = self.root[parent].create_group(key, overwrite=True, attributes=attributes)
-        _commit(group, packed, commit)
+        _commit(group, packed, commit, late_probe)
 
     def write_example_digests(self, stage: int, digests: np.ndarray) -> None:
         """Write the per-example digests of stage ``stage``'s training set (replacing any)."""
@@ -370,12 +375,22 @@ class StoreWriter:
         self._write_group(schema.FROZEN, schema.frozen_key(stage), attributes, params, {})
 
 
+LateProbe = concurrent.futures.Future[TensorDict | None]
+
+
 @dataclass(frozen=True)
 class CheckpointSnapshot:
-    """A checkpoint's tensors packed on the CPU, and the optimizer's scalar state."""
+    """A checkpoint's tensors packed on the CPU, and the optimizer's scalar state.
+
+    ``late_probe``: the probe's tensors, when they are taken after the copy (the stage-end
+    checkpoint's: the parameters no longer change, so the probe runs while the rest is
+    written); the write waits for them before the commit, and is not committed if it is
+    cancelled.
+    """
 
     packed: integrity.Packed | shards.ShardedPacked
     scalar_state: dict[str, dict[str, float]]
+    late_probe: LateProbe | None = None
 
     @property
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -416,6 +431,7 @@ def snapshot_checkpoint(
     probe: TensorDict | None = None,
     spare: Mapping[str, torch.Tensor] | None = None,
     shard_group: shards.ShardGroup | None = None,
+    late_probe: LateProbe | None = None,
 ) -> CheckpointSnapshot:
     """Copy a checkpoint's tensors (any device) for :meth:`StoreWriter.write_checkpoint`.
 
@@ -434,10 +450,12 @@ def snapshot_checkpoint(
         Buffers of a snapshot already written, to fill again (see :func:`integrity.pack`).
     shard_group
         The ranks of a sharded run: this rank's shards are copied (:func:`shards.pack`).
+    late_probe
+        Instead of ``probe``: the probe to come (see :class:`CheckpointSnapshot`).
 
     """
     sections, scalar_state = _checkpoint_sections(params, buffers, optimizer_state, probe)
-    return CheckpointSnapshot(_pack(sections, spare, shard_group), scalar_state)
+    return CheckpointSnapshot(_pack(sections, spare, shard_group), scalar_state, late_probe)
 
 
 def _pack(
@@ -470,9 +488,25 @@ def snapshot_frozen(
     return _pack({schema.SECTION_PARAMS: params}, None, shard_group)
 
 
-def _commit(group: zarr.Group, packed: integrity.Packed, attributes: dict[str, Any]) -> None:
-    """Write ``packed`` into ``group``, then commit it with its index and digests."""
+def _commit(
+    group: zarr.Group,
+    packed: integrity.Packed,
+    attributes: dict[str, Any],
+    late_probe: LateProbe | None = None,
+) -> None:
+    """Write ``packed`` into ``group``, then commit it with its index and digests.
+
+    ``late_probe`` is waited for after ``packed`` is written; its section joins the commit. When
+    it is cancelled (taking the probe raised), the group is left uncommitted.
+    """
     index = integrity.write_packed(group, packed)
+    try:
+        probe = None if late_probe is None else late_probe.result()
+    except concurrent.futures.CancelledError:
+        return
+    if probe:
+        extra = integrity.pack({schema.SECTION_PROBE: probe})
+        index = integrity.merged(index, integrity.write_packed(group, extra))
     # One metadata write (``attrs.update`` would write once per key).
     group.update_attributes({**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True})
 
