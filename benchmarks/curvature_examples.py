@@ -38,7 +38,7 @@ from source_callback import analyze  # noqa: E402
 
 #: Settings in table order: name -> the figures measured, in order.
 SETTINGS = {
-    "two-stage tanh MLP (SGD+momentum; AdamW)": ("stage 1", "stage 2", "stage-1 effect"),
+    "two-stage tanh MLP (SGD+momentum, then AdamW)": ("stage 1", "stage 2", "stage-1 effect"),
     "Llama + peft LoRA": ("all", "pretraining", "LoRA stage"),
     "GPT-2 + peft LoRA": ("all", "pretraining", "LoRA stage"),
     "hand-written LoRA model": ("all", "pretraining", "LoRA stage"),
