@@ -21,6 +21,11 @@ orthogonal) and query vectors are random: the cost does not depend on their valu
 of a shape are alternated, a warm-up round excluded; the figure is the median over the rounds
 of each arm's time over the floor measured in the same round.
 
+With ``curvature_examples`` (``--curvature-examples``, fractions), the Adam stage is also given
+with its curvature passes over that fraction of the examples (``AnalysisOptions``'s option of
+the name): a pass makes that fraction of the batches, each costing what is measured here, and
+the scoring pass is unchanged.
+
     python benchmarks/floors.py --quick                        # about a minute
     python benchmarks/floors.py --full --out f.json --markdown f.md   # about 10 minutes, 2 cores
 """
@@ -214,7 +219,9 @@ def markdown(report: dict[str, Any]) -> str:
     for label, _, _ in ARMS:
         cells = (f"{s['floors'][label]:.2f}" for s in report["shapes"].values())
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for variant in ("preconditioned", "factored"):
+    stages = [(variant, 1.0) for variant in ("preconditioned", "factored")]
+    stages += [("factored", fraction) for fraction in report["curvature_examples"]]
+    for variant, fraction in stages:
         cells = []
         for s in report["shapes"].values():
             f = s["floors"]
@@ -222,8 +229,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f[f"{kind}, Adam {variant}"]
                 for kind in ("covariance factors", "corrected eigenvalues")
             )
-            cells.append(f"**{total + f['training-gradient scoring']:.2f}**")
-        lines.append(f"| **Adam stage, {variant}** | " + " | ".join(cells) + " |")
+            cells.append(f"**{fraction * total + f['training-gradient scoring']:.2f}**")
+        subset = "" if fraction == 1 else f", curvature on {fraction:g} of the examples"
+        lines.append(f"| **Adam stage, {variant}{subset}** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -240,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode.add_argument("--full", action="store_true", help="24 M-parameter Llama, 3 rounds")
     parser.add_argument("--rounds", type=int, help="measured rounds per shape")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--curvature-examples",
+        default="0.5,0.25",
+        help="fractions of the examples the curvature passes go over, for extra Adam-stage rows",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", help="write the docs section here")
     args = parser.parse_args(argv)
@@ -249,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": command("floors.py", sys.argv[1:] if argv is None else argv),
         "rounds": rounds,
+        "curvature_examples": [float(f) for f in args.curvature_examples.split(",") if f],
         "shapes": {},
     }
     for name, (model, task, batch, queries) in shapes(args.full).items():

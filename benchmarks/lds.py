@@ -50,6 +50,8 @@ SGD_VARIANTS = {"SOURCE, no momentum tail": {"method": "source", "momentum_tail"
 ADAM_VARIANTS = {
     "SOURCE, diagonal Adam": {"method": "source", "adam_variant": "diagonal"},
     "SOURCE, factored Adam": {"method": "source", "adam_variant": "factored"},
+    "SOURCE, curvature on 1/2 of the examples": {"method": "source", "curvature_examples": 0.5},
+    "SOURCE, curvature on 1/4 of the examples": {"method": "source", "curvature_examples": 0.25},
 }
 
 SETTINGS = {

@@ -232,10 +232,10 @@ def test_tracin_baseline_equals_dense_formula(linear_run, queries) -> None:
     np.testing.assert_allclose(scores, expected, rtol=1e-8, atol=1e-14)
 
 
-@pytest.fixture(scope="module")
-def two_stage(tmp_path_factory, queries):
-    """SGD+momentum+weight decay on stage 'a', then AdamW on 'b' (mini-batches)."""
-    root = tmp_path_factory.mktemp("two-stage")
+def two_stage_run(root, queries: TensorDataset) -> tuple:
+    """SGD+momentum+weight decay on stage 'a', then AdamW on 'b' (mini-batches), recorded in
+    ``root``: ``(truth, skipped_a, skipped_b, model, data_a, data_b)``, the exact unrolled
+    effects of every example and the exact effects of skipping each stage."""
     torch.manual_seed(0)
     data_a, data_b = _data(24, seed=1), _data(16, seed=2)
     recipe_a = {"momentum": 0.9, "weight_decay": 1e-3}
@@ -263,6 +263,14 @@ def two_stage(tmp_path_factory, queries):
         f_final = measure(model, {n: p for n, p in model.named_parameters()})
     skipped_a = measure(model, final(ones, from_params=start)).detach() - f_final
     skipped_b = measure(model, middle) - f_final
+    return truth, skipped_a.numpy(), skipped_b.numpy(), model, data_a, data_b
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, queries):
+    """:func:`two_stage_run`, analyzed: ``(result, truth, ..., data_b, root)``."""
+    root = tmp_path_factory.mktemp("two-stage")
+    truth, skipped_a, skipped_b, model, data_a, data_b = two_stage_run(root, queries)
     result = analyze(
         root / "run.zarr",
         model=model,
@@ -273,7 +281,7 @@ def two_stage(tmp_path_factory, queries):
         fisher="exact",
         verbose=False,
     )
-    return result, truth, skipped_a.numpy(), skipped_b.numpy(), model, data_a, data_b, root
+    return result, truth, skipped_a, skipped_b, model, data_a, data_b, root
 
 
 def test_two_stage_scores_match_unrolling(two_stage) -> None:

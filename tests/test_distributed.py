@@ -22,8 +22,9 @@ script = load_script(ANALYZE_DDP)
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> tuple[str, AnalysisResult]:
-    """A two-stage run (SGD with momentum, then AdamW) and its single-process analysis."""
+def recorded(tmp_path_factory) -> tuple[str, dict[str, AnalysisResult]]:
+    """A two-stage run (SGD with momentum, then AdamW) and its single-process analyses: by
+    launch mode, the one it must equal."""
     root = tmp_path_factory.mktemp("distributed")
     store = str(root / "run.zarr")
     model = script.TinyClassifier(optimizer=sgd_momentum)
@@ -33,7 +34,9 @@ def recorded(tmp_path_factory) -> tuple[str, AnalysisResult]:
     model.optimizer_factory = adamw
     callback.next_stage("finetune")
     trainer([callback], root, max_epochs=2).fit(model, loader(sets["finetune"], 32))
-    return store, script.analyze_run(store, name=None)
+    full = script.analyze_run(store, name=None)
+    subset = script.analyze_run(store, name=None, curvature_examples=script.SUBSET)
+    return store, {"fabric": full, "external": full, "subset": subset}
 
 
 def _assert_equal_results(
@@ -50,9 +53,11 @@ def _assert_equal_results(
     np.testing.assert_allclose(saved["last_exact"], expected.last_stage_exact, rtol=1e-9)
 
 
-@pytest.mark.parametrize("launch", ["fabric", "external"])
+@pytest.mark.parametrize("launch", ["fabric", "external", "subset"])
 def test_two_ranks_equal_one_process(recorded, tmp_path, launch: str) -> None:
-    store, expected = recorded
+    """``subset``: each rank fits the curvature on its share of the same subset of examples."""
+    store, analyses = recorded
+    expected = analyses[launch]
     command = [str(ANALYZE_DDP), store, str(tmp_path), launch]
     if launch == "external":
         command = ["-m", "torch.distributed.run", "--nproc_per_node=2", *command]

@@ -36,6 +36,16 @@ from source_callback.optim import UpdateRule
         ({"modules": "head"}, TypeError, "not a single string"),
         ({"diagonal_above": 0}, ValueError, "diagonal_above must be >= 1"),
         ({"projection_dim": 8.0}, TypeError, "projection_dim must be an int"),
+        ({"curvature_examples": 0}, ValueError, "curvature_examples as a count must be >= 1"),
+        ({"curvature_examples": 1.5}, ValueError, "as a fraction (a float) must be in (0, 1]"),
+        ({"curvature_examples": 0.0}, ValueError, "as a fraction (a float) must be in (0, 1]"),
+        ({"curvature_examples": "1/2"}, TypeError, "curvature_examples must be an int (a count)"),
+        ({"curvature_examples": True}, TypeError, "curvature_examples must be an int (a count)"),
+        (
+            {"curvature_examples": 0.5, "method": "tracin"},
+            ValueError,
+            "curvature_examples does not serve method 'tracin'",
+        ),
     ],
 )
 def test_bad_options_are_refused(fields: dict[str, Any], error: type, message: str) -> None:
@@ -51,6 +61,7 @@ def test_json_round_trip() -> None:
         modules=["body.*"],
         cache="projected",
         damping=1,
+        curvature_examples=0.25,
     )
     assert options.optimizer_model is UpdateRule.ADAMW
     assert options.modules == ModuleSelection(include=("body.*",))
@@ -59,6 +70,7 @@ def test_json_round_trip() -> None:
     assert data["modules"] == {"include": ["body.*"], "exclude": []}
     assert AnalysisOptions.from_json(data) == options
     assert AnalysisOptions.from_json({}) == AnalysisOptions()
+    assert AnalysisOptions.from_json({"curvature_examples": 1000}).curvature_examples == 1000
     assert set(AnalysisOptions().to_json()) == set(option_names())
 
 

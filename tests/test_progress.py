@@ -68,8 +68,10 @@ def _analyze(store: Path, capsys: pytest.CaptureFixture[str], **kwargs: Any) -> 
         {"name": None, "method": "if"},
         {"name": None, "method": "tracin"},
         {"out_of_core": True},
+        {"name": None, "curvature_examples": 0.5},
+        {"name": None, "method": "if", "curvature_examples": 30},
     ],
-    ids=["source", "diagonal", "fast-source", "if", "tracin", "out-of-core"],
+    ids=["source", "diagonal", "fast-source", "if", "tracin", "out-of-core", "subset", "if-subset"],
 )
 def test_the_plan_is_what_runs(store: Path, capsys, settings: dict[str, Any]) -> None:
     at, passes, done, planned = _analyze(store, capsys, **settings)
@@ -83,6 +85,9 @@ def test_passes_a_cache_serves_are_not_planned(store: Path, capsys) -> None:
     # reused: the query gradients and the two measurements, one batch each (3 queries)
     assert _analyze(store, capsys, cache="projected") == (3, 3, 3, 3)
     assert built[3] > 3
+    # a curvature fitted on other examples is not the cached one: fitted again, in fewer batches
+    refitted = _analyze(store, capsys, cache="projected", curvature_examples=0.5)
+    assert 3 < refitted[3] < built[3]
 
 
 def test_nothing_is_shown_without_verbose(record: Path, capsys) -> None:

@@ -92,6 +92,7 @@ def analyze(
     verbose: bool = True,
     modules: SelectionSpec = None,
     diagonal_above: int | None = None,
+    curvature_examples: int | float | None = None,
     options: AnalysisOptions | None = None,
 ) -> AnalysisResult:
     """Attribute the queries' measurements to training examples and stages with SOURCE.
@@ -116,7 +117,7 @@ def analyze(
     method, segments, batch_size, fisher, seed, optimizer_model, momentum_tail
         Settings of the computation: the fields of :class:`AnalysisOptions` of the same names,
         which document them (same defaults, same checks).
-    adam_variant, damping, preconditioner_floor, modules, diagonal_above
+    adam_variant, damping, preconditioner_floor, modules, diagonal_above, curvature_examples
         More fields of :class:`AnalysisOptions`.
     out_of_core, cache, projection_dim
         More fields of :class:`AnalysisOptions`; ``out_of_core`` and ``cache`` need ``name``.
@@ -298,6 +299,7 @@ def _build_engines(
             workers,
             units,
             timer,
+            options.curvature_examples,
         ),
         options.modules,
         options.diagonal_above,
@@ -329,7 +331,15 @@ def _plan(
 
 #: Options stored in an analysis's configuration as given (``segments`` and ``modules`` are
 #: stored resolved: the segments' steps and the units' names).
-STORED_AS_GIVEN = ("method", "momentum_tail", "fisher", "seed", "optimizer_model", "diagonal_above")
+STORED_AS_GIVEN = (
+    "method",
+    "momentum_tail",
+    "fisher",
+    "seed",
+    "optimizer_model",
+    "diagonal_above",
+    "curvature_examples",
+)
 
 
 def _stored_config(

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from source_callback.analysis import ekfac
 from source_callback.analysis.finite import CheckedTask, Place, enter, require_finite
@@ -41,6 +41,24 @@ def batch_seed(seed: int, data_pass: int, first: int) -> int:
     return int(
         np.random.SeedSequence([seed, data_pass, first]).generate_state(1, np.uint64)[0] >> 1
     )
+
+
+def curvature_subset(count: int, examples: int | float | None, seed: int) -> list[int] | None:
+    """The examples, among ``count``, that a curvature fit uses; ``None``: all of them.
+
+    ``examples`` is at most that many (an int) or that fraction of ``count`` (a float, rounded
+    to the nearest count, at least 1), as ``AnalysisOptions.curvature_examples``. The subset
+    is the first ones of a random permutation seeded by ``seed`` and ``count`` only, so it is
+    the same in every process of a distributed analysis and spread over the whole dataset; a
+    smaller subset is part of a larger one. In increasing order (the dataset's own order).
+    """
+    if examples is None:
+        return None
+    size = examples if isinstance(examples, int) else max(1, round(examples * count))
+    if size >= count:
+        return None
+    order = np.random.default_rng([seed, count]).permutation(count)
+    return np.sort(order[:size]).tolist()
 
 
 def _factored(modules: dict[str, Unit]) -> dict[str, Unit]:
@@ -73,6 +91,7 @@ class Engine:
         workers: Workers | None = None,
         units: dict[str, Unit] | None = None,
         timer: Timer | None = None,
+        curvature_examples: int | float | None = None,
     ) -> None:
         self.model = model
         self.task = CheckedTask(task)
@@ -93,6 +112,8 @@ class Engine:
             raise AnalysisError("no unit of the model's trained parameters is selected")
         #: Time per kind of pass (shared by the engines of one analysis, for its summary).
         self.timer = timer or Timer()
+        #: The examples each curvature fit uses (:func:`curvature_subset`).
+        self.curvature_examples = curvature_examples
 
     def load(self, state: State) -> None:
         """Put ``state``'s parameters and buffers (every name of a tied one) into the model."""
@@ -111,10 +132,13 @@ class Engine:
         blocks: Blocks | None = None,
         seeded: bool = False,
         name: str | None = None,
+        indices: list[int] | None = None,
     ) -> Iterator[Iterator[Any]]:
         """A pass over ``dataset``: in the ``with`` block, its batches on the model's device.
 
-        Only this rank's ``blocks`` (all of the dataset by default). With ``seeded``, the
+        With ``indices``, over those examples of ``dataset`` only, as if they were the dataset:
+        ``blocks`` and the batches' first indices below count positions among them. Only this
+        rank's ``blocks`` (all of the dataset by default). With ``seeded``, the
         pseudo-label generator is reseeded before each batch from the seed, the pass and the
         batch's first index, so that the draws do not depend on how the batches are split
         between ranks. While a batch is out, a non-finite value found in it
@@ -124,9 +148,10 @@ class Engine:
         the iterator alive must not keep its batch recorded for later checks.
         """
         if blocks is None:
-            blocks = [(0, len(dataset))]  # type: ignore[arg-type]
+            blocks = [(0, len(dataset) if indices is None else len(indices))]  # type: ignore[arg-type]
         parts = self._parts(dataset, name)
-        loader = batches(dataset, self.batch_size, self.collate_fn, blocks)
+        subset = dataset if indices is None else Subset(dataset, indices)
+        loader = batches(subset, self.batch_size, self.collate_fn, blocks)
         number = next(self.passes)
         starts = self._starts(blocks)
         with self.progress.data_pass(desc, len(starts)) as advance:
@@ -135,7 +160,7 @@ class Engine:
                 for first, batch in zip(starts, on_device(loader, self.device), strict=True):
                     if seeded:
                         self.generator.manual_seed(batch_seed(self.seed, number, first))
-                    enter(Place(desc, first, batch, parts))
+                    enter(Place(desc, first, batch, parts, indices))
                     yield batch
                     advance()
 
@@ -148,9 +173,9 @@ class Engine:
         """The first example of each batch of a pass over ``blocks``."""
         return [first for start, stop in blocks for first in range(start, stop, self.batch_size)]
 
-    def _batches(self, dataset: Dataset, width: int) -> int:
-        """Batches of this rank's share of a pass over ``dataset``, split in blocks of ``width``."""
-        return len(self._starts(self.workers.blocks(len(dataset), width)))  # type: ignore[arg-type]
+    def _batches(self, count: int, width: int) -> int:
+        """Batches of this rank's share of a pass over ``count`` examples in blocks of ``width``."""
+        return len(self._starts(self.workers.blocks(count, width)))
 
     def _parts(self, dataset: Dataset, name: str | None) -> tuple[tuple[str, int], ...]:
         """``(name, first index)`` of the datasets ``dataset`` is (see :class:`Place`)."""
@@ -180,12 +205,14 @@ class Engine:
         With ``scale`` (Adam's ``P^{1/2}`` per unit, or its :class:`~ekfac.RankOne` form) it
         is fitted to the scaled
         pseudo-gradients, i.e. to ``P^{1/2} H P^{1/2}``. ``modules`` restricts the fit (to
-        the units a stage trains); all units by default. Identity sides need no factor.
+        the units a stage trains); all units by default. Identity sides need no factor. Both
+        kinds of pass go over the same examples: all, or the subset ``curvature_examples``
+        selects (:func:`curvature_subset`), whose means they then are.
         """
         modules = self.modules if modules is None else modules
         factored = _factored(modules)
-        blocks = self.workers.blocks(len(dataset), self.batch_size)  # type: ignore[arg-type]
-        count = len(dataset)  # type: ignore[arg-type]
+        indices, count = self._curvature_examples(dataset)
+        blocks = self.workers.blocks(count, self.batch_size)
         a_sum: dict[str, torch.Tensor] = {}
         s_sum: dict[str, torch.Tensor] = {}
         for i, state in enumerate(states if factored else []):
@@ -193,7 +220,7 @@ class Engine:
 
             def factors(state: StateSource = state, desc: str = desc) -> dict[str, torch.Tensor]:
                 self.load(self.read(state))
-                with self.data(dataset, desc, blocks, seeded=True) as batches:
+                with self.data(dataset, desc, blocks, seeded=True, indices=indices) as batches:
                     covs = ekfac.covariances(
                         self.model, factored, self.task, batches, self.generator, self.exact, scale
                     )
@@ -223,7 +250,7 @@ class Engine:
                 state: StateSource = state, desc: str = desc
             ) -> dict[str, torch.Tensor]:
                 self.load(self.read(state))
-                with self.data(dataset, desc, blocks, seeded=True) as batches:
+                with self.data(dataset, desc, blocks, seeded=True, indices=indices) as batches:
                     mean = ekfac.corrected_eigenvalues(
                         self.model,
                         modules,
@@ -264,7 +291,14 @@ class Engine:
         (:meth:`~source_callback.analysis.progress.Progress.plan`) adds up before the passes run.
         """
         factors = states if _factored(self.modules if modules is None else modules) else 0
-        return [self._batches(dataset, self.batch_size)] * (factors + states)
+        return [self._batches(self._curvature_examples(dataset)[1], self.batch_size)] * (
+            factors + states
+        )
+
+    def _curvature_examples(self, dataset: Dataset) -> tuple[list[int] | None, int]:
+        """The examples of ``dataset`` a curvature fit uses (``None``: all), and their number."""
+        indices = curvature_subset(len(dataset), self.curvature_examples, self.seed)  # type: ignore[arg-type]
+        return indices, len(dataset) if indices is None else len(indices)  # type: ignore[arg-type]
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         """Float64 zeros on the analysis device."""
@@ -323,7 +357,7 @@ class Engine:
 
     def score_passes(self, dataset: Dataset, states: int) -> list[int]:
         """Batches of each pass :meth:`scores` makes with ``states`` states."""
-        return [self._batches(dataset, SCORE_CHUNK[1])] * states
+        return [self._batches(len(dataset), SCORE_CHUNK[1])] * states  # type: ignore[arg-type]
 
     def cache_gradients(
         self,
@@ -394,7 +428,7 @@ class Engine:
 
     def query_passes(self, queries: Dataset) -> list[int]:
         """Batches of the pass :meth:`query_grads` makes."""
-        return [self._batches(queries, self.batch_size)]
+        return [self._batches(len(queries), self.batch_size)]  # type: ignore[arg-type]
 
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
@@ -413,5 +447,5 @@ class Engine:
 
     def measurement_passes(self, queries: Dataset) -> list[int]:
         """Batches of the pass :meth:`measurement` makes: none where this rank has no query."""
-        count = self._batches(queries, self.batch_size)
+        count = self._batches(len(queries), self.batch_size)  # type: ignore[arg-type]
         return [count] if count else []

@@ -9,7 +9,7 @@ index in it, the pass, and whether the example's input itself holds the NaN or i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,9 @@ class Place:
     parts
         ``(name, start)`` of each dataset the pass's dataset concatenates, in order: one for a
         stage's training set or the queries, one per stage for influence's pooled data.
+    indices
+        Where the pass goes over some examples of its dataset only (a curvature fitted on a
+        subset): their indices, which ``first`` counts positions among; ``None``: all.
 
     """
 
@@ -42,10 +45,13 @@ class Place:
     first: int
     batch: Any
     parts: tuple[tuple[str, int], ...]
+    indices: Sequence[int] | None = None
 
     def example(self, row: int) -> tuple[str, int]:
         """The dataset holding row ``row`` of the batch, and the example's index in it."""
         index = self.first + row
+        if self.indices is not None:
+            index = self.indices[index]
         name, start = next((n, s) for n, s in reversed(self.parts) if s <= index)
         return name, index - start
 

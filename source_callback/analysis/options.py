@@ -55,6 +55,24 @@ def _check_segments(segments: Any) -> SegmentSpec:
     return segments
 
 
+def _check_curvature_examples(examples: Any, method: str) -> None:
+    """``curvature_examples`` is a count >= 1 or a fraction in (0, 1], for a fitted curvature."""
+    _typed(
+        "curvature_examples",
+        examples,
+        (int, float),
+        "an int (a count), a float (a fraction) or None",
+    )
+    if isinstance(examples, float):
+        _require(
+            0 < examples <= 1,
+            f"curvature_examples as a fraction (a float) must be in (0, 1], got {examples}",
+        )
+    else:
+        _require(examples >= 1, f"curvature_examples as a count must be >= 1, got {examples}")
+    _require(method != "tracin", "curvature_examples does not serve method 'tracin' (no curvature)")
+
+
 @dataclass(frozen=True)
 class AnalysisOptions:
     """The settings of an analysis's computation (:func:`~source_callback.analyze`).
@@ -86,7 +104,7 @@ class AnalysisOptions:
         ``"sampled"`` pseudo-labels (one per example and pass), or ``"exact"`` Gauss-Newton
         Hessian blocks (one backward pass per output: small outputs only).
     seed
-        Seed of the pseudo-label sampling.
+        Seed of the pseudo-label sampling, and of the examples ``curvature_examples`` draws.
     adam_variant
         How Adam's preconditioner enters (SOURCE-math §4): ``"preconditioned"`` (EK-FAC of
         ``P^{1/2} H P^{1/2}``, exact for a constant P), ``"factored"`` (the default: the same
@@ -128,6 +146,15 @@ class AnalysisOptions:
         Sides of a unit's gradient matrix longer than this (e.g. a 50,000-token output layer)
         get an identity eigenbasis instead of a dense ``[n, n]`` factor; ``None``: only
         embeddings' token sides and units of norm weights and standalone biases are diagonal.
+    curvature_examples
+        Fit each curvature (covariance factors and corrected eigenvalues) on a seeded random
+        subset of its data: at most this many examples (an int, as kronfluence's
+        ``covariance_max_examples``), or this fraction of them (a float in (0, 1], rounded to
+        the nearest count, at least 1); ``None``: all. Per stage for ``"source"`` and
+        ``"fast-source"``, of the pooled stages for ``"if"``; every example is still scored.
+        The subset depends on ``seed`` and the data's size only, not on the processes
+        (:func:`~source_callback.analysis.engine.curvature_subset`). It trades accuracy for
+        the time of the curvature passes (see the docs' accuracy section).
 
     Raises
     ------
@@ -159,6 +186,7 @@ class AnalysisOptions:
     projection_dim: int = 32
     modules: SelectionSpec = None
     diagonal_above: int | None = None
+    curvature_examples: int | float | None = None
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
@@ -184,6 +212,8 @@ class AnalysisOptions:
         if self.diagonal_above is not None:
             _typed("diagonal_above", self.diagonal_above, int, "an int or None")
             _require(self.diagonal_above >= 1, "diagonal_above must be >= 1 or None")
+        if self.curvature_examples is not None:
+            _check_curvature_examples(self.curvature_examples, self.method)
         if self.optimizer_model is not None:
             _require(
                 self.optimizer_model in RULES,

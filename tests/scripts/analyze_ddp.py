@@ -10,7 +10,8 @@ Usage: ``python analyze_ddp.py STORE OUT MODE``. ``MODE`` is
 - ``fail``: like ``fabric``, with a training set that raises on rank 1 only;
 - ``nan``: like ``fabric``, with a task whose loss is NaN on pretraining example ``NAN_AT``
   (which rank 1 scores);
-- ``verbose``: like ``fabric``, showing progress and the summary.
+- ``verbose``: like ``fabric``, showing progress and the summary;
+- ``subset``: like ``fabric``, each curvature fitted on ``SUBSET`` of its stage's examples.
 
 Each rank saves its result as ``OUT/rank<r>.npz`` and prints ``DONE rank=<r>``.
 """
@@ -38,6 +39,7 @@ SIZES = {"pretrain": 5000, "finetune": 300}
 QUERIES = 21  # not a multiple of the batch size: ranks hold unequal numbers of query rows
 BATCH = 64
 NAN_AT = 4170  # in pretraining's second score block
+SUBSET = 0.3  # curvature_examples of mode ``subset``
 
 
 def training_sets() -> dict[str, TensorDataset]:
@@ -107,6 +109,8 @@ def main() -> None:
         kwargs["train"] = {name: FailsOnRankOne(data) for name, data in training_sets().items()}
     if mode == "nan":
         kwargs["task"] = NanLossAt(training_sets()["pretrain"][NAN_AT][0])
+    if mode == "subset":
+        kwargs["curvature_examples"] = SUBSET
     kwargs["verbose"] = mode == "verbose"
     result = analyze_run(store, **kwargs)
     rank = dist.get_rank()
