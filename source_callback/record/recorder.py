@@ -73,17 +73,26 @@ class Recorder:
     flush_every
         Step rows buffered before a block is written.
     max_pending
-        Background writes allowed in flight before the training thread waits (bounds the memory
-        held by checkpoint copies).
+        Background writes allowed in flight before the training thread waits.
+    max_snapshots
+        Checkpoint copies held at once, each the size of the tensors a checkpoint copies. With
+        1, a checkpoint refills the buffers of the last one, waiting for its write when it has
+        not finished; with 2, it is taken into other buffers meanwhile.
 
     """
 
     def __init__(
-        self, writer: StoreWriter, *, flush_every: int = 256, max_pending: int = 2
+        self,
+        writer: StoreWriter,
+        *,
+        flush_every: int = 256,
+        max_pending: int = 2,
+        max_snapshots: int = 2,
     ) -> None:
         self.writer = writer
         self.flush_every = flush_every
         self.max_pending = max_pending
+        self.max_snapshots = max_snapshots
         self._rows: list[StepRow] = []
         self._pending: list[concurrent.futures.Future[Any]] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -95,9 +104,11 @@ class Recorder:
             max_workers=1, thread_name_prefix="source-callback-digests"
         )
         self._digests: concurrent.futures.Future[np.ndarray | None] | None = None
-        # The buffers of the last checkpoint written, refilled by the next (set by the writer).
+        # The buffers of the last checkpoint written, refilled by the next (set by the writer
+        # before its write counts as done), and the checkpoint writes in flight.
         self._spare: dict[str, torch.Tensor] = {}
         self._spare_lock = threading.Lock()
+        self._writing: list[concurrent.futures.Future[Any]] = []
         self.stage_index = -1
         self.first_step = 0
         self.next_step = writer.num_steps
@@ -372,16 +383,33 @@ class Recorder:
 
         ``probe``: the probe's indices and losses at this checkpoint
         (:func:`source_callback.record.probe.probe_tensors`), if any. The copy goes into the
-        buffers of the last checkpoint written, when its layout still fits.
+        buffers of the last checkpoint written, when its layout still fits. Before copying, it
+        waits while ``max_snapshots`` checkpoints are being written: the copies held are those
+        and the buffers kept for reuse, never more than ``max_snapshots`` sets.
         """
-        self._wait_for_slot()  # before copying: at most max_pending copies are ever held
+        self._wait_for_slot()
+        while True:
+            self._writing = [f for f in self._writing if not f.done()]
+            if len(self._writing) < self.max_snapshots:
+                break
+            concurrent.futures.wait(self._writing, return_when=concurrent.futures.FIRST_COMPLETED)
+        self._raise_failed()
         with self._spare_lock:
             spare, self._spare = self._spare, {}
         snapshot = snapshot_checkpoint(
             params, buffers, optimizer_state, probe, spare, self.writer.shard_group
         )
-        future = self._submit(self.writer.write_checkpoint, step, role, self.stage_index, snapshot)
-        future.add_done_callback(lambda written: self._keep_spare(written, snapshot))
+        self._writing.append(
+            self._submit(self._write_checkpoint, step, role, self.stage_index, snapshot)
+        )
+
+    def _write_checkpoint(
+        self, step: int, role: str, stage_index: int, snapshot: CheckpointSnapshot
+    ) -> None:
+        """Write a checkpoint, then keep its buffers for the next one (one set at most)."""
+        self.writer.write_checkpoint(step, role, stage_index, snapshot)
+        with self._spare_lock:
+            self._spare = snapshot.buffers
 
     def prepare_checkpoints(
         self,
@@ -404,11 +432,3 @@ class Recorder:
     def _allocate_spare(self, target: integrity.Layout) -> None:
         with self._spare_lock:
             self._spare = integrity.allocate(target, self._spare, touch=True)
-
-    def _keep_spare(
-        self, written: concurrent.futures.Future[Any], snapshot: CheckpointSnapshot
-    ) -> None:
-        """Keep a written snapshot's buffers for the next checkpoint (one set at most)."""
-        if written.exception() is None:
-            with self._spare_lock:
-                self._spare = snapshot.buffers
