@@ -4,9 +4,12 @@ Two CPU processes (gloo) train an MLP sharded with ``fully_shard`` under Lightni
 ``ModelParallelStrategy`` (AdamW), with and without ``SourceCallback``, alternated in
 counterbalanced pairs (each run is its own launch of this script: Lightning's launcher starts
 the second rank). Reported per arm: the wall time of ``fit`` from the first training batch to
-the end of ``on_train_end`` (rank 0), and every rank's peak resident memory; the "with" arm's
-peak against the "without" arm's is the memory recording adds on a rank, to set against one
-copy of that rank's shards (parameters and Adam's two moments) and of the full model's.
+the end of ``on_train_end`` (rank 0), and every rank's peak resident memory and peak heap (the
+memory malloc has handed out and not taken back, glibc's ``mallinfo2`` sampled every 20 ms:
+resident memory also counts what glibc keeps of freed memory, which varies from run to run by
+a few hundred MB). The "with" arm's peaks against the "without" arm's are the memory recording
+adds on a rank, to set against one copy of what a checkpoint copies on that rank (its shards of
+the parameters and of Adam's ``exp_avg_sq``, from the record's index).
 
     python benchmarks/sharded.py                      # ~20 M parameters, 60 steps, 2 pairs
     python benchmarks/sharded.py --quick              # smoke run (~2 M parameters)
@@ -16,6 +19,7 @@ copy of that rank's shards (parameters and Adam's two moments) and of the full m
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -24,18 +28,21 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import zarr
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
 from source_callback import SourceCallback
+from source_callback.store import schema
 
 WORLD = 2
 BATCH = 16  # per rank
@@ -62,6 +69,63 @@ class ShardedMLP(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+class HeapPeak:
+    """The peak of glibc's in-use heap (``uordblks + hblkhd``), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self._mallinfo2 = ctypes.CDLL(None).mallinfo2
+        self._mallinfo2.restype = _Mallinfo2
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            info = self._mallinfo2()
+            self.peak = max(self.peak, info.uordblks + info.hblkhd)
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in MB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2**20
+
+
+def copy_mb(store: str, rank: int) -> float:
+    """MB of the last checkpoint's tensors that ``rank`` copied (its pieces, from the index)."""
+    checkpoints = zarr.open_group(store, mode="r")[schema.CHECKPOINTS]
+    index = checkpoints[max(checkpoints.group_keys())].attrs[schema.ATTR_SHARDED]
+    return (
+        sum(
+            count * getattr(torch, dtype).itemsize
+            for rows in index[schema.PACKED_TENSORS].values()
+            for _, dtype, _, pieces in rows
+            for owner, _, _, count, _ in pieces
+            if owner == rank
+        )
+        / 2**20
+    )
 
 
 class Clock(pl.Callback):
@@ -102,15 +166,16 @@ def run(args: argparse.Namespace) -> None:
         default_root_dir=args.root,
         callbacks=callbacks,
     )
+    heap = HeapPeak()
     trainer.fit(model, DataLoader(data, batch_size=BATCH))
-    params = sum(p.numel() for p in model.parameters())  # global shapes (DTensors)
-    local = sum(p.to_local().numel() for p in model.parameters())
+    rank = trainer.global_rank
     report = {
-        "rank": trainer.global_rank,
+        "rank": rank,
         "seconds": clock.seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "params": params,
-        "local_params": local,
+        "peak_heap_mb": heap.stop(),
+        "params": sum(p.numel() for p in model.parameters()),  # global shapes (DTensors)
+        "copy_mb": copy_mb(args.store, rank) if args.arm == "with" else None,
     }
     with open(os.path.join(args.root, f"result-{trainer.global_rank}.json"), "w") as f:
         json.dump(report, f)
@@ -169,11 +234,6 @@ def main() -> None:
                 arms[arm].append(launch(args, arm, folder))
     first = arms["with"][0][0]
     seconds = {arm: statistics.median(r[0]["seconds"] for r in runs) for arm, runs in arms.items()}
-    peaks = {
-        arm: [max(r[rank]["peak_rss_mb"] for r in runs) for rank in range(WORLD)]
-        for arm, runs in arms.items()
-    }
-    shard_mb = [3 * 4 * report["local_params"] / 2**20 for report in arms["with"][0]]
     lines = [
         f"`python benchmarks/sharded.py{' --quick' if args.quick else ''}` ({WORLD} CPU "
         f"processes, gloo, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
@@ -186,15 +246,19 @@ def main() -> None:
         f"| fit, first batch to end of `on_train_end` (s) | {seconds['without']:.2f} | "
         f"{seconds['with']:.2f} | {seconds['with'] / seconds['without']:.3f} |",
     ]
-    for rank in range(WORLD):
-        added = peaks["with"][rank] - peaks["without"][rank]
-        lines.append(
-            f"| rank {rank} peak RSS (MB) | {peaks['without'][rank]:.0f} | "
-            f"{peaks['with'][rank]:.0f} | +{added:.0f} MB, {added / shard_mb[rank]:.1f} copies "
-            f"of its shards ({shard_mb[rank]:.0f} MB) |"
-        )
-    full_mb = 3 * 4 * first["params"] / 2**20
-    lines += ["", f"One copy of the full model with Adam's two moments: {full_mb:.0f} MB."]
+    for measure, label in (("peak_rss_mb", "peak RSS"), ("peak_heap_mb", "peak heap")):
+        for rank in range(WORLD):
+            peak = {arm: max(r[rank][measure] for r in runs) for arm, runs in arms.items()}
+            added, copy = peak["with"] - peak["without"], arms["with"][0][rank]["copy_mb"]
+            lines.append(
+                f"| rank {rank} {label} (MB) | {peak['without']:.0f} | {peak['with']:.0f} | "
+                f"{added:+.0f} MB, {added / copy:.1f} copies of its checkpoint ({copy:.0f} MB) |"
+            )
+    full_mb = sum(report["copy_mb"] for report in arms["with"][0])
+    lines += [
+        "",
+        f"One checkpoint of the whole model (parameters and Adam's exp_avg_sq): {full_mb:.0f} MB.",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -6,6 +6,7 @@ import copy
 import math
 import threading
 import time
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,8 @@ from models import TinyClassifier, loader, make_dataset, trainer
 
 from source_callback import SourceCallback, SourceCallbackError, open_run
 from source_callback.optim import UpdateRule, WeightDecay
+from source_callback.record.recorder import Recorder
+from source_callback.store import schema
 from source_callback.store.writer import StoreWriter
 
 
@@ -260,6 +263,49 @@ def test_first_interior_checkpoint_fills_buffers_allocated_after_the_first_step(
     assert {k: after.pointers[k] for k in before.pointers} == before.pointers
     state = run.checkpoints[1].optimizer_state()
     assert all(values["exp_avg_sq"].abs().sum() > 0 for values in state.values())
+
+
+class _CopyCountingWriter(StoreWriter):
+    """A store's writer that notes how many checkpoint copies are alive as each is written."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.copies: list[weakref.ref[torch.Tensor]] = []
+        self.alive: list[int] = []
+
+    def count(self) -> int:
+        return len({id(copy()) for copy in self.copies if copy() is not None})
+
+    def write_checkpoint(self, step: int, role: str, stage: int, snapshot: Any) -> str:
+        self.copies += [weakref.ref(buffer) for buffer in snapshot.buffers.values()]
+        self.alive.append(self.count())
+        return super().write_checkpoint(step, role, stage, snapshot)
+
+
+@pytest.mark.parametrize("max_snapshots", [1, 2])
+def test_checkpoints_taken_during_slow_writes_hold_at_most_max_snapshots_copies(
+    tmp_path, max_snapshots: int
+) -> None:
+    """Each write waits 0.2 s behind the writer thread (slow storage): the next checkpoint is
+    copied into other buffers while fewer than ``max_snapshots`` copies are held, and else
+    waits to refill the last one's."""
+    url = str(tmp_path / "run.zarr")
+    writer = _CopyCountingWriter.open(url)
+    recorder = Recorder(writer, max_snapshots=max_snapshots)
+    weight = torch.zeros(1000)
+    for step in range(5):
+        weight.fill_(step)
+        recorder._submit_checkpoint(time.sleep, 0.2)
+        recorder.checkpoint(step, schema.ROLE_INTERIOR, {"w": weight}, {}, {})
+        writer.alive.append(writer.count())
+    recorder.close()
+    assert max(writer.alive) == max_snapshots, writer.alive
+    # No copy was refilled before its write: every checkpoint holds its own step's values.
+    run = open_run(url)
+    assert [c.step for c in run.checkpoints] == list(range(5))
+    for checkpoint in run.checkpoints:
+        values = checkpoint.params(include_frozen=False)["w"]
+        assert torch.equal(values, torch.full((1000,), float(checkpoint.step)))
 
 
 def test_new_callback_on_same_store_and_default_names(tmp_path) -> None:

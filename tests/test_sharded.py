@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -30,13 +31,15 @@ from storeutil import assert_same_record
 from test_ddp import TRAIN_DDP, WORLD_SIZE, run_script, single_process_reference
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from source_callback import SourceCallback, analyze, open_run
 from source_callback.errors import DamagedStoreError, SourceCallbackError
 from source_callback.lightning import check_sharding
+from source_callback.record.recorder import Recorder
 from source_callback.store import schema
-from source_callback.store.shards import shard_rows
+from source_callback.store.shards import ShardGroup, shard_rows
+from source_callback.store.writer import StoreWriter
 
 TRAIN_SHARDED = SCRIPTS / "train_sharded.py"
 
@@ -82,6 +85,15 @@ def test_fsdp2_on_two_processes_records_what_one_process_does(tmp_path) -> None:
         index = got._group.attrs[schema.ATTR_SHARDED]
         pieces = [p for rows in index["tensors"].values() for *_, ps in rows for p in ps]
         assert index["ranks"] == WORLD_SIZE and {p[0] for p in pieces} == {0, 1}
+        # Around the pieces, the regions' padding is written as zeros.
+        padding = {key: np.ones(length, bool) for key, length in index["arrays"].items()}
+        for section, rows in index["tensors"].items():
+            for _, dtype, _, pieces in rows:
+                for _, offset, _, count, _ in pieces:
+                    padding[schema.packed_array_key(section, dtype)][offset : offset + count] = 0
+        assert any(outside.any() for outside in padding.values())
+        for key, outside in padding.items():
+            assert not got._group[key][:][outside].any(), key
         got_params, want_params = got.params(), want.params()
         assert got_params.keys() == want_params.keys()
         for name, value in want_params.items():
@@ -247,6 +259,30 @@ def test_fully_shard_by_hand_is_recorded_as_the_plain_model_is(tmp_path, one_pro
     assert sorted(frozen) == sorted(expected) == ["net.0.bias", "net.0.weight"]
     for name, value in expected.items():
         torch.testing.assert_close(frozen[name], value)
+
+
+def test_shards_are_written_from_the_snapshot_without_copies(tmp_path, one_process_group) -> None:
+    """A 36 MB region (over one 32 MiB chunk) is cut into two equal chunks, written from the
+    snapshot's buffers: no chunk is copied (numpy's allocations, traced, stay under 1 MiB)."""
+    mesh = init_device_mesh("cpu", (1,))
+    weight = distribute_tensor(torch.zeros(3000, 3000), mesh, [Shard(0)])
+    url = str(tmp_path / "run.zarr")
+    recorder = Recorder(StoreWriter.open(url, shard_group=ShardGroup.create()), max_snapshots=1)
+    for step in range(2):
+        weight.to_local().fill_(step + 1)
+        tracemalloc.start()
+        recorder.checkpoint(step, schema.ROLE_INTERIOR, {"w": weight}, {}, {})
+        recorder.wait()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 2**20, peak
+    recorder.close()
+    run = open_run(url)
+    for step, checkpoint in enumerate(run.checkpoints):
+        array = checkpoint._group["params.float32"]
+        assert (array.shape, array.chunks) == ((9_000_000,), (4_500_000,))
+        values = checkpoint.params(include_frozen=False)["w"]
+        assert torch.equal(values, torch.full((3000, 3000), step + 1.0))
 
 
 @pytest.mark.parametrize("kind", [FSDPStrategy, DeepSpeedStrategy])

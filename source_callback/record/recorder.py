@@ -76,21 +76,22 @@ class Recorder:
         The store's writer (already validated).
     flush_every
         Step rows buffered before a block is written.
-    max_pending
-        Checkpoint writes allowed in flight before the training thread waits to copy the next
-        (bounds the memory held by checkpoint copies).
+    max_snapshots
+        Checkpoint copies held at once, each the size of the tensors a checkpoint copies: a
+        checkpoint waits, before it copies, while that many are being written. With 1, it
+        refills the buffers of the last one, waiting for its write when it has not finished;
+        with 2, it is taken into other buffers meanwhile.
 
     """
 
     def __init__(
-        self, writer: StoreWriter, *, flush_every: int = 256, max_pending: int = 2
+        self, writer: StoreWriter, *, flush_every: int = 256, max_snapshots: int = 2
     ) -> None:
         self.writer = writer
         self.flush_every = flush_every
-        self.max_pending = max_pending
+        self.max_snapshots = max_snapshots
         self._rows: list[StepRow] = []
         self._pending: list[concurrent.futures.Future[Any]] = []  # of both threads
-        self._checkpoints: list[concurrent.futures.Future[Any]] = []  # in flight
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="source-callback-writer"
         )
@@ -103,9 +104,11 @@ class Recorder:
             max_workers=1, thread_name_prefix="source-callback-digests"
         )
         self._digests: concurrent.futures.Future[np.ndarray | None] | None = None
-        # The buffers of the last checkpoint written, refilled by the next (set by the writer).
+        # The buffers of the last checkpoint written, refilled by the next (set by the writer
+        # before its write counts as done), and the checkpoint writes in flight.
         self._spare: dict[str, torch.Tensor] = {}
         self._spare_lock = threading.Lock()
+        self._writing: list[concurrent.futures.Future[Any]] = []
         self.stage_index = -1
         self.first_step = 0
         self.next_step = writer.num_steps
@@ -113,22 +116,20 @@ class Recorder:
 
     # -- background writes -------------------------------------------------------------------
 
-    def _wait_for_slot(self) -> None:
-        """Block until fewer than ``max_pending`` checkpoints are in flight (and none failed)."""
+    def _wait_for_snapshot(self) -> None:
+        """Block while ``max_snapshots`` checkpoints are being written (and none failed)."""
         self._raise_failed()
-        while len(self._checkpoints) >= self.max_pending:
-            concurrent.futures.wait(
-                self._checkpoints, return_when=concurrent.futures.FIRST_COMPLETED
-            )
+        while len(self._writing) >= self.max_snapshots:
+            concurrent.futures.wait(self._writing, return_when=concurrent.futures.FIRST_COMPLETED)
+            self._writing = [f for f in self._writing if not f.done()]
             self._raise_failed()
 
     def _submit_checkpoint(
         self, fn: Callable[..., Any], *args: Any
     ) -> concurrent.futures.Future[Any]:
-        """Run a write of checkpoint data on the checkpoint thread (at most ``max_pending``)."""
-        self._wait_for_slot()
+        """Run a write of checkpoint data on the checkpoint thread."""
+        self._raise_failed()
         future = self._executor.submit(fn, *args)
-        self._checkpoints.append(future)
         self._pending.append(future)
         return future
 
@@ -138,7 +139,6 @@ class Recorder:
         self._pending.append(self._records.submit(fn, *args))
 
     def _raise_failed(self) -> None:
-        self._checkpoints = [f for f in self._checkpoints if not f.done()]
         for future in [f for f in self._pending if f.done()]:
             self._pending.remove(future)
             error = future.exception()
@@ -421,18 +421,31 @@ class Recorder:
         (:func:`source_callback.record.probe.probe_tensors`), if any; or ``late_probe``, the
         probe to come (:class:`~source_callback.store.writer.CheckpointSnapshot`). The copy
         goes into the buffers of the last checkpoint written, when its layout still fits.
+        Before copying, it waits while ``max_snapshots`` checkpoints are being written: the
+        copies held are those and the buffers kept for reuse, never more than ``max_snapshots``
+        sets.
         """
-        self._wait_for_slot()  # before copying: at most max_pending copies are ever held
+        self._wait_for_snapshot()
         self._write_digests(if_ready=True)
         with self._spare_lock:
             spare, self._spare = self._spare, {}
         snapshot = snapshot_checkpoint(
             params, buffers, optimizer_state, probe, spare, self.writer.shard_group, late_probe
         )
-        future = self._submit_checkpoint(
-            self.writer.write_checkpoint, step, role, self.stage_index, snapshot
+        self._writing.append(
+            self._submit_checkpoint(self._write_checkpoint, step, role, self.stage_index, snapshot)
         )
-        future.add_done_callback(lambda written: self._keep_spare(written, snapshot))
+
+    def _write_checkpoint(
+        self, step: int, role: str, stage_index: int, snapshot: CheckpointSnapshot
+    ) -> None:
+        """Write a checkpoint, then keep its buffers for the next one (one set at most).
+
+        Kept before the write counts as done, so that a checkpoint waiting for it refills them.
+        """
+        self.writer.write_checkpoint(step, role, stage_index, snapshot)
+        with self._spare_lock:
+            self._spare = snapshot.buffers
 
     def prepare_checkpoints(
         self,
@@ -455,11 +468,3 @@ class Recorder:
     def _allocate_spare(self, target: integrity.Layout) -> None:
         with self._spare_lock:
             self._spare = integrity.allocate(target, self._spare, touch=True)
-
-    def _keep_spare(
-        self, written: concurrent.futures.Future[Any], snapshot: CheckpointSnapshot
-    ) -> None:
-        """Keep a written snapshot's buffers for the next checkpoint (one set at most)."""
-        if written.exception() is None:
-            with self._spare_lock:
-                self._spare = snapshot.buffers

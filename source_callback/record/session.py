@@ -340,6 +340,9 @@ class RecordingSession:
         self.url = ranks.broadcast(url)
         self._sharded = sharded
         shard_group = ShardGroup.create() if sharded else None
+        # A rank of a sharded run holds one copy of its shards, refilled in place (a checkpoint
+        # waits for the last one's write when it has not finished): sharding is for memory.
+        options = {"flush_every": self.flush_every, "max_snapshots": 1 if sharded else 2}
         error = None
         if ranks.is_main and self.recorder is None:
             with _OPEN_LOCK:
@@ -348,7 +351,7 @@ class RecordingSession:
                 stale.abort()
             try:
                 writer = StoreWriter.open(self.url, self.storage_options, shard_group)
-                self.recorder = Recorder(writer, flush_every=self.flush_every)
+                self.recorder = Recorder(writer, **options)
                 with _OPEN_LOCK:
                     _OPEN[self.url] = self
             except errors.StoreError as exc:
@@ -360,7 +363,7 @@ class RecordingSession:
         if not ranks.is_main and self._shard_recorder is None:
             try:
                 writer = StoreWriter.join(self.url, self.storage_options, shard_group)
-                self._shard_recorder = Recorder(writer, flush_every=self.flush_every)
+                self._shard_recorder = Recorder(writer, **options)
             except errors.StoreError as exc:
                 error = exc
         raise_on_any_rank(error)

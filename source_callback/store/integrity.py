@@ -157,22 +157,28 @@ def allocate(
 
 
 def pack(
-    sections: Mapping[str, TensorDict], spare: Mapping[str, torch.Tensor] | None = None
+    sections: Mapping[str, TensorDict],
+    spare: Mapping[str, torch.Tensor] | None = None,
+    target: Layout | None = None,
 ) -> Packed:
     """Copy ``{section: {name: tensor}}`` (any device) into flat CPU tensors.
 
     ``spare``: the ``arrays`` of an earlier :class:`Packed` that has been written (or buffers
     from :func:`allocate`); those that fit are filled again instead of allocating.
+    ``target``: the tensors' :func:`layout` with longer arrays, whose ends are zero-filled.
     """
-    target = layout(sections)
-    arrays = allocate(target, spare)
+    tight = layout(sections)
+    arrays = allocate(target or tight, spare)
     with torch.no_grad():
-        for section, rows in target.entries.items():
+        for section, rows in tight.entries.items():
             for name, dtype, offset, shape in rows:
                 tensor = sections[section][name]
                 buffer = arrays[schema.packed_array_key(section, dtype)]
                 buffer[offset : offset + tensor.numel()].view(shape).copy_(tensor)
-    return Packed(arrays, target.entries)
+        if target is not None:
+            for key, (length, _) in tight.arrays.items():
+                arrays[key][length:].zero_()
+    return Packed(arrays, tight.entries)
 
 
 def _index(packed: Packed, values: Mapping[str, np.ndarray]) -> PackedIndex:

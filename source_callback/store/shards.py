@@ -6,8 +6,10 @@ the run's W ranks: rank r holds rows ``[r c, (r + 1) c)`` of its first dimension
 and so does each of its optimizer states. A sharded checkpoint is packed like any format-2
 checkpoint (one flat array per section and dtype) but *rank-major*: a rank's rows of every
 tensor of an array form one region, padded to a whole number of the array's chunks, so that
-each rank writes whole chunks of its own and no chunk is written by two ranks. Plain tensors
-(buffers, parameters left unsharded, the probe) lie in rank 0's region.
+each rank writes whole chunks of its own and no chunk is written by two ranks. The chunks
+split the largest region evenly (it needs next to no padding), and a rank packs its region
+padded in place, so that its chunks are written from the snapshot's memory, none copied.
+Plain tensors (buffers, parameters left unsharded, the probe) lie in rank 0's region.
 
 Every rank computes the same layout from the tensors' global shapes, without communicating;
 each writes its region concurrently and digests its pieces. The commit is one collective made
@@ -116,13 +118,13 @@ class ShardedLayout:
     arrays
         ``{packed array key: (length, chunk length, torch dtype)}`` of the whole arrays.
     regions
-        ``{packed array key: offset of this rank's region}``.
+        ``{packed array key: (offset, length) of this rank's region}``, padded: whole chunks.
 
     """
 
     entries: dict[str, list[list[Any]]]
     arrays: dict[str, tuple[int, int, str]]
-    regions: dict[str, int]
+    regions: dict[str, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class ShardedPacked:
     Attributes
     ----------
     local
-        This rank's pieces packed (:func:`integrity.pack`): its region of each array, unpadded.
+        This rank's pieces packed (:func:`integrity.pack`): its region of each array, padded
+        with zeros.
     layout
         Where every rank's pieces go.
 
@@ -194,18 +197,31 @@ def _assign(
     arrays: dict[str, tuple[int, int, str]] = {}
     starts: dict[str, list[int]] = {}
     for key, filled in used.items():
-        (chunk,) = schema.packed_chunks(max(filled), dtypes[key].itemsize)
+        largest = max(filled)
+        (limit,) = schema.packed_chunks(largest, dtypes[key].itemsize)
+        count = -(-largest // limit)
+        chunk = -(-largest // count)  # equal chunks: the largest region pads < 1 per chunk
         starts[key] = np.cumsum([0] + [-(-n // chunk) * chunk for n in filled]).tolist()
         arrays[key] = (starts[key][-1], chunk, schema.dtype_name(dtypes[key]))
     for key, piece in placed:
         piece[1] += starts[key][piece[0]]
-    regions = {key: offsets[shards.rank] for key, offsets in starts.items()}
+    regions = {
+        key: (offsets[shards.rank], offsets[shards.rank + 1] - offsets[shards.rank])
+        for key, offsets in starts.items()
+    }
     return mine, ShardedLayout(entries, arrays, regions)
 
 
+def _padded(mine: Mapping[str, TensorDict], layout: ShardedLayout) -> integrity.Layout:
+    """The layout of this rank's pieces packed into its regions, padding included."""
+    tight = integrity.layout(mine)
+    arrays = {key: (layout.regions[key][1], dtype) for key, (_, dtype) in tight.arrays.items()}
+    return integrity.Layout(tight.entries, arrays)
+
+
 def local_layout(sections: Mapping[str, TensorDict], shards: ShardGroup) -> integrity.Layout:
-    """The layout of this rank's pieces packed (what :func:`pack` will fill)."""
-    return integrity.layout(_assign(sections, shards)[0])
+    """The buffers :func:`pack` will fill: this rank's regions."""
+    return _padded(*_assign(sections, shards))
 
 
 def pack(
@@ -218,7 +234,7 @@ def pack(
     ``spare``: buffers of an earlier snapshot of this rank, filled again where they fit.
     """
     mine, layout = _assign(sections, shards)
-    return ShardedPacked(integrity.pack(mine, spare), layout)
+    return ShardedPacked(integrity.pack(mine, spare, _padded(mine, layout)), layout)
 
 
 async def _array(
@@ -243,7 +259,10 @@ async def _array(
 async def _write_region(
     group_path: StorePath, layout: ShardedLayout, values: Mapping[str, np.ndarray], rank: int
 ) -> None:
-    """Write this rank's region of every array in whole chunks (rank 0 creates the arrays)."""
+    """Write this rank's region of every array in whole chunks (rank 0 creates the arrays).
+
+    ``values`` hold the regions, padded: every chunk is a view of them.
+    """
     writes = []
     for key, (length, chunk, dtype) in layout.arrays.items():
         data = values.get(key)
@@ -254,13 +273,10 @@ async def _write_region(
         )
         if data is None:
             continue
-        region = layout.regions[key]
+        region = layout.regions[key][0]
         for start in range(0, data.size, chunk):
-            part = data[start : start + chunk]
-            if part.size < chunk:  # the region's last chunk, padded
-                part = np.concatenate([part, np.zeros(chunk - part.size, dtype=part.dtype)])
-            stop = region + start + chunk
-            writes.append(array.setitem(slice(region + start, stop), part))
+            span = slice(region + start, region + start + chunk)
+            writes.append(array.setitem(span, data[start : start + chunk]))
     await integrity.all_or_none(writes)
 
 
@@ -272,7 +288,7 @@ def _piece_digests(layout: ShardedLayout, values: Mapping[str, np.ndarray], rank
             key = schema.packed_array_key(section, dtype)
             for owner, offset, _, count in pieces:
                 if owner == rank:
-                    start = offset - layout.regions[key]
+                    start = offset - layout.regions[key][0]
                     digests.append(integrity.tensor_digest(values[key][start : start + count]))
     return digests
 
