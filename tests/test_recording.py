@@ -295,7 +295,7 @@ def test_checkpoints_taken_during_slow_writes_hold_at_most_max_snapshots_copies(
     weight = torch.zeros(1000)
     for step in range(5):
         weight.fill_(step)
-        recorder._submit_checkpoint(time.sleep, 0.2)
+        recorder._submit(recorder._checkpoint_thread, time.sleep, 0.2)
         recorder.checkpoint(step, schema.ROLE_INTERIOR, {"w": weight}, {}, {})
         writer.alive.append(writer.count())
     recorder.close()

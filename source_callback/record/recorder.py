@@ -92,10 +92,10 @@ class Recorder:
         self.max_snapshots = max_snapshots
         self._rows: list[StepRow] = []
         self._pending: list[concurrent.futures.Future[Any]] = []  # of both threads
-        self._executor = concurrent.futures.ThreadPoolExecutor(
+        self._checkpoint_thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="source-callback-writer"
         )
-        self._records = concurrent.futures.ThreadPoolExecutor(
+        self._record_thread = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="source-callback-records"
         )
         # Digests every training example while the stage trains: one read of the dataset,
@@ -124,19 +124,14 @@ class Recorder:
             self._writing = [f for f in self._writing if not f.done()]
             self._raise_failed()
 
-    def _submit_checkpoint(
-        self, fn: Callable[..., Any], *args: Any
+    def _submit(
+        self, thread: concurrent.futures.Executor, fn: Callable[..., Any], *args: Any
     ) -> concurrent.futures.Future[Any]:
-        """Run a write of checkpoint data on the checkpoint thread."""
+        """Run a write on ``thread`` (``_checkpoint_thread``: checkpoint data; else the rest)."""
         self._raise_failed()
-        future = self._executor.submit(fn, *args)
+        future = thread.submit(fn, *args)
         self._pending.append(future)
         return future
-
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run any other write of the record on its thread."""
-        self._raise_failed()
-        self._pending.append(self._records.submit(fn, *args))
 
     def _raise_failed(self) -> None:
         for future in [f for f in self._pending if f.done()]:
@@ -159,8 +154,8 @@ class Recorder:
         try:
             self.wait()
         finally:
-            self._executor.shutdown(wait=True)
-            self._records.shutdown(wait=True)
+            self._checkpoint_thread.shutdown(wait=True)
+            self._record_thread.shutdown(wait=True)
             self._spare = {}
             self._digester.shutdown(wait=False, cancel_futures=True)
 
@@ -259,7 +254,9 @@ class Recorder:
         """Write the stage's frozen parameters and its stage-start checkpoint."""
         if frozen:
             packed = snapshot_frozen(frozen, self.writer.shard_group)
-            self._submit_checkpoint(self.writer.write_frozen, self.stage_index, packed)
+            self._submit(
+                self._checkpoint_thread, self.writer.write_frozen, self.stage_index, packed
+            )
         self.checkpoint(self.first_step, schema.ROLE_START, params, buffers, optimizer_state, probe)
 
     def resume_stage(self, stage_index: int, next_step: int) -> None:
@@ -286,7 +283,7 @@ class Recorder:
         self.first_step = stages[stage_index].first_step
         self.next_step = next_step
         self.planned = frozenset(stages[stage_index].planned_checkpoints)
-        self._submit(self._truncate_for_resume, stage_index, next_step)
+        self._submit(self._record_thread, self._truncate_for_resume, stage_index, next_step)
         self.wait()
 
     def _truncate_for_resume(self, stage_index: int, next_step: int) -> None:
@@ -336,11 +333,13 @@ class Recorder:
             )
             return
         if digests is not None:
-            self._submit(self.writer.write_example_digests, self.stage_index, digests)
+            self._submit(
+                self._record_thread, self.writer.write_example_digests, self.stage_index, digests
+            )
 
     def note_no_probe(self, reason: str) -> None:
         """Record in the stage's entry why (some of) its checkpoints hold no probe."""
-        self._submit(self._note_no_probe, self.stage_index, reason)
+        self._submit(self._record_thread, self._note_no_probe, self.stage_index, reason)
 
     def _note_no_probe(self, stage_index: int, reason: str) -> None:
         self.writer.update_stage(stage_index, probe=reason)
@@ -374,7 +373,7 @@ class Recorder:
                 late.cancel()  # the write stops before its commit rather than waiting
                 raise
         self.wait()  # the stage is complete only once everything in it is
-        self._submit(self._close_stage, self.stage_index, self.next_step)
+        self._submit(self._record_thread, self._close_stage, self.stage_index, self.next_step)
         self.wait()
 
     def _close_stage(self, stage_index: int, next_step: int) -> None:
@@ -401,7 +400,7 @@ class Recorder:
         if self._rows:
             rows, self._rows = self._rows, []
             materialize_losses(rows)
-            self._submit(self.writer.append_steps, rows)
+            self._submit(self._record_thread, self.writer.append_steps, rows)
         self._write_digests(if_ready=True)
 
     def checkpoint(
@@ -433,7 +432,14 @@ class Recorder:
             params, buffers, optimizer_state, probe, spare, self.writer.shard_group, late_probe
         )
         self._writing.append(
-            self._submit_checkpoint(self._write_checkpoint, step, role, self.stage_index, snapshot)
+            self._submit(
+                self._checkpoint_thread,
+                self._write_checkpoint,
+                step,
+                role,
+                self.stage_index,
+                snapshot,
+            )
         )
 
     def _write_checkpoint(
@@ -463,7 +469,7 @@ class Recorder:
         if not any(step >= self.next_step for step in self.planned):
             return
         layout = checkpoint_layout(params, buffers, optimizer_state, self.writer.shard_group)
-        self._submit_checkpoint(self._allocate_spare, layout)
+        self._submit(self._checkpoint_thread, self._allocate_spare, layout)
 
     def _allocate_spare(self, target: integrity.Layout) -> None:
         with self._spare_lock:
