@@ -24,17 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from scipy.stats import pearsonr  # noqa: E402
-from test_analyze import _data, _spearman, two_stage_run  # noqa: E402
-from test_transformers import N1, RECIPES, _two_stage_run  # noqa: E402
-
-from source_callback import analyze  # noqa: E402
+from test_analyze import _data, _spearman, analyze_two_stage, two_stage_run  # noqa: E402
+from test_transformers import RECIPES, _two_stage_run, analyze_lora, lora_figures  # noqa: E402
 
 #: Settings in table order: name -> the figures measured, in order.
 SETTINGS = {
@@ -56,19 +53,8 @@ def mlp(root: Path) -> Any:
     truth, skipped_a, _, model, data_a, data_b = two_stage_run(root, queries)
 
     def figures(seed: int, fraction: float | None) -> tuple[float, ...]:
-        result = analyze(
-            root / "run.zarr",
-            model=model,
-            task="regression",
-            train={"a": data_a, "b": data_b},
-            queries=queries,
-            segments=3,
-            fisher="exact",
-            seed=seed,
-            curvature_examples=fraction,
-            name=None,
-            verbose=False,
-        )
+        options = {"seed": seed, "curvature_examples": fraction, "name": None}
+        result = analyze_two_stage(root, model, data_a, data_b, queries, **options)
         return (
             _spearman(result.scores["a"], truth[:, :24]),
             _spearman(result.scores["b"], truth[:, 24:]),
@@ -83,25 +69,8 @@ def transformer(root: Path, kind: str) -> Any:
     store, _, pretrain, sft, queries, truth = _two_stage_run(root, RECIPES[kind]())
 
     def figures(seed: int, fraction: float | None) -> tuple[float, ...]:
-        result = analyze(
-            store,
-            model=RECIPES[kind]().final(),
-            task="language_modeling",
-            train={"pretrain": pretrain, "sft": sft},
-            queries=queries,
-            segments=3,
-            batch_size=8,
-            seed=seed,
-            curvature_examples=fraction,
-            name=None,
-            verbose=False,
-        )
-        scores = np.concatenate([result.scores["pretrain"], result.scores["sft"]], axis=1)
-        return (
-            _spearman(scores, truth),
-            _spearman(result.scores["pretrain"], truth[:, :N1]),
-            _spearman(result.scores["sft"], truth[:, N1:]),
-        )
+        options = {"seed": seed, "curvature_examples": fraction}
+        return lora_figures(analyze_lora(store, kind, pretrain, sft, queries, **options), truth)
 
     return figures
 

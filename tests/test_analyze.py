@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -17,7 +18,7 @@ from unroll import adam_replay, call, leave_one_out_effects, sgd_replay
 from source_callback import AnalysisOptions, SourceCallback, open_run
 from source_callback.analysis.api import analyze
 from source_callback.analysis.ekfac import ModuleCurvature
-from source_callback.analysis.results import load_analysis
+from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.segments import plan_segments
 from source_callback.analysis.source import EkfacOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
@@ -266,12 +267,9 @@ def two_stage_run(root, queries: TensorDataset) -> tuple:
     return truth, skipped_a.numpy(), skipped_b.numpy(), model, data_a, data_b
 
 
-@pytest.fixture(scope="module")
-def two_stage(tmp_path_factory, queries):
-    """:func:`two_stage_run`, analyzed: ``(result, truth, ..., data_b, root)``."""
-    root = tmp_path_factory.mktemp("two-stage")
-    truth, skipped_a, skipped_b, model, data_a, data_b = two_stage_run(root, queries)
-    result = analyze(
+def analyze_two_stage(root, model, data_a, data_b, queries, **options: Any) -> AnalysisResult:
+    """The analysis of :func:`two_stage_run`'s record, with ``options`` added."""
+    return analyze(
         root / "run.zarr",
         model=model,
         task="regression",
@@ -280,7 +278,16 @@ def two_stage(tmp_path_factory, queries):
         segments=3,
         fisher="exact",
         verbose=False,
+        **options,
     )
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, queries):
+    """:func:`two_stage_run`, analyzed: ``(result, truth, ..., data_b, root)``."""
+    root = tmp_path_factory.mktemp("two-stage")
+    truth, skipped_a, skipped_b, model, data_a, data_b = two_stage_run(root, queries)
+    result = analyze_two_stage(root, model, data_a, data_b, queries)
     return result, truth, skipped_a, skipped_b, model, data_a, data_b, root
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, default_collate
 from unroll import adam_replay, leave_one_out_effects
 
 from source_callback import SourceCallback, analyze, open_run
+from source_callback.analysis.results import AnalysisResult
 from source_callback.analysis.task import LanguageModelingTask
 from source_callback.cli import summarize
 
@@ -229,10 +231,9 @@ FLOORS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(RECIPES))
-def test_lora_scores_match_unrolling(runs, kind) -> None:
-    store, _, pretrain, sft, queries, truth = runs(kind)
-    result = analyze(
+def analyze_lora(store, kind: str, pretrain, sft, queries, **options: Any) -> AnalysisResult:
+    """The analysis of a LoRA setting's run (:func:`_two_stage_run`), with ``options`` added."""
+    return analyze(
         store,
         model=RECIPES[kind]().final(),
         task="language_modeling",
@@ -242,14 +243,26 @@ def test_lora_scores_match_unrolling(runs, kind) -> None:
         batch_size=8,
         name=None,
         verbose=False,
+        **options,
     )
-    assert result.coverage == {"pretrain": 1.0, "sft": 1.0}
+
+
+def lora_figures(result: AnalysisResult, truth: np.ndarray) -> tuple[float, float, float]:
+    """Mean per-query Spearman with the unroll: all examples, pretraining, the LoRA stage."""
     scores = np.concatenate([result.scores["pretrain"], result.scores["sft"]], axis=1)
-    measured = (
+    return (
         _spearman(scores, truth),
         _spearman(result.scores["pretrain"], truth[:, :N1]),
         _spearman(result.scores["sft"], truth[:, N1:]),
     )
+
+
+@pytest.mark.parametrize("kind", list(RECIPES))
+def test_lora_scores_match_unrolling(runs, kind) -> None:
+    store, _, pretrain, sft, queries, truth = runs(kind)
+    result = analyze_lora(store, kind, pretrain, sft, queries)
+    assert result.coverage == {"pretrain": 1.0, "sft": 1.0}
+    measured = lora_figures(result, truth)
     print(f"{kind}: Spearman all / pretraining / LoRA stage", *(f"{r:.3f}" for r in measured))
     assert all(r > floor for r, floor in zip(measured, FLOORS[kind], strict=True))
 
