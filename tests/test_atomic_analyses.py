@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +25,28 @@ def script():
     return load_script(SCRIPT)
 
 
-@pytest.fixture
-def analyzed(tmp_path, script):
+@pytest.fixture(scope="module")
+def analyzed_once(tmp_path_factory, script):
     """A one-stage record with a committed analysis ``default`` of 3 queries (and a cache)."""
-    store = tmp_path / "run.zarr"
+    root = tmp_path_factory.mktemp("atomic")
+    store = root / "run.zarr"
     callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=2)
-    trainer([callback], tmp_path, max_epochs=2).fit(
+    trainer([callback], root, max_epochs=2).fit(
         TinyClassifier(), loader(script.TRAIN["pretrain"], batch_size=16)
     )
     script.run(store, count=3, projection_dim=4)
     result = load_analysis(store)
     result.scores = {name: np.asarray(array[...]) for name, array in result.scores.items()}
     return store, result
+
+
+@pytest.fixture
+def analyzed(tmp_path, analyzed_once):
+    """A copy of :func:`analyzed_once`'s store, for one test to kill an analysis in."""
+    store, result = analyzed_once
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(store, copy)
+    return copy, result
 
 
 def _killed(store: Path, point: str, *extra: str) -> str:

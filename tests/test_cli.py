@@ -231,6 +231,18 @@ def test_python_dash_m_entry_point(store: Path) -> None:
     assert "checkpoints (6, 6 committed)" in result.stdout
 
 
+def test_reading_and_the_command_line_do_not_import_the_training_frameworks() -> None:
+    """Lightning alone takes seconds to import; only the callbacks need it (or transformers)."""
+    code = (
+        "import sys, source_callback, source_callback.cli; "
+        "print(sorted(m for m in ('lightning', 'transformers', 'peft') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 ANALYZE_CONFIG = {
     "task": "classification",
     "data": "models:two_stage_sets",

@@ -25,9 +25,8 @@ from source_callback.analysis.inputs import checkpoint_state, to_device
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError, listed
-from source_callback.lightning import ProbeUnavailable, training_step_losses
 from source_callback.manifest import model_manifest
-from source_callback.record.probe import preserved_rng
+from source_callback.record.probe import ProbeUnavailable, preserved_rng
 from source_callback.store.reader import Checkpoint, Run
 from source_callback.store.schema import ROLE_END, ROLE_START, Stage
 
@@ -220,6 +219,10 @@ def check_module_probes(
                     f"(missing or unexpected: {wrong[:5]}). Pass a module factory of the "
                     "trained LightningModule; before_stage= must prepare it for each stage."
                 )
+            # Imported here: Lightning takes seconds to import, and reading a store, the
+            # command line and analyses of plain modules do not need it.
+            from source_callback.lightning import training_step_losses
+
             try:
                 losses = training_step_losses(
                     model, train[stage.name], indices.tolist(), collate_fn, device

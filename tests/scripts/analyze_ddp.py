@@ -2,15 +2,15 @@
 
 Usage: ``python analyze_ddp.py STORE OUT MODE``. ``MODE`` is
 
-- ``fabric``: ``analyze(..., devices=2, strategy="ddp")`` launches the ranks itself (Lightning
-  Fabric re-executes this script for rank 1);
+- ``fabric``: ``analyze(..., devices=2, strategy="ddp", verbose=True)`` launches the ranks
+  itself (Lightning Fabric re-executes this script for rank 1) and shows progress and the
+  summary;
 - ``external``: the script runs under ``torchrun`` and initialises the process group itself;
   the analysis builds an exact projected-gradient cache (``projection_dim`` 16 covers every
   layer) and keeps its scores out of core;
-- ``fail``: like ``fabric``, with a training set that raises on rank 1 only;
+- ``fail``: like ``fabric`` (quiet), with a training set that raises on rank 1 only;
 - ``nan``: like ``fabric``, with a task whose loss is NaN on pretraining example ``NAN_AT``
   (which rank 1 scores);
-- ``verbose``: like ``fabric``, showing progress and the summary;
 - ``subset``: like ``fabric``, each curvature fitted on ``SUBSET`` of its stage's examples.
 
 Each rank saves its result as ``OUT/rank<r>.npz`` and prints ``DONE rank=<r>``.
@@ -111,7 +111,7 @@ def main() -> None:
         kwargs["task"] = NanLossAt(training_sets()["pretrain"][NAN_AT][0])
     if mode == "subset":
         kwargs["curvature_examples"] = SUBSET
-    kwargs["verbose"] = mode == "verbose"
+    kwargs["verbose"] = mode == "fabric"
     result = analyze_run(store, **kwargs)
     rank = dist.get_rank()
     np.savez(
