@@ -293,14 +293,14 @@ def test_failure_mid_checkpoint_leaves_it_uncommitted(
     store = tmp_path / "run.zarr"
     write_store(str(store), None)
     before = [c.params() for c in open_run(store).checkpoints]
-    original = zarr.AsyncGroup.create_array
+    original = zarr.storage.LocalStore.set
 
-    async def failing(group: zarr.AsyncGroup, name: str, **kwargs: Any) -> zarr.AsyncArray:
-        if name.startswith("optimizer."):
+    async def failing(store: zarr.storage.LocalStore, key: str, value: Any) -> None:
+        if "/optimizer." in key:
             raise OSError("disk full")
-        return await original(group, name, **kwargs)
+        await original(store, key, value)
 
-    monkeypatch.setattr(zarr.AsyncGroup, "create_array", failing)
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", failing)
     writer = StoreWriter.open(str(store))
     with pytest.raises(OSError, match="disk full"):
         snapshot = snapshot_checkpoint(_params(5), {}, {"exp_avg_sq": _params(6)})

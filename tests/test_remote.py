@@ -188,6 +188,42 @@ def test_s3_checkpoint_of_many_tensors_reads_back_identically(
         _assert_tensors_equal(remote.params(), params, "params, one read at a time")
 
 
+def test_s3_checkpoint_write_takes_a_few_requests_whatever_its_tensor_count(
+    s3: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group, each packed array's metadata and chunk, the commit: 12 or 60 tensors alike.
+
+    Counted at the store (each call one S3 request, a deletion a listing and its deletes).
+    Zarr's own ``create_group``/``create_array`` look for existing nodes and read every parent
+    first: 67 requests for this checkpoint before.
+    """
+    prefix, storage_options = s3
+    calls: list[str] = []
+    for method in ("get", "set", "exists", "delete", "delete_dir", "list_dir", "list_prefix"):
+        original = getattr(zarr.storage.FsspecStore, method)
+
+        def counted(*args: Any, _original: Any = original, _name: str = method, **kw: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(zarr.storage.FsspecStore, method, counted)
+    counts = []
+    for count in (12, 60):
+        writer = StoreWriter.open(f"{prefix}/{count}.zarr", storage_options)
+        params = _many_tensors(count, seed=count)
+        state = {"exp_avg_sq": {n: p.float() for n, p in params.items() if p.is_floating_point()}}
+        snapshot = snapshot_checkpoint(params, {}, state)
+        calls.clear()
+        writer.write_checkpoint(0, schema.ROLE_START, 0, snapshot)
+        counts.append(sorted(calls))
+        (checkpoint,) = open_run(
+            f"{prefix}/{count}.zarr", storage_options=storage_options
+        ).checkpoints
+        _assert_tensors_equal(checkpoint.params(), params, "params")
+    arrays = 7  # packed: the parameters' 6 dtypes and the float32 state, one chunk each
+    assert counts[0] == counts[1] == sorted(["delete_dir"] + ["set"] * (1 + 2 * arrays + 1))
+
+
 def test_s3_read_tensors_equals_one_read_per_array(s3: tuple[str, dict[str, Any]]) -> None:
     """Concurrent reads equal the arrays read one by one, multi-chunk arrays included."""
     prefix, storage_options = s3

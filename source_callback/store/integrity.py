@@ -22,7 +22,11 @@ import google_crc32c
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
+from zarr.storage import MemoryStore, StorePath
 
 from source_callback.errors import Damage
 from source_callback.store import schema
@@ -198,7 +202,57 @@ def _index(packed: Packed, values: Mapping[str, np.ndarray]) -> PackedIndex:
     }
 
 
-async def _write_arrays(group: zarr.AsyncGroup, values: Mapping[str, np.ndarray]) -> None:
+async def _write_metadata(path: StorePath, metadata: GroupMetadata | ArrayV3Metadata) -> None:
+    """Write a node's metadata document at ``path``, checking nothing that is there or above.
+
+    Zarr's ``create_group``/``create_array`` first look for an existing node and for every
+    parent group: about ten requests per node on S3, where the writer knows the answers.
+    """
+    documents = metadata.to_buffer_dict(default_buffer_prototype())
+    await all_or_none((path / name).set(document) for name, document in documents.items())
+
+
+async def packed_array(
+    group_path: StorePath, key: str, length: int, chunk: int, dtype: np.dtype, create: bool
+) -> zarr.AsyncArray:
+    """The 1-d packed array ``key`` of the group at ``group_path``, chunks of ``chunk`` items.
+
+    Its metadata is made in memory; ``create`` writes it (in a group just made by the caller),
+    otherwise the handle writes chunks only (another process writes the metadata).
+    """
+    made = await zarr.api.asynchronous.create_array(
+        StorePath(MemoryStore(), key),
+        shape=(length,),
+        dtype=dtype,
+        chunks=(chunk,),
+        compressors=schema.packed_codecs(),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
+    if create:
+        await _write_metadata(group_path / key, made.metadata)
+    # With the made array's config too (every chunk written), which the metadata does not hold.
+    return zarr.AsyncArray(metadata=made.metadata, store_path=group_path / key, config=made.config)
+
+
+def create_group(parent: StorePath, key: str, attributes: dict[str, Any]) -> zarr.Group:
+    """A new group ``key`` under ``parent``, replacing whatever was there.
+
+    One listing (and the deletes of what it finds) and one write, where ``create_group`` would
+    also read the parents and check for nodes of the same name.
+    """
+    path = parent / key
+
+    async def create() -> zarr.AsyncGroup:
+        await path.delete_dir()
+        metadata = GroupMetadata(attributes=attributes, zarr_format=3)
+        await _write_metadata(path, metadata)
+        return zarr.AsyncGroup(metadata=metadata, store_path=path)
+
+    return zarr.Group(run(create()))
+
+
+async def _write_arrays(group_path: StorePath, values: Mapping[str, np.ndarray]) -> None:
     """Create every packed array and write it chunk by chunk, ``async.concurrency`` at a time.
 
     One ``setitem`` per chunk, and every chunk written (even one of zeros): Zarr then encodes
@@ -212,16 +266,8 @@ async def _write_arrays(group: zarr.AsyncGroup, values: Mapping[str, np.ndarray]
             await array.setitem(slice(start, start + len(data)), data)
 
     async def write(key: str, data: np.ndarray) -> None:
-        array = await group.create_array(
-            key,
-            shape=data.shape,
-            dtype=data.dtype,
-            chunks=schema.packed_chunks(data.size, data.itemsize),
-            compressors=schema.packed_codecs(),
-            fill_value=0,
-            config={"write_empty_chunks": True},
-        )
-        step = array.chunks[0]
+        (step,) = schema.packed_chunks(data.size, data.itemsize)
+        array = await packed_array(group_path, key, data.size, step, data.dtype, create=True)
         await all_or_none(
             write_chunk(array, data[start : start + step], start)
             for start in range(0, data.size, step)
@@ -246,7 +292,7 @@ def write_packed(group: zarr.Group, packed: Packed) -> PackedIndex:
     """
     values = {key: schema.encode_tensor(a).array for key, a in packed.arrays.items()}
     index = _index(packed, values)
-    run(_write_arrays(_async_group(group), values))
+    run(_write_arrays(group.store_path, values))
     return index
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.storage import MemoryStore, StorePath
+from zarr.storage import StorePath
 
 from source_callback.errors import StoreError
 from source_callback.store import integrity, schema
@@ -237,25 +237,6 @@ def pack(
     return ShardedPacked(integrity.pack(mine, spare, _padded(mine, layout)), layout)
 
 
-async def _array(
-    group_path: StorePath, key: str, length: int, chunk: int, dtype: np.dtype, create: bool
-) -> zarr.AsyncArray:
-    """The packed array ``key``: created (rank 0), or its handle without writing metadata."""
-    options: dict[str, Any] = {
-        "shape": (length,),
-        "dtype": dtype,
-        "chunks": (chunk,),
-        "compressors": schema.packed_codecs(),
-        "fill_value": 0,
-        "config": {"write_empty_chunks": True},
-    }
-    if create:
-        return await zarr.api.asynchronous.create_array(group_path / key, **options)
-    # The same metadata, made in memory: the array's zarr.json is rank 0's to write.
-    made = await zarr.api.asynchronous.create_array(StorePath(MemoryStore(), key), **options)
-    return zarr.AsyncArray(metadata=made.metadata, store_path=group_path / key)
-
-
 async def _write_region(
     group_path: StorePath, layout: ShardedLayout, values: Mapping[str, np.ndarray], rank: int
 ) -> None:
@@ -268,7 +249,7 @@ async def _write_region(
         data = values.get(key)
         if rank != 0 and data is None:
             continue
-        array = await _array(
+        array = await integrity.packed_array(
             group_path, key, length, chunk, schema.storage_dtype(dtype), create=rank == 0
         )
         if data is None:

@@ -356,7 +356,7 @@ class StoreWriter:
             assert self.shard_group is not None and late_probe is None
             shards.write(self.root[parent], key, attributes, packed, self.shard_group, commit)
             return
-        group = self.root[parent].create_group(key, overwrite=True, attributes=attributes)
+        group = integrity.create_group(self.root.store_path / parent, key, attributes)
         _commit(group, packed, commit, late_probe)
 
     def write_example_digests(self, stage: int, digests: np.ndarray) -> None:
