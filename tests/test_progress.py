@@ -12,6 +12,7 @@ import pytest
 from models import TinyClassifier, adamw, loader, query_set, sgd_momentum, trainer, two_stage_sets
 
 from source_callback import SourceCallback, analyze
+from source_callback.analysis.progress import Progress
 
 #: The bar over the whole analysis: pass at, passes planned, batches done, batches planned.
 OVERALL = re.compile(r"analysis, pass (\d+)/(\d+): +\d+%\|[^|]*\| (\d+)/(\d+) batches")
@@ -101,3 +102,34 @@ def test_nothing_is_shown_without_verbose(record: Path, capsys) -> None:
         verbose=False,
     )
     assert capsys.readouterr() == ("", "")
+
+
+def test_time_left_weighs_each_kind_of_pass_by_its_own_time_per_batch(capsys) -> None:
+    """A kind of pass measured is estimated at its own pace; one not yet run at the mean."""
+    now = [0.0]
+    progress = Progress(shown=True, clock=lambda: now[0])
+    with progress:
+        progress.plan([("factors", 2), ("scores", 2), ("factors", 2)])
+        assert progress.time_left() is None  # nothing measured yet: shown as "?"
+        with progress.data_pass("segment 1/1 factors 1/2", 2) as advance:
+            for _ in range(2):
+                now[0] += 1.0  # a factor batch takes 1 s
+                advance()
+        assert progress.time_left() == 2 * 1.0 + 2 * 1.0  # scores unmeasured: the mean
+        with progress.data_pass("segment 1/1 scores 1/1", 2) as advance:
+            now[0] += 4.0  # a scoring batch takes 4 s
+            advance()
+            assert progress.time_left() == 1 * 4.0 + 2 * 1.0
+            now[0] += 4.0
+            advance()
+        assert progress.time_left() == 2 * 1.0
+        with progress.data_pass("segment 1/1 factors 2/2", 2) as advance:
+            now[0] += 2.0  # the pause before it (an eigendecomposition) counts here
+            advance()
+            assert progress.time_left() == 1 * (4.0 / 3)  # 1 s, 1 s, then 2 s
+            now[0] += 1.0
+            advance()
+        assert progress.time_left() == 0.0
+    shown = capsys.readouterr().err
+    assert "batches [00:00<?]" in shown  # the bar as planned, before any batch
+    assert OVERALL.findall(shown)[-1] == ("3", "3", "6", "6")

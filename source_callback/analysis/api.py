@@ -29,7 +29,7 @@ from source_callback.analysis.optimizers import (
 from source_callback.analysis.options import AnalysisOptions, Fisher, Method, option_names
 from source_callback.analysis.parallel import Workers
 from source_callback.analysis.probes import check_probes
-from source_callback.analysis.progress import Progress
+from source_callback.analysis.progress import PlannedPass, Progress
 from source_callback.analysis.projection import KroneckerProjection
 from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.scores import MemoryScores, ScoreSink, StoredScores
@@ -587,14 +587,14 @@ def _source_passes(
     states: list[list[StateSource]],
     fitting: bool,
     cached: bool,
-) -> list[int]:
-    """Batches of each data pass :func:`_source` makes, segment ``ℓ`` on ``datasets[ℓ]``.
+) -> list[PlannedPass]:
+    """Each data pass :func:`_source` makes, segment ``ℓ`` on ``datasets[ℓ]``.
 
     ``fitting``: the segment operators are fitted (no stored cache holds them); ``cached``:
     scored through the projected cache.
     """
     work = job.stages.final
-    passes: list[int] = []
+    passes: list[PlannedPass] = []
     segments = list(zip(job.plan, engines, datasets, states, strict=True))
     if fitting:
         for segment, engine, dataset, segment_states in segments:
@@ -609,8 +609,8 @@ def _source_passes(
     return passes
 
 
-def _show_plan(job: _Job, passes: list[int]) -> None:
-    """Show the progress of the whole analysis: the method's ``passes`` (batches of each).
+def _show_plan(job: _Job, passes: list[PlannedPass]) -> None:
+    """Show the progress of the whole analysis: the method's ``passes``.
 
     The two measurements of :func:`_stage_effects` are added to them.
     """
@@ -626,7 +626,7 @@ def _influence(job: _Job) -> Arrivals:
     """
     work, run, final_state = job.stages.final, job.run, job.final_state
     pooled = ConcatDataset([work.train[s.name] for s in run.stages])
-    scoring = [n for s in run.stages for n in work.score_passes(work.train[s.name], 1)]
+    scoring = [p for s in run.stages for p in work.score_passes(work.train[s.name], 1)]
     queries = work.query_passes(job.queries)
     _show_plan(job, work.curvature_passes(pooled, 1) + queries + scoring)
     curvature = work.curvature(pooled, [lambda: final_state], "influence")
@@ -656,7 +656,7 @@ def _tracin(job: _Job) -> Arrivals:
         for segment in plan
         for _ in segment.checkpoints
     ]
-    _show_plan(job, [n for passes in per_checkpoint for n in passes] + queries)
+    _show_plan(job, [p for passes in per_checkpoint for p in passes] + queries)
     steps = run.steps()
     for number, segment in enumerate(plan):
         stage = run.stages[segment.stage]

@@ -18,7 +18,7 @@ from source_callback.analysis.finite import CheckedTask, Place, enter, require_f
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
 from source_callback.analysis.parallel import Blocks, Workers
-from source_callback.analysis.progress import Progress
+from source_callback.analysis.progress import PlannedPass, Progress
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
@@ -284,16 +284,15 @@ class Engine:
 
     def curvature_passes(
         self, dataset: Dataset, states: int, modules: dict[str, Unit] | None = None
-    ) -> list[int]:
-        """Batches of each pass :meth:`curvature` makes with ``states`` states.
+    ) -> list[PlannedPass]:
+        """Each pass :meth:`curvature` makes with ``states`` states: its kind and batches.
 
         This rank's share, as in the other ``*_passes`` methods, which the overall progress
         (:meth:`~source_callback.analysis.progress.Progress.plan`) adds up before the passes run.
         """
         factors = states if _factored(self.modules if modules is None else modules) else 0
-        return [self._batches(self._curvature_examples(dataset)[1], self.batch_size)] * (
-            factors + states
-        )
+        batches = self._batches(self._curvature_examples(dataset)[1], self.batch_size)
+        return [("factors", batches)] * factors + [("eigenvalues", batches)] * states
 
     def _curvature_examples(self, dataset: Dataset) -> tuple[list[int] | None, int]:
         """The examples of ``dataset`` a curvature fit uses (``None``: all), and their number."""
@@ -355,9 +354,9 @@ class Engine:
         with self.timer("scoring"):
             self.workers.run(score)
 
-    def score_passes(self, dataset: Dataset, states: int) -> list[int]:
-        """Batches of each pass :meth:`scores` makes with ``states`` states."""
-        return [self._batches(len(dataset), SCORE_CHUNK[1])] * states  # type: ignore[arg-type]
+    def score_passes(self, dataset: Dataset, states: int) -> list[PlannedPass]:
+        """Each pass :meth:`scores` makes with ``states`` states."""
+        return [("scores", self._batches(len(dataset), SCORE_CHUNK[1]))] * states  # type: ignore[arg-type]
 
     def cache_gradients(
         self,
@@ -406,10 +405,10 @@ class Engine:
         with self.timer("cached gradients"):
             self.workers.run(write)
 
-    def cache_passes(self, dataset: Dataset, states: int) -> list[int]:
-        """Batches of each pass :meth:`cache_gradients` makes: one per block and state."""
+    def cache_passes(self, dataset: Dataset, states: int) -> list[PlannedPass]:
+        """Each pass :meth:`cache_gradients` makes: one per block and state."""
         blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
-        return [len(self._starts([block])) for block in blocks for _ in range(states)]
+        return [("cached gradients", len(self._starts([b]))) for b in blocks for _ in range(states)]
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
@@ -426,9 +425,9 @@ class Engine:
                 for name, grads in local.items()
             }
 
-    def query_passes(self, queries: Dataset) -> list[int]:
-        """Batches of the pass :meth:`query_grads` makes."""
-        return [self._batches(len(queries), self.batch_size)]  # type: ignore[arg-type]
+    def query_passes(self, queries: Dataset) -> list[PlannedPass]:
+        """The pass :meth:`query_grads` makes."""
+        return [("query gradients", self._batches(len(queries), self.batch_size))]  # type: ignore[arg-type]
 
     def measurement(self, queries: Dataset) -> np.ndarray:
         """The measurement of every query at the loaded state, ``[Q]``."""
@@ -445,7 +444,7 @@ class Engine:
             values = self.workers.gather(local, len(queries), self.batch_size)  # type: ignore[arg-type]
             return values.cpu().numpy()
 
-    def measurement_passes(self, queries: Dataset) -> list[int]:
-        """Batches of the pass :meth:`measurement` makes: none where this rank has no query."""
+    def measurement_passes(self, queries: Dataset) -> list[PlannedPass]:
+        """The pass :meth:`measurement` makes: none where this rank has no query."""
         count = self._batches(len(queries), self.batch_size)  # type: ignore[arg-type]
-        return [count] if count else []
+        return [("measurement", count)] if count else []
