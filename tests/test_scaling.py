@@ -7,6 +7,7 @@ every dimension of the model), up to the cache's float32 storage.
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from scipy.stats import spearmanr
 from torch.utils.data import Dataset, TensorDataset
 
 from source_callback import AnalysisResult, SourceCallback, analyze, load_analysis, open_run
+from source_callback.analysis import memory
+from source_callback.analysis.scores import StoredScores
 from source_callback.fingerprint import example_digests
 from source_callback.record.probe import probe_indices
 from source_callback.store.analyses import open_cache
@@ -89,6 +92,67 @@ def test_out_of_core_scores_equal_in_memory_and_stay_in_the_store(store, exact) 
     reopened = load_analysis(store, "ooc")
     _assert_scores_close(reopened, exact, rtol=1e-12)
     assert reopened.config == exact.config
+
+
+@pytest.fixture(scope="module")
+def two_block_store(tmp_path_factory) -> str:
+    """One AdamW stage on 4,200 examples: two blocks of scores (4,096 and 104 examples)."""
+    root = tmp_path_factory.mktemp("two-blocks")
+    path = str(root / "run.zarr")
+    torch.manual_seed(0)
+    callback = SourceCallback(path, stage="pretrain", checkpoints_per_stage=4)
+    data = make_dataset(4200, seed=3)
+    trainer([callback], root, max_epochs=2).fit(TinyClassifier(optimizer=adamw), loader(data, 1050))
+    return path
+
+
+@pytest.mark.parametrize(("share", "adds_per_block"), [(None, 1), (3.5, 2), (1.0, 4)])
+def test_out_of_core_writes_each_block_once_per_group_of_states_held(
+    two_block_store, monkeypatch, share: float | None, adds_per_block: int
+) -> None:
+    """Held together, a stage's states all go into a block before it is written.
+
+    Two segments, 4 states in all. ``share``: room for that many states in
+    the memory their rule allows (``None``: the machine's, all of them); the blocks are then
+    written once per group of that many states, equal to the in-memory scores bit for bit.
+    """
+    data = {"pretrain": make_dataset(4200, seed=3)}
+    kwargs: dict[str, Any] = {"train": data, "segments": 2}
+    queries = make_dataset(3, seed=7)
+    expected = _analyze(two_block_store, queries, **kwargs)
+    if share is not None:
+        state_bytes = sum(
+            t.numel() * t.element_size() for t in TinyClassifier().state_dict().values()
+        )
+        machine = memory.available(torch.device("cpu"))
+        monkeypatch.setattr(memory, "HELD_STATES_SHARE", share * state_bytes / machine)
+    adds: list[tuple[int, int]] = []
+    add = StoredScores.add
+
+    def counted(sink: StoredScores, stage: int, start: int, block: np.ndarray) -> None:
+        adds.append((stage, start))
+        add(sink, stage, start, block)
+
+    monkeypatch.setattr(StoredScores, "add", counted)
+    result = _analyze(two_block_store, queries, name="blocks", out_of_core=True, **kwargs)
+    assert sorted(adds) == sorted([(0, 0), (0, 4096)] * adds_per_block)
+    np.testing.assert_array_equal(
+        np.asarray(result.scores["pretrain"][...]), expected.scores["pretrain"]
+    )
+    np.testing.assert_array_equal(result.stage_effects, expected.stage_effects)
+
+
+def test_a_damaged_score_chunk_is_an_error_not_a_wrong_score(store, tmp_path) -> None:
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(store, copy)
+    _analyze(str(copy), make_dataset(5, seed=7), name="kept", out_of_core=True)
+    (chunk,) = [p for p in copy.glob("analyses/kept/*/scores/0000/c/**/*") if p.is_file()]
+    data = bytearray(chunk.read_bytes())
+    data[17] ^= 0x01  # a bit of the first query's third score
+    chunk.write_bytes(bytes(data))
+    scores = load_analysis(str(copy), "kept").scores["pretrain"]
+    with pytest.raises(ValueError, match="checksum"):
+        scores[...]
 
 
 def test_cache_with_an_exact_projection_equals_exact_scores(store, exact) -> None:

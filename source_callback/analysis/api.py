@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from source_callback.analysis import memory as footprint
 from source_callback.analysis.cache import GradientCache
-from source_callback.analysis.engine import Engine, State, StateSource
+from source_callback.analysis.engine import Engine, ScoreTerm, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.inputs import average_states, check_datasets, checkpoint_state
 from source_callback.analysis.namespace import RunView
@@ -565,19 +565,30 @@ def _source(job: _Job, cache: GradientCache | None) -> Arrivals:
         with work.timer("scoring"):
             cache.score(work, operators, responses, indices, weights, job.sink)
     else:
-        for number, (segment_states, dataset) in enumerate(zip(states, datasets, strict=True)):
-            label = f"segment {number + 1}/{len(plan)}"
-            engines[number].scores(
-                dataset,
-                segment_states,
-                responses[number],
-                label,
+        for index, numbers in _stage_segments(plan).items():
+            terms = [
+                ScoreTerm(state, responses[n], weights[n] / len(states[n]))
+                for n in numbers
+                for state in states[n]
+            ]
+            engine = engines[numbers[0]]
+            engine.scores(
+                datasets[numbers[0]],
+                terms,
+                f"stage {index + 1}/{len(run.stages)}",
                 job.sink,
-                indices[number],
-                weights[number],
-                stage_modules(engines[number], run.stages[indices[number]]),
+                index,
+                stage_modules(engine, run.stages[index]),
             )
     return {k: arrivals[n] for k, n in _last_segments(plan).items()}
+
+
+def _stage_segments(plan: list[Segment]) -> dict[int, list[int]]:
+    """The numbers of each stage's segments in ``plan``, by stage index (scored together)."""
+    numbers: dict[int, list[int]] = {}
+    for number, segment in enumerate(plan):
+        numbers.setdefault(segment.stage, []).append(number)
+    return numbers
 
 
 def _source_passes(
@@ -601,11 +612,14 @@ def _source_passes(
             modules = stage_modules(engine, job.run.stages[segment.stage])
             passes += engine.curvature_passes(dataset, len(segment_states), modules)
     passes += work.query_passes(job.queries)
-    for _, engine, dataset, segment_states in segments:
-        if not cached:
-            passes += engine.score_passes(dataset, len(segment_states))
-        elif fitting:
-            passes += work.cache_passes(dataset, len(segment_states))
+    if cached:
+        if fitting:
+            for _, _, dataset, segment_states in segments:
+                passes += work.cache_passes(dataset, len(segment_states))
+        return passes
+    for numbers in _stage_segments(job.plan).values():
+        terms = sum(len(states[n]) for n in numbers)
+        passes += engines[numbers[0]].score_passes(datasets[numbers[0]], terms, job.sink)
     return passes
 
 
@@ -626,7 +640,7 @@ def _influence(job: _Job) -> Arrivals:
     """
     work, run, final_state = job.stages.final, job.run, job.final_state
     pooled = ConcatDataset([work.train[s.name] for s in run.stages])
-    scoring = [p for s in run.stages for p in work.score_passes(work.train[s.name], 1)]
+    scoring = [p for s in run.stages for p in work.score_passes(work.train[s.name], 1, job.sink)]
     queries = work.query_passes(job.queries)
     _show_plan(job, work.curvature_passes(pooled, 1) + queries + scoring)
     curvature = work.curvature(pooled, [lambda: final_state], "influence")
@@ -636,11 +650,9 @@ def _influence(job: _Job) -> Arrivals:
     vectors = {
         n: c.apply(u[n], lambda lam, n=n: 1 / (lam + delta[n])) for n, c in curvature.items()
     }
+    terms = [ScoreTerm(lambda: final_state, vectors, 1 / len(pooled))]
     for s in run.stages:
-        states = [lambda: final_state]
-        work.scores(
-            work.train[s.name], states, vectors, "influence", job.sink, s.index, 1 / len(pooled)
-        )
+        work.scores(work.train[s.name], terms, "influence", job.sink, s.index)
     return {s.index: u for s in run.stages}
 
 
@@ -652,7 +664,7 @@ def _tracin(job: _Job) -> Arrivals:
     work, run, plan = job.stages.final, job.run, job.plan
     queries = work.query_passes(job.queries)
     per_checkpoint = [
-        queries + work.score_passes(work.train[run.stages[segment.stage].name], 1)
+        queries + work.score_passes(work.train[run.stages[segment.stage].name], 1, job.sink)
         for segment in plan
         for _ in segment.checkpoints
     ]
@@ -670,12 +682,10 @@ def _tracin(job: _Job) -> Arrivals:
             vectors = {n: u[n] * weight[n] for n in u}
             work.scores(
                 work.train[stage.name],
-                [lambda s=state: s],
-                vectors,
+                [ScoreTerm(lambda s=state: s, vectors, 1 / stage.num_examples)],  # type: ignore[operator]
                 "tracin",
                 job.sink,
                 stage.index,
-                1 / stage.num_examples,  # type: ignore[operator]
                 stage_modules(work, stage),
             )
     work.load(job.final_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import zarr
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from source_callback.analysis import ekfac
+from source_callback.analysis import ekfac, memory
 from source_callback.analysis.finite import CheckedTask, Place, enter, require_finite
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
 from source_callback.analysis.inputs import batches, evaluate, on_device
@@ -30,6 +31,15 @@ from source_callback.store.schema import CACHE_DTYPE, SCORE_CHUNK
 State = dict[str, torch.Tensor]
 #: Loads a state when a pass needs it, so that a run's checkpoints are never all in memory.
 StateSource = Callable[[], State]
+
+
+@dataclass(frozen=True)
+class ScoreTerm:
+    """One state's part of scores: ``factor · ⟨vectors, ∇L(z, θ)⟩`` at ``θ = state()``."""
+
+    state: StateSource
+    vectors: ModuleTensors
+    factor: float = 1.0
 
 
 def batch_seed(seed: int, data_pass: int, first: int) -> int:
@@ -310,53 +320,87 @@ class Engine:
     def scores(
         self,
         dataset: Dataset,
-        states: list[StateSource],
-        vectors: ModuleTensors,
+        terms: list[ScoreTerm],
         label: str,
         sink: ScoreSink,
         stage: int,
-        weight: float = 1.0,
         modules: dict[str, Unit] | None = None,
     ) -> None:
-        """Add ``(weight/C) Σ_c ⟨v, ∇L(z_m, θ_c)⟩`` of every example of ``dataset`` to ``sink``.
+        """Add ``Σ_t factor_t ⟨v_t, ∇L(z_m, θ_t)⟩`` of every example ``z_m`` to ``sink``.
 
-        ``modules`` restricts the products to those units (the ones a stage trains, where its
+        ``modules`` restricts the products to those units (the ones a stage trains, where the
         vectors are zero elsewhere); all units by default. This rank's examples are scored one
         block of ``SCORE_CHUNK[1]`` at a time (the width of a stored score chunk), so a block is
-        handed to the sink whole and no two ranks ever write into one chunk; memory holds one
-        ``[Q, block]`` buffer.
+        handed to the sink whole and no two ranks ever write into one chunk; memory holds a
+        ``[Q, block]`` buffer or two. Into memory, each term takes one pass over the data. Into
+        the store, the terms' states are held on the CPU together, as many as
+        :func:`~source_callback.analysis.memory.states_held` allows, and each block gets all of
+        them before it is written: written once per group of held states, instead of read back
+        and rewritten for every term. Either way the terms add up in the same order.
         """
-        width = SCORE_CHUNK[1]
-        blocks = self.workers.blocks(len(dataset), width)  # type: ignore[arg-type]
-        queries = len(next(iter(vectors.values())))
-        factor = weight / len(states)
+        blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
+        queries = len(next(iter(terms[0].vectors.values())))
         modules = self.modules if modules is None else modules
 
+        def rows(term: ScoreTerm, run: Blocks, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+            """``(start, factor · [Q, block] products)`` per block of ``run``: loaded state."""
+            pending = iter(run)
+            start, stop = next(pending, (0, 0))
+            block, filled = self._zeros(queries, stop - start), 0
+            with self.data(dataset, desc, run) as batches:
+                for batch in batches:
+                    products = contract(self.model, modules, self.task.loss, batch, term.vectors)
+                    require_finite(products, "score")
+                    block[:, filled : filled + len(products)] = products.T
+                    filled += len(products)
+                    if filled == stop - start:
+                        yield start, block * term.factor
+                        start, stop = next(pending, (0, 0))
+                        block, filled = self._zeros(queries, stop - start), 0
+
         def score() -> None:
-            for i, state in enumerate(states):
-                self.load(self.read(state))
-                pending = iter(blocks)
-                start, stop = next(pending, (0, 0))
-                buffer = self._zeros(queries, stop - start)
-                filled = 0
-                desc = f"{label} scores {i + 1}/{len(states)}"
-                with self.data(dataset, desc, blocks) as batches:
-                    for batch in batches:
-                        rows = contract(self.model, modules, self.task.loss, batch, vectors)
-                        require_finite(rows, "score")
-                        buffer[:, filled : filled + len(rows)] = rows.T
-                        filled += len(rows)
-                        if filled == stop - start:
-                            sink.add(stage, start, (buffer * factor).cpu().numpy())
-                            start, stop = next(pending, (0, 0))
-                            buffer, filled = self._zeros(queries, stop - start), 0
+            for group in self._held(len(terms), sink):
+                runs = self._score_runs(blocks, len(group))
+                states = [self.read(terms[t].state) for t in group] if runs else []
+                for run in runs:
+                    totals: dict[int, torch.Tensor] = {}
+                    for t, state in zip(group, states, strict=True):
+                        self.load(state)
+                        where = f" {run[0][0]}:{run[0][1]}" if len(group) > 1 else ""
+                        desc = f"{label} scores{where} {t + 1}/{len(terms)}"
+                        for start, block in rows(terms[t], run, desc):
+                            if start in totals:
+                                block = totals.pop(start) + block
+                            if t == group[-1]:
+                                sink.add(stage, start, block.cpu().numpy())
+                            else:
+                                totals[start] = block
 
         with self.timer("scoring"):
             self.workers.run(score)
 
-    def score_passes(self, dataset: Dataset, states: int) -> list[PlannedPass]:
-        """Each pass :meth:`scores` makes with ``states`` states."""
-        return [("scores", self._batches(len(dataset), SCORE_CHUNK[1]))] * states  # type: ignore[arg-type]
+    def _held(self, terms: int, sink: ScoreSink) -> list[range]:
+        """The groups of :meth:`scores`' terms whose states are held together."""
+        size = 1
+        if not sink.adds_in_place:
+            state = self.model.state_dict().values()
+            size = memory.states_held(sum(t.numel() * t.element_size() for t in state), terms)
+        return [range(first, min(first + size, terms)) for first in range(0, terms, size)]
+
+    @staticmethod
+    def _score_runs(blocks: Blocks, held: int) -> list[Blocks]:
+        """The data passes of each state of a group: over all blocks, or one block each."""
+        return [blocks] if held == 1 else [[block] for block in blocks]
+
+    def score_passes(self, dataset: Dataset, terms: int, sink: ScoreSink) -> list[PlannedPass]:
+        """Each pass :meth:`scores` makes with ``terms`` terms into ``sink``."""
+        blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
+        return [
+            ("scores", len(self._starts(run)))
+            for group in self._held(terms, sink)
+            for run in self._score_runs(blocks, len(group))
+            for _ in group
+        ]
 
     def cache_gradients(
         self,

@@ -13,6 +13,9 @@ Per unit with an ``[out, in]`` gradient matrix, in float64 (8 bytes):
 The limit is the device's free memory (CUDA) or the machine's RAM (CPU), or the environment
 variable ``SOURCE_CALLBACK_MEMORY_LIMIT`` (bytes, or with a ``K``/``M``/``G``/``T`` suffix,
 ``KiB``... meaning the same powers of 1024), e.g. to leave room for other work.
+
+Besides, scoring into the store holds checkpoints' states on the CPU, within
+:data:`HELD_STATES_SHARE` of the machine's memory (:func:`states_held`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from source_callback.errors import AnalysisError
 ENV_LIMIT = "SOURCE_CALLBACK_MEMORY_LIMIT"
 FLOAT = 8  # float64
 _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+#: Share of the machine's memory (its RAM, or ``SOURCE_CALLBACK_MEMORY_LIMIT``) that the states
+#: of checkpoints held together on the CPU may take (:func:`states_held`).
+HELD_STATES_SHARE = 0.25
 
 
 def _gib(size: float) -> str:
@@ -101,6 +107,18 @@ def available(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def states_held(state_bytes: int, count: int) -> int:
+    """How many of ``count`` states of ``state_bytes`` each may be held on the CPU together.
+
+    As many as fit in :data:`HELD_STATES_SHARE` of the machine's memory, at least one: scoring
+    into the store applies them all to each block of training examples before writing it
+    (:meth:`~source_callback.analysis.engine.Engine.scores`), instead of reading every block
+    back once per state.
+    """
+    budget = int(available(torch.device("cpu")) * HELD_STATES_SHARE)
+    return max(1, min(count, budget // max(state_bytes, 1)))
 
 
 def _options(units: Mapping[str, Unit], plan: Plan, limit: int) -> list[str]:

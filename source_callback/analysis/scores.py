@@ -12,6 +12,10 @@ import zarr
 class ScoreSink(Protocol):
     """Receives blocks of scores: ``block[q, j]`` adds to example ``start + j`` of a stage."""
 
+    #: Adding to a block already added to costs no more than its first addition (in memory);
+    #: otherwise (in the store) it reads the block back, so each block is best added once.
+    adds_in_place: bool
+
     def add(self, stage: int, start: int, block: np.ndarray) -> None:
         """Add ``block`` (``[queries, width]``, float64) to a stage's scores at ``start``."""
         ...
@@ -25,6 +29,8 @@ class MemoryScores:
     shapes
         ``(queries, examples)`` per stage, in stage order.
     """
+
+    adds_in_place = True
 
     def __init__(self, shapes: Sequence[tuple[int, int]]) -> None:
         self.arrays = [np.zeros(shape) for shape in shapes]
@@ -45,6 +51,8 @@ class StoredScores:
     arrays
         One Zarr array ``[queries, examples]`` per stage, in stage order.
     """
+
+    adds_in_place = False
 
     def __init__(self, arrays: Sequence[zarr.Array]) -> None:
         self.arrays = list(arrays)

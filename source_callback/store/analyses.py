@@ -172,6 +172,7 @@ class AnalysisWriter:
                     min(c, max(s, 1)) for c, s in zip(schema.SCORE_CHUNK, shape, strict=True)
                 ),
                 dtype=dtype,
+                compressors=schema.score_codecs(),
                 fill_value=math.nan,  # a chunk never written (or deleted) reads as NaN
             )
             for index, shape in enumerate(shapes)

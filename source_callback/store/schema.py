@@ -178,6 +178,17 @@ ATTR_ANALYSIS = "analysis"  # {INFO_STAGE_NAMES: [...], INFO_CONFIG: {...}, INFO
 SCORE_CHUNK = (256, 4096)  # [queries, training examples]: a column block reads on its own
 
 
+def score_codecs() -> tuple[BytesBytesCodec, ...]:
+    """Codecs of the score arrays: a chunk checksum, verified on every read; no compression.
+
+    Scores are dense float64 that zstd shrinks by 3 %, at 180 MiB/s written and 470 MiB/s
+    read, against 980 and 1,800 MiB/s for the checksum alone (``[256, 4096]`` chunks on a
+    local disk), and out-of-core analyses and ``top`` go through every chunk. Analyses written
+    before kept zstd and read as before.
+    """
+    return (Crc32cCodec(),)
+
+
 def scores_key(stage_index: int) -> str:
     """Name of one stage's score array under ``analyses/<name>/scores``."""
     return f"{stage_index:04d}"
