@@ -11,8 +11,9 @@ Then, each in a fresh subprocess that reports its peak resident memory (``VmHWM`
 the current RSS just before the call, as the imports peak on their own):
 
 1. ``analyze(..., segments=1, name=..., out_of_core=True, batch_size=1024)``: the scores are
-   added up in the store one block of 4096 training examples at a time (a segment's first
-   checkpoint writes a block, its second reads it back and adds). Reported: RSS before the
+   added up in the store one block of 4096 training examples at a time (both checkpoints of a
+   stage, their states held on the CPU, are applied to a block before it is written once).
+   Reported: RSS before the
    call and the peak during it, wall and CPU time, the time in the scoring passes and in the
    store's score sink (library methods wrapped with timers here), and the analysis's size on
    disk.

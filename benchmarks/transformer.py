@@ -32,6 +32,8 @@ Commands (from the repository root):
     python benchmarks/transformer.py --quick          # tiny Llama, about 2 minutes: smoke run
     python benchmarks/transformer.py --full --out t.json --markdown t.md   # 24 M parameters
     python benchmarks/transformer.py --full --device cuda --precision bf16-mixed   # on a GPU
+    python benchmarks/transformer.py --full --reps 1 --examples 64 --curvature-examples 0.5 0.25
+        # the analysis also with its curvature on half and a quarter of the examples
 
 ``--device cuda`` exits cleanly (status 0, with a message) where no CUDA device is present.
 ``--precision`` is the Trainer's (``32-true``, ``bf16-mixed``, ``16-mixed``); the analysis
@@ -63,6 +65,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -509,8 +512,14 @@ def analysis(
     train: dict[str, Sequences],
     queries: Sequences,
     final_state: dict[str, torch.Tensor],
+    curvature_examples: float | None = None,
 ) -> dict[str, Any]:
-    """Time ``analyze`` by pass against the floor (passes before and after it, averaged)."""
+    """Time ``analyze`` by pass against the floor (passes before and after it, averaged).
+
+    ``curvature_examples`` is ``analyze``'s option (the curvature on that fraction of each
+    stage's examples); the floor is the same full pass over the data either way. The result
+    holds the scores (``"scores"``, ``[queries, all stages' examples]``) for comparisons.
+    """
 
     def final_model() -> CausalLM:
         return CausalLM(add_lora(cfg, llama(cfg)), "sft", cfg)
@@ -556,6 +565,7 @@ def analysis(
             segments=cfg.segments,
             batch_size=cfg.analyze_batch_size,
             seed=cfg.seed,
+            curvature_examples=curvature_examples,
             name=None,
             verbose=False,
         )
@@ -605,6 +615,7 @@ def analysis(
         "peak_rss_bytes": peak,
         "cuda_peak_allocated_bytes": gpu_peak,
         "stage_effects": result.stage_effects.tolist(),
+        "scores": scores,
         "scores_shape": list(scores.shape),
         "scores_finite": bool(np.isfinite(scores).all()),
         "mean_score_by_stage": {n: float(np.mean(result.scores[n])) for n in STAGES},
@@ -614,6 +625,19 @@ def analysis(
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+
+
+def agreement(scores: np.ndarray, exact: np.ndarray) -> dict[str, float]:
+    """How far ``scores`` are from ``exact`` (both ``[queries, examples]``).
+
+    The mean over queries of the Spearman correlation over all stages' examples, and the
+    largest difference relative to the largest exact score.
+    """
+    rho = [spearmanr(row, reference)[0] for row, reference in zip(scores, exact, strict=True)]
+    return {
+        "spearman": float(np.mean(rho)),
+        "max_relative_difference": float(np.abs(scores - exact).max() / np.abs(exact).max()),
+    }
 
 
 def describe_model(cfg: Config) -> dict[str, Any]:
@@ -738,6 +762,26 @@ def markdown(cfg: Config, report: dict[str, Any]) -> str:
             "s",
         ),
     ]
+    if report.get("curvature_examples"):
+        lines += [
+            "",
+            "With the curvature on a fraction of each stage's examples (`curvature_examples`), "
+            "each analysis timed against its own floor passes; scores compared with all "
+            "examples' (Spearman over all training examples, mean over queries):",
+            "",
+            "| `curvature_examples` | analyze (s) | × floor | "
+            + " | ".join(f"{label} × floor" for label in DATA_PASSES)
+            + " | Spearman vs all | max difference / max score |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in DATA_PASSES) + " | ---: | ---: |",
+        ]
+        for fraction, c in [("all (`None`)", a), *report["curvature_examples"].items()]:
+            parts = c["breakdown_s"]
+            agree = c.get("agreement", {"spearman": 1.0, "max_relative_difference": 0.0})
+            lines.append(
+                f"| {fraction} | {c['analyze_s']:.1f} | {c['ratio']:.2f} | "
+                + " | ".join(f"{parts.get(label, 0.0) / c['floor_s']:.2f}" for label in DATA_PASSES)
+                + f" | {agree['spearman']:.4f} | {agree['max_relative_difference']:.2e} |"
+            )
     return "\n".join(lines)
 
 
@@ -759,6 +803,12 @@ def print_report(report: dict[str, Any]) -> None:
     for name, s in a["stages"].items():
         units = ", ".join(f"{k} {v:.1f}" for k, v in s["passes_in_stage_floor_units"].items())
         print(f"  {name}: fwd+bwd {s['forward_backward_s']:.2f} s; per checkpoint: {units}")
+    for fraction, c in report.get("curvature_examples", {}).items():
+        print(
+            f"curvature_examples={fraction}: analyze {c['analyze_s']:.1f} s, ratio "
+            f"{c['ratio']:.2f}; Spearman vs all {c['agreement']['spearman']:.4f}, max difference "
+            f"{c['agreement']['max_relative_difference']:.1e} of the largest score"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -777,6 +827,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--markdown", help="write the docs section here")
     parser.add_argument("--workdir", help="keep the stores here (default: temporary)")
+    parser.add_argument(
+        "--curvature-examples",
+        type=float,
+        nargs="+",
+        help="also analyze with the curvature on these fractions of the examples (e.g. 0.5 "
+        "0.25), each timed against its own floor passes and compared with all examples",
+    )
     args = parser.parse_args(argv)
     invoked = command("transformer.py", sys.argv[1:] if argv is None else argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -819,6 +876,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assert store is not None
         print("analysis against its floor", flush=True)
         report["analysis"] = analysis(cfg, store, train, queries, state)
+        exact = report["analysis"].pop("scores")
+        report["curvature_examples"] = {}
+        for fraction in args.curvature_examples or []:
+            print(f"analysis with curvature_examples={fraction}", flush=True)
+            subset = analysis(cfg, store, train, queries, state, fraction)
+            subset["agreement"] = agreement(subset.pop("scores"), exact)
+            report["curvature_examples"][str(fraction)] = subset
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
