@@ -11,7 +11,7 @@ from models import TinyClassifier, loader, make_dataset, trainer
 from torch.utils.data import Dataset, TensorDataset
 
 from source_callback import AnalysisError, SourceCallback, analyze, open_run
-from source_callback.fingerprint import example_digest, sample_indices
+from source_callback.fingerprint import example_digest, example_digests, sample_indices
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,47 @@ def test_damaged_digests_are_reported(recorded, tmp_path) -> None:
     chunk.write_bytes(bytes(raw))
     problems = open_run(copy).verify()
     assert [p.where for p in problems] == ["example digests of stage 0"]
+
+
+class Batched(Dataset):
+    """``make_dataset``'s examples, read a batch at a time by ``__getitems__`` as well.
+
+    ``batch`` is what ``__getitems__`` answers: ``"items"`` a list of the indices' items (the
+    contract ``DataLoader`` relies on), ``"collated"`` one stacked ``(x, y)`` batch, ``"other"``
+    a list of other items. It counts both kinds of read.
+    """
+
+    def __init__(self, data: TensorDataset, batch: str = "items") -> None:
+        self.data, self.batch = data, batch
+        self.item_reads = self.batch_reads = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        self.item_reads += 1
+        return self.data[i]
+
+    def __getitems__(self, indices: list[int]):
+        self.batch_reads += 1
+        x, y = self.data.tensors[0][indices], self.data.tensors[1][indices]
+        if self.batch == "collated":
+            return x, y
+        if self.batch == "other":
+            return [(row,) for row in x]
+        return list(zip(x.unbind(), y.unbind(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("batch", "batch_reads", "item_reads"),
+    [("items", 3, 2), ("collated", 1, 2 + 2500), ("other", 1, 2 + 2500)],
+)
+def test_digests_read_batches_where_the_dataset_gives_its_items_by_batch(
+    batch: str, batch_reads: int, item_reads: int
+) -> None:
+    """``__getitems__`` serves the digests where it answers item by item, as it must."""
+    data = make_dataset(2500)
+    expected = np.array([example_digest(data[i]) for i in range(len(data))], dtype=np.uint64)
+    batched = Batched(data, batch)
+    np.testing.assert_array_equal(example_digests(batched), expected)
+    assert (batched.batch_reads, batched.item_reads) == (batch_reads, item_reads)

@@ -106,6 +106,13 @@ def two_block_store(tmp_path_factory) -> str:
     return path
 
 
+def _room_for_states(monkeypatch: pytest.MonkeyPatch, states: float) -> None:
+    """Let the states held together take ``states`` times a ``TinyClassifier``'s state."""
+    state_bytes = sum(t.numel() * t.element_size() for t in TinyClassifier().state_dict().values())
+    machine = memory.available(torch.device("cpu"))
+    monkeypatch.setattr(memory, "HELD_STATES_SHARE", states * state_bytes / machine)
+
+
 @pytest.mark.parametrize(("share", "adds_per_block"), [(None, 1), (3.5, 2), (1.0, 4)])
 def test_out_of_core_writes_each_block_once_per_group_of_states_held(
     two_block_store, monkeypatch, share: float | None, adds_per_block: int
@@ -121,11 +128,7 @@ def test_out_of_core_writes_each_block_once_per_group_of_states_held(
     queries = make_dataset(3, seed=7)
     expected = _analyze(two_block_store, queries, **kwargs)
     if share is not None:
-        state_bytes = sum(
-            t.numel() * t.element_size() for t in TinyClassifier().state_dict().values()
-        )
-        machine = memory.available(torch.device("cpu"))
-        monkeypatch.setattr(memory, "HELD_STATES_SHARE", share * state_bytes / machine)
+        _room_for_states(monkeypatch, share)
     adds: list[tuple[int, int]] = []
     add = StoredScores.add
 
@@ -161,6 +164,17 @@ def test_cache_with_an_exact_projection_equals_exact_scores(store, exact) -> Non
     )
     _assert_scores_close(result, exact, rtol=1e-6)  # float32 cache
     np.testing.assert_allclose(result.stage_effects, exact.stage_effects, rtol=1e-12)
+
+
+def test_a_cache_built_one_state_at_a_time_equals_one_built_at_once(store, monkeypatch) -> None:
+    """Without room for two states, each cached block gets its states one at a time."""
+    queries = make_dataset(5, seed=7)
+    kwargs: dict[str, Any] = {"cache": "projected", "projection_dim": EXACT_K}
+    together = _analyze(store, queries, name="held-together", **kwargs)
+    _room_for_states(monkeypatch, 1.5)
+    apart = _analyze(store, queries, name="held-apart", **kwargs)
+    _assert_scores_close(apart, together, rtol=1e-6)  # the float32 sums of the read-backs
+    assert not all(np.array_equal(apart.scores[n], together.scores[n]) for n in apart.scores)
 
 
 def test_new_queries_are_scored_from_the_cache_without_reading_training_data(store) -> None:

@@ -359,7 +359,7 @@ class Engine:
                         block, filled = self._zeros(queries, stop - start), 0
 
         def score() -> None:
-            for group in self._held(len(terms), sink):
+            for group in self._held(len(terms), not sink.adds_in_place):
                 runs = self._score_runs(blocks, len(group))
                 states = [self.read(terms[t].state) for t in group] if runs else []
                 for run in runs:
@@ -379,13 +379,17 @@ class Engine:
         with self.timer("scoring"):
             self.workers.run(score)
 
-    def _held(self, terms: int, sink: ScoreSink) -> list[range]:
-        """The groups of :meth:`scores`' terms whose states are held together."""
+    def _held(self, count: int, together: bool) -> list[range]:
+        """``range(count)`` cut into the groups of states held on the CPU together.
+
+        Groups of one unless ``together``; else as large as
+        :func:`~source_callback.analysis.memory.states_held` allows for this model's states.
+        """
         size = 1
-        if not sink.adds_in_place:
+        if together:
             state = self.model.state_dict().values()
-            size = memory.states_held(sum(t.numel() * t.element_size() for t in state), terms)
-        return [range(first, min(first + size, terms)) for first in range(0, terms, size)]
+            size = memory.states_held(sum(t.numel() * t.element_size() for t in state), count)
+        return [range(first, min(first + size, count)) for first in range(0, count, size)]
 
     @staticmethod
     def _score_runs(blocks: Blocks, held: int) -> list[Blocks]:
@@ -397,7 +401,7 @@ class Engine:
         blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
         return [
             ("scores", len(self._starts(run)))
-            for group in self._held(terms, sink)
+            for group in self._held(terms, not sink.adds_in_place)
             for run in self._score_runs(blocks, len(group))
             for _ in group
         ]
@@ -417,34 +421,40 @@ class Engine:
         :func:`~source_callback.analysis.projection.projected_grads`).
 
         Block by block (``SCORE_CHUNK[1]`` rows, whole chunks of ``array``) with every state
-        applied to a block before it is written, so the mean needs no read-back; the states
-        are read from the store once and held on the CPU.
+        applied to a block before it is written, so the mean needs no read-back: the states
+        are read from the store once and held on the CPU, as many together as
+        :func:`~source_callback.analysis.memory.states_held` allows; each further group of
+        them reads the block back and adds its share.
         """
         blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
 
         def write() -> None:
-            held = [self.read(state) for state in states]
-            for start, stop in blocks:
-                total = self._zeros(stop - start, projection.dim)
-                for i, state in enumerate(held):
-                    self.load(state)
-                    desc = f"{label} gradients {start}:{stop} {i + 1}/{len(held)}"
-                    with self.data(dataset, desc, [(start, stop)]) as batches:
-                        total += torch.cat(
-                            [
-                                projected_grads(
-                                    self.model,
-                                    self.modules,
-                                    self.task.loss,
-                                    batch,
-                                    projection,
-                                    scale=scale,
-                                )
-                                for batch in batches
-                            ]
-                        )
-                # float32 by design: the cache's precision (see analysis/cache.py)
-                array[start:stop] = (total / len(held)).cpu().numpy().astype(CACHE_DTYPE)
+            for group in self._held(len(states), together=True):
+                held = [self.read(states[i]) for i in group] if blocks else []
+                for start, stop in blocks:
+                    total = self._zeros(stop - start, projection.dim)
+                    for i, state in zip(group, held, strict=True):
+                        self.load(state)
+                        desc = f"{label} gradients {start}:{stop} {i + 1}/{len(states)}"
+                        with self.data(dataset, desc, [(start, stop)]) as batches:
+                            total += torch.cat(
+                                [
+                                    projected_grads(
+                                        self.model,
+                                        self.modules,
+                                        self.task.loss,
+                                        batch,
+                                        projection,
+                                        scale=scale,
+                                    )
+                                    for batch in batches
+                                ]
+                            )
+                    mean = total / len(states)
+                    if group.start:
+                        mean += torch.from_numpy(array[start:stop]).to(mean)
+                    # float32 by design: the cache's precision (see analysis/cache.py)
+                    array[start:stop] = mean.cpu().numpy().astype(CACHE_DTYPE)
 
         with self.timer("cached gradients"):
             self.workers.run(write)
@@ -452,7 +462,12 @@ class Engine:
     def cache_passes(self, dataset: Dataset, states: int) -> list[PlannedPass]:
         """Each pass :meth:`cache_gradients` makes: one per block and state."""
         blocks = self.workers.blocks(len(dataset), SCORE_CHUNK[1])  # type: ignore[arg-type]
-        return [("cached gradients", len(self._starts([b]))) for b in blocks for _ in range(states)]
+        return [
+            ("cached gradients", len(self._starts([b])))
+            for group in self._held(states, together=True)
+            for b in blocks
+            for _ in group
+        ]
 
     def query_grads(self, queries: Dataset, label: str = "query gradients") -> ModuleTensors:
         """Per-query measurement gradients at the loaded state: ``{unit: [Q, out, in]}``."""
