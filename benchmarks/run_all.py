@@ -10,7 +10,7 @@ The speed benchmark (benchmarks/speed.py) runs in a subprocess and writes its ow
 Parts (``--parts``, default all): accuracy, segments, overhead, recording, speed, cache (the
 projected-gradient cache against exact scores, benchmarks/cache.py), scale (memory of
 ``analyze(out_of_core=True)`` on up to 10^6 training examples × 10^3 queries,
-benchmarks/analyze_memory.py, in a subprocess; with ``--full`` about 8 minutes and 8 GB of
+benchmarks/analyze_memory.py, in a subprocess; with ``--full`` about 6 minutes and 8 GB of
 temporary disk), transformer (a 24 M-parameter Hugging Face Llama, a full stage then a peft
 LoRA stage: recording overhead per stage and analysis time against its floor by pass,
 benchmarks/transformer.py, in a subprocess; with ``--full`` about 25 minutes on 2 cores),
