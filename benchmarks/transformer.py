@@ -72,7 +72,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from overhead import BatchTimer, bootstrap_ratio, command, time_hooks  # noqa: E402
+from overhead import LIGHTNING_HOOKS, BatchTimer, bootstrap_ratio, command, time_hooks  # noqa: E402
 from speed import (  # noqa: E402
     BREAKDOWN_ORDER,
     BREAKDOWN_TARGETS,
@@ -338,7 +338,7 @@ def fit(
         callback = SourceCallback(
             str(store), stage=module.stage, checkpoints_per_stage=cfg.checkpoints_per_stage
         )
-        hooks = time_hooks(callback)
+        hooks = time_hooks(callback, LIGHTNING_HOOKS)
         callbacks.append(callback)
     trainer = pl.Trainer(
         accelerator=cfg.device,

@@ -29,7 +29,8 @@ from source_callback.errors import AnalysisError
 from source_callback.store.schema import CACHE_DTYPE, SCORE_CHUNK
 
 State = dict[str, torch.Tensor]
-#: Loads a state when a pass needs it, so that a run's checkpoints are never all in memory.
+#: Loads a state when a pass needs it: a run's checkpoints are in memory at once only as many
+#: as :func:`~source_callback.analysis.memory.states_held` allows.
 StateSource = Callable[[], State]
 
 
