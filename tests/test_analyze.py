@@ -377,6 +377,23 @@ def test_infinite_lr_mass_is_the_influence_function() -> None:
     torch.testing.assert_close(operator.propagate(u)["m"], torch.zeros_like(u["m"]))
 
 
+def test_the_sweep_step_is_the_response_and_the_propagation_bit_for_bit() -> None:
+    """``respond_and_propagate`` rotates ``P^{1/2} u`` in once for both, changing no bit."""
+    torch.manual_seed(1)
+    q_a = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    lam = torch.rand(2, 3, dtype=torch.float64) + 0.1
+    curvature = {"m": ModuleCurvature(q_a, None, lam), "n": ModuleCurvature(None, q_a, lam.T)}
+    sqrt_p = {"m": torch.rand(2, 3) + 0.5, "n": torch.rand(3, 2) + 0.5}
+    operator = EkfacOperator(curvature, {"m": 0.3, "n": 2.0}, {"m": 0.01, "n": 0.0}, sqrt_p)
+    u = {"m": torch.randn(4, 2, 3), "n": torch.randn(4, 3, 2), "frozen": torch.randn(4, 5)}
+    response, propagated = operator.respond_and_propagate(u)
+    for got, expected in ((response, operator.respond(u)), (propagated, operator.propagate(u))):
+        assert got.keys() == expected.keys() == u.keys()
+        for name in u:
+            assert torch.equal(got[name], expected[name]), name
+    assert torch.equal(propagated["frozen"], u["frozen"]) and not response["frozen"].any()
+
+
 def test_bad_input(two_stage, queries) -> None:
     _, _, _, _, model, data_a, data_b, root = two_stage
     store = root / "run.zarr"

@@ -9,7 +9,7 @@ threshold) needs no covariance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -451,10 +451,15 @@ class ModuleCurvature:
         self, matrix: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """``f(H) · vec(matrix)`` for a function ``fn`` of the eigenvalues, as ``[out, in]``."""
+        return self.apply_each(matrix, [fn])[0]
+
+    def apply_each(
+        self, matrix: torch.Tensor, fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """:meth:`apply` of each of ``fns``, ``matrix`` rotated into the eigenbasis once."""
         rotated = _sandwich(self.q_s, matrix.to(self.eigenvalues.dtype), self.q_a)
-        values = fn(self.eigenvalues) * rotated
         q_s, q_a = (None if q is None else q.T for q in (self.q_s, self.q_a))
-        return _sandwich(q_s, values, q_a)
+        return [_sandwich(q_s, fn(self.eigenvalues) * rotated, q_a) for fn in fns]
 
     def diagonal(self) -> torch.Tensor:
         """Diagonal of ``H`` as ``[out, in]``: ``(Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ``."""

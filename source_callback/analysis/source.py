@@ -32,6 +32,10 @@ class SegmentOperator(Protocol):
         """``Rᵀ u``: the vector a training gradient of this segment is dotted with."""
         ...
 
+    def respond_and_propagate(self, u: ModuleTensors) -> tuple[ModuleTensors, ModuleTensors]:
+        """``(Rᵀ u, Ξᵀ u)``, what the sweep takes at each segment."""
+        ...
+
 
 def untrained(u: ModuleTensors, trained: dict[str, object], respond: bool) -> ModuleTensors:
     """The parts of ``u`` for modules a segment does not train.
@@ -73,24 +77,35 @@ class EkfacOperator:
     shift: dict[str, Shift]
     sqrt_p: dict[str, torch.Tensor] | None = None
 
-    def _apply(self, u: ModuleTensors, respond: bool) -> ModuleTensors:
-        fn = phi if respond else xi
-        out = untrained(u, self.curvature, respond)
+    def _apply(self, u: ModuleTensors, kinds: tuple[bool, ...]) -> list[ModuleTensors]:
+        """The response (``True``) or propagation (``False``) of ``u`` for each of ``kinds``.
+
+        Both start from ``P^{1/2} u`` in the eigenbasis: it is rotated in once for all.
+        """
+        outs = [untrained(u, self.curvature, respond) for respond in kinds]
         for name, c in self.curvature.items():
             scale = 1.0 if self.sqrt_p is None else self.sqrt_p[name]
-            result = c.apply(
-                u[name] * scale, lambda lam, n=name: fn(lam + self.shift[n], self.tau[n])
-            )
-            out[name] = result * scale if respond else result / scale
-        return out
+            fns = [
+                lambda lam, n=name, fn=phi if respond else xi: fn(lam + self.shift[n], self.tau[n])
+                for respond in kinds
+            ]
+            results = c.apply_each(u[name] * scale, fns)
+            for out, respond, result in zip(outs, kinds, results, strict=True):
+                out[name] = result * scale if respond else result / scale
+        return outs
 
     def propagate(self, u: ModuleTensors) -> ModuleTensors:
         """``Ξᵀ u = P^{−1/2} ξ(H') P^{1/2} u``."""
-        return self._apply(u, respond=False)
+        return self._apply(u, (False,))[0]
 
     def respond(self, u: ModuleTensors) -> ModuleTensors:
         """``Rᵀ u = P^{1/2} φ(H') P^{1/2} u``."""
-        return self._apply(u, respond=True)
+        return self._apply(u, (True,))[0]
+
+    def respond_and_propagate(self, u: ModuleTensors) -> tuple[ModuleTensors, ModuleTensors]:
+        """Both, ``u`` rotated into each module's eigenbasis once."""
+        response, propagated = self._apply(u, (True, False))
+        return response, propagated
 
 
 @dataclass
@@ -140,6 +155,10 @@ class DiagonalExpOperator:
             )
         return out
 
+    def respond_and_propagate(self, u: ModuleTensors) -> tuple[ModuleTensors, ModuleTensors]:
+        """Both (nothing to share: the propagation is elementwise)."""
+        return self.respond(u), self.propagate(u)
+
 
 def sweep(
     operators: list[SegmentOperator],
@@ -164,8 +183,8 @@ def sweep(
     u = final_grads
     for number in reversed(range(len(operators))):
         arrivals.append(u)
-        responses.append(operators[number].respond(u))
-        u = operators[number].propagate(u)
+        response, u = operators[number].respond_and_propagate(u)
+        responses.append(response)
         if crossings and number in crossings:
             u = crossings[number](u)
     return responses[::-1], arrivals[::-1]
