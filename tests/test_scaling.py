@@ -94,16 +94,22 @@ def test_out_of_core_scores_equal_in_memory_and_stay_in_the_store(store, exact) 
     assert reopened.config == exact.config
 
 
+TWO_BLOCKS: dict[str, Any] = {"train": {"pretrain": make_dataset(4200, seed=3)}, "segments": 2}
+
+
 @pytest.fixture(scope="module")
-def two_block_store(tmp_path_factory) -> str:
-    """One AdamW stage on 4,200 examples: two blocks of scores (4,096 and 104 examples)."""
+def two_blocks(tmp_path_factory) -> tuple[str, AnalysisResult]:
+    """One AdamW stage on 4,200 examples (two blocks of scores: 4,096 and 104 examples).
+
+    The store, and its analysis in memory (``TWO_BLOCKS``' settings, 3 queries).
+    """
     root = tmp_path_factory.mktemp("two-blocks")
     path = str(root / "run.zarr")
     torch.manual_seed(0)
     callback = SourceCallback(path, stage="pretrain", checkpoints_per_stage=4)
-    data = make_dataset(4200, seed=3)
+    data = TWO_BLOCKS["train"]["pretrain"]
     trainer([callback], root, max_epochs=2).fit(TinyClassifier(optimizer=adamw), loader(data, 1050))
-    return path
+    return path, _analyze(path, make_dataset(3, seed=7), **TWO_BLOCKS)
 
 
 def _room_for_states(monkeypatch: pytest.MonkeyPatch, states: float) -> None:
@@ -115,7 +121,7 @@ def _room_for_states(monkeypatch: pytest.MonkeyPatch, states: float) -> None:
 
 @pytest.mark.parametrize(("share", "adds_per_block"), [(None, 1), (3.5, 2), (1.0, 4)])
 def test_out_of_core_writes_each_block_once_per_group_of_states_held(
-    two_block_store, monkeypatch, share: float | None, adds_per_block: int
+    two_blocks, monkeypatch, share: float | None, adds_per_block: int
 ) -> None:
     """Held together, a stage's states all go into a block before it is written.
 
@@ -123,10 +129,7 @@ def test_out_of_core_writes_each_block_once_per_group_of_states_held(
     the memory their rule allows (``None``: the machine's, all of them); the blocks are then
     written once per group of that many states, equal to the in-memory scores bit for bit.
     """
-    data = {"pretrain": make_dataset(4200, seed=3)}
-    kwargs: dict[str, Any] = {"train": data, "segments": 2}
-    queries = make_dataset(3, seed=7)
-    expected = _analyze(two_block_store, queries, **kwargs)
+    store, expected = two_blocks
     if share is not None:
         _room_for_states(monkeypatch, share)
     adds: list[tuple[int, int]] = []
@@ -137,7 +140,8 @@ def test_out_of_core_writes_each_block_once_per_group_of_states_held(
         add(sink, stage, start, block)
 
     monkeypatch.setattr(StoredScores, "add", counted)
-    result = _analyze(two_block_store, queries, name="blocks", out_of_core=True, **kwargs)
+    queries = make_dataset(3, seed=7)
+    result = _analyze(store, queries, name="blocks", out_of_core=True, **TWO_BLOCKS)
     assert sorted(adds) == sorted([(0, 0), (0, 4096)] * adds_per_block)
     np.testing.assert_array_equal(
         np.asarray(result.scores["pretrain"][...]), expected.scores["pretrain"]
