@@ -20,7 +20,7 @@ from source_callback.analysis.api import analyze
 from source_callback.analysis.ekfac import ModuleCurvature
 from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.segments import plan_segments
-from source_callback.analysis.source import EkfacOperator
+from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator
 from source_callback.errors import AnalysisError, ManifestMismatchError
 from source_callback.store.writer import StoreWriter, snapshot_checkpoint
 
@@ -377,14 +377,22 @@ def test_infinite_lr_mass_is_the_influence_function() -> None:
     torch.testing.assert_close(operator.propagate(u)["m"], torch.zeros_like(u["m"]))
 
 
-def test_the_sweep_step_is_the_response_and_the_propagation_bit_for_bit() -> None:
-    """``respond_and_propagate`` rotates ``P^{1/2} u`` in once for both, changing no bit."""
+@pytest.mark.parametrize("kind", ["ekfac", "diagonal"])
+def test_the_sweep_step_is_the_response_and_the_propagation_bit_for_bit(kind: str) -> None:
+    """``respond_and_propagate`` shares what both need (``P^{1/2} u`` rotated in, or Ξ)."""
     torch.manual_seed(1)
     q_a = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
     lam = torch.rand(2, 3, dtype=torch.float64) + 0.1
     curvature = {"m": ModuleCurvature(q_a, None, lam), "n": ModuleCurvature(None, q_a, lam.T)}
-    sqrt_p = {"m": torch.rand(2, 3) + 0.5, "n": torch.rand(3, 2) + 0.5}
-    operator = EkfacOperator(curvature, {"m": 0.3, "n": 2.0}, {"m": 0.01, "n": 0.0}, sqrt_p)
+    p = {"m": torch.rand(2, 3) + 0.5, "n": torch.rand(3, 2) + 0.5}
+    tau = {"m": 0.3, "n": 2.0}
+    operator: EkfacOperator | DiagonalExpOperator = (
+        EkfacOperator(curvature, tau, {"m": 0.01, "n": 0.0}, p)
+        if kind == "ekfac"
+        else DiagonalExpOperator(
+            curvature, tau, p, {"m": 0.0, "n": 0.1}, {"m": 0.01, "n": 0.0}, {"m": 1e-3, "n": 1e-2}
+        )
+    )
     u = {"m": torch.randn(4, 2, 3), "n": torch.randn(4, 3, 2), "frozen": torch.randn(4, 5)}
     response, propagated = operator.respond_and_propagate(u)
     for got, expected in ((response, operator.respond(u)), (propagated, operator.propagate(u))):

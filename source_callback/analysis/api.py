@@ -520,7 +520,7 @@ def _state_sources(segment: Segment, averaged: bool) -> list[StateSource]:
 
 
 def _last_segments(plan: list[Segment]) -> dict[int, int]:
-    return {segment.stage: number for number, segment in enumerate(plan)}
+    return {stage: numbers[-1] for stage, numbers in _stage_segments(plan).items()}
 
 
 def _source(job: _Job, cache: GradientCache | None) -> Arrivals:

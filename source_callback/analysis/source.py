@@ -140,24 +140,34 @@ class DiagonalExpOperator:
         rate = self.p[name] * (self.curvature[name].diagonal() + self.coupled[name])
         return xi(rate + self.decoupled[name], self.tau[name])
 
+    def _apply(self, u: ModuleTensors, kinds: tuple[bool, ...]) -> list[ModuleTensors]:
+        """The response (``True``) or propagation (``False``) of ``u`` for each of ``kinds``.
+
+        Both need each module's Ξ: it is formed once for all.
+        """
+        outs = [untrained(u, self.curvature, respond) for respond in kinds]
+        for name, c in self.curvature.items():
+            xi_ = self._xi(name)
+            for out, respond in zip(outs, kinds, strict=True):
+                out[name] = (
+                    c.apply((1 - xi_) * u[name], lambda lam, n=name: 1 / (lam + self.damping[n]))
+                    if respond
+                    else xi_ * u[name]
+                )
+        return outs
+
     def propagate(self, u: ModuleTensors) -> ModuleTensors:
         """``Ξ u`` (Ξ is diagonal)."""
-        out = untrained(u, self.curvature, respond=False)
-        out.update({name: self._xi(name) * u[name] for name in self.curvature})
-        return out
+        return self._apply(u, (False,))[0]
 
     def respond(self, u: ModuleTensors) -> ModuleTensors:
         """``(H + δI)⁻¹ (I − Ξ) u``."""
-        out = untrained(u, self.curvature, respond=True)
-        for name, c in self.curvature.items():
-            out[name] = c.apply(
-                (1 - self._xi(name)) * u[name], lambda lam, n=name: 1 / (lam + self.damping[n])
-            )
-        return out
+        return self._apply(u, (True,))[0]
 
     def respond_and_propagate(self, u: ModuleTensors) -> tuple[ModuleTensors, ModuleTensors]:
-        """Both (nothing to share: the propagation is elementwise)."""
-        return self.respond(u), self.propagate(u)
+        """Both, each module's Ξ formed once."""
+        response, propagated = self._apply(u, (True, False))
+        return response, propagated
 
 
 def sweep(
