@@ -63,7 +63,7 @@ def test_two_ranks_equal_one_process(recorded, tmp_path, launch: str) -> None:
     expected = analyses[launch]
     command = [str(ANALYZE_DDP), store, str(tmp_path), launch]
     if launch == "external":
-        command = ["-m", "torch.distributed.run", "--nproc_per_node=2", *command]
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command]
     code, output = run_script(command)
     assert code == 0, output
     assert "DONE rank=0" in output and "DONE rank=1" in output, output
