@@ -169,11 +169,11 @@ def training_sets(sizes: dict[str, int]) -> dict[str, HashedExamples]:
 
 
 class LinearClassifier(pl.LightningModule):
-    """Softmax regression, ``FEATURES`` → ``CLASSES``; SGD + momentum at the stage's rate."""
+    """Softmax regression ``FEATURES`` → ``CLASSES``, or ``net``; SGD + momentum by stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, net: nn.Module | None = None) -> None:
         super().__init__()
-        self.net = nn.Linear(FEATURES, CLASSES)
+        self.net = nn.Linear(FEATURES, CLASSES) if net is None else net
         self.recipe = "pretrain"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
