@@ -29,7 +29,7 @@ from source_callback.analysis.gradients import contract, per_example_grads
 from source_callback.analysis.optimizers import rank_one
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
 from source_callback.analysis.task import LanguageModelingTask
-from source_callback.analysis.units import ModuleSelection, Unit, find_units
+from source_callback.analysis.units import Factored, ModuleSelection, Side, Unit, find_units
 from source_callback.errors import AnalysisError
 
 VOCAB, WIDTH, LENGTH = 6, 4, 5
@@ -562,3 +562,16 @@ def test_rank_one_is_the_leading_singular_pair() -> None:
     fitted = rank_one(matrix)
     assert (fitted.rows > 0).all() and (fitted.cols > 0).all()
     torch.testing.assert_close(fitted.matrix(), s[0] * torch.outer(u[:, 0], vh[0]))
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squares_of_per_example_gradients_equal_the_dense_sum(tokens: int, dtype) -> None:
+    """``Σ_b G_b²`` in float64, whether formed per example (tokens > 1) or as one product."""
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = (torch.randn(5, tokens, n, generator=gen, dtype=dtype) for n in (4, 6))
+    grads = Factored(Side(rows, 4), Side(cols, 6))
+    exact = torch.einsum("bti,btj->bij", rows.double(), cols.double()).square().sum(0)
+    got = grads.squares()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, exact, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

@@ -217,6 +217,10 @@ class Factored:
         """
         if self.rows.onehot:
             return self.T.squares().T
+        if not self.cols.onehot and self.rows.values.shape[1] == 1:
+            # One token: G_b² = (r_b²)(c_b²)ᵀ, so the sum is one product, no [B, rows, cols].
+            rows, cols = (side.values[:, 0].double().square() for side in self.sides)
+            return rows.T @ cols
         if not self.cols.onehot:
             return sum(part.dense().square_().sum(0).double() for part in self.chunks())
         size = self.cols.size
