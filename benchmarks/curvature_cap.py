@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -45,6 +43,7 @@ from analyze_memory import (
     FEATURES,
     HashedExamples,
     LinearClassifier,
+    environment,
     quiet_lightning,
     training_sets,
 )
@@ -53,6 +52,7 @@ from speed import BREAKDOWN_ORDER, BREAKDOWN_TARGETS, Profiler
 
 from source_callback import SourceCallback, analyze, open_run
 from source_callback.analysis.segments import plan_segments
+from source_callback.evaluation.lds import spearman_rows
 
 HIDDEN = 128
 TRAIN_BATCH = 256
@@ -145,7 +145,7 @@ def agreement(found: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any
     stages = {}
     for name in STAGES:
         a, b = found["scores"][name], reference["scores"][name]
-        rhos = [float(spearmanr(x, y).statistic) for x, y in zip(a, b, strict=True)]
+        rhos = spearman_rows(a, b).tolist()
         tops = [
             len(set(np.argsort(-x)[:TOP]) & set(np.argsort(-y)[:TOP])) / TOP
             for x, y in zip(a, b, strict=True)
@@ -213,13 +213,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.markdown:
         args.markdown.write_text(markdown(report))
     return report
-
-
-def environment() -> str:
-    return (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -213,12 +213,12 @@ class Factored:
         """``Σ_b G_b²`` (elementwise), ``[rows, cols]`` float64.
 
         With a one-hot side only the (example, token) pairs present are formed: a token's column
-        of ``G_b`` is the sum of ``s`` over its occurrences in example b.
+        of ``G_b`` is the sum of ``s`` over its occurrences in example b. With one token per
+        example no ``G_b`` is formed: ``G_b² = (r_b²)(c_b²)ᵀ``.
         """
         if self.rows.onehot:
             return self.T.squares().T
         if not self.cols.onehot and self.rows.values.shape[1] == 1:
-            # One token: G_b² = (r_b²)(c_b²)ᵀ, so the sum is one product, no [B, rows, cols].
             rows, cols = (side.values[:, 0].double().square() for side in self.sides)
             return rows.T @ cols
         if not self.cols.onehot:
