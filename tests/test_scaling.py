@@ -21,10 +21,11 @@ from torch.utils.data import Dataset, TensorDataset
 from source_callback import AnalysisResult, SourceCallback, analyze, load_analysis, open_run
 from source_callback.analysis import memory
 from source_callback.analysis.scores import StoredScores
+from source_callback.analysis.units import MATRIX_LAYOUT
 from source_callback.fingerprint import example_digests
 from source_callback.record.probe import probe_indices
 from source_callback.store.analyses import open_cache
-from source_callback.store.schema import ATTR_COMMITTED
+from source_callback.store.schema import ATTR_CACHE, ATTR_COMMITTED, CACHE_INFO_CONFIG
 
 EXACT_K = 16  # at least every side of TinyClassifier's layers (6+1, 8+1, 8, 3)
 
@@ -203,6 +204,28 @@ def test_a_cache_of_other_settings_is_rebuilt(store) -> None:
         store, queries, name="rebuilt", cache="projected", projection_dim=EXACT_K, segments=2
     )
     _assert_scores_close(result, _analyze(store, queries, segments=2), rtol=1e-6)
+
+
+def test_a_cache_of_an_earlier_matrix_layout_is_rebuilt_not_reused(store) -> None:
+    """A cache written before units recorded their matrix layout holds other coordinates."""
+    kwargs = {"name": "layout", "cache": "projected", "projection_dim": EXACT_K}
+    _analyze(store, make_dataset(5, seed=7), **kwargs)
+    cache = open_cache(store, None, "layout")
+    assert cache is not None
+    info = dict(cache.attrs[ATTR_CACHE])
+    config = dict(info[CACHE_INFO_CONFIG])
+    assert config.pop("matrix_layout") == MATRIX_LAYOUT
+    writable = zarr.open_group(store, mode="r+")[cache.path]
+    writable.attrs[ATTR_CACHE] = {**info, CACHE_INFO_CONFIG: config}  # as an earlier version wrote
+    new_queries = make_dataset(4, seed=11)
+    counted = {name: Counting(data) for name, data in _sets().items()}
+    result = _analyze(store, new_queries, train=counted, **kwargs)
+    for name, data in counted.items():  # more than the data and probe checks read: rebuilt
+        assert data.reads > 2 * len(data) + 2 * len(probe_indices(len(data))), name
+    rebuilt = open_cache(store, None, "layout")
+    assert rebuilt is not None
+    assert rebuilt.attrs[ATTR_CACHE][CACHE_INFO_CONFIG]["matrix_layout"] == MATRIX_LAYOUT
+    _assert_scores_close(result, _analyze(store, new_queries), rtol=1e-6)
 
 
 def test_a_small_projection_approximates_and_improves_with_its_dimension(store, exact) -> None:

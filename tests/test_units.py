@@ -214,20 +214,30 @@ def test_unit_matrices_follow_each_parameter_layout() -> None:
         dict(kernel_size=3, padding=1, stride=2),
         dict(kernel_size=(3, 2), dilation=(2, 1), padding=(1, 2), stride=(2, 3), bias=False),
         dict(kernel_size=5),
+        dict(kernel_size=(4, 3), dilation=(1, 2), padding="same"),  # padded unevenly
+        dict(kernel_size=(2, 3), padding="valid", bias=False),
     ],
 )
-def test_convolution_patches_are_the_unfolded_input(conv: dict[str, object]) -> None:
-    module = nn.Conv2d(3, 4, **conv)  # type: ignore[arg-type]
-    x = torch.randn(2, 3, 9, 11)
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+def test_convolution_patches_times_the_unit_matrix_are_the_convolution(
+    conv: dict[str, object],
+) -> None:
+    module = nn.Conv2d(3, 4, **conv).double()  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     side = units_module.Conv2dKind().inputs(module, x, module.bias is not None)
-    assert side is not None
-    unfolded = nn.functional.unfold(
-        x, module.kernel_size, module.dilation, module.padding, module.stride
-    ).transpose(1, 2)
-    if module.bias is not None:
-        unfolded = torch.cat([unfolded, torch.ones(*unfolded.shape[:2], 1)], dim=2)
-    assert side.size == unfolded.shape[2]
-    assert torch.equal(side.values, unfolded)
+    unit = _units(module, None)[""]
+    assert side is not None and side.size == unit.shape[1]
+    out = module(x)
+    got = side.values @ unit.matrix(dict(module.named_parameters())).T  # [B, L, out]
+    torch.testing.assert_close(got, out.flatten(2).transpose(1, 2), rtol=1e-12, atol=1e-12)
+    if isinstance(module.padding, tuple):  # F.unfold's patches, its columns (C, kh, kw)
+        unfolded = nn.functional.unfold(
+            x, module.kernel_size, module.dilation, module.padding, module.stride
+        )
+        kh, kw = module.kernel_size
+        b, length = unfolded.shape[0], unfolded.shape[2]
+        channels_last = unfolded.view(b, 3, kh, kw, length).permute(0, 4, 2, 3, 1)
+        assert torch.equal(side.values[..., : 3 * kh * kw], channels_last.reshape(b, length, -1))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -43,7 +43,7 @@ from source_callback.analysis.stage_models import (
 )
 from source_callback.analysis.task import ExactFisherTask, Task, resolve_task
 from source_callback.analysis.timing import Timer
-from source_callback.analysis.units import SelectionSpec
+from source_callback.analysis.units import MATRIX_LAYOUT, SelectionSpec
 from source_callback.describe import format_table
 from source_callback.errors import AnalysisError
 from source_callback.optim import UpdateRule
@@ -410,6 +410,7 @@ def _gradient_cache(
         "adam": [options.adam_variant, options.damping, options.preconditioner_floor],
         "batch_size": options.batch_size,
         "projection_dim": options.projection_dim,
+        "matrix_layout": MATRIX_LAYOUT,
         "stages": [[s.name, s.num_examples, s.fingerprint] for s in job.run.stages],
     }
     projection = KroneckerProjection.for_modules(

@@ -36,12 +36,14 @@ from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from source_callback.errors import AnalysisError
 
 #: Most per-example gradient entries formed at once (128 MiB in float64).
 CHUNK_ELEMENTS = 2**24
+#: How units lay their parameters out in matrices, recorded with what is stored in that layout
+#: (the projected-gradient cache). 2: a ``Conv2d``'s columns in ``(kh, kw, C)`` order.
+MATRIX_LAYOUT = 2
 _REPLAYING = [False]
 
 
@@ -281,6 +283,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _padding(module: nn.Module) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)``: the zeros a convolution pads its input with."""
+    if module.padding == "valid":
+        return 0, 0, 0, 0
+    if module.padding == "same":  # as torch pads it: the odd one of a total on the far side
+        (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = module.padding
+    return pw, pw, ph, ph
+
+
 class Kind:
     """How a kind of module lays out its ``[out, in]`` matrix and captures its gradient.
 
@@ -321,35 +335,39 @@ class LinearKind(Kind):
 
 
 class Conv2dKind(Kind):
-    """``nn.Conv2d`` over unfolded patches: weight ``[out, C, kh, kw]``."""
+    """``nn.Conv2d`` over unfolded patches: weight ``[out, C, kh, kw]``, columns ``(kh, kw, C)``.
+
+    The matrix's columns (and a patch's values) go channels last: each patch is a run of
+    contiguous channel vectors.
+    """
+
+    def weight_matrix(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """``[out, kh·kw·C]``: the kernel with its channels last, the patches' column order."""
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
     def inputs(self, module: nn.Module, data: Any, bias: bool) -> Side | None:
-        """The unfolded patches, ``[B, L, C·kh·kw (+1)]``, in the weight's ``(C, kh, kw)`` order.
+        """The unfolded patches, ``[B, L, kh·kw·C (+1)]``, with the bias's column of ones.
 
-        What ``F.unfold`` gives, transposed, with the bias's column of ones: written in place by
-        one strided copy per kernel offset from the padded input viewed channels last, about twice
-        as fast as ``F.unfold`` and the transposing copy.
+        The input is copied once into a zero-padded channels-last buffer, and the patches are
+        one strided copy of its windows: 2-3× faster than writing ``F.unfold``'s ``(C, kh, kw)``
+        order, whose every value lands ``kh·kw`` apart from its neighbour.
         """
-        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = (
-            module.kernel_size,
-            module.dilation,
-            module.padding,
-            module.stride,
-        )
-        batch, channels = data.shape[:2]
-        x = F.pad(data, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, H, W, C]
-        lh = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
-        lw = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
-        size = channels * kh * kw
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+        left, right, top, bottom = _padding(module)
+        batch, channels, height, width = data.shape
+        hp, wp = height + top + bottom, width + left + right
+        x = data.new_zeros(batch, hp, wp, channels)
+        x[:, top : top + height, left : left + width] = data.permute(0, 2, 3, 1)
+        lh = (hp - dh * (kh - 1) - 1) // sh + 1
+        lw = (wp - dw * (kw - 1) - 1) // sw + 1
+        size = kh * kw * channels
         patches = x.new_empty(batch, lh * lw, size + int(bias))
-        grid = patches[..., :size].view(batch, lh, lw, channels, kh, kw)
-        for i in range(kh):
-            for j in range(kw):
-                grid[..., i, j] = x[
-                    :,
-                    i * dh : i * dh + sh * (lh - 1) + 1 : sh,
-                    j * dw : j * dw + sw * (lw - 1) + 1 : sw,
-                ]
+        row = wp * channels
+        windows = x.as_strided(
+            (batch, lh, lw, kh, kw, channels),
+            (hp * row, sh * row, sw * channels, dh * row, dw * channels, 1),
+        )
+        patches[..., :size].view(batch, lh, lw, kh, kw, channels).copy_(windows)
         if bias:
             patches[..., size] = 1
         return Side(patches, patches.shape[-1])
