@@ -19,7 +19,10 @@ Hugging Face Llama of ``transformer.py`` (``--full``: 24 M parameters, 8 sequenc
 tokens, 4 queries; ``--quick``: its tiny shape). Inputs, labels, scales, eigenbases (random
 orthogonal) and query vectors are random: the cost does not depend on their values. All arms
 of a shape are alternated, a warm-up round excluded; the figure is the median over the rounds
-of each arm's time over the floor measured in the same round.
+of each arm's time over the floor measured in the same round. Beside the times, each pass's
+multiply-adds in the units' products, counted from their shapes (:func:`products`), over the
+floor's: what EK-FAC must compute at least, the yardstick for how close a pass is to its own
+arithmetic.
 
 With ``curvature_examples`` (``--curvature-examples``, fractions), the Adam stage is also given
 with its curvature passes over that fraction of the examples (``AnalysisOptions``'s option of
@@ -58,6 +61,10 @@ from source_callback.analysis.finite import CheckedTask  # noqa: E402
 from source_callback.analysis.gradients import contract  # noqa: E402
 from source_callback.analysis.optimizers import rank_one  # noqa: E402
 from source_callback.analysis.task import ClassificationTask, LanguageModelingTask, Task  # noqa: E402
+from source_callback.analysis.units import DiagonalKind, EmbeddingKind, Unit  # noqa: E402
+
+#: The passes of a checkpoint, as :func:`products` names them.
+PASSES = ("covariance factors", "corrected eigenvalues", "training-gradient scoring")
 
 #: Timed arms in table order: (label, kind of pass, scale).
 ARMS = (
@@ -177,6 +184,68 @@ def arms(model: nn.Module, task: Task, batch: Any, queries: int) -> dict[str, Ca
     return {"floor": floor, **{label: one(kind, scale) for label, kind, scale in ARMS}}
 
 
+def tokens_per_example(
+    model: nn.Module, units: dict[str, Unit], task: Task, batch: Any
+) -> dict[str, int]:
+    """Per unit, the tokens (positions, for a convolution) each example's gradient sums over."""
+    tokens: dict[str, int] = {}
+    hooks = []
+    for name, unit in units.items():
+        for use in unit.uses:
+
+            def hook(module: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                y = out if isinstance(out, torch.Tensor) else out[0]
+                per = y.shape[2] * y.shape[3] if isinstance(module, nn.Conv2d) else y[0].numel()
+                per //= 1 if isinstance(module, nn.Conv2d) else y.shape[-1]
+                tokens[name] = tokens.get(name, 0) + per
+
+            hooks.append(use.module.register_forward_hook(hook))
+    with torch.no_grad():
+        task.loss(model, batch)
+    for hook in hooks:
+        hook.remove()
+    return tokens
+
+
+def products(model: nn.Module, task: Task, batch: Any, queries: int) -> dict[str, float]:
+    """Each pass's multiply-adds over the floor's, counting the units' products alone.
+
+    Per example and unit (``[out, in]``, ``T`` tokens; a side with an identity basis has no
+    Gram or rotation): the floor is ``3·T·out·in`` (forward, input and weight gradients). Every
+    pass makes the forward and input-gradient products, ``2·T·out·in``, and then the covariance
+    factors each side's Gram, ``T·(out² + in²)/2`` (symmetric); the corrected eigenvalues the
+    cheaper of rotating each token's sides and forming ``G`` (``T·(out² + in²) + T·out·in``)
+    and forming ``G`` and rotating it (``T·out·in + out·in·(out + in)``), and its square; the
+    scoring forms ``G`` (``T·out·in``) and contracts it with each query (``Q·out·in``).
+    One-token examples form no ``G``; an embedding's products are ``T·out``. Products outside
+    units (attention's, the loss's) and elementwise work are not counted: what the pass must
+    compute at least, as EK-FAC defines it, against what the floor computes.
+    """
+    units = ekfac.tracked_modules(model)
+    tokens = tokens_per_example(model, units, task, batch)
+    floor = 0.0
+    passes = dict.fromkeys(PASSES, 0.0)
+    for name, unit in units.items():
+        kind = unit.uses[0].kind
+        if isinstance(kind, DiagonalKind) or name not in tokens:
+            continue
+        t, (out, inn) = tokens[name], unit.shape
+        based = zip(unit.identity, unit.shape, strict=True)
+        rows, cols = (0 if identity else size for identity, size in based)
+        gram = rows * rows + cols * cols
+        mm = t * out if isinstance(kind, EmbeddingKind) else t * out * inn
+        floor += 3 * mm
+        if t == 1:
+            rotate, score = gram + out * inn, queries * out * inn
+        else:
+            rotate = min(t * gram + mm, mm + out * inn * (rows + cols)) + out * inn
+            score = mm + queries * out * inn
+        passes["covariance factors"] += 2 * mm + t * gram / 2
+        passes["corrected eigenvalues"] += 2 * mm + rotate
+        passes["training-gradient scoring"] += 2 * mm + score
+    return {name: value / floor for name, value in passes.items()}
+
+
 def measure(functions: dict[str, Callable[[], Any]], rounds: int) -> dict[str, Any]:
     """Alternated rounds (the first a warm-up): floor seconds and each arm in floors, medians."""
     seconds: dict[str, list[float]] = {name: [] for name in functions}
@@ -232,6 +301,11 @@ def markdown(report: dict[str, Any]) -> str:
             cells.append(f"**{fraction * total + f['training-gradient scoring']:.2f}**")
         subset = "" if fraction == 1 else f", curvature on {fraction:g} of the examples"
         lines.append(f"| **Adam stage, {variant}{subset}** | " + " | ".join(cells) + " |")
+    for name in PASSES:
+        cells = (f"{s['products'][name]:.2f}" for s in report["shapes"].values())
+        lines.append(f"| *{name}, its products alone* | " + " | ".join(cells) + " |")
+    cells = (f"***{sum(s['products'].values()):.2f}***" for s in report["shapes"].values())
+    lines.append("| ***a stage's checkpoint, its products alone*** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -271,9 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(label, flush=True)
         result = measure(arms(model, task, batch, queries), rounds)
         result.update(batch=describe(batch), queries=queries, parameters=params)
+        result["products"] = products(model, task, batch, queries)
         report["shapes"][label] = result
         for arm, value in result["floors"].items():
             print(f"  {arm:44}{value:7.2f} floors", flush=True)
+        for name, value in result["products"].items():
+            print(f"  {name + ', its products alone':44}{value:7.2f} floors", flush=True)
     report["wall_s"] = time.perf_counter() - started
     report["environment"] = {
         "python": platform.python_version(),
