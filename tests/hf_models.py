@@ -75,6 +75,24 @@ def tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(config)
 
 
+def tiny_opt() -> nn.Module:
+    """OPT: its feed-forward layers and final LayerNorm see the batch's tokens as ``[B·T, n]``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        ffn_dim=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=LENGTH,
+        word_embed_proj_dim=8,
+        dropout=0.0,
+        attn_implementation="eager",
+    )
+    return OPTForCausalLM(config)
+
+
 def add_lora(model: nn.Module, targets: list[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 

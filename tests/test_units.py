@@ -453,6 +453,115 @@ def test_hugging_face_query_gradients_and_contractions_equal_autograd(build: str
     torch.testing.assert_close(got_contract, truth, rtol=1e-9, atol=1e-12)
 
 
+def _dora_llama() -> nn.Module:
+    """A tiny Llama with DoRA adapters, ``B`` drawn at random (peft starts it at zero)."""
+    from hf_models import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True)
+    model = get_peft_model(tiny_llama(), config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param)
+    return model
+
+
+@pytest.mark.parametrize("build", ["opt", "dora"])
+def test_flattened_tokens_and_dora_per_example_gradients_equal_autograd(build: str) -> None:
+    """OPT's layers called on ``[B·T, n]`` rows; DoRA's magnitude (its input and the base
+    output passed by keyword) and the identity calls through which it forms its adapter's
+    matrix: hooked per-example gradients equal autograd's, example by example."""
+    from hf_models import CausalLM, TokenSequences, tiny_opt
+
+    torch.manual_seed(0)
+    model = CausalLM(tiny_opt() if build == "opt" else _dora_llama()).double()
+    units = find_units(model).units
+    if build == "dora":
+        assert any("lora_magnitude_vector" in name for name in units)
+    task = LanguageModelingTask()
+    ids = TokenSequences(5, seed=3).ids
+    examples = [{"input_ids": ids[i : i + 1]} for i in range(len(ids))]
+    expected = autograd_per_example(model, units, task.loss, examples)
+    got = per_example_grads(model, units, task.loss, [{"input_ids": ids}])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12)
+    assert all(expected[name].abs().max() > 0 for name in units)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding with its own forward (Gemma's scales its rows by ``sqrt(dim)``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 3.0
+
+
+class ScaledTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = ScaledEmbedding(VOCAB, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids)))
+
+
+def test_an_embedding_with_its_own_forward_is_re_run_not_looked_up() -> None:
+    """Its output gradient is not its rows' (the scale): a diagonal unit, equal to autograd."""
+    torch.manual_seed(0)
+    model = ScaledTokens().double()
+    units = _units(model, None)
+    assert isinstance(units["embed"].uses[0].kind, units_module.DiagonalKind)
+    task = ProbeTask(3)
+    batch = (_tokens(4, 5),)
+    expected = autograd_per_example(model, units, task.loss, split(batch))
+    got = per_example_grads(model, units, task.loss, [batch])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+class SequenceFirst(nn.Module):
+    """A linear layer called on ``[T, B, n]`` (sequence first): its rows mix the examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.embed(ids).transpose(0, 1)).transpose(0, 1))
+
+
+class SharedTable(nn.Module):
+    """A linear map of a constant ``[T, n]`` table, added to every example: not separable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.table = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+        self.register_buffer("constant", torch.randn(LENGTH, WIDTH))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids) + self.table(self.constant[: ids.shape[1]]))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (SequenceFirst, "'mix' is called on a tensor of shape \\(5, 4, 4\\) computed from"),
+        (SharedTable, "'table' is called on tensors shared by the batch"),
+    ],
+)
+def test_calls_whose_rows_are_not_the_examples_are_refused(model, message: str) -> None:
+    torch.manual_seed(0)
+    net = model().double()
+    units = _units(net, None)
+    with pytest.raises(AnalysisError, match=message):
+        per_example_grads(net, units, ProbeTask(3).loss, [(_tokens(4, 5),)])
+
+
 class SharedPositions(nn.Module):
     """Position embeddings of ``arange(T)`` (no batch dimension), broadcast over the batch."""
 

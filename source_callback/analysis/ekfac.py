@@ -9,6 +9,7 @@ threshold) needs no covariance.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,15 @@ import torch
 from torch import nn
 
 from source_callback.analysis.finite import RowFlags
-from source_callback.analysis.units import Factored, Side, Unit, find_units, is_replaying
+from source_callback.analysis.units import (
+    EmbeddingKind,
+    Factored,
+    Side,
+    Unit,
+    Use,
+    find_units,
+    is_replaying,
+)
 from source_callback.errors import AnalysisError
 
 #: Called once per unit and backward pass with the per-example gradients of all its uses.
@@ -99,7 +108,11 @@ class Capture:
     the batch's summed gradient; its output is expanded to B rows instead (a batch dimension
     prepended unless it has one of 1), the same values downstream, so that each example's
     gradient stays separate. B is the leading dimension of the model's first tensor argument;
-    a shared tensor whose leading dimension happens to equal B cannot be told apart.
+    a shared tensor whose leading dimension happens to equal B cannot be told apart. Other
+    shared calls (DoRA calls its adapters on an identity to form their matrix) are left as they
+    are, and a gradient reaching one is an error. A call on the examples' data whose leading
+    dimension is the batch's tokens ``B·T`` (OPT's ``[B·T, n]`` feed-forward rows) is captured
+    as ``[B, T, n]``; any other leading dimension is an error naming the unit.
 
     No parameter gradient is formed: while capturing, every parameter of the model is frozen,
     and the output of a unit's call that then needs no gradient (no unit before it; grad mode
@@ -117,6 +130,10 @@ class Capture:
         self._pending: dict[str, list[Factored]] = {}
         self._handles: list[Any] = []
         self._batch = 1
+        self._tokens = 1
+        self._shared_outputs: weakref.WeakValueDictionary[int, torch.Tensor] = (
+            weakref.WeakValueDictionary()
+        )
         self._finite = RowFlags()
         self._frozen: list[nn.Parameter] = []
 
@@ -125,6 +142,7 @@ class Capture:
             (x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.ndim), None
         )
         self._batch = 1 if first is None else first.shape[0]
+        self._tokens = first.shape[1] if first is not None and first.ndim > 1 else 1
 
     def _shared(self, x: Any) -> bool:
         """Whether ``x`` is a tensor whose leading dimension is not the batch's."""
@@ -137,6 +155,67 @@ class Capture:
         if prepend:
             x = x[None]
         return x.expand(self._batch, *x.shape[1:])
+
+    def _from_shared(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the output of a unit's call shared by the batch (not broadcast)."""
+        return self._shared_outputs.get(id(x)) is x
+
+    def _rows(self, name: str, output: torch.Tensor) -> int:
+        """Rows per example of a call on the examples' data not led by the batch.
+
+        A call is on the examples' data when one of its tensors needs a gradient and is not a
+        shared call's output (every parameter is frozen while capturing: only what a unit's
+        output feeds does). The one layout whose rows can be assigned to examples is the
+        batch's ``B·T`` tokens flattened example by example (``x.reshape(-1, n)`` of ``[B, T,
+        n]``, as OPT's feed-forward layers call theirs), ``T`` the model input's second
+        dimension; any other is an error.
+        """
+        rows = self._batch * self._tokens
+        if output.ndim == 2 and output.shape[0] == rows and self._tokens > 1:
+            return self._tokens
+        raise AnalysisError(
+            f"unit {name!r} is called on a tensor of shape {tuple(output.shape)} computed from "
+            f"the examples, whose leading dimension is neither the batch's ({self._batch}) nor "
+            f"its {self._batch}×{self._tokens} tokens flattened example by example: its rows "
+            "cannot be assigned to examples "
+            "(a sequence-first layout, or rows mixed across examples); leave it out with "
+            f"modules={{'exclude': [{name!r}]}}."
+        )
+
+    def _by_example(self, x: Any, rows: int | None) -> Any:
+        """``x`` (a tensor, a tuple or a dict of them) with ``[B·rows, ...]`` as ``[B, rows, ...]``.
+
+        Unchanged when ``rows`` is None or a tensor's leading dimension is another.
+        """
+        if rows is None:
+            return x
+        if isinstance(x, tuple):
+            return tuple(self._by_example(v, rows) for v in x)
+        if isinstance(x, dict):
+            return {k: self._by_example(v, rows) for k, v in x.items()}
+        if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == self._batch * rows:
+            return x.reshape(self._batch, rows, *x.shape[1:])
+        return x
+
+    @staticmethod
+    def _broadcastable(use: Use, output: torch.Tensor) -> bool:
+        """Whether a call shared by the batch may be expanded to it, shapes downstream unchanged.
+
+        So may an output with a leading dimension of 1, and an embedding table's ``[T, dim]``
+        rows (added to ``[B, T, dim]`` activations). Other shared calls (DoRA computing its
+        adapter's matrix by calling it on an identity) stay as they are.
+        """
+        one = output.ndim > 0 and output.shape[0] == 1
+        return one or (isinstance(use.kind, EmbeddingKind) and output.ndim == 2)
+
+    def _unseparable(self, name: str, use: Use, output: torch.Tensor) -> None:
+        raise AnalysisError(
+            f"module {use.name!r} of unit {name!r} is called on tensors shared by the batch "
+            f"(its output has shape {tuple(output.shape)}, not led by the batch's "
+            f"{self._batch}) and that output reaches the loss, so each example's gradient "
+            f"through it cannot be separated; leave it out with "
+            f"modules={{'exclude': [{name!r}]}}."
+        )
 
     def _forward_hook(self, name: str, index: int) -> Callable[..., None]:
         use = self.units[name].uses[index]
@@ -153,24 +232,35 @@ class Capture:
                     f"modules={{'exclude': [{name!r}]}}."
                 )
             tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
-            if self._shared(output) and all(map(self._shared, tensors)):
+            rows, shared = None, self._shared(output)
+            if shared and any(x.requires_grad and not self._from_shared(x) for x in tensors):
+                rows, shared = self._rows(name, output), False
+            if shared and all(map(self._shared, tensors)) and self._broadcastable(use, output):
                 prepend = not output.ndim or output.shape[0] != 1
                 args = tuple(self._broadcast(x, prepend) for x in args)
                 kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
-                output = self._broadcast(output, prepend)
+                output, shared = self._broadcast(output, prepend), False
             if not output.requires_grad and torch.is_grad_enabled():
                 # a copy (not the leaf itself), so that the model may still modify it in place
                 output = output.detach().requires_grad_().clone()
+            if shared:
+                self._shared_outputs[id(output)] = output
+            if rows is not None:  # the batch's tokens flattened: captured as [B, T, ...]
+                args, kwargs = self._by_example(args, rows), self._by_example(kwargs, rows)
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
             side = None
             if known is not None:
                 self.inputs.setdefault(name, []).append(known)
                 side = known[1]
-            if output.requires_grad:
+            if output.requires_grad and shared:  # no gradient expected: none is waited for
+                output.register_hook(lambda grad: self._unseparable(name, use, output))
+            elif output.requires_grad:
                 self._calls[name] = self._calls.get(name, 0) + 1
                 output.register_hook(
-                    lambda grad: self._arrive(name, use.factored(data, side, grad))
+                    lambda grad: self._arrive(
+                        name, use.factored(data, side, self._by_example(grad, rows))
+                    )
                 )
             return output
 
@@ -190,6 +280,7 @@ class Capture:
         self._calls.clear()
         self._pending.clear()
         self._finite.flags.clear()
+        self._shared_outputs.clear()
 
     def backward(self, value: torch.Tensor, retain_graph: bool = False) -> None:
         """``value.backward()``, then hand over the gradients of uses that are still waiting.

@@ -438,30 +438,44 @@ class DiagonalKind(Kind):
     def factored(
         self, module: nn.Module, data: Any, side: Side | None, grad: torch.Tensor
     ) -> Factored:
-        """``G = 1 · gᵀ`` with ``g`` the per-example gradient of the module's parameters."""
+        """``G = 1 · gᵀ`` with ``g`` the per-example gradient of the module's parameters.
+
+        Every tensor argument, positional or keyword, whose leading dimension is the batch's is
+        split by example (DoRA's magnitude takes the base layer's output as ``base_result=``).
+        """
         args, kwargs = data
         batch = grad.shape[0]
-        batched = tuple(
-            0 if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == batch else None
-            for x in args
-        )
+
+        def split(x: Any) -> bool:
+            return isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == batch
+
+        batched = tuple(0 if split(x) else None for x in args)
+        keys = tuple(k for k, v in kwargs.items() if split(v))
+        fixed = {k: v for k, v in kwargs.items() if k not in keys}
         params = {name: getattr(module, name).detach() for name in self.attrs}
 
-        def one(example_args: tuple[Any, ...], g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def one(
+            example_args: tuple[Any, ...], example_kwargs: tuple[torch.Tensor, ...], g: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
             # each example keeps a batch dimension of 1: modules may require one
             call_args = tuple(
                 x[None] if dim == 0 else x for x, dim in zip(example_args, batched, strict=True)
             )
+            call_kwargs = {
+                **fixed,
+                **{k: v[None] for k, v in zip(keys, example_kwargs, strict=True)},
+            }
 
             def run(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return torch.func.functional_call(module, p, call_args, kwargs)
+                return torch.func.functional_call(module, p, call_args, call_kwargs)
 
             _, vjp = torch.func.vjp(run, params)
             grads = vjp(g[None])[0]
             return tuple(grads[name].reshape(-1) for name in self.attrs)
 
+        values = tuple(kwargs[k] for k in keys)
         with replaying():
-            parts = torch.func.vmap(one, in_dims=(batched, 0))(args, grad)
+            parts = torch.func.vmap(one, in_dims=(batched, (0,) * len(keys), 0))(args, values, grad)
         g = torch.cat([p.double() for p in parts], dim=1)  # [B, n]
         ones = g.new_ones(batch, 1, 1)
         return Factored(Side(ones, 1), Side(g[:, None, :], g.shape[1]))
@@ -473,7 +487,9 @@ def kronecker_kind(module: nn.Module) -> Kind | None:
         return LinearKind()
     if isinstance(module, nn.Conv2d):
         return Conv2dKind()
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+        # a subclass with its own forward (OPT's positions from the attention mask) may look
+        # its rows up by other than its first argument: a diagonal unit re-runs it instead
         return EmbeddingKind()
     if _hf_conv1d(module):
         return Conv1dKind()
