@@ -16,6 +16,11 @@ Matching, in order of precedence:
    (:data:`WRAPPER_COMPONENTS`): ``_orig_mod`` (``torch.compile``), ``base_model.model``
    (peft's model wrapper) and ``base_layer`` (a layer wrapped by a peft adapter).
 
+peft's ``modules_to_save`` keeps a module twice: the trained copy the model computes with
+(``<module>.modules_to_save.<adapter>``) and the frozen original (``<module>.original_module``,
+the same tensors as before). The copy continues the module, by ``rule`` and before any other
+match but an explicit one; the original is a new tensor.
+
 A match must keep the kind, shape and dtype; one that does not, or a name that several tensors
 claim, is an error naming the tensors: nothing is matched silently.
 """
@@ -37,6 +42,10 @@ WRAPPER_COMPONENTS: tuple[tuple[str, ...], ...] = (
 )
 
 EXPLICIT, IDENTITY, NAME, RULE = "explicit", "identity", "name", "rule"
+
+#: peft's ``ModulesToSaveWrapper``: ``<module>.modules_to_save.<adapter>`` (the trained copy)
+#: and ``<module>.original_module`` (the frozen original).
+SAVED_COPY, SAVED_ORIGINAL = "modules_to_save", "original_module"
 
 
 def unwrapped_name(name: str) -> str:
@@ -64,6 +73,43 @@ def unwrapped_name(name: str) -> str:
             out.append(parts[i])
             i += 1
     return ".".join(out)
+
+
+def saved_copies(current: list[str], previous: list[str]) -> dict[str, str | None]:
+    """The matches of peft's ``modules_to_save`` wrappers among ``current``'s names.
+
+    Each trained copy maps to the previous tensor it continues and each frozen original to
+    ``None`` (a new tensor); a copy that no previous tensor matches is left to the other rules.
+
+    Examples
+    --------
+    >>> saved_copies(
+    ...     ["m.base_model.model.head.modules_to_save.default.weight",
+    ...      "m.base_model.model.head.original_module.weight"],
+    ...     ["m.head.weight"],
+    ... )  # doctest: +NORMALIZE_WHITESPACE
+    {'m.base_model.model.head.modules_to_save.default.weight': 'm.head.weight',
+     'm.base_model.model.head.original_module.weight': None}
+
+    """
+    by_rule: dict[str, list[str]] = {}
+    for old in previous:
+        by_rule.setdefault(unwrapped_name(old), []).append(old)
+    found: dict[str, str | None] = {}
+    names = set(current)
+    for name in current:
+        parts = name.split(".")
+        for i in range(len(parts) - 2):
+            if parts[i] != SAVED_COPY:
+                continue
+            candidates = by_rule.get(unwrapped_name(".".join(parts[:i] + parts[i + 2 :])), [])
+            if len(candidates) == 1:
+                found[name] = candidates[0]
+                original = ".".join([*parts[:i], SAVED_ORIGINAL, *parts[i + 2 :]])
+                if original in names:
+                    found[original] = None
+            break
+    return found
 
 
 @dataclass(frozen=True)
@@ -148,7 +194,14 @@ def match_stages(
     matches: dict[str, tuple[str, str]] = {
         n: (o, EXPLICIT) for n, o in renamed.items() if o is not None
     }
-    open_new = [n for n in new if n not in renamed]
+    explicit = {o for o, _ in matches.values()}
+    copies = {
+        n: o
+        for n, o in saved_copies(list(new), list(old)).items()
+        if n not in renamed and o not in explicit
+    }
+    matches.update((n, (o, RULE)) for n, o in copies.items() if o is not None)
+    open_new = [n for n in new if n not in renamed and n not in copies]
     for n in open_new:
         if identity and n in identity and identity[n] in old:
             matches[n] = (identity[n], IDENTITY)

@@ -52,6 +52,22 @@ def test_matching_precedence_and_what_counts_as_new() -> None:
     assert explicit.matched_by["lora.weight"] == "explicit"
 
 
+def test_a_saved_modules_trained_copy_continues_it_and_its_original_is_new() -> None:
+    """peft's ``modules_to_save``: the copy the model computes with, not the frozen original
+    (the same object as before, which identity would otherwise match)."""
+    previous = [_entry("m.head.weight"), _entry("m.a.weight")]
+    wrapped = "m.base_model.model."
+    copy, original = (
+        f"{wrapped}head.{part}.weight" for part in ("modules_to_save.x", "original_module")
+    )
+    current = [_entry(original), _entry(copy), _entry(f"{wrapped}a.weight")]
+    found = match_stages(previous, current, identity={original: "m.head.weight"})
+    assert found.previous == {copy: "m.head.weight", f"{wrapped}a.weight": "m.a.weight"}
+    assert found.matched_by[copy] == "rule"
+    explicit = match_stages(previous, current, renamed={original: "m.head.weight"})
+    assert explicit.previous[original] == "m.head.weight" and copy not in explicit.previous
+
+
 def test_ambiguous_or_inconsistent_matches_name_the_tensors() -> None:
     previous = [_entry("a.weight")]
     both = [_entry("_orig_mod.a.weight"), _entry("a.base_layer.weight")]
@@ -133,6 +149,36 @@ def test_a_head_added_in_a_later_stage_is_constant_before(tmp_path) -> None:
     assert result.scores["first"].shape == (3, 16)
     assert torch.isfinite(torch.as_tensor(result.scores["first"])).all()
     assert "extra" in result.config["modules"]
+
+
+def test_a_run_with_a_saved_head_is_analyzed_through_its_trained_copy(tmp_path) -> None:
+    """A LoRA stage with ``modules_to_save=["lm_head"]``: the pretraining stage's head is the
+    copy the final model computes with, so its recorded losses are reproduced (they were not)."""
+    from hf_models import CausalLM, TokenSequences, seeded_llama
+    from peft import LoraConfig, get_peft_model
+
+    store = str(tmp_path / "saved.zarr")
+    module, pre, sft = CausalLM(seeded_llama()), TokenSequences(8, seed=1), TokenSequences(8, 2)
+    callback = SourceCallback(store, stage="pretrain", checkpoints_per_stage=2)
+    trainer([callback], tmp_path, max_epochs=1).fit(module, loader(pre, 4))
+    config = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    module.model = get_peft_model(module.model, config)
+    callback.next_stage("lora")
+    trainer([callback], tmp_path, max_epochs=1).fit(module, loader(sft, 4))
+    copy = "model.base_model.model.lm_head.modules_to_save.default.weight"
+    assert open_run(store).continuation(1).previous[copy] == "model.lm_head.weight"
+    result = analyze(
+        store,
+        model=module,
+        task="language_modeling",
+        train={"pretrain": pre, "lora": sft},
+        queries=TokenSequences(2, seed=3),
+        segments=1,
+        name=None,
+        verbose=False,
+    )
+    assert result.coverage == {"pretrain": 1.0, "lora": 1.0}
+    assert torch.isfinite(torch.as_tensor(result.scores["pretrain"])).all()
 
 
 def test_a_tensor_changed_between_stages_is_refused(tmp_path) -> None:
