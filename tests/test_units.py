@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from unitgrads import autograd_per_example, split
 
 from source_callback.analysis import units as units_module
+from source_callback.analysis.capture_check import check_capture
 from source_callback.analysis.ekfac import (
     ModuleCurvature,
     RankOne,
@@ -560,6 +561,56 @@ def test_calls_whose_rows_are_not_the_examples_are_refused(model, message: str) 
     units = _units(net, None)
     with pytest.raises(AnalysisError, match=message):
         per_example_grads(net, units, ProbeTask(3).loss, [(_tokens(4, 5),)])
+
+
+class TokenMajor(nn.Module):
+    """A layer on the batch's tokens flattened token by token (``[T·B, n]``): the capture
+    takes flattened rows as example by example, so this one's rows go to the wrong examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).transpose(0, 1)  # [T, B, n]
+        mixed = self.mix(x.reshape(-1, WIDTH)).reshape(x.shape).transpose(0, 1)
+        return self.head(torch.tanh(mixed))
+
+
+def _as_rows(tokens: torch.Tensor) -> list[tuple[torch.Tensor]]:
+    return [(row,) for row in tokens]
+
+
+def test_the_capture_check_finds_rows_given_to_the_wrong_examples() -> None:
+    torch.manual_seed(0)
+    model = TokenMajor().double()
+    with pytest.raises(AnalysisError, match=r"mix: an example's gradient in a batch differs"):
+        check_capture(model, _units(model, None), ProbeTask(3).loss, _as_rows(_tokens(4, 5)))
+
+
+def test_the_capture_check_finds_a_gradient_its_kind_gets_wrong(monkeypatch) -> None:
+    """The scaled embedding taken as a plain lookup: its gradient lacks the scale."""
+    monkeypatch.setattr(units_module, "kronecker_kind", _plain_lookup(units_module.kronecker_kind))
+    torch.manual_seed(0)
+    model = ScaledTokens().double()
+    units = _units(model, None)
+    assert isinstance(units["embed"].uses[0].kind, units_module.EmbeddingKind)
+    with pytest.raises(AnalysisError, match=r"embed: the captured gradients sum to other than"):
+        check_capture(model, units, ProbeTask(3).loss, _as_rows(_tokens(4, 5)))
+    monkeypatch.undo()
+    model = ScaledTokens().double()  # the diagonal unit it is now passes, as do the others
+    check_capture(model, _units(model, None), ProbeTask(3).loss, _as_rows(_tokens(4, 5)))
+    model = SharedPositions().double()
+    check_capture(model, _units(model, None), ProbeTask(3).loss, _as_rows(_tokens(4, 5)))
+
+
+def _plain_lookup(kind_of):
+    def kind(module: nn.Module):
+        return units_module.EmbeddingKind() if isinstance(module, nn.Embedding) else kind_of(module)
+
+    return kind
 
 
 class SharedPositions(nn.Module):

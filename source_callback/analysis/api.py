@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from source_callback.analysis import memory as footprint
 from source_callback.analysis.cache import GradientCache
+from source_callback.analysis.capture_check import check_capture
 from source_callback.analysis.engine import Engine, ScoreTerm, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.inputs import average_states, check_datasets, checkpoint_state
@@ -307,6 +308,18 @@ def _build_engines(
     )
     copies = [engine.model for engine in stages.engines]
     workers.run(lambda: check_probes(run, copies, task, train, collate_fn))  # errors shared
+    checked: set[int] = set()
+    for stage in run.stages:  # each distinct model on the first stage it analyzes
+        engine = stages.engines[stage.index]
+        if id(engine) not in checked:
+            checked.add(id(engine))
+            label = f"the model of stage {stage.name!r}"
+            data = train[stage.name]
+            workers.run(
+                lambda e=engine, d=data, label=label: check_capture(
+                    e.model, e.modules, task.loss, d, collate_fn, label
+                )
+            )
     return stages
 
 
