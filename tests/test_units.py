@@ -579,6 +579,79 @@ class TokenMajor(nn.Module):
         return self.head(torch.tanh(mixed))
 
 
+class Windows(nn.Module):
+    """A layer on windows of the sequence, ``[B·W, T/W, n]`` (Swin's), example by example or,
+    ``window_major``, window by window (rows the capture would give to the wrong examples)."""
+
+    def __init__(self, window_major: bool = False) -> None:
+        super().__init__()
+        self.window_major = window_major
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids[:, :4])  # [B, 4, n]: two windows of two
+        windows = x.reshape(len(x), 2, 2, WIDTH)
+        if self.window_major:
+            windows = windows.transpose(0, 1)
+        mixed = self.mix(self.norm(windows.reshape(-1, 2, WIDTH)))  # [B·2, 2, n]
+        mixed = mixed.reshape(windows.shape)
+        if self.window_major:
+            mixed = mixed.transpose(0, 1)
+        return self.head(torch.tanh(mixed.reshape(x.shape)))
+
+
+def test_windows_of_each_example_are_captured_as_its_rows() -> None:
+    torch.manual_seed(0)
+    model = Windows().double()
+    units = _units(model, None)
+    task = ProbeTask(3)
+    batch = (_tokens(4, 5),)
+    expected = autograd_per_example(model, units, task.loss, split(batch))
+    got = per_example_grads(model, units, task.loss, [batch])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+    check_capture(model, units, task.loss, _as_rows(_tokens(4, 5)))
+    window_major = Windows(window_major=True).double()
+    with pytest.raises(AnalysisError, match=r"mix: an example's gradient in a batch differs"):
+        check_capture(window_major, _units(window_major, None), task.loss, _as_rows(_tokens(4, 5)))
+
+
+class Table(nn.Module):
+    """A learned ``[1, 1, n]`` bias computed from nothing: shared by the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 1, WIDTH))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight * 2
+
+
+class WindowBias(Windows):
+    """The table added to every window (Swin's relative position bias): not to the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = Table()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        windows = self.embed(ids[:, :4]).reshape(-1, 2, WIDTH)  # [B·2, 2, n]
+        return self.head(torch.tanh(windows + self.table()).reshape(len(ids), 4, WIDTH))
+
+
+def test_a_shared_output_that_breaks_the_model_once_expanded_is_named() -> None:
+    torch.manual_seed(0)
+    model = WindowBias().double()
+    units = _units(model, None)
+    with pytest.raises(AnalysisError, match=r"on outputs of table that the analysis expanded"):
+        per_example_grads(model, units, ProbeTask(3).loss, [(_tokens(4, 5),)])
+    without = {name: unit for name, unit in units.items() if name != "table"}
+    per_example_grads(model, without, ProbeTask(3).loss, [(_tokens(4, 5),)])
+
+
 def _as_rows(tokens: torch.Tensor) -> list[tuple[torch.Tensor]]:
     return [(row,) for row in tokens]
 

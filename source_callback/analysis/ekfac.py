@@ -27,7 +27,7 @@ from source_callback.analysis.units import (
     find_units,
     is_replaying,
 )
-from source_callback.errors import AnalysisError
+from source_callback.errors import AnalysisError, listed
 
 #: Called once per unit and backward pass with the per-example gradients of all its uses.
 OnGrads = Callable[[str, list[Factored]], None]
@@ -111,8 +111,9 @@ class Capture:
     a shared tensor whose leading dimension happens to equal B cannot be told apart. Other
     shared calls (DoRA calls its adapters on an identity to form their matrix) are left as they
     are, and a gradient reaching one is an error. A call on the examples' data whose leading
-    dimension is the batch's tokens ``B·T`` (OPT's ``[B·T, n]`` feed-forward rows) is captured
-    as ``[B, T, n]``; any other leading dimension is an error naming the unit.
+    dimension is a multiple ``B·k`` of the batch's (OPT's ``[B·T, n]`` feed-forward rows, Swin's
+    windows) is captured as ``[B, k, ...]``, its rows taken as the examples' one block after the
+    other (:mod:`~source_callback.analysis.capture_check` refuses a model where they are not).
 
     No parameter gradient is formed: while capturing, every parameter of the model is frozen,
     and the output of a unit's call that then needs no gradient (no unit before it; grad mode
@@ -130,11 +131,11 @@ class Capture:
         self._pending: dict[str, list[Factored]] = {}
         self._handles: list[Any] = []
         self._batch = 1
-        self._tokens = 1
         self._shared_outputs: weakref.WeakValueDictionary[int, torch.Tensor] = (
             weakref.WeakValueDictionary()
         )
         self._finite = RowFlags()
+        self._broadcast_units: set[str] = set()
         self._frozen: list[nn.Parameter] = []
 
     def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -142,7 +143,6 @@ class Capture:
             (x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.ndim), None
         )
         self._batch = 1 if first is None else first.shape[0]
-        self._tokens = first.shape[1] if first is not None and first.ndim > 1 else 1
 
     def _shared(self, x: Any) -> bool:
         """Whether ``x`` is a tensor whose leading dimension is not the batch's."""
@@ -165,20 +165,18 @@ class Capture:
 
         A call is on the examples' data when one of its tensors needs a gradient and is not a
         shared call's output (every parameter is frozen while capturing: only what a unit's
-        output feeds does). The one layout whose rows can be assigned to examples is the
-        batch's ``B·T`` tokens flattened example by example (``x.reshape(-1, n)`` of ``[B, T,
-        n]``, as OPT's feed-forward layers call theirs), ``T`` the model input's second
-        dimension; any other is an error.
+        output feeds does). Its leading dimension is taken as the batch's examples one block
+        after the other: OPT's feed-forward rows ``[B·T, n]`` (``x.reshape(-1, n)`` of ``[B, T,
+        n]``), Swin's windows ``[B·W, T, n]``. Another order (a sequence-first ``[T, B, n]``) is
+        not told apart here: :mod:`~source_callback.analysis.capture_check` refuses it before
+        the first pass. A leading dimension that is no multiple of the batch's is an error.
         """
-        rows = self._batch * self._tokens
-        if output.ndim == 2 and output.shape[0] == rows and self._tokens > 1:
-            return self._tokens
+        if output.ndim > 1 and output.shape[0] % self._batch == 0:
+            return output.shape[0] // self._batch
         raise AnalysisError(
             f"unit {name!r} is called on a tensor of shape {tuple(output.shape)} computed from "
-            f"the examples, whose leading dimension is neither the batch's ({self._batch}) nor "
-            f"its {self._batch}×{self._tokens} tokens flattened example by example: its rows "
-            "cannot be assigned to examples "
-            "(a sequence-first layout, or rows mixed across examples); leave it out with "
+            f"the examples, whose leading dimension is no multiple of the batch's "
+            f"({self._batch}): its rows cannot be assigned to examples; leave it out with "
             f"modules={{'exclude': [{name!r}]}}."
         )
 
@@ -240,6 +238,7 @@ class Capture:
                 args = tuple(self._broadcast(x, prepend) for x in args)
                 kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
                 output, shared = self._broadcast(output, prepend), False
+                self._broadcast_units.add(name)
             if not output.requires_grad and torch.is_grad_enabled():
                 # a copy (not the leaf itself), so that the model may still modify it in place
                 output = output.detach().requires_grad_().clone()
@@ -281,6 +280,7 @@ class Capture:
         self._pending.clear()
         self._finite.flags.clear()
         self._shared_outputs.clear()
+        self._broadcast_units.clear()
 
     def backward(self, value: torch.Tensor, retain_graph: bool = False) -> None:
         """``value.backward()``, then hand over the gradients of uses that are still waiting.
@@ -311,7 +311,8 @@ class Capture:
                 )
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: object) -> None:
+        broadcast = sorted(self._broadcast_units)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -319,6 +320,15 @@ class Capture:
             param.requires_grad_(True)
         self._frozen.clear()
         self.reset()
+        if isinstance(error, RuntimeError) and broadcast:
+            raise AnalysisError(
+                f"the model failed ({error}) on outputs of {listed(broadcast, 5)} that the "
+                "analysis expanded to the batch (they are shared by its examples, and each "
+                "example's gradient through them is kept apart that way); a model that "
+                "combines them with other than the batch's examples (Swin's windows) cannot "
+                "be analyzed through them: leave them out with "
+                f"modules={{'exclude': {broadcast[:5]!r}}}."
+            ) from error
 
 
 def dense_sum(parts: list[Factored]) -> Iterator[tuple[slice, torch.Tensor]]:
