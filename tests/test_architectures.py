@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_models import LENGTH, VOCAB
+from hf_models import LENGTH, VOCAB, tiny_opt
 from torch import nn
 
 from source_callback.analysis.capture_check import check_capture
@@ -80,19 +80,7 @@ LANGUAGE: dict[str, Callable[[], nn.Module]] = {
             **ATTENTION,
         )
     ),
-    "opt": lambda: transformers.OPTForCausalLM(
-        transformers.OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=8,
-            ffn_dim=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=LENGTH,
-            word_embed_proj_dim=8,
-            dropout=0.0,
-            **ATTENTION,
-        )
-    ),
+    "opt": tiny_opt,
     "bloom": lambda: transformers.BloomForCausalLM(
         transformers.BloomConfig(vocab_size=VOCAB, hidden_size=8, n_layer=1, n_head=2)
     ),

@@ -490,6 +490,18 @@ def test_flattened_tokens_and_dora_per_example_gradients_equal_autograd(build: s
     assert all(expected[name].abs().max() > 0 for name in units)
 
 
+def _hooked_equal_autograd(model: nn.Module) -> tuple[dict[str, Unit], dict[str, torch.Tensor]]:
+    """A token model's hooked per-example gradients, asserted equal to autograd's (returned)."""
+    units = _units(model, None)
+    loss = ProbeTask(3).loss
+    batch = (_tokens(4, 5),)
+    expected = autograd_per_example(model, units, loss, split(batch))
+    got = per_example_grads(model, units, loss, [batch])
+    for name in units:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+    return units, expected
+
+
 class ScaledEmbedding(nn.Embedding):
     """An embedding with its own forward (Gemma's scales its rows by ``sqrt(dim)``)."""
 
@@ -510,19 +522,12 @@ class ScaledTokens(nn.Module):
 def test_an_embedding_with_its_own_forward_is_re_run_not_looked_up() -> None:
     """Its output gradient is not its rows' (the scale): a diagonal unit, equal to autograd."""
     torch.manual_seed(0)
-    model = ScaledTokens().double()
-    units = _units(model, None)
+    units, _ = _hooked_equal_autograd(ScaledTokens().double())
     assert isinstance(units["embed"].uses[0].kind, units_module.DiagonalKind)
-    task = ProbeTask(3)
-    batch = (_tokens(4, 5),)
-    expected = autograd_per_example(model, units, task.loss, split(batch))
-    got = per_example_grads(model, units, task.loss, [batch])
-    for name in units:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
 
 
-class SequenceFirst(nn.Module):
-    """A linear layer called on ``[T, B, n]`` (sequence first): its rows mix the examples."""
+class Mixer(nn.Module):
+    """Tokens embedded, mixed by a linear layer (each subclass calls it its own way), read out."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -530,29 +535,30 @@ class SequenceFirst(nn.Module):
         self.mix = nn.Linear(WIDTH, WIDTH)
         self.head = nn.Linear(WIDTH, 3)
 
+
+class SequenceFirst(Mixer):
+    """A linear layer called on ``[T, B, n]`` (sequence first): its rows mix the examples."""
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.mix(self.embed(ids).transpose(0, 1)).transpose(0, 1))
 
 
-class SharedTable(nn.Module):
+class SharedTable(Mixer):
     """A linear map of a constant ``[T, n]`` table, added to every example: not separable."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.table = nn.Linear(WIDTH, WIDTH)
-        self.head = nn.Linear(WIDTH, 3)
         self.register_buffer("constant", torch.randn(LENGTH, WIDTH))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(ids) + self.table(self.constant[: ids.shape[1]]))
+        return self.head(self.embed(ids) + self.mix(self.constant[: ids.shape[1]]))
 
 
 @pytest.mark.parametrize(
     ("model", "message"),
     [
         (SequenceFirst, "'mix' is called on a tensor of shape \\(5, 4, 4\\) computed from"),
-        (SharedTable, "'table' is called on tensors shared by the batch"),
+        (SharedTable, "'mix' is called on tensors shared by the batch"),
     ],
 )
 def test_calls_whose_rows_are_not_the_examples_are_refused(model, message: str) -> None:
@@ -563,15 +569,9 @@ def test_calls_whose_rows_are_not_the_examples_are_refused(model, message: str) 
         per_example_grads(net, units, ProbeTask(3).loss, [(_tokens(4, 5),)])
 
 
-class TokenMajor(nn.Module):
+class TokenMajor(Mixer):
     """A layer on the batch's tokens flattened token by token (``[T·B, n]``): the capture
     takes flattened rows as example by example, so this one's rows go to the wrong examples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.mix = nn.Linear(WIDTH, WIDTH)
-        self.head = nn.Linear(WIDTH, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids).transpose(0, 1)  # [T, B, n]
@@ -579,17 +579,14 @@ class TokenMajor(nn.Module):
         return self.head(torch.tanh(mixed))
 
 
-class Windows(nn.Module):
+class Windows(Mixer):
     """A layer on windows of the sequence, ``[B·W, T/W, n]`` (Swin's), example by example or,
     ``window_major``, window by window (rows the capture would give to the wrong examples)."""
 
     def __init__(self, window_major: bool = False) -> None:
         super().__init__()
         self.window_major = window_major
-        self.embed = nn.Embedding(VOCAB, WIDTH)
         self.norm = nn.LayerNorm(WIDTH)
-        self.mix = nn.Linear(WIDTH, WIDTH)
-        self.head = nn.Linear(WIDTH, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids[:, :4])  # [B, 4, n]: two windows of two
@@ -606,13 +603,8 @@ class Windows(nn.Module):
 def test_windows_of_each_example_are_captured_as_its_rows() -> None:
     torch.manual_seed(0)
     model = Windows().double()
-    units = _units(model, None)
+    units, _ = _hooked_equal_autograd(model)
     task = ProbeTask(3)
-    batch = (_tokens(4, 5),)
-    expected = autograd_per_example(model, units, task.loss, split(batch))
-    got = per_example_grads(model, units, task.loss, [batch])
-    for name in units:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
     check_capture(model, units, task.loss, _as_rows(_tokens(4, 5)))
     window_major = Windows(window_major=True).double()
     with pytest.raises(AnalysisError, match=r"mix: an example's gradient in a batch differs"):
@@ -703,13 +695,9 @@ class SharedPositions(nn.Module):
 def test_calls_shared_by_the_batch_keep_per_example_gradients() -> None:
     torch.manual_seed(0)
     model = SharedPositions().double()
-    units = _units(model, None)
+    units, expected = _hooked_equal_autograd(model)
     task = ProbeTask(3)
     batch = (_tokens(4, 5),)
-    expected = autograd_per_example(model, units, task.loss, split(batch))
-    got = per_example_grads(model, units, task.loss, [batch])
-    for name in units:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
     one = per_example_grads(model, units, task.loss, [(batch[0][:1],)])  # a batch of one
     for name in units:
         torch.testing.assert_close(one[name], expected[name][:1], rtol=1e-10, atol=1e-12)
