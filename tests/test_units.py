@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
 from unitgrads import autograd_per_example, split
 
+from source_callback.analysis import capture_check
 from source_callback.analysis import units as units_module
 from source_callback.analysis.capture_check import check_capture
 from source_callback.analysis.ekfac import (
@@ -669,6 +670,27 @@ def test_the_capture_check_finds_a_gradient_its_kind_gets_wrong(monkeypatch) -> 
     check_capture(model, _units(model, None), ProbeTask(3).loss, _as_rows(_tokens(4, 5)))
     model = SharedPositions().double()
     check_capture(model, _units(model, None), ProbeTask(3).loss, _as_rows(_tokens(4, 5)))
+
+
+def test_the_capture_checks_autograd_reference_in_groups_equals_it_at_once(monkeypatch) -> None:
+    """Gradients taken a unit at a time (no model-sized memory) are the ones taken together."""
+    torch.manual_seed(0)
+    model = Windows().double()
+    units = _units(model, None)
+    projection = KroneckerProjection.for_modules(units, 2)
+    batch = (_tokens(4, 5),)
+    loss = ProbeTask(3).loss
+    together = capture_check.autograd_projected(model, units, loss, batch, projection)
+    assert len(capture_check._groups(model, units)) == 1
+    monkeypatch.setattr(capture_check, "GRADIENT_BYTES", 1)
+    assert len(capture_check._groups(model, units)) == len(units)
+    apart = capture_check.autograd_projected(model, units, loss, batch, projection)
+    torch.testing.assert_close(apart, together, rtol=1e-12, atol=1e-14)
+    assert together.abs().max() > 0
+    grads = torch.autograd.grad(loss(model, batch).sum(), list(model.parameters()))
+    by_name = dict(zip((n for n, _ in model.named_parameters()), grads, strict=True))
+    exact = projection.project({n: u.matrix(by_name)[None] for n, u in units.items()})
+    torch.testing.assert_close(together, exact, rtol=1e-12, atol=1e-14)
 
 
 def _plain_lookup(kind_of):

@@ -34,6 +34,8 @@ from source_callback.errors import AnalysisError, listed
 EXAMPLES = 4
 #: Size of each side of a unit's projection.
 PROJECTION = 4
+#: Most bytes of parameter gradients formed at once by the autograd reference.
+GRADIENT_BYTES = 2**30
 #: Largest difference allowed, relative to the largest projected value of the unit: float32
 #: rounding of a batch against one example is near 1e-6; a wrong rule is of order one.
 RTOL = 1e-3
@@ -60,15 +62,39 @@ def autograd_projected(
     batch: Any,
     projection: KroneckerProjection,
 ) -> torch.Tensor:
-    """``[1, dim]``: the projected autograd gradient of ``fn``'s sum over the batch."""
-    names = list(dict.fromkeys(p for unit in units.values() for p in unit.params))
-    with _differentiated(model, names) as params:
-        grads = torch.autograd.grad(fn(model, batch).sum(), params, allow_unused=True)
-    by_name = {
-        name: torch.zeros_like(p) if g is None else g
-        for name, p, g in zip(names, params, grads, strict=True)
-    }
-    return projection.project({name: unit.matrix(by_name)[None] for name, unit in units.items()})
+    """``[1, dim]``: the projected autograd gradient of ``fn``'s sum over the batch.
+
+    The analysis forms no parameter gradients; so that this check adds no model-sized memory,
+    the units' gradients are taken in groups of at most :data:`GRADIENT_BYTES`, one backward
+    pass each.
+    """
+    out = torch.zeros(1, projection.dim, dtype=torch.float64)
+    for group in _groups(model, units):
+        names = list(dict.fromkeys(p for name in group for p in units[name].params))
+        with _differentiated(model, names) as params:
+            grads = torch.autograd.grad(fn(model, batch).sum(), params, allow_unused=True)
+        by_name = {
+            name: torch.zeros_like(p) if g is None else g
+            for name, p, g in zip(names, params, grads, strict=True)
+        }
+        for name in group:
+            matrix = units[name].matrix(by_name)[None]
+            out[:, projection.offsets[name]] = projection.project_unit(name, matrix).cpu()
+    return out
+
+
+def _groups(model: nn.Module, units: Mapping[str, Unit]) -> list[list[str]]:
+    """Units in groups whose parameters hold at most :data:`GRADIENT_BYTES` (one unit more)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, unit in units.items():
+        bytes_ = sum((p := model.get_parameter(n)).numel() * p.element_size() for n in unit.params)
+        if groups[-1] and size + bytes_ > GRADIENT_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += bytes_
+    return groups
 
 
 def check_capture(
@@ -113,7 +139,7 @@ def check_capture(
 
     together = projected_grads(model, units, fn, batch(examples), projection)
     alone = torch.cat([projected_grads(model, units, fn, batch([e]), projection) for e in examples])
-    exact = autograd_projected(model, units, fn, batch(examples), projection)
+    exact = autograd_projected(model, units, fn, batch(examples), projection).to(device)
     problems = []
     for name in projection.names:
         columns = projection.offsets[name]

@@ -183,21 +183,22 @@ class KroneckerProjection:
             raise ValueError(
                 f"the vectors' modules {sorted(vectors)} are not the projection's {self.names}"
             )
-        parts = []
-        for name in self.names:
-            v = vectors[name].double()
-            if tuple(v.shape[1:]) != self.shapes[name]:
-                raise ValueError(
-                    f"module {name!r}: vectors of shape {tuple(v.shape[1:])}, projection for "
-                    f"{self.shapes[name]}"
-                )
-            p_s, p_a = self.factors(name, v.device)
-            if p_s is not None:
-                v = p_s @ v
-            if p_a is not None:
-                v = v @ p_a.T
-            parts.append(v.reshape(v.shape[0], -1))
-        return torch.cat(parts, dim=1)
+        return torch.cat([self.project_unit(name, vectors[name]) for name in self.names], dim=1)
+
+    def project_unit(self, name: str, vectors: torch.Tensor) -> torch.Tensor:
+        """``P_s V P_aᵀ`` of one module's ``[Q, out, in]`` vectors: ``[Q, k_o·k_i]`` float64."""
+        v = vectors.double()
+        if tuple(v.shape[1:]) != self.shapes[name]:
+            raise ValueError(
+                f"module {name!r}: vectors of shape {tuple(v.shape[1:])}, projection for "
+                f"{self.shapes[name]}"
+            )
+        p_s, p_a = self.factors(name, v.device)
+        if p_s is not None:
+            v = p_s @ v
+        if p_a is not None:
+            v = v @ p_a.T
+        return v.reshape(v.shape[0], -1)
 
 
 def projected_grads(
