@@ -37,8 +37,10 @@ PROJECTION = 4
 #: Most bytes of parameter gradients formed at once by the autograd reference.
 GRADIENT_BYTES = 2**30
 #: Largest difference allowed, relative to the largest projected value of the unit: float32
-#: rounding of a batch against one example is near 1e-6; a wrong rule is of order one.
-RTOL = 1e-3
+#: rounding of a batch against one example is near 1e-6 (1e-3 where a GPU's convolutions run
+#: in TF32, cuDNN's default); a wrong rule is of order one (0.65 and 1.9 on the embeddings it
+#: caught).
+RTOL = 1e-2
 
 
 @contextmanager
