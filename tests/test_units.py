@@ -725,6 +725,20 @@ def test_calls_shared_by_the_batch_keep_per_example_gradients() -> None:
         torch.testing.assert_close(one[name], expected[name][:1], rtol=1e-10, atol=1e-12)
 
 
+class OutOfMemory(SharedPositions):
+    """Fails for want of memory after a shared output was expanded to the batch."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.position(torch.arange(ids.shape[1]))
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+
+def test_running_out_of_memory_is_not_blamed_on_an_expanded_output() -> None:
+    model = OutOfMemory().double()
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        per_example_grads(model, _units(model, None), ProbeTask(3).loss, [(_tokens(4, 5),)])
+
+
 @pytest.mark.parametrize("case", ["conv1d", "tied", "adapter"])
 def test_a_float32_model_gives_its_float64_twins_results_in_float64(case: str) -> None:
     """Products formed in float32 for a float32 model, summed in float64: float32's precision."""

@@ -244,7 +244,7 @@ class Capture:
                 output = output.detach().requires_grad_().clone()
             if shared:
                 self._shared_outputs[id(output)] = output
-            if rows is not None:  # the batch's tokens flattened: captured as [B, T, ...]
+            if rows is not None:  # the examples' rows one block after the other: [B, k, ...]
                 args, kwargs = self._by_example(args, rows), self._by_example(kwargs, rows)
             data = use.kind.capture(module, args, kwargs)
             known = use.inputs(data)
@@ -320,13 +320,14 @@ class Capture:
             param.requires_grad_(True)
         self._frozen.clear()
         self.reset()
-        if isinstance(error, RuntimeError) and broadcast:
+        memory = isinstance(error, torch.OutOfMemoryError)
+        if isinstance(error, RuntimeError) and not memory and broadcast:
             raise AnalysisError(
-                f"the model failed ({error}) on outputs of {listed(broadcast, 5)} that the "
-                "analysis expanded to the batch (they are shared by its examples, and each "
-                "example's gradient through them is kept apart that way); a model that "
-                "combines them with other than the batch's examples (Swin's windows) cannot "
-                "be analyzed through them: leave them out with "
+                f"the model failed ({error}) while it ran on outputs of {listed(broadcast, 5)} "
+                "that the analysis expanded to the batch (they are shared by its examples, and "
+                "each example's gradient through them is kept apart that way). If that broke it "
+                "(a model that combines them with other than the batch's examples, as Swin's "
+                "windows), leave them out with "
                 f"modules={{'exclude': {broadcast[:5]!r}}}."
             ) from error
 
