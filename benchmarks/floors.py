@@ -195,8 +195,8 @@ def tokens_per_example(
 
             def hook(module: nn.Module, args: Any, out: Any, name: str = name) -> None:
                 y = out if isinstance(out, torch.Tensor) else out[0]
-                per = y.shape[2] * y.shape[3] if isinstance(module, nn.Conv2d) else y[0].numel()
-                per //= 1 if isinstance(module, nn.Conv2d) else y.shape[-1]
+                conv = isinstance(module, nn.Conv2d)
+                per = y.shape[2] * y.shape[3] if conv else y[0].numel() // y.shape[-1]
                 tokens[name] = tokens.get(name, 0) + per
 
             hooks.append(use.module.register_forward_hook(hook))

@@ -27,7 +27,7 @@ claim, is an error naming the tensors: nothing is matched silently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,14 @@ def unwrapped_name(name: str) -> str:
     return ".".join(out)
 
 
+def _by_unwrapped_name(names: Iterable[str]) -> dict[str, list[str]]:
+    """``names`` grouped by :func:`unwrapped_name`, in their order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(unwrapped_name(name), []).append(name)
+    return groups
+
+
 def saved_copies(current: list[str], previous: list[str]) -> dict[str, str | None]:
     """The matches of peft's ``modules_to_save`` wrappers among ``current``'s names.
 
@@ -92,9 +100,7 @@ def saved_copies(current: list[str], previous: list[str]) -> dict[str, str | Non
      'm.base_model.model.head.original_module.weight': None}
 
     """
-    by_rule: dict[str, list[str]] = {}
-    for old in previous:
-        by_rule.setdefault(unwrapped_name(old), []).append(old)
+    by_rule = _by_unwrapped_name(previous)
     found: dict[str, str | None] = {}
     names = set(current)
     for name in current:
@@ -210,9 +216,7 @@ def match_stages(
     for n in (n for n in open_new if n not in matches and n in unmatched_old):
         matches[n] = (n, NAME)
     taken = {o for o, _ in matches.values()}
-    by_rule: dict[str, list[str]] = {}
-    for o in (o for o in old if o not in taken):
-        by_rule.setdefault(unwrapped_name(o), []).append(o)
+    by_rule = _by_unwrapped_name(o for o in old if o not in taken)
     claims: dict[str, list[str]] = {}
     for n in (n for n in open_new if n not in matches):
         candidates = by_rule.get(unwrapped_name(n), [])

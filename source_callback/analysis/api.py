@@ -308,18 +308,15 @@ def _build_engines(
     )
     copies = [engine.model for engine in stages.engines]
     workers.run(lambda: check_probes(run, copies, task, train, collate_fn))  # errors shared
-    checked: set[int] = set()
-    for stage in run.stages:  # each distinct model on the first stage it analyzes
-        engine = stages.engines[stage.index]
-        if id(engine) not in checked:
-            checked.add(id(engine))
-            label = f"the model of stage {stage.name!r}"
-            data = train[stage.name]
-            workers.run(
-                lambda e=engine, d=data, label=label: check_capture(
-                    e.model, e.modules, task.loss, d, collate_fn, label
-                )
+    for engine in stages.distinct:  # each model on the first stage it analyzes
+        stage = run.stages[stages.engines.index(engine)]
+        label = f"the model of stage {stage.name!r}"
+        data = train[stage.name]
+        workers.run(
+            lambda e=engine, d=data, label=label: check_capture(
+                e.model, e.modules, task.loss, d, collate_fn, label
             )
+        )
     return stages
 
 

@@ -139,9 +139,10 @@ def check_capture(
     def batch(items: list[Any]) -> Any:
         return to_device(collate(items), device)
 
-    together = projected_grads(model, units, fn, batch(examples), projection)
+    whole = batch(examples)
+    together = projected_grads(model, units, fn, whole, projection)
     alone = torch.cat([projected_grads(model, units, fn, batch([e]), projection) for e in examples])
-    exact = autograd_projected(model, units, fn, batch(examples), projection).to(device)
+    exact = autograd_projected(model, units, fn, whole, projection).to(device)
     problems = []
     for name in projection.names:
         columns = projection.offsets[name]
