@@ -53,13 +53,35 @@ def _feed(h: Any, item: Any) -> None:
         h.update(b"}")
     elif isinstance(item, Sequence):
         h.update(b"[")
-        for value in item:
-            _feed(h, value)
+        scalars = _scalars(item) if type(item) in (list, tuple) else None
+        if scalars is not None:
+            h.update(scalars)
+        else:
+            for value in item:
+                _feed(h, value)
         h.update(b"]")
     else:
         # Objects without a canonical form (e.g. PIL images) contribute their type only;
         # the size and the other items still distinguish datasets.
         h.update(f"O{type(item).__qualname__}".encode())
+
+
+#: The scalar types whose lists :func:`_scalars` feeds in one piece, with each value's prefix.
+_SCALAR_PREFIXES = {int: "Vint:", float: "Vfloat:", bool: "Vbool:"}
+
+
+def _scalars(items: list[Any] | tuple[Any, ...]) -> bytes | None:
+    """The bytes :func:`_feed` gives the values of ``items``, if all are of one scalar type.
+
+    Tokenized Hugging Face datasets give their items as lists of Python ints: fed one value at
+    a time they cost about 1 us per token, joined by ``str.join`` about 30 times less, with the
+    same bytes (so the same digests) as value by value.
+    """
+    types = set(map(type, items))
+    prefix = _SCALAR_PREFIXES.get(types.pop()) if len(types) == 1 else None
+    if prefix is None:
+        return None
+    return (prefix + prefix.join(map(repr, items))).encode()
 
 
 def example_digest(item: Any) -> int:
