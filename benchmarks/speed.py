@@ -93,6 +93,7 @@ from source_callback import ClassificationTask, analyze, open_run  # noqa: E402
 from source_callback.analysis import api, ekfac, optimizers, stage_models  # noqa: E402
 from source_callback.analysis.engine import Engine, batch_seed  # noqa: E402
 from source_callback.analysis.segments import plan_segments  # noqa: E402
+from source_callback.analysis.task import sample_labels  # noqa: E402
 from source_callback.store.reader import Run  # noqa: E402
 
 PARTS = ("floor", "memory", "kronfluence")
@@ -788,16 +789,15 @@ def make_kronfluence_task(shared: tuple[int, int] | None = None) -> Any:
             nonlocal seen
             x, y = batch
             logits = model(x)
-            if sample:
-                draw = None
-                if shared is not None:
-                    seed, total = shared
-                    generator.manual_seed(batch_seed(seed, 1 + seen // total, seen % total))
-                    seen += len(x)
-                    draw = generator
+            if sample and shared is not None:  # the labels analyze draws for these examples
+                seed, total = shared
+                generator.manual_seed(batch_seed(seed, 1 + seen // total, seen % total))
+                seen += len(x)
+                y = sample_labels(logits, generator)
+            elif sample:  # kronfluence's own draws
                 with torch.no_grad():
                     probs = torch.softmax(logits.detach().double(), dim=-1)
-                    y = torch.multinomial(probs, num_samples=1, generator=draw).flatten()
+                    y = torch.multinomial(probs, num_samples=1).flatten()
             return F.cross_entropy(logits, y, reduction="sum")
 
         def compute_measurement(self, batch: Any, model: nn.Module) -> Any:

@@ -9,8 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from source_callback import SourceCallback, analyze, open_run
+from source_callback.analysis import task as task_module
 from source_callback.analysis.ekfac import covariances, tracked_modules
-from source_callback.analysis.task import LanguageModelingTask
+from source_callback.analysis.task import LanguageModelingTask, sample_labels
 
 VOCAB, WIDTH, LENGTH = 7, 5, 6
 
@@ -85,6 +86,22 @@ def test_sampled_fisher_of_the_head_is_unbiased() -> None:
         n = LENGTH - 1
         exact = (torch.diag_embed(p) - p[..., :, None] * p[..., None, :]).sum(1).mean(0) / n**2
     torch.testing.assert_close(sampled, exact, rtol=0.08, atol=2e-3)
+
+
+def test_sampled_labels_follow_the_softmax_whatever_the_blocks(monkeypatch) -> None:
+    """Drawn labels have the softmax's frequencies; the blocks they are drawn in change none."""
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf"), -3.0]).repeat(2, 50_000, 1)
+    drawn = sample_labels(logits, torch.Generator().manual_seed(0))
+    assert drawn.shape == (2, 50_000) and drawn.dtype == torch.long
+    counts = torch.bincount(drawn.flatten(), minlength=6).double()
+    expected = torch.softmax(logits[0, 0].double(), 0) * drawn.numel()
+    assert counts[4] == 0  # probability zero: never drawn
+    seen = expected > 0
+    chi2 = float((((counts - expected)[seen]) ** 2 / expected[seen]).sum())
+    assert chi2 < 20.5  # 5 degrees of freedom (the 5 classes that can be drawn): p = 0.001
+    monkeypatch.setattr(task_module, "SAMPLING_BLOCK", 7 * 6)  # 7 rows per block
+    again = sample_labels(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(again, drawn)
 
 
 def test_analyze_a_language_model_record(tmp_path) -> None:

@@ -71,6 +71,52 @@ def _describe(batch: Any) -> str:
     return f"a {type(batch).__name__}"
 
 
+#: Probabilities a block of :func:`sample_labels` holds at once (float64: 128 MiB).
+SAMPLING_BLOCK = 2**24
+
+
+def sample_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from ``softmax(logits)`` along the last axis, one per leading position.
+
+    Each position's label is the inverse of its probabilities' cumulative sum (float64) at a
+    uniform draw of ``generator``, a CPU generator: one draw per position, the same on every
+    device, and the probabilities formed on the logits' device a block of positions at a time
+    (``torch.multinomial`` needs them on the generator's device, all at once: the whole
+    ``[B, T, V]`` of a language model's batch copied to the CPU).
+
+    Parameters
+    ----------
+    logits
+        ``[B, ..., C]`` scores of ``C`` classes (a language model's ``[B, T, V]``).
+    generator
+        The CPU generator of the pass, seeded per batch by the analysis.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, ...]`` int64 labels on ``logits``' device.
+
+    Raises
+    ------
+    NonFiniteError
+        When an example's probabilities are not finite, naming it.
+    """
+    classes = logits.shape[-1]
+    rows = logits.detach().reshape(-1, classes)
+    uniform = torch.rand(len(rows), generator=generator, dtype=torch.float64).to(rows.device)
+    labels = torch.empty(len(rows), dtype=torch.long, device=rows.device)
+    step = max(1, SAMPLING_BLOCK // max(classes, 1))
+    for start in range(0, len(rows), step):
+        cdf = torch.softmax(rows[start : start + step].double(), dim=-1).cumsum_(-1)
+        if not bool(torch.isfinite(cdf[:, -1]).all()):
+            probs = torch.softmax(logits.detach().double(), dim=-1)
+            require_finite(probs, "pseudo-label probabilities")  # names the example
+        target = uniform[start : start + step, None] * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
+        labels[start : start + step] = drawn.clamp_max_(classes - 1)
+    return labels.reshape(logits.shape[:-1])
+
+
 def _outputs(out: Any) -> torch.Tensor:
     """The model's output tensor: itself, or a Hugging Face output's ``logits``."""
     return getattr(out, "logits", out)
@@ -128,11 +174,7 @@ class ClassificationTask:
     def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """Cross-entropy against labels sampled from the softmax."""
         logits, _ = _forward(model, batch, type(self).__name__)
-        probs = require_finite(
-            torch.softmax(logits.detach().double(), dim=1), "pseudo-label probabilities"
-        )
-        sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
-        return F.cross_entropy(logits, sampled, reduction="none")
+        return F.cross_entropy(logits, sample_labels(logits, generator), reduction="none")
 
     def exact_pseudo_losses(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """One loss per class: ``⟨r_k, logits⟩`` with ``Σ_k r_k r_kᵀ = diag(p) − ppᵀ``."""
@@ -261,10 +303,7 @@ class LanguageModelingTask:
     def pseudo_loss(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor:
         """The loss against next tokens sampled from the model, at the labelled positions."""
         logits, labels = self._logits_and_labels(model, batch)
-        probs = torch.softmax(logits.detach().double(), dim=-1)
-        probs = require_finite(probs, "pseudo-label probabilities").reshape(-1, logits.shape[-1])
-        sampled = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
-        sampled = sampled.reshape(labels.shape).to(labels.device)
+        sampled = sample_labels(logits, generator).to(labels.device)
         sampled[labels == -100] = -100
         return self._normalise(self._token_losses(logits, sampled), labels)
 
