@@ -491,10 +491,12 @@ def test_flattened_tokens_and_dora_per_example_gradients_equal_autograd(build: s
     assert all(expected[name].abs().max() > 0 for name in units)
 
 
-def _hooked_equal_autograd(model: nn.Module) -> tuple[dict[str, Unit], dict[str, torch.Tensor]]:
+def _hooked_equal_autograd(
+    model: nn.Module, outputs: int = 3
+) -> tuple[dict[str, Unit], dict[str, torch.Tensor]]:
     """A token model's hooked per-example gradients, asserted equal to autograd's (returned)."""
     units = _units(model, None)
-    loss = ProbeTask(3).loss
+    loss = ProbeTask(outputs).loss
     batch = (_tokens(4, 5),)
     expected = autograd_per_example(model, units, loss, split(batch))
     got = per_example_grads(model, units, loss, [batch])
@@ -525,6 +527,37 @@ def test_an_embedding_with_its_own_forward_is_re_run_not_looked_up() -> None:
     torch.manual_seed(0)
     units, _ = _hooked_equal_autograd(ScaledTokens().double())
     assert isinstance(units["embed"].uses[0].kind, units_module.DiagonalKind)
+
+
+class ScaledWordEmbedding(nn.Embedding):
+    """Gemma's: its rows times ``embed_scale``, a buffer, in the weight's dtype."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__(VOCAB, WIDTH, padding_idx=0)
+        self.register_buffer("embed_scale", torch.tensor(WIDTH**0.5), persistent=False)
+        self.shift = shift
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype) + self.shift
+
+
+class ScaledTiedNet(TiedNet):
+    """Gemma's tie: the output head's weight is the scaled embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = ScaledWordEmbedding()
+        self.lm_head.weight = self.embed.weight
+
+
+def test_an_embedding_that_only_scales_its_rows_is_looked_up_even_when_tied() -> None:
+    """Gemma's scaled embedding tied to the head: one Kronecker unit, equal to autograd."""
+    torch.manual_seed(0)
+    units, expected = _hooked_equal_autograd(ScaledTiedNet().double(), VOCAB)
+    kind = units["embed+lm_head"].uses[0].kind
+    assert isinstance(kind, units_module.EmbeddingKind) and kind.scale == WIDTH**0.5
+    assert expected["embed+lm_head"].abs().max() > 0
+    assert units_module.embedding_scale(ScaledWordEmbedding(shift=0.5)) is None  # more than that
 
 
 class Mixer(nn.Module):

@@ -389,9 +389,15 @@ class Conv1dKind(Kind):
         return weight.T
 
 
+@dataclass
 class EmbeddingKind(Kind):
-    """``nn.Embedding``: ``[dim, vocab]`` gradients from the tokens' output gradients."""
+    """``nn.Embedding``: ``[dim, vocab]`` gradients from the tokens' output gradients.
 
+    ``scale``: the factor the module's forward multiplies its rows by (Hugging Face's
+    ``*ScaledWordEmbedding``, see :func:`embedding_scale`), which the rows' gradients carry.
+    """
+
+    scale: float = 1.0
     transposed = True
 
     def weight_matrix(self, module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -407,7 +413,7 @@ class EmbeddingKind(Kind):
     ) -> Factored:
         """``s`` per token (zero at the padding index) and the tokens."""
         assert tokens is not None
-        s = _rows(grad)
+        s = _rows(grad) if self.scale == 1.0 else _rows(grad) * self.scale
         if module.padding_idx is not None:  # the padding row receives no gradient
             s = s * (tokens.values != module.padding_idx)[..., None]
         return Factored(Side(s, s.shape[-1]), tokens, known=1)
@@ -487,13 +493,39 @@ def kronecker_kind(module: nn.Module) -> Kind | None:
         return LinearKind()
     if isinstance(module, nn.Conv2d):
         return Conv2dKind()
-    if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+    if isinstance(module, nn.Embedding):
+        if type(module).forward is nn.Embedding.forward:
+            return EmbeddingKind()
         # a subclass with its own forward (OPT's positions from the attention mask) may look
-        # its rows up by other than its first argument: a diagonal unit re-runs it instead
-        return EmbeddingKind()
+        # its rows up by other than its first argument: a diagonal unit re-runs it instead,
+        # unless it only scales its rows
+        scale = embedding_scale(module)
+        return None if scale is None else EmbeddingKind(scale)
     if _hf_conv1d(module):
         return Conv1dKind()
     return None
+
+
+def embedding_scale(module: nn.Embedding) -> float | None:
+    """The ``embed_scale`` by which ``module``'s own forward multiplies its rows, else ``None``.
+
+    Hugging Face's ``*ScaledWordEmbedding`` classes (Gemma, BART, Pegasus-X) return the rows
+    of their tokens times ``embed_scale`` (a float or a one-element buffer). Whether the
+    forward does just that is checked on the first and last tokens, calling it without hooks.
+    """
+    scale = getattr(module, "embed_scale", None)
+    if not isinstance(scale, (float, int, torch.Tensor)) or torch.as_tensor(scale).numel() != 1:
+        return None
+    weight = module.weight
+    factor = torch.as_tensor(scale).to(weight.device, weight.dtype)
+    ids = torch.tensor([0, module.num_embeddings - 1], device=weight.device)
+    try:
+        with torch.no_grad():
+            got = type(module).forward(module, ids)
+            torch.testing.assert_close(got, nn.functional.embedding(ids, weight) * factor)
+    except (AssertionError, RuntimeError, TypeError, ValueError):
+        return None
+    return float(factor)
 
 
 def refusal(module: nn.Module) -> str | None:
