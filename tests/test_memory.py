@@ -1,11 +1,16 @@
-"""The memory estimate: what it counts, and the error that names the units and what would fit."""
+"""The memory estimate: what it counts, the error that names the units and what would fit, and the
+warning of sides too long to eigendecompose."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from models import TinyClassifier, loader, make_dataset, trainer
 from torch import nn
 
+from source_callback import SourceCallback, analyze
 from source_callback.analysis import memory
 from source_callback.analysis.units import find_units
 from source_callback.errors import AnalysisError
@@ -50,3 +55,37 @@ def test_limits_parse_with_binary_suffixes() -> None:
     assert memory.parse_size("512 MiB") == 512 * 2**20
     with pytest.raises(ValueError, match=memory.ENV_LIMIT):
         memory.parse_size("lots")
+
+
+def test_a_dense_side_too_long_to_eigendecompose_is_warned_of() -> None:
+    plan = memory.Plan(queries=4, segments=3, model_bytes=0)
+    with pytest.warns(UserWarning) as caught:
+        memory.warn_large_sides(find_units(BigHead()).units, plan)
+    [warning] = caught  # the embedding's token side is an identity side: only the head's
+    message = str(warning.message)
+    assert message.startswith("unit 'lm_head' [50,000, 65] has a dense side of 50,000")
+    assert "once per segment (3 here) at 1819x the cost of a 4,096 side" in message
+    assert "diagonal_above=16384" in message and "modules={'exclude': ['lm_head']}" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.warn_large_sides(find_units(BigHead(), diagonal_above=16384).units, plan)
+
+
+def test_analyze_warns_of_a_long_side_before_its_first_pass(tmp_path, monkeypatch) -> None:
+    data = make_dataset(32)
+    trainer([SourceCallback(tmp_path / "run.zarr", stage="s")], tmp_path, max_epochs=1).fit(
+        TinyClassifier(), loader(data)
+    )
+    monkeypatch.setattr(memory, "LARGE_SIDE", 5)  # the first layer: 8 outputs, 6 inputs and a bias
+    with pytest.warns(UserWarning, match=r"unit 'net.0' \[8, 7\] has a dense side of 8") as got:
+        analyze(
+            tmp_path / "run.zarr",
+            model=TinyClassifier(),
+            task="classification",
+            train={"s": data},
+            queries=make_dataset(2, seed=9),
+            segments=1,
+            name=None,
+            verbose=False,
+        )
+    assert any(w.filename == __file__ for w in got if "dense side" in str(w.message))

@@ -333,9 +333,9 @@ def _plan(
     model_bytes = sum(
         p.numel() * p.element_size() for e in stages.distinct for p in e.model.parameters()
     )
-    footprint.check(
-        stages.units, footprint.Plan(len(queries), len(plan), model_bytes), stages.final.device
-    )  # type: ignore[arg-type]
+    needs = footprint.Plan(len(queries), len(plan), model_bytes)
+    footprint.check(stages.units, needs, stages.final.device)  # type: ignore[arg-type]
+    footprint.warn_large_sides(stages.units, needs)
     return plan
 
 

@@ -16,12 +16,17 @@ variable ``SOURCE_CALLBACK_MEMORY_LIMIT`` (bytes, or with a ``K``/``M``/``G``/``
 
 Besides, scoring into the store holds checkpoints' states on the CPU, within
 :data:`HELD_STATES_SHARE` of the machine's memory (:func:`states_held`).
+
+What fits may still take long: a dense side of ``n`` costs an eigendecomposition of ``n³`` per
+segment, and :func:`warn_large_sides` says so before any pass for sides over
+:data:`LARGE_SIDE` (a language model's output layer over its vocabulary).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,6 +42,33 @@ _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 #: Share of the machine's memory (its RAM, or ``SOURCE_CALLBACK_MEMORY_LIMIT``) that the states
 #: of checkpoints held together on the CPU may take (:func:`states_held`).
 HELD_STATES_SHARE = 0.25
+
+
+#: Dense sides longer than this are warned of (:func:`warn_large_sides`).
+LARGE_SIDE = 16384
+
+
+def warn_large_sides(units: Mapping[str, Unit], plan: Plan) -> None:
+    """Warn of every unit with a dense side over :data:`LARGE_SIDE`: its cost and the options.
+
+    Its factor is a dense float64 ``[n, n]`` matrix eigendecomposed once per segment, at
+    ``(n / 4096)³`` times the cost of a 4,096 side: a 32,000-token output layer takes about
+    two hours per segment on two CPU cores (a 4,000 side took 15 s there).
+    """
+    for unit in units.values():
+        side = max(_dense_sides(unit, None), default=0)
+        if side <= LARGE_SIDE:
+            continue
+        warnings.warn(
+            f"unit {unit.name!r} [{unit.shape[0]:,}, {unit.shape[1]:,}] has a dense side of "
+            f"{side:,}: its factor is a {side:,} x {side:,} float64 matrix "
+            f"({_gib(FLOAT * side * side)}), eigendecomposed once per segment ({plan.segments} "
+            f"here) at {(side / 4096) ** 3:.0f}x the cost of a 4,096 side (hours on a CPU). "
+            f"To give sides longer than {LARGE_SIDE:,} an identity eigenbasis, pass "
+            f"diagonal_above={LARGE_SIDE}; to leave the unit out, "
+            f"modules={{'exclude': [{unit.name!r}]}}.",
+            stacklevel=4,
+        )
 
 
 def _gib(size: float) -> str:
