@@ -128,3 +128,19 @@ def two_stage_sets() -> dict[str, TensorDataset]:
 def query_set() -> TensorDataset:
     """Three query examples, for ``analyze --config``'s queries."""
     return make_dataset(3, seed=7)
+
+
+def analyze_one_stage(store: Any, data: TensorDataset, stage: str = "s") -> Any:
+    """``analyze`` of a one-stage ``TinyClassifier`` record: two queries, one segment, unstored."""
+    from source_callback import analyze
+
+    return analyze(
+        store,
+        model=TinyClassifier(),
+        task="classification",
+        train={stage: data},
+        queries=make_dataset(2, seed=9),
+        segments=1,
+        name=None,
+        verbose=False,
+    )

@@ -9,10 +9,10 @@ from collections import UserList
 import numpy as np
 import pytest
 import torch
-from models import TinyClassifier, loader, make_dataset, trainer
+from models import TinyClassifier, analyze_one_stage, loader, make_dataset, trainer
 from torch.utils.data import Dataset, TensorDataset
 
-from source_callback import AnalysisError, SourceCallback, analyze, open_run
+from source_callback import AnalysisError, SourceCallback, open_run
 from source_callback.fingerprint import example_digest, example_digests, sample_indices
 
 
@@ -24,19 +24,6 @@ def recorded(tmp_path_factory):
         TinyClassifier(), loader(data, batch_size=64)
     )
     return root / "run.zarr", data
-
-
-def _analyze(store, data) -> None:
-    analyze(
-        store,
-        model=TinyClassifier(),
-        task="classification",
-        train={"s": data},
-        queries=make_dataset(2, seed=9),
-        segments=1,
-        name=None,
-        verbose=False,
-    )
 
 
 def test_the_record_holds_a_digest_of_every_example(recorded) -> None:
@@ -55,12 +42,12 @@ def test_labels_changed_outside_the_sample_are_found_and_located(recorded) -> No
     relabelled = y.clone()
     relabelled[changed] = (relabelled[changed] + 1) % 3
     with pytest.raises(AnalysisError, match=r"496 of its 512 examples differ.*first at index 1\b"):
-        _analyze(store, TensorDataset(x, relabelled))
+        analyze_one_stage(store, TensorDataset(x, relabelled))
     one = y.clone()
     one[300] = (one[300] + 1) % 3
     with pytest.raises(AnalysisError, match=r"1 of its 512 examples differ.*first at index 300"):
-        _analyze(store, TensorDataset(x, one))
-    _analyze(store, data)  # the data trained on passes
+        analyze_one_stage(store, TensorDataset(x, one))
+    analyze_one_stage(store, data)  # the data trained on passes
 
 
 class Jittered(Dataset):
