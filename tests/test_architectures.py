@@ -6,7 +6,8 @@ gradient captured alone, and their sum autograd's gradient of the batch's loss. 
 cover the layouts real runs bring: fused projections, biases, tied embeddings, embeddings with
 their own ``forward`` (OPT's positions, Gemma's scaled rows), feed-forward layers on flattened
 ``[B·T, n]`` rows (OPT), windows (Swin), patch convolutions (ViT), batch norm (ResNet), and peft
-adapters (LoRA, DoRA, a saved head).
+adapters (LoRA, DoRA, a saved head, LoRA on the embeddings, whose parameters sit in a
+``ParameterDict`` its module uses).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _peft(model: nn.Module, **options: Any) -> nn.Module:
     config = LoraConfig(r=2, **{"target_modules": ["q_proj", "v_proj"], **options})
     wrapped = get_peft_model(model, config)
     for name, param in wrapped.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero: no gradient would reach A
+        if "lora_B" in name or "lora_embedding" in name:  # B (embeddings: A) starts at zero
             nn.init.normal_(param)
     return wrapped
 
@@ -92,6 +93,7 @@ LANGUAGE: dict[str, Callable[[], nn.Module]] = {
     "llama-lora": lambda: _peft(_llama()),
     "llama-dora": lambda: _peft(_llama(), use_dora=True),
     "llama-lora-saved-head": lambda: _peft(_llama(), modules_to_save=["lm_head"]),
+    "llama-lora-embeddings": lambda: _peft(_llama(), target_modules=["q_proj", "embed_tokens"]),
 }
 
 IMAGES: dict[str, Callable[[], nn.Module]] = {

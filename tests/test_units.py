@@ -141,6 +141,30 @@ class AdapterNet(nn.Module):
         return self.head(torch.tanh(self.base(x) + self.up(low)))
 
 
+class GainNet(nn.Module):
+    """A gain of its own beside a trained layer, and a bias in a ``ParameterDict`` its forward
+    reads (peft keeps an embedding's LoRA adapters so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner: nn.Module = nn.Linear(3, WIDTH)
+        self.extra = nn.ParameterDict({"default": nn.Parameter(torch.randn(WIDTH) / 3)})
+        self.gain = nn.Parameter(torch.randn(WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.gain + self.extra["default"]
+
+
+class ContainerNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = GainNet()
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.block(x)))
+
+
 def _tokens(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
@@ -167,11 +191,22 @@ def _case(name: str) -> Case:
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, VOCAB - 1
     if name == "adapter":
         return AdapterNet().double(), (torch.randn(7, 2, 3, dtype=torch.float64),), 3, None
+    if name == "containers":
+        return ContainerNet().double(), (torch.randn(7, 2, 3, dtype=torch.float64),), 3, None
     assert name == "large-side"  # the head's 3 outputs and 4+1 inputs both above 2
     return EmbeddingNet(None).double(), (_tokens(7, 3),), 3, 2
 
 
-CASES = ["conv1d", "embedding", "norms", "tied", "tied-diagonal", "large-side", "adapter"]
+CASES = [
+    "conv1d",
+    "embedding",
+    "norms",
+    "tied",
+    "tied-diagonal",
+    "large-side",
+    "adapter",
+    "containers",
+]
 
 
 def _units(model: nn.Module, diagonal_above: int | None) -> dict[str, Unit]:
@@ -404,6 +439,18 @@ def test_curvature_with_identity_sides_is_consistent_with_its_dense_matrix() -> 
         basis = torch.kron(rows, torch.eye(4, dtype=torch.float64))
         in_basis = torch.diagonal(basis.T @ torch.diag(v.reshape(-1)) @ basis)
         torch.testing.assert_close(curvature.in_basis(v).reshape(-1), in_basis)
+
+
+def test_own_parameters_re_run_their_module_unless_it_holds_trained_blocks() -> None:
+    """A ``ParameterDict``'s parameters are its module's; beside a trained layer they are
+    covered by re-running the module, beside a trained block of layers they are not."""
+    units = _units(ContainerNet(), None)
+    assert set(units["block"].params) == {"block.extra.default", "block.gain"}
+    assert isinstance(units["block"].uses[0].kind, units_module.DiagonalKind)
+    model = ContainerNet()
+    model.block.inner = nn.Sequential(nn.Linear(3, WIDTH), nn.Tanh())
+    reason = "a parameter of GainNet used outside its submodules"
+    assert find_units(model).uncovered == {"block.extra.default": reason, "block.gain": reason}
 
 
 def test_embeddings_that_renormalise_are_left_uncovered_with_a_reason() -> None:

@@ -458,7 +458,7 @@ class DiagonalKind(Kind):
         batched = tuple(0 if split(x) else None for x in args)
         keys = tuple(k for k, v in kwargs.items() if split(v))
         fixed = {k: v for k, v in kwargs.items() if k not in keys}
-        params = {name: getattr(module, name).detach() for name in self.attrs}
+        params = {name: module.get_parameter(name).detach() for name in self.attrs}
 
         def one(
             example_args: tuple[Any, ...], example_kwargs: tuple[torch.Tensor, ...], g: torch.Tensor
@@ -631,6 +631,37 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
     return out
 
 
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+
+
+def _calling_module(
+    model: nn.Module, module_name: str, attr: str, module: nn.Module
+) -> tuple[str, str, nn.Module]:
+    """The module whose forward uses a parameter, and the parameter's path in it.
+
+    A ``ParameterDict`` or ``ParameterList`` is never called: the module holding it uses its
+    parameters (peft's LoRA on an embedding, ``lora_embedding_A[adapter]``), so a diagonal unit
+    re-runs that module, with the parameter as ``"lora_embedding_A.default"``.
+    """
+    while isinstance(module, _CONTAINERS) and module_name:
+        parent, _, child = module_name.rpartition(".")
+        module_name, attr, module = parent, f"{child}.{attr}", model.get_submodule(parent)
+    return module_name, attr, module
+
+
+def _trains_composite(child: nn.Module) -> bool:
+    """Whether ``child`` has trainable parameters and modules of its own.
+
+    A diagonal unit re-runs its module per example: one whose children with trainable
+    parameters are single layers (peft's LoRA embedding around its base embedding, trained in
+    an earlier stage) is re-run at a layer's cost; a module holding larger trained blocks as
+    well as parameters of its own is left uncovered. Parameter containers are its own.
+    """
+    if isinstance(child, _CONTAINERS) or not any(p.requires_grad for p in child.parameters()):
+        return False
+    return any(True for _ in child.children())
+
+
 def _qualified(module_name: str, attr: str) -> str:
     return f"{module_name}.{attr}" if module_name else attr
 
@@ -722,8 +753,8 @@ def find_units(model: nn.Module, diagonal_above: int | None = None) -> Units:
         if len(places) > 1:
             uncovered[canonical[pid]] = "shared by several modules that are not all Kronecker kinds"
             continue
-        module_name, attr, module = places[0]
-        if any(True for child in module.children() for _ in child.parameters()):
+        module_name, attr, module = _calling_module(model, *places[0])
+        if any(_trains_composite(child) for child in module.children()):
             uncovered[canonical[pid]] = (
                 f"a parameter of {type(module).__name__} used outside its submodules"
             )
