@@ -38,7 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from floors import ConvNet  # noqa: E402
-from speed import BREAKDOWN_ORDER, BREAKDOWN_TARGETS, DATA_PASSES, Profiler  # noqa: E402
+from speed import (  # noqa: E402
+    BREAKDOWN_ORDER,
+    BREAKDOWN_TARGETS,
+    DATA_PASSES,
+    Profiler,
+    forward_backward_time,
+)
 
 from source_callback import SourceCallback, analyze, open_run  # noqa: E402
 from source_callback.analysis.segments import plan_segments  # noqa: E402
@@ -73,12 +79,8 @@ def images(n: int, seed: int) -> TensorDataset:
 
 
 def floor(model: nn.Module, data: TensorDataset) -> float:
-    """One plain forward+backward pass of the mean loss over ``data``, eval mode, no hooks."""
-    start = time.perf_counter()
-    for x, y in DataLoader(data, batch_size=BATCH):
-        nn.functional.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    """Seconds of one plain forward+backward pass over ``data`` at the analysis's batch size."""
+    return forward_backward_time(model, data, BATCH).wall
 
 
 def analysis(store: Path, data: TensorDataset, queries: TensorDataset, fraction: float | None):

@@ -48,7 +48,7 @@ from analyze_memory import (
     training_sets,
 )
 from settings import trainer
-from speed import BREAKDOWN_ORDER, BREAKDOWN_TARGETS, Profiler
+from speed import BREAKDOWN_ORDER, BREAKDOWN_TARGETS, Profiler, forward_backward_time
 
 from source_callback import SourceCallback, analyze, open_run
 from source_callback.analysis.segments import plan_segments
@@ -98,15 +98,6 @@ def record(store: Path, sizes: dict[str, int]) -> MLP:
             model, DataLoader(dataset, batch_size=TRAIN_BATCH, shuffle=True)
         )
     return model
-
-
-def floor_pass(model: nn.Module, dataset: HashedExamples) -> float:
-    """Seconds of one plain forward+backward pass of the mean loss over ``dataset``."""
-    start = time.perf_counter()
-    for x, y in DataLoader(dataset, batch_size=ANALYZE_BATCH):
-        nn.functional.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def analysis(store: Path, sizes: dict[str, int], cap: int | None, seed: int) -> dict[str, Any]:
@@ -180,14 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for segment in plan_segments(run):
             checkpoints[run.stages[segment.stage].name] += len(segment.checkpoints)
         train = training_sets(sizes)
-        floor_pass(model, train["finetune"])  # warm-up
-        before = {n: floor_pass(model, train[n]) for n in STAGES}
+        forward_backward_time(model, train["finetune"], ANALYZE_BATCH)  # warm-up
+        before = {n: forward_backward_time(model, train[n], ANALYZE_BATCH).wall for n in STAGES}
         arms = [(None, 0), *((cap, 0) for cap in setting["caps"]), (None, 1)]
         results = []
         for cap, seed in arms:
             results.append(analysis(store, sizes, cap, seed))
             print(f"cap {cap}, seed {seed}: {results[-1]['seconds']:.1f} s", flush=True)
-        after = {n: floor_pass(model, train[n]) for n in STAGES}
+        after = {n: forward_backward_time(model, train[n], ANALYZE_BATCH).wall for n in STAGES}
     forward_backward = {n: (before[n] + after[n]) / 2 for n in STAGES}
     floor = sum(checkpoints[n] * forward_backward[n] for n in STAGES)
     reference = results[0]
