@@ -11,6 +11,7 @@ from source_callback.analysis.task import (
     ClassificationTask,
     LanguageModelingTask,
     RegressionTask,
+    Seq2SeqTask,
     Task,
 )
 from source_callback.analysis.units import ModuleSelection
@@ -56,6 +57,7 @@ __all__ = [
     "RankFailedError",
     "RegressionTask",
     "Run",
+    "Seq2SeqTask",
     "SourceCallback",
     "SourceCallbackError",
     "SourceTrainerCallback",

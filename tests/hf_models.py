@@ -93,6 +93,57 @@ def tiny_opt() -> nn.Module:
     return OPTForCausalLM(config)
 
 
+def tiny_t5() -> nn.Module:
+    """T5: relative position biases (a ``[T, T, heads]`` table shared by the batch), a shared
+    embedding tied to both stacks and the head, RMS norms, no biases."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=8,
+        d_kv=4,
+        d_ff=16,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        attn_implementation="eager",
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_bart() -> nn.Module:
+    """BART: learned positions (the decoder's ``[1, T, n]``, shared by the batch), a scaled
+    embedding tied to both stacks and the head, LayerNorms and biases."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=8,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        max_position_embeddings=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        scale_embedding=True,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        attn_implementation="eager",
+    )
+    return BartForConditionalGeneration(config)
+
+
 def add_lora(model: nn.Module, targets: list[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -166,3 +217,48 @@ class SameNames(pl.LightningModule):
             return optimizer
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class Pairs(Dataset):
+    """Source sequences and 5-token targets computed from them.
+
+    ``padded`` pads the source of every other example (``attention_mask`` 0 on its last two
+    tokens) and marks the last target of every third as no loss (``-100``), as
+    ``DataCollatorForSeq2Seq`` pads them.
+    """
+
+    def __init__(self, n: int, seed: int, padded: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, LENGTH), generator=g)
+        self.labels = (self.ids[:, :5] * 5 + 1) % (VOCAB - 3) + 3
+        self.mask = torch.ones(n, LENGTH, dtype=torch.long)
+        if padded:
+            self.mask[1::2, -2:] = 0
+            self.labels[::3, -1] = -100
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+class Seq2SeqLM(pl.LightningModule):
+    """An encoder-decoder trained on its own loss (the token mean of the batch's targets)."""
+
+    def __init__(self, model: nn.Module, optimizer: str = "adamw", lr: float = 0.01) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer, self.lr = optimizer, lr
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)

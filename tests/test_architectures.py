@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 import torch
-from hf_models import LENGTH, VOCAB, tiny_opt
+from hf_models import LENGTH, VOCAB, Pairs, tiny_bart, tiny_opt, tiny_t5
 from torch import nn
 
 from source_callback.analysis.capture_check import check_capture
-from source_callback.analysis.task import ClassificationTask, LanguageModelingTask
+from source_callback.analysis.task import ClassificationTask, LanguageModelingTask, Seq2SeqTask
 from source_callback.analysis.units import find_units
+from source_callback.errors import AnalysisError
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,6 +97,13 @@ LANGUAGE: dict[str, Callable[[], nn.Module]] = {
     "llama-lora-embeddings": lambda: _peft(_llama(), target_modules=["q_proj", "embed_tokens"]),
 }
 
+SEQ2SEQ: dict[str, Callable[[], nn.Module]] = {
+    "t5": tiny_t5,
+    "bart": tiny_bart,
+    "t5-lora": lambda: _peft(tiny_t5(), target_modules=["q", "v"]),
+    "bart-lora": lambda: _peft(tiny_bart()),
+}
+
 IMAGES: dict[str, Callable[[], nn.Module]] = {
     "vit": lambda: transformers.ViTForImageClassification(
         transformers.ViTConfig(
@@ -166,6 +174,37 @@ def test_language_models_capture_their_examples_gradients(build: str) -> None:
     examples = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
     assert not find_units(model).uncovered  # Gemma's scaled embedding, tied to its head, too
     check_capture(model, _units(model), LanguageModelingTask().loss, examples)
+
+
+def _pairs() -> list[dict[str, torch.Tensor]]:
+    data = Pairs(4, seed=1, padded=True)
+    return [data[i] for i in range(len(data))]
+
+
+@pytest.mark.parametrize("build", sorted(SEQ2SEQ))
+def test_encoder_decoders_capture_their_examples_gradients(build: str) -> None:
+    """BART's decoder positions (``[1, T, n]`` for the batch) are expanded to it; T5's relative
+    position biases are left out (below)."""
+    torch.manual_seed(0)
+    model = SEQ2SEQ[build]().double().eval()
+    assert not find_units(model).uncovered
+    units = _units(model, "relative_attention_bias")
+    check_capture(model, units, Seq2SeqTask().loss, _pairs())
+
+
+def test_t5_relative_position_biases_are_refused_together() -> None:
+    """T5 permutes its ``[T, T, heads]`` bias table, so it cannot be expanded to the batch: one
+    error names the encoder's and the decoder's, with the exclusion that leaves both out."""
+    torch.manual_seed(0)
+    model = tiny_t5().double().eval()
+    biases = [
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
+        for stack in ("decoder", "encoder")
+    ]
+    with pytest.raises(AnalysisError) as error:
+        check_capture(model, find_units(model).units, Seq2SeqTask().loss, _pairs())
+    assert "are called on tensors shared by the batch" in str(error.value)
+    assert f"modules={{'exclude': {biases!r}}}" in str(error.value)
 
 
 @pytest.mark.parametrize("build", sorted(IMAGES))

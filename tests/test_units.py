@@ -639,7 +639,10 @@ class SharedTable(Mixer):
     ("model", "message"),
     [
         (SequenceFirst, "'mix' is called on a tensor of shape \\(5, 4, 4\\) computed from"),
-        (SharedTable, "'mix' is called on tensors shared by the batch"),
+        (
+            SharedTable,
+            "unit 'mix' \\(output \\(5, 4\\)\\) is called on tensors shared by the batch",
+        ),
     ],
 )
 def test_calls_whose_rows_are_not_the_examples_are_refused(model, message: str) -> None:

@@ -136,6 +136,7 @@ class Capture:
         )
         self._finite = RowFlags()
         self._broadcast_units: set[str] = set()
+        self._unseparable: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._frozen: list[nn.Parameter] = []
 
     def _batch_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -149,8 +150,12 @@ class Capture:
         return isinstance(x, torch.Tensor) and (not x.ndim or x.shape[0] != self._batch)
 
     def _broadcast(self, x: Any, prepend: bool) -> Any:
-        """A shared tensor expanded to the batch (a batch dimension prepended first)."""
-        if not self._shared(x):
+        """A shared tensor expanded to the batch (a batch dimension prepended first).
+
+        Without ``prepend`` only a leading dimension of 1 is expanded; another (BART's position
+        ids ``[T]`` beside its decoder's ``[B, T]`` tokens) is left as it is.
+        """
+        if not self._shared(x) or (not prepend and x.shape[0] != 1):
             return x
         if prepend:
             x = x[None]
@@ -206,13 +211,27 @@ class Capture:
         one = output.ndim > 0 and output.shape[0] == 1
         return one or (isinstance(use.kind, EmbeddingKind) and output.ndim == 2)
 
-    def _unseparable(self, name: str, use: Use, output: torch.Tensor) -> None:
+    def _reached_shared(self, name: str, use: Use, output: torch.Tensor) -> None:
+        self._unseparable.setdefault(name, (use.name, tuple(output.shape)))
+
+    def _raise_unseparable(self) -> None:
+        """Name every unit a gradient reached through a shared output in the last pass."""
+        if not self._unseparable:
+            return
+        calls = "; ".join(
+            (f"unit {name!r}" if module == name else f"module {module!r} of unit {name!r}")
+            + f" (output {shape})"
+            for name, (module, shape) in sorted(self._unseparable.items())
+        )
+        names = sorted(self._unseparable)
+        self._unseparable.clear()
+        one = len(names) == 1
         raise AnalysisError(
-            f"module {use.name!r} of unit {name!r} is called on tensors shared by the batch "
-            f"(its output has shape {tuple(output.shape)}, not led by the batch's "
-            f"{self._batch}) and that output reaches the loss, so each example's gradient "
-            f"through it cannot be separated; leave it out with "
-            f"modules={{'exclude': [{name!r}]}}."
+            f"{calls} {'is' if one else 'are'} called on tensors shared by the batch (not led "
+            f"by the batch's {self._batch} examples) and {'its' if one else 'their'} output "
+            f"reaches the loss, so each example's gradient through "
+            f"{'it' if one else 'them'} cannot be separated; leave {'it' if one else 'them'} "
+            f"out with modules={{'exclude': {names!r}}}."
         )
 
     def _forward_hook(self, name: str, index: int) -> Callable[..., None]:
@@ -233,7 +252,12 @@ class Capture:
             rows, shared = None, self._shared(output)
             if shared and any(x.requires_grad and not self._from_shared(x) for x in tensors):
                 rows, shared = self._rows(name, output), False
-            if shared and all(map(self._shared, tensors)) and self._broadcastable(use, output):
+            led_by_one = output.ndim > 0 and output.shape[0] == 1
+            if (
+                shared
+                and (led_by_one or all(map(self._shared, tensors)))
+                and self._broadcastable(use, output)
+            ):
                 prepend = not output.ndim or output.shape[0] != 1
                 args = tuple(self._broadcast(x, prepend) for x in args)
                 kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
@@ -253,7 +277,7 @@ class Capture:
                 self.inputs.setdefault(name, []).append(known)
                 side = known[1]
             if output.requires_grad and shared:  # no gradient expected: none is waited for
-                output.register_hook(lambda grad: self._unseparable(name, use, output))
+                output.register_hook(lambda grad: self._reached_shared(name, use, output))
             elif output.requires_grad:
                 self._calls[name] = self._calls.get(name, 0) + 1
                 output.register_hook(
@@ -281,6 +305,7 @@ class Capture:
         self._finite.flags.clear()
         self._shared_outputs.clear()
         self._broadcast_units.clear()
+        self._unseparable.clear()
 
     def backward(self, value: torch.Tensor, retain_graph: bool = False) -> None:
         """``value.backward()``, then hand over the gradients of uses that are still waiting.
@@ -291,6 +316,7 @@ class Capture:
         """
         if value.requires_grad:
             value.backward(retain_graph=retain_graph)
+        self._raise_unseparable()
         for name in list(self._pending):
             self.on_grads(name, self._pending.pop(name))
         self._finite.check("gradient")

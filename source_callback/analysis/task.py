@@ -1,8 +1,8 @@
 """What is being attributed: the training loss, the measurement, and the Fisher's pseudo-losses.
 
 A :class:`Task` tells the analysis how to turn a model and a batch into per-example numbers. The
-built-ins cover classification, regression and (causal) language modeling; any object with the
-same methods works.
+built-ins cover classification, regression, (causal) language modeling and sequence-to-sequence
+(encoder-decoder) language modeling; any object with the same methods works.
 """
 
 from __future__ import annotations
@@ -308,15 +308,50 @@ class LanguageModelingTask:
         return self._normalise(self._token_losses(logits, sampled), labels)
 
 
+class Seq2SeqTask(LanguageModelingTask):
+    """Cross-entropy of an encoder-decoder's target tokens given its input (T5, BART, Marian).
+
+    ``batch`` is a mapping with ``input_ids`` ``[B, S]``, ``labels`` ``[B, T]`` (``-100`` marks
+    positions that carry no loss, as ``DataCollatorForSeq2Seq`` pads them) and optionally
+    ``attention_mask``, ``decoder_input_ids`` and ``decoder_attention_mask``, all passed to the
+    model. Without ``decoder_input_ids`` they are the labels shifted right: by the model's
+    ``prepare_decoder_input_ids_from_labels`` where it has one (Hugging Face's seq2seq models),
+    otherwise the model is called with ``labels=`` and shifts them itself, as Hugging Face's
+    models do. The model returns logits ``[B, T, V]`` (or an object with ``.logits``); position
+    t predicts label t. Losses, measurement, pseudo-labels and ``tokens_per_example`` are as in
+    :class:`LanguageModelingTask`.
+    """
+
+    @staticmethod
+    def _logits_and_labels(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, Mapping) or not {"input_ids", "labels"} <= batch.keys():
+            raise TypeError(
+                f"Seq2SeqTask got {_describe(batch)} as a batch; it expects a mapping with "
+                "'input_ids' [batch, source tokens] and 'labels' [batch, target tokens] (-100 "
+                "where no loss), optionally 'attention_mask', 'decoder_input_ids' and "
+                "'decoder_attention_mask', as Hugging Face's DataCollatorForSeq2Seq makes. Make "
+                "the dataset return such dicts, or pass a Task of your own."
+            )
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if "decoder_input_ids" not in inputs and callable(prepare):
+            inputs["decoder_input_ids"] = prepare(labels=labels)
+        elif "decoder_input_ids" not in inputs:
+            inputs["labels"] = labels
+        return _outputs(model(**inputs)), labels
+
+
 def resolve_task(task: str | Task) -> Task:
     """A built-in task by name, or ``task`` itself.
 
-    Names: ``classification``, ``regression``, ``language_modeling``.
+    Names: ``classification``, ``regression``, ``language_modeling``, ``seq2seq``.
     """
     builtins = {
         "classification": ClassificationTask,
         "regression": RegressionTask,
         "language_modeling": LanguageModelingTask,
+        "seq2seq": Seq2SeqTask,
     }
     if isinstance(task, str):
         if task not in builtins:
