@@ -9,6 +9,7 @@ import os
 import sys
 import tomllib
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -18,7 +19,7 @@ import torch
 from source_callback import AnalysisOptions, AnalysisResult, Task, analyze
 from source_callback.analysis.options import option_names
 from source_callback.describe import batch_label, format_table, optimizer_label, stage_span
-from source_callback.errors import SourceCallbackError
+from source_callback.errors import DamagedStoreError, SourceCallbackError
 from source_callback.manifest import Manifest
 from source_callback.store.analyses import StoredAnalysis
 from source_callback.store.reader import Checkpoint, Run, open_run
@@ -309,19 +310,27 @@ def verify_report(run: Run) -> tuple[list[str], bool]:
     problems = run.verify()
     committed = sum(c.committed for c in run.checkpoints)
     frozen = sum(bool(stage.frozen) for stage in run.stages)
+    digested = sum(map(partial(_has_example_digests, run), range(len(run.stages))))
     checks = (
-        "checksums and digests"
+        "checked against their checksums and digests"
         if run.format_version > 1
-        else "that they read (format 1 recorded no checksums)"
+        else "read back (format 1 recorded no checksums: only what fails to read is found)"
     )
     found = f"{len(problems)} problem(s)" if problems else "intact"
     skipped = len(run.checkpoints) - committed
     summary = (
-        f"{run.url}: {found}: {committed} committed checkpoint(s), {frozen} frozen group(s) and "
-        f"{run.num_steps} step row(s) checked for {checks}"
+        f"{run.url}: {found}: {committed} committed checkpoint(s), {frozen} frozen group(s), "
+        f"{run.num_steps} step row(s) and the example digests of {digested} stage(s) {checks}"
         + (f"; {skipped} uncommitted checkpoint(s) skipped" if skipped else "")
     )
     return [f"damaged: {problem}" for problem in problems] + [summary], not problems
+
+
+def _has_example_digests(run: Run, stage: int) -> bool:
+    try:
+        return run.example_digests(stage) is not None
+    except DamagedStoreError:
+        return True
 
 
 SHOWN_QUERIES = 5  # queries whose stage effects ``analyze`` prints
@@ -652,8 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="check a record for damage",
-        description="Read every committed checkpoint, frozen group and step row and check them "
-        "against the checksums and digests recorded with them. Prints one line per problem "
+        description="Read every committed checkpoint, frozen group, step row and stage's example "
+        "digests and check them against the checksums and digests recorded with them (a store "
+        "of format 1 recorded none: only what fails to read is found). Prints one line per "
+        "problem, naming the checkpoint or record and the tensors affected, "
         f"and a summary; exits with {EXIT_DAMAGED} when anything is damaged.",
     )
     _add_store_arguments(verify)

@@ -66,8 +66,8 @@ class DamagedStoreError(StoreError):
         more = f"; and {len(self.problems) - 5} more" if len(self.problems) > 5 else ""
         super().__init__(
             f"{url} is damaged: {lines}{more}. Nothing was read from the damaged part. Restore "
-            "the store from a copy, or leave the damaged checkpoints out of the analysis "
-            "(segments=...); `source-callback verify STORE` lists every problem."
+            "the store (or the damaged part: a partial copy or sync?) from a copy; "
+            "`source-callback verify STORE` lists every problem."
         )
 
 

@@ -214,6 +214,19 @@ def test_blocks_written_by_separate_writers_touch_only_their_chunks(tmp_path: Pa
         read_rows(array, 0, 4096)
 
 
+def test_a_truncated_cache_chunk_is_damage_not_values(tmp_path: Path) -> None:
+    """c-blosc decodes by the sizes in a chunk's header: a chunk cut short read past its end."""
+    url = _store(tmp_path)
+    group = create_cache(url, None, "default", cache_info({}, {}))
+    array = create_gradients(group, 0, rows=100, width=8)
+    array[...] = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    commit_cache(group)
+    [chunk] = [p for p in (Path(url) / array.path / "c").rglob("*") if p.is_file()]
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    with pytest.raises(StoreError, match=r"cache at .*gradients/0000 cannot be read.*truncated"):
+        read_rows(gradients(open_cache(url, None, "default"), 0), 0, 100)
+
+
 def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y, reduction="none")

@@ -329,8 +329,8 @@ def test_verify_command_and_analyze_refuse_a_damaged_record(
     assert main(["verify", str(recorded)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines() == [
-        f"{recorded}: intact: 8 committed checkpoint(s), 1 frozen group(s) and 12 step row(s) "
-        "checked for checksums and digests"
+        f"{recorded}: intact: 8 committed checkpoint(s), 1 frozen group(s), 12 step row(s) and "
+        "the example digests of 2 stage(s) checked against their checksums and digests"
     ]
     store = tmp_path / "run.zarr"
     shutil.copytree(recorded, store)

@@ -18,9 +18,9 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from source_callback.analysis.projection import KroneckerProjection
 from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator, SegmentOperator
 from source_callback.errors import StoreError
-from source_callback.store import location, schema
+from source_callback.store import integrity, location, schema
 from source_callback.store.analyses import (
     commit_cache,
     create_cache,
@@ -46,6 +46,7 @@ from source_callback.store.reader import read_tensors
 from source_callback.store.writer import write_tensors
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The dataclasses an operator attribute may name: nothing else is ever constructed on reading.
 SERIALIZABLE: dict[str, type] = {
@@ -145,9 +146,20 @@ def read_operators(
     operators = []
     for key in keys:
         sub = group[key]
-        tensors = {name: t.to(device) for name, t in read_tensors(sub).items()}
+        tensors = {name: t.to(device) for name, t in _read(sub.path, read_tensors, sub).items()}
         operators.append(_decode(sub.attrs[schema.ATTR_OPERATOR], tensors))
     return operators
+
+
+def _read(path: str, read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)``, a chunk that cannot be decoded raised as damage to the cache at ``path``."""
+    try:
+        return read(*args)
+    except ValueError as error:
+        raise StoreError(
+            f"the cache at {path} cannot be read ({error}): it is damaged. Delete the "
+            "analysis's cache group to have analyze() rebuild it, or analyze under another name."
+        ) from error
 
 
 # -- the cache group ---------------------------------------------------------------------------
@@ -202,8 +214,9 @@ def create_gradients(group: zarr.Group, segment: int, rows: int, width: int) -> 
 
 
 def gradients(group: zarr.Group, segment: int) -> zarr.Array:
-    """The gradient array of ``segment`` in a cache group."""
-    return group[schema.CACHE_GRADIENTS][schema.segment_key(segment)]
+    """The gradient array of ``segment`` in a cache group (a truncated chunk fails its read)."""
+    array = group[schema.CACHE_GRADIENTS][schema.segment_key(segment)]
+    return zarr.Array(integrity.checked(array.async_array))
 
 
 def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
@@ -214,7 +227,7 @@ def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
     StoreError
         Some of the rows were never written (NaN, the fill value).
     """
-    values = np.asarray(array[start:stop])
+    values = np.asarray(_read(array.path, array.__getitem__, slice(start, stop)))
     if np.isnan(values).any():
         raise StoreError(
             f"cached gradients {array.path} rows {start}:{stop} hold NaN: they were never "

@@ -94,8 +94,9 @@ def _check_examples(stage: Stage, dataset: Dataset, recorded: np.ndarray) -> Non
     if len(differ):
         raise AnalysisError(
             f"the dataset for stage {stage.name!r} differs from the one trained on: "
-            f"{len(differ)} of its {len(recorded)} examples differ from the recorded ones, the "
-            f"first at index {differ[0]} (other labels, data, order or preprocessing). Pass the "
+            f"{len(differ)} of its {len(recorded)} examples "
+            f"{'differs' if len(differ) == 1 else 'differ'} from the recorded ones, the first at "
+            f"index {differ[0]} (other labels, data, order or preprocessing). Pass the "
             "exact training set of the stage, in its order."
         )
 
@@ -152,8 +153,9 @@ def checkpoint_state(checkpoint: Checkpoint | CheckpointView) -> dict[str, torch
     bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise AnalysisError(
-            f"checkpoint {checkpoint.key} holds NaN or infinite values in {bad[:5]}; the run "
-            "diverged there. Analyze with segments that avoid it, or fix the training run."
+            f"checkpoint {checkpoint.key} holds NaN or infinite values in {bad[:5]}: the run "
+            "diverged there, and no attribution through it means anything. Fix the training "
+            "(e.g. a lower learning rate, gradient clipping) and record it again."
         )
     return state
 

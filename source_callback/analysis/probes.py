@@ -78,9 +78,10 @@ def _mismatch(
         f"recorded at its {checkpoint.role} checkpoint (step {checkpoint.step}). Example "
         f"{int(indices[first])} of the stage's training set had loss {recorded[first]:.6g} in "
         f"training (the LightningModule's training_step, in eval mode) but {computed_by} gives "
-        f"{recomputed[first]:.6g} here; {len(bad)} of the {len(indices)} probed examples differ "
-        f"beyond float noise (rtol {rtol:g}, atol {atol:g}). Likely causes: the model is not "
-        "the trained one (another activation, normalisation or forward with the same parameter "
+        f"{recomputed[first]:.6g} here; {len(bad)} of the {len(indices)} probed examples "
+        f"{'differs' if len(bad) == 1 else 'differ'} beyond float noise (rtol {rtol:g}, atol "
+        f"{atol:g}). Likely causes: the model is not the trained one (another activation, "
+        "normalisation or forward with the same parameter "
         f"names and shapes), the preprocessing or labels of these examples differ, or {causes}. "
         f"{remedy}"
     )

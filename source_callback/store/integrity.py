@@ -12,6 +12,7 @@ writer) cannot be decoded. Step rows get a digest per ``schema.STEP_ROW_CHUNK`` 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,7 +23,9 @@ import google_crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.codecs import BloscCodec
+from zarr.core.array_spec import ArraySpec
+from zarr.core.buffer import Buffer, default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -35,8 +38,48 @@ TensorDict = Mapping[str, torch.Tensor]
 #: The packed index of a group: the JSON of its ``packed`` attribute.
 PackedIndex = dict[str, Any]
 
-UNREADABLE = "a chunk fails its checksum or cannot be decoded (altered or truncated)"
+UNREADABLE = "a chunk cannot be decoded (truncated or altered)"
 MISMATCH = "bytes differ from the digest recorded at commit (a chunk is missing or was altered)"
+
+
+class CheckedBlosc(BloscCodec):
+    """Blosc that refuses a chunk whose header does not describe it.
+
+    c-blosc decompresses by the sizes in a chunk's 16-byte header, not the chunk's length, so
+    a truncated chunk reads past its end: values that change from one read to the next (NaN
+    among them) instead of an error. Arrays without checksums or digests (format 1's tensors,
+    cached gradients) are read through :func:`checked`.
+    """
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
+        data = chunk_bytes.as_numpy_array()
+        expected = math.prod(chunk_spec.shape) * chunk_spec.dtype.to_native_dtype().itemsize
+        if len(data) < BLOSC_HEADER:
+            raise ValueError(f"a blosc chunk of {len(data)} bytes, shorter than its header")
+        header = bytes(data[:BLOSC_HEADER])
+        decoded, stored = (int.from_bytes(header[i : i + 4], "little") for i in (4, 12))
+        if stored != len(data) or decoded != expected:
+            raise ValueError(
+                f"a blosc chunk of {len(data)} bytes whose header records {stored} bytes "
+                f"holding {decoded} (of {expected}): truncated or altered"
+            )
+        return await super()._decode_single(chunk_bytes, chunk_spec)
+
+
+#: Bytes of a blosc chunk's header: version, flags, sizes (decoded at 4, stored at 12).
+BLOSC_HEADER = 16
+
+
+def checked(array: zarr.AsyncArray) -> zarr.AsyncArray:
+    """``array`` with its blosc codec replaced by :class:`CheckedBlosc` (same bytes decoded)."""
+    codecs = tuple(
+        CheckedBlosc.from_dict(codec.to_dict()) if type(codec) is BloscCodec else codec
+        for codec in array.metadata.codecs
+    )
+    if codecs == tuple(array.metadata.codecs):
+        return array
+    metadata = dataclasses.replace(array.metadata, codecs=codecs)
+    return zarr.AsyncArray(metadata=metadata, store_path=array.store_path, config=array.config)
 
 
 def _stored_bytes(values: np.ndarray) -> np.ndarray:

@@ -74,7 +74,7 @@ async def _read_arrays(group: zarr.AsyncGroup, max_depth: int) -> dict[str, tupl
 
     async def read(array: zarr.AsyncArray) -> Any:
         async with limit:
-            return await array.getitem(...)
+            return await integrity.checked(array).getitem(...)
 
     reads: dict[str, tuple[zarr.AsyncArray, asyncio.Task[Any]]] = {}
     try:
@@ -430,7 +430,7 @@ class Run:
         Returns
         -------
         list[Damage]
-            One entry per problem: a chunk that fails its checksum, tensors or step rows whose
+            One entry per problem: a chunk that cannot be decoded, tensors or step rows whose
             bytes differ from their recorded digests, a missing array. A format-1 store recorded
             no checksums: only reads that fail are found there.
 
@@ -461,7 +461,7 @@ class Run:
         array = None if group is None else group.get(schema.examples_key(stage))
         if not isinstance(array, zarr.Array):
             return None, []
-        where = f"example digests of stage {stage}"
+        where = f"example digests of stage {self.stages[stage].name!r}"
         try:
             values = np.asarray(array[...])
         except Exception:
