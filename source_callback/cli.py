@@ -273,11 +273,18 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
         stages), stages, learning rates, checkpoints and stored analyses.
 
     """
-    steps = run.steps()  # empty until the first block of steps is written
+    sections = [_header_lines(run, store_size(run.url, storage_options))]
+    try:
+        steps = run.steps()  # empty until the first block of steps is written
+    except DamagedStoreError as error:
+        steps = {}
+        sections[0].append(
+            f"warning: the step rows are damaged ({error.problems[0]}), so the learning rates "
+            f"are left out below; {PROG} verify STORE lists every problem"
+        )
     stage_column = steps.get(STEP_STAGE, np.empty(0, dtype=np.int32))
     learning_rates = steps.get(STEP_LR, np.empty((0, 0)))
     stages = run.stages
-    sections = [_header_lines(run, store_size(run.url, storage_options))]
     if run.status != "complete":
         sections[0].append(
             "warning: the store is still recording, or its last stage was interrupted"

@@ -347,6 +347,11 @@ def test_verify_command_and_analyze_refuse_a_damaged_record(
     assert lines[-1].startswith(f"{store}: 2 problem(s): 8 committed checkpoint(s)")
     with pytest.raises(DamagedStoreError, match=f"checkpoint {key}"):
         v1.analysis(store)
+    # inspect reads no checkpoint; it still summarizes the run, without the damaged rows
+    assert main(["inspect", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: the step rows are damaged (steps: {integrity.UNREADABLE}" in out
+    assert "checkpoints (8, 8 committed)" in out
 
 
 def test_inspect_does_not_vouch_for_contents(
