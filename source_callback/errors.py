@@ -41,17 +41,22 @@ class Damage:
         The tensors (or step arrays) affected.
     reason
         What is wrong with them.
+    files
+        The store's files (keys relative to its root) holding the damaged bytes, where known:
+        the ones a partial copy or sync would have to copy again.
 
     """
 
     where: str
     names: tuple[str, ...]
     reason: str
+    files: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        if not self.names:
-            return f"{self.where}: {self.reason}"
-        return f"{self.where}: {self.reason} ({len(self.names)}: {listed(self.names, 8)})"
+        text = f"{self.where}: {self.reason}"
+        if self.names:
+            text += f" ({len(self.names)}: {listed(self.names, 8)})"
+        return text + (f" in {listed(self.files, 4)}" if self.files else "")
 
 
 class DamagedStoreError(StoreError):

@@ -239,7 +239,9 @@ def test_missing_packed_array_and_frozen_chunk(tmp_path: Path) -> None:
 def test_damage_names_only_the_tensors_of_the_damaged_chunk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tensors span 16-byte chunks of a packed array: a lost chunk names the ones it held."""
+    """Tensors span 16-byte chunks of a packed array: a lost chunk names the ones it held, and
+    the files to copy again: the chunk that fails to decode, or every chunk of a tensor whose
+    digest fails (which of them is wrong is not known)."""
     monkeypatch.setattr(schema, "TENSOR_CHUNK_BYTES", 16)
     store = tmp_path / "run.zarr"
     write_store(str(store), None)
@@ -248,9 +250,10 @@ def test_damage_names_only_the_tensors_of_the_damaged_chunk(
     (params / "0").unlink()  # elements 0..3: a.bias
     (params / "3").write_bytes(b"")  # elements 12..15: the last third of a.weight, truncated
     problems = open_run(store).verify()
-    assert {(p.where, p.names, p.reason) for p in problems} == {
-        (f"checkpoint {KEYS[1]}", ("a.bias",), integrity.MISMATCH),
-        (f"checkpoint {KEYS[1]}", ("a.weight",), integrity.UNREADABLE),
+    chunk = f"checkpoints/{KEYS[1]}/params.float32/c/"
+    assert {(p.where, p.names, p.reason, p.files) for p in problems} == {
+        (f"checkpoint {KEYS[1]}", ("a.bias",), integrity.MISMATCH, (f"{chunk}0",)),
+        (f"checkpoint {KEYS[1]}", ("a.weight",), integrity.UNREADABLE, (f"{chunk}3",)),
     }
     _assert_equal(open_run(store).checkpoints[0].params(include_frozen=False), _params(0))
 
@@ -341,7 +344,7 @@ def test_verify_command_and_analyze_refuse_a_damaged_record(
     lines = capsys.readouterr().out.splitlines()
     assert lines[:-1] == [
         f"damaged: checkpoint {key}: {integrity.MISMATCH} (4: net.0.bias, net.0.weight, "
-        "net.2.bias, net.2.weight)",
+        f"net.2.bias, net.2.weight) in checkpoints/{key}/params.float32/c/0",
         f"damaged: steps: {integrity.UNREADABLE} (1: stage)",
     ]
     assert lines[-1].startswith(f"{store}: 2 problem(s): 8 committed checkpoint(s)")

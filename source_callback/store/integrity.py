@@ -349,19 +349,40 @@ class _Fetched:
     values: np.ndarray | None
     bad: list[tuple[int, int]]
     reason: str = UNREADABLE
+    path: str = ""  # the array's key in the store
+    chunk: int = 0  # elements per chunk; 0 when the array could not be opened
+
+    def files(self, start: int, stop: int) -> list[str]:
+        """The keys of the chunk files of elements ``start:stop`` that failed to decode.
+
+        All of them when none did (which one a failed digest is in is not known); the array's
+        metadata when the array could not be opened.
+        """
+        if not self.chunk:
+            return [f"{self.path}/zarr.json"]
+        chunks = range(start // self.chunk, (stop - 1) // self.chunk + 1)
+        bad = [
+            i
+            for i in chunks
+            for a, b in self.bad
+            if a < (i + 1) * self.chunk and i * self.chunk < b
+        ]
+        return [f"{self.path}/c/{i}" for i in bad or chunks]
 
 
 async def _fetch(
     group: zarr.AsyncGroup, key: str, length: int, dtype: np.dtype, limit: asyncio.Semaphore
 ) -> _Fetched:
     """Read one packed array chunk by chunk, noting the ranges of chunks that fail to decode."""
+    path = (group.store_path / key).path
     try:
         array = await zarr.AsyncArray.open(group.store_path / key, zarr_format=3)
     except (FileNotFoundError, ValueError):  # zarr's node-not-found errors are both
-        return _Fetched(None, [(0, length)], f"packed array {key} is missing or unreadable")
+        reason = f"packed array {key} is missing or unreadable"
+        return _Fetched(None, [(0, length)], reason, path)
     if array.shape != (length,) or array.dtype != dtype:
         reason = f"packed array {key} is {array.dtype}{list(array.shape)}, not {dtype}[{length}]"
-        return _Fetched(None, [(0, length)], reason)
+        return _Fetched(None, [(0, length)], reason, path)
     values = np.empty(length, dtype=dtype)
     bad: list[tuple[int, int]] = []
     step = array.chunks[0]
@@ -375,7 +396,7 @@ async def _fetch(
                 bad.append((start, stop))
 
     await all_or_none(read(start) for start in range(0, length, step))
-    return _Fetched(values, bad)
+    return _Fetched(values, bad, UNREADABLE, path, step)
 
 
 def read_packed(
@@ -412,6 +433,7 @@ def read_packed(
     fetched = run(_fetch_all(_async_group(group), lengths, dtypes))
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     damaged: dict[str, list[str]] = {}
+    files: dict[str, set[str]] = {}
     for section, entries in sections.items():
         out = tensors.setdefault(section, {})
         for name, torch_dtype, shape, pieces in entries:
@@ -419,16 +441,26 @@ def read_packed(
             label = name if section == schema.SECTION_PARAMS else f"{section}/{name}"
             parts, problem = _pieces(array, pieces, math.prod(shape), digest_of)
             if problem is not None:
-                rank = problem[1]
-                damaged.setdefault(problem[0], []).append(
+                reason, rank, (start, stop) = problem
+                damaged.setdefault(reason, []).append(
                     label if rank is None else f"{label} (rank {rank}'s rows)"
                 )
+                files.setdefault(reason, set()).update(array.files(start, stop))
                 continue
             key = schema.packed_array_key(section, torch_dtype)
             values = np.concatenate(parts) if parts else np.empty(0, dtype=dtypes[key])
             out[name] = schema.decode_array(values.reshape(shape), torch_dtype)
-    problems = [Damage(where, tuple(names), reason) for reason, names in damaged.items()]
+    problems = [
+        Damage(where, tuple(names), reason, tuple(sorted(files[reason], key=_chunk_order)))
+        for reason, names in damaged.items()
+    ]
     return tensors, problems
+
+
+def _chunk_order(key: str) -> tuple[str, int]:
+    """Chunk keys ``<array>/c/<i>`` in array then chunk order (``c/10`` after ``c/9``)."""
+    head, _, tail = key.rpartition("/")
+    return (head, int(tail)) if tail.isdigit() else (key, -1)
 
 
 #: ``[rank (None: unsharded), offset in the array, first element, count, digest]``.
@@ -462,23 +494,28 @@ def _tensor_index(
 
 def _pieces(
     array: _Fetched, pieces: list[Piece], numel: int, digest_of: Callable[[np.ndarray], str]
-) -> tuple[list[np.ndarray], tuple[str, int | None] | None]:
-    """A tensor's pieces read from ``array`` and verified, or the first problem and its rank."""
+) -> tuple[list[np.ndarray], tuple[str, int | None, tuple[int, int]] | None]:
+    """A tensor's pieces read from ``array`` and verified, or its first problem.
+
+    The problem is its reason, the piece's rank and the range of the array's elements it
+    concerns.
+    """
     parts = []
     expected_first = 0
     for rank, offset, first, count, expected in pieces:
-        if first != expected_first:
-            return [], ("its pieces in the index do not cover the tensor", rank)
-        expected_first += count
         stop = offset + count
+        if first != expected_first:
+            return [], ("its pieces in the index do not cover the tensor", rank, (offset, stop))
+        expected_first += count
         if array.values is None or any(a < stop and offset < b for a, b in array.bad):
-            return [], (array.reason, rank)
+            return [], (array.reason, rank, (offset, stop))
         part = array.values[offset:stop]
         if digest_of(part) != expected:
-            return [], (MISMATCH, rank)
+            return [], (MISMATCH, rank, (offset, stop))
         parts.append(part)
     if expected_first != numel:
-        return [], ("its pieces in the index do not cover the tensor", None)
+        whole = (pieces[0][1], pieces[-1][1] + pieces[-1][3]) if pieces else (0, 1)
+        return [], ("its pieces in the index do not cover the tensor", None, whole)
     return parts, None
 
 
