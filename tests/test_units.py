@@ -187,6 +187,8 @@ def _case(name: str) -> Case:
         return NormNet().double(), (torch.randn(7, 2, 3, dtype=torch.float64),), 3, None
     if name == "tied":
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, None
+    if name == "tied-two-tokens":  # few tokens: the uses' rotated sides join
+        return TiedNet().double(), (_tokens(7, 2)[:, :2],), VOCAB, None
     if name == "tied-diagonal":
         return TiedNet().double(), (_tokens(7, 2),), VOCAB, VOCAB - 1
     if name == "adapter":
@@ -202,6 +204,7 @@ CASES = [
     "embedding",
     "norms",
     "tied",
+    "tied-two-tokens",
     "tied-diagonal",
     "large-side",
     "adapter",
@@ -925,3 +928,27 @@ def test_squares_of_per_example_gradients_equal_the_dense_sum(tokens: int, dtype
     got = grads.squares()
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, exact, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_a_tied_parameters_uses_join_into_one_sum_over_their_tokens() -> None:
+    """``Σ_uses G_use`` as one factored sum over every use's tokens: its squares (what the
+    corrected eigenvalues of a tied embedding and head add up) equal those of the dense sum,
+    with the embedding's one-hot side rotated by a lookup; unlike sides do not join."""
+    gen = torch.Generator().manual_seed(4)
+    vocab, width = 7, 3
+    q_rows, _ = torch.linalg.qr(torch.randn(vocab, vocab, generator=gen, dtype=torch.float64))
+    head = Factored(  # the output layer: [B, T, vocab] gradients, [B, T, width] inputs
+        Side(torch.randn(5, 2, vocab, generator=gen, dtype=torch.float64), vocab),
+        Side(torch.randn(5, 2, width, generator=gen, dtype=torch.float64), width),
+    )
+    embed = Factored(  # the embedding: [B, T] token indices, [B, T, width] output gradients
+        Side(torch.randint(0, vocab, (5, 4), generator=gen), vocab),
+        Side(torch.randn(5, 4, width, generator=gen, dtype=torch.float64), width),
+    )
+    parts = [part.rotated(q_rows, None) for part in (head, embed)]
+    joined = Factored.joined(parts)
+    assert joined is not None and joined.rows.values.shape == (5, 6, vocab)
+    exact = sum(part.dense() for part in parts).square().sum(0)
+    torch.testing.assert_close(joined.squares(), exact, rtol=1e-12, atol=0)
+    assert Factored.joined([head, embed]) is None  # a one-hot side beside a dense one
+    assert Factored.joined([embed]) is embed

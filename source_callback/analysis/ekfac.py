@@ -519,11 +519,15 @@ def corrected_eigenvalues(
             cast[name, dtype] = tuple(None if q is None else q.to(dtype) for q in bases[name])
         q_a, q_s = cast[name, dtype]
         matrix, parts = _unscaled(None if scale is None else scale[name], parts)
-        if matrix is None and len(parts) == 1 and parts[0].rotate_sides_first(q_s, q_a):
+        joined = None
+        if matrix is None and all(part.rotate_sides_first(q_s, q_a) for part in parts):
             # Σ_tok (Q_Sᵀ s)(Q_Aᵀ a)ᵀ: rotating each factor first, then one batched product,
             # is 4-10x faster than the four-operand einsum (benchmarks/speed.py) where it takes
             # fewer products than rotating G; a one-hot side adds up only the tokens present.
-            total = parts[0].rotated(q_s, q_a).squares()
+            # A tied parameter's uses add up as one sum over all their tokens.
+            joined = Factored.joined([part.rotated(q_s, q_a) for part in parts])
+        if joined is not None:
+            total = joined.squares()
         else:
             total = 0
             for _, g in dense_sum(parts):

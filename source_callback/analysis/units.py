@@ -185,6 +185,27 @@ class Factored:
             rows + cols
         )
 
+    @staticmethod
+    def joined(parts: Sequence[Factored]) -> Factored | None:
+        """The sum of the parts' gradients as one :class:`Factored`: their tokens side by side.
+
+        ``Σ_uses Σ_t r_t c_tᵀ`` is one sum over every use's tokens. ``None`` when the parts'
+        sides are not alike (a one-hot side beside a dense one) or differ in dtype.
+        """
+        first = parts[0]
+        for part in parts[1:]:
+            for mine, theirs in zip(first.sides, part.sides, strict=True):
+                if mine.size != theirs.size or mine.values.dtype != theirs.values.dtype:
+                    return None
+        if len(parts) == 1:
+            return first
+        rows, cols = (
+            Side(torch.cat([part.sides[axis].values for part in parts], dim=1), side.size)
+            for axis, side in enumerate(first.sides)
+        )
+        known = first.known if all(part.known == first.known for part in parts) else None
+        return Factored(rows, cols, known)
+
     def to(self, dtype: torch.dtype) -> Factored:
         """The same gradients with the (non-one-hot) sides' values in ``dtype``."""
         rows, cols = (
