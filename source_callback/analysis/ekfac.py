@@ -420,6 +420,13 @@ class Covariances:
                 v = v.to(f)
                 f.mul_(v[:, None]).mul_(v)
 
+    def add_side(self, axis: int, side: Side) -> None:
+        """Add ``Σ_{b,t} x xᵀ`` of a side to the rows' (0) or the columns' (1) factor."""
+        if axis == 0:
+            self.s = side.add_covariance(self.s)
+        else:
+            self.a = side.add_covariance(self.a)
+
     def add(self, axis: int, value: torch.Tensor) -> None:
         """Add to the rows' (0) or the columns' (1) factor.
 
@@ -469,7 +476,7 @@ def covariances(
         if name not in dense_scale:
             for part in parts:
                 if part.known is not None and dense[1 - part.known]:
-                    sums[name].add(1 - part.known, part.sides[1 - part.known].covariance())
+                    sums[name].add_side(1 - part.known, part.sides[1 - part.known])
             return
         for _, g in dense_sum(parts):
             g = g * dense_scale[name].to(g.dtype)
@@ -484,7 +491,7 @@ def covariances(
                 if name not in dense_scale:
                     for axis, side in capture.inputs.get(name, []):
                         if not units[name].identity[axis]:
-                            sums[name].add(axis, side.covariance())
+                            sums[name].add_side(axis, side)
                 sums[name].count += size
     for name, factor in (scale or {}).items():
         if isinstance(factor, RankOne) and name in sums:

@@ -89,12 +89,21 @@ class Side:
             return Side(matrix[self.values], matrix.shape[1])
         return Side(self.values.to(matrix.dtype) @ matrix, matrix.shape[1])
 
-    def covariance(self) -> torch.Tensor:
-        """``Σ_{b,t} x xᵀ``, ``[size, size]``: formed in the values' precision, float64."""
+    def add_covariance(self, total: torch.Tensor | None) -> torch.Tensor:
+        """``total + Σ_{b,t} x xᵀ``, ``[size, size]`` float64 (``total`` updated in place).
+
+        Formed in the values' precision. A one-hot side adds its tokens' counts to the diagonal,
+        with no ``[size, size]`` temporary per batch (a tied 4,096-token vocabulary's is 134 MB).
+        ``None``: a new sum.
+        """
         if self.onehot:
-            counts = torch.bincount(self.values.reshape(-1), minlength=self.size)
-            return torch.diag(counts.double())
-        return _gram(self.values.reshape(-1, self.size)).double()
+            counts = torch.bincount(self.values.reshape(-1), minlength=self.size).double()
+            if total is None:
+                total = torch.zeros(self.size, self.size, dtype=torch.float64, device=counts.device)
+            total.diagonal().add_(counts)
+            return total
+        gram = _gram(self.values.reshape(-1, self.size)).double()
+        return gram if total is None else total.add_(gram)
 
     def __getitem__(self, rows: slice) -> Side:
         return Side(self.values[rows], self.size)
