@@ -22,7 +22,6 @@ import logging
 import platform
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from floors import ConvNet  # noqa: E402
-from speed import (  # noqa: E402
-    BREAKDOWN_ORDER,
-    BREAKDOWN_TARGETS,
-    DATA_PASSES,
-    Profiler,
-    forward_backward_time,
-)
+from speed import DATA_PASSES, timed_analysis  # noqa: E402
 
-from source_callback import SourceCallback, analyze, open_run  # noqa: E402
-from source_callback.analysis.segments import plan_segments  # noqa: E402
+from source_callback import SourceCallback, open_run  # noqa: E402
 
 BATCH = 64
 
@@ -78,49 +70,23 @@ def images(n: int, seed: int) -> TensorDataset:
     return TensorDataset(means[labels] + 2 * torch.randn(n, 3, 32, 32, generator=g), labels)
 
 
-def floor(model: nn.Module, data: TensorDataset) -> float:
-    """Seconds of one plain forward+backward pass over ``data`` at the analysis's batch size."""
-    return forward_backward_time(model, data, BATCH).wall
-
-
 def analysis(store: Path, data: TensorDataset, queries: TensorDataset, fraction: float | None):
     """``analyze`` timed by pass, against the floor measured before and after it."""
-    run = open_run(str(store))
     reference = Images()
-    reference.load_state_dict(
-        {k: torch.as_tensor(v) for k, v in run.checkpoints[-1].params().items()}
+    params = open_run(str(store)).checkpoints[-1].params()
+    reference.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+    row = timed_analysis(
+        store,
+        reference,
+        data,
+        BATCH,
+        model=Images(),
+        task="classification",
+        train={"s": data},
+        queries=queries,
+        curvature_examples=fraction,
     )
-    reference.eval()
-    floor(reference, data)  # warm-up
-    before = floor(reference, data)
-    profiler = Profiler()
-    with profiler.patched(BREAKDOWN_TARGETS, []):
-        start = time.perf_counter()
-        result = analyze(
-            str(store),
-            model=Images(),
-            task="classification",
-            train={"s": data},
-            queries=queries,
-            batch_size=BATCH,
-            curvature_examples=fraction,
-            name=None,
-            verbose=False,
-        )
-        total = time.perf_counter() - start
-    after = floor(reference, data)
-    used = sum(len(segment.checkpoints) for segment in plan_segments(run))  # analyze's default
-    unit = used * (before + after) / 2
-    parts = {label: profiler.totals.get(label, 0.0) / unit for label in BREAKDOWN_ORDER}
-    return {
-        "analyze_s": total,
-        "floor_s": unit,
-        "ratio": total / unit,
-        "checkpoints": used,
-        "passes": {label: parts[label] for label in DATA_PASSES},
-        "rest": total / unit - sum(parts[label] for label in DATA_PASSES),
-        "scores": np.asarray(result.scores["s"]),
-    }
+    return {**row, "scores": np.asarray(row["result"].scores["s"])}
 
 
 def main() -> None:

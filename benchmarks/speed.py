@@ -323,17 +323,68 @@ class Timing:
             timing.cpu = time.process_time() - cpu
 
 
-def forward_backward_time(model: nn.Module, dataset: Dataset, batch_size: int) -> Timing:
-    """Time of one plain forward+backward pass (mean cross-entropy) over ``dataset``.
+def _cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
 
-    Batched like ``analyze`` batches (a ``DataLoader`` in dataset order), no hooks.
+
+def forward_backward_time(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    loss: Callable[[nn.Module, Any], torch.Tensor] = _cross_entropy,
+) -> Timing:
+    """Time of one plain forward+backward pass over ``dataset``.
+
+    Batched like ``analyze`` batches (a ``DataLoader`` in dataset order), no hooks; ``loss``
+    gives a batch's scalar loss (default: the mean cross-entropy of ``(inputs, labels)``).
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with Timing.of() as timing:
-        for x, y in loader:
-            F.cross_entropy(model(x), y).backward()
+        for batch in loader:
+            loss(model, batch).backward()
             model.zero_grad(set_to_none=True)
     return timing
+
+
+def timed_analysis(
+    store: Path,
+    reference: nn.Module,
+    floor_data: Dataset,
+    batch_size: int,
+    loss: Callable[[nn.Module, Any], torch.Tensor] = _cross_entropy,
+    **options: Any,
+) -> dict[str, Any]:
+    """``analyze(store, **options)`` timed by pass against its floor, measured around it.
+
+    The floor: the checkpoints the analysis's segments use times one plain forward+backward
+    pass (``loss``) of ``reference`` (the model at the run's last checkpoint) over
+    ``floor_data``, the mean of a measurement just before and one just after the analysis.
+    """
+    reference.eval()
+    forward_backward_time(reference, floor_data, batch_size, loss)  # warm-up
+    before = forward_backward_time(reference, floor_data, batch_size, loss).wall
+    profiler = Profiler()
+    with profiler.patched(BREAKDOWN_TARGETS, []):
+        start = time.perf_counter()
+        result = analyze(str(store), batch_size=batch_size, name=None, verbose=False, **options)
+        total = time.perf_counter() - start
+    after = forward_backward_time(reference, floor_data, batch_size, loss).wall
+    segments = options.get("segments")
+    run = open_run(str(store))
+    used = sum(len(s.checkpoints) for s in plan_segments(run, *([segments] if segments else [])))
+    unit = used * (before + after) / 2
+    parts = {label: profiler.totals.get(label, 0.0) / unit for label in BREAKDOWN_ORDER}
+    return {
+        "analyze_s": total,
+        "floor_s": unit,
+        "ratio": total / unit,
+        "checkpoints": used,
+        "passes": {label: parts[label] for label in DATA_PASSES},
+        "eigendecomposition": parts["eigendecomposition"],
+        "rest": total / unit - sum(parts[label] for label in DATA_PASSES),
+        "result": result,
+    }
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
