@@ -103,17 +103,20 @@ class Capture:
     :meth:`backward` hands over any left (uses no gradient reached). Call :meth:`reset` before
     each forward pass.
 
-    A call whose inputs and output are shared by the batch (GPT-2's position embeddings: position
-    ids ``[1, T]``; ``embedding(arange(T))``: ``[T]``, broadcast over the batch) would only give
-    the batch's summed gradient; its output is expanded to B rows instead (a batch dimension
-    prepended unless it has one of 1), the same values downstream, so that each example's
-    gradient stays separate. B is the leading dimension of the model's first tensor argument;
-    a shared tensor whose leading dimension happens to equal B cannot be told apart. Other
-    shared calls (DoRA calls its adapters on an identity to form their matrix) are left as they
-    are, and a gradient reaching one is an error. A call on the examples' data whose leading
-    dimension is a multiple ``B·k`` of the batch's (OPT's ``[B·T, n]`` feed-forward rows, Swin's
-    windows) is captured as ``[B, k, ...]``, its rows taken as the examples' one block after the
-    other (:mod:`~source_callback.analysis.capture_check` refuses a model where they are not).
+    A call whose inputs and output are shared by the batch (GPT-2's position embeddings:
+    position ids ``[1, T]``; ``embedding(arange(T))``: ``[T]``, broadcast over the batch) would
+    only give the batch's summed gradient; its output is expanded to B rows instead (a batch
+    dimension prepended unless it has one of 1), the same values downstream, so that each
+    example's gradient stays separate. So is an output of one ``[1, ...]`` table for the batch
+    computed from its data without a gradient (BART's decoder positions, from the shape of its
+    ``[B, T]`` tokens). B is the leading dimension of the model's first tensor argument; a
+    shared tensor whose leading dimension happens to equal B cannot be told apart. Other shared
+    calls (DoRA calls its adapters on an identity to form their matrix) are left as they are,
+    and a gradient reaching one is an error naming every such unit of the pass. A call on the
+    examples' data whose leading dimension is a multiple ``B·k`` of the batch's (OPT's
+    ``[B·T, n]`` feed-forward rows, Swin's windows) is captured as ``[B, k, ...]``, its rows
+    taken as the examples' one block after the other
+    (:mod:`~source_callback.analysis.capture_check` refuses a model where they are not).
 
     No parameter gradient is formed: while capturing, every parameter of the model is frozen,
     and the output of a unit's call that then needs no gradient (no unit before it; grad mode
