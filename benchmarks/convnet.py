@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from floors import ConvNet  # noqa: E402
 from speed import DATA_PASSES, timed_analysis  # noqa: E402
 
-from source_callback import SourceCallback, open_run  # noqa: E402
+from source_callback import SourceCallback  # noqa: E402
 
 BATCH = 64
 
@@ -72,15 +72,11 @@ def images(n: int, seed: int) -> TensorDataset:
 
 def analysis(store: Path, data: TensorDataset, queries: TensorDataset, fraction: float | None):
     """``analyze`` timed by pass, against the floor measured before and after it."""
-    reference = Images()
-    params = open_run(str(store)).checkpoints[-1].params()
-    reference.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
     row = timed_analysis(
         store,
-        reference,
+        Images,
         data,
         BATCH,
-        model=Images(),
         task="classification",
         train={"s": data},
         queries=queries,

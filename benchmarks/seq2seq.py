@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from speed import DATA_PASSES, timed_analysis  # noqa: E402
 
-from source_callback import Seq2SeqTask, SourceCallback, open_run  # noqa: E402
+from source_callback import Seq2SeqTask, SourceCallback  # noqa: E402
 
 VOCAB, SOURCE, TARGET, BATCH = 4096, 64, 32, 8
 
@@ -119,19 +119,14 @@ def main() -> None:
             callbacks=[SourceCallback(store, stage="sft", checkpoints_per_stage=3)],
             default_root_dir=tmp,
         ).fit(Seq2Seq(), DataLoader(data, batch_size=BATCH))
-        reference = Seq2Seq()
-        params = open_run(str(store)).checkpoints[-1].params()
-        # tied names (the stacks' embeddings, the output layer) are the shared one's aliases
-        reference.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()}, strict=False)
         for _ in range(args.reps):
             rows.append(
                 timed_analysis(
                     store,
-                    reference,
+                    Seq2Seq,
                     data,
                     BATCH,
                     mean_loss,
-                    model=Seq2Seq(),
                     task="seq2seq",
                     train={"sft": data},
                     queries=queries,

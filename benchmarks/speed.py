@@ -347,31 +347,52 @@ def forward_backward_time(
     return timing
 
 
+def at_last_checkpoint(architecture: Callable[[], nn.Module], run: Run) -> nn.Module:
+    """A new ``architecture()`` holding the parameters of ``run``'s last checkpoint.
+
+    Every parameter must be recorded; a tied one under the name that holds it (the others,
+    ``state_dict``'s aliases of it, are not in the record).
+    """
+    model = architecture()
+    params = run.checkpoints[-1].params()
+    loaded = model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()}, strict=False)
+    missing = {n for n, _ in model.named_parameters()} - params.keys()
+    assert not loaded.unexpected_keys and not missing, (loaded.unexpected_keys, missing)
+    return model
+
+
 def timed_analysis(
     store: Path,
-    reference: nn.Module,
+    architecture: Callable[[], nn.Module],
     floor_data: Dataset,
     batch_size: int,
     loss: Callable[[nn.Module, Any], torch.Tensor] = _cross_entropy,
     **options: Any,
 ) -> dict[str, Any]:
-    """``analyze(store, **options)`` timed by pass against its floor, measured around it.
+    """``analyze(store, model=architecture(), **options)`` timed by pass against its floor.
 
     The floor: the checkpoints the analysis's segments use times one plain forward+backward
-    pass (``loss``) of ``reference`` (the model at the run's last checkpoint) over
-    ``floor_data``, the mean of a measurement just before and one just after the analysis.
+    pass (``loss``) of the model at the run's last checkpoint over ``floor_data``, the mean of
+    a measurement just before and one just after the analysis.
     """
-    reference.eval()
+    run = open_run(str(store))
+    reference = at_last_checkpoint(architecture, run).eval()
     forward_backward_time(reference, floor_data, batch_size, loss)  # warm-up
     before = forward_backward_time(reference, floor_data, batch_size, loss).wall
     profiler = Profiler()
     with profiler.patched(BREAKDOWN_TARGETS, []):
         start = time.perf_counter()
-        result = analyze(str(store), batch_size=batch_size, name=None, verbose=False, **options)
+        result = analyze(
+            str(store),
+            model=architecture(),
+            batch_size=batch_size,
+            name=None,
+            verbose=False,
+            **options,
+        )
         total = time.perf_counter() - start
     after = forward_backward_time(reference, floor_data, batch_size, loss).wall
     segments = options.get("segments")
-    run = open_run(str(store))
     used = sum(len(s.checkpoints) for s in plan_segments(run, *([segments] if segments else [])))
     unit = used * (before + after) / 2
     parts = {label: profiler.totals.get(label, 0.0) / unit for label in BREAKDOWN_ORDER}

@@ -261,7 +261,7 @@ class Capture:
                 and (led_by_one or all(map(self._shared, tensors)))
                 and self._broadcastable(use, output)
             ):
-                prepend = not output.ndim or output.shape[0] != 1
+                prepend = not led_by_one
                 args = tuple(self._broadcast(x, prepend) for x in args)
                 kwargs = {k: self._broadcast(v, prepend) for k, v in kwargs.items()}
                 output, shared = self._broadcast(output, prepend), False
