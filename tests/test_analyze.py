@@ -416,12 +416,20 @@ def test_bad_input(two_stage, queries) -> None:
         match=r"24 of its 24 examples differ from the recorded ones, the first at index 0",
     ):
         analyze(store, train={"a": shuffled, "b": data_b}, **common)
+    truncated = torch.utils.data.Subset(data_b, range(len(data_b) - 1))
+    with pytest.raises(AnalysisError, match=r"2 stages' datasets") as both:
+        analyze(store, train={"a": shuffled, "b": truncated}, **common)
+    assert "'a' differs" in str(both.value) and f"'b' has {len(data_b) - 1} examples" in str(
+        both.value
+    )
     with pytest.raises(AnalysisError, match=r"not in the record; recorded: \['a', 'b'\]"):
         analyze(store, train={"a": data_a, "b": data_b, "c": data_b}, **common)
     with pytest.raises(AnalysisError, match=r"no dataset for stage\(s\) \['b'\]"):
         analyze(store, train={"a": data_a}, **common)
     with pytest.raises(AnalysisError, match="no committed checkpoint"):
         analyze(store, train={"a": data_a, "b": data_b}, segments=7, **common)
+    with pytest.raises(AnalysisError, match=r"'a' is analyzed as Adam.*\['momentum_buffer'\]"):
+        analyze(store, train={"a": data_a, "b": data_b}, optimizer_model="adam", **common)
     wrong = {**common, "model": Regressor(lr=0.1)}  # float32: another model
     with pytest.raises(ManifestMismatchError, match=r"dtype torch\.float64 recorded"):
         analyze(store, train={"a": data_a, "b": data_b}, **wrong)

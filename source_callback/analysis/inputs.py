@@ -32,7 +32,11 @@ def prepare_model(model: nn.Module, trained: set[str]) -> nn.Module:
 
 
 def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
-    """Every recorded stage has a dataset of the recorded size and fingerprint."""
+    """Every recorded stage has a dataset of the recorded size and examples.
+
+    Every stage is checked before raising, so that one error names every stage whose dataset
+    is not the one trained on.
+    """
     names = [s.name for s in run.stages]
     unknown = sorted(set(train) - set(names))
     if unknown:
@@ -43,8 +47,19 @@ def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
             f"train has no dataset for stage(s) {missing}; every stage's data is needed for its "
             f"curvature. Pass train={{{', '.join(repr(n) + ': ...' for n in names)}}}."
         )
+    problems = []
     for stage in run.stages:
-        check_dataset(stage, train[stage.name], run.example_digests(stage.index))
+        try:
+            check_dataset(stage, train[stage.name], run.example_digests(stage.index))
+        except AnalysisError as exc:
+            problems.append(exc)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise AnalysisError(
+            f"{len(problems)} stages' datasets are not the ones trained on:\n"
+            + "\n".join(f"- {problem}" for problem in problems)
+        )
 
 
 def check_dataset(stage: Stage, dataset: Dataset, digests: np.ndarray | None = None) -> None:

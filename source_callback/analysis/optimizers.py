@@ -82,7 +82,9 @@ def adam_preconditioner(
 
     ``v̂ = v / (1 − β2^k)`` is the bias-corrected second moment (``max_exp_avg_sq`` under
     AMSGrad) after k optimizer steps, from the segment's checkpoints; checkpoints without
-    optimizer state (a stage's start) do not contribute.
+    optimizer state (a stage's start) do not contribute. A segment whose only checkpoint is the
+    stage's start (a short stage cut into several segments) takes the first later checkpoint's:
+    that state is the one after the stage's first steps, whose ``v̂`` those steps used.
 
     Coordinates whose gradient has (nearly) always been zero — dead units, inputs that are
     constant zero in this stage's data — have ``v̂ ≈ 0`` and ``P ≈ 1/eps``. Adam moves such a
@@ -108,6 +110,13 @@ def adam_preconditioner(
         for param in wanted:
             group = group_of(stage, param)
             entry = state[param]
+            if "exp_avg_sq" not in entry:
+                raise AnalysisError(
+                    f"stage {stage.name!r} is analyzed as Adam, but its recorded optimizer "
+                    f"state ({stage.optimizer.class_name}: {sorted(entry)} for {param}) has no "
+                    "second moments (exp_avg_sq). Pass an optimizer_model without them "
+                    "('sgd' or 'sgd-momentum'), or none to use the recorded optimizer's."
+                )
             v = entry.get("max_exp_avg_sq", entry["exp_avg_sq"]).double()
             beta2 = steps[STEP_BETA2][row, group]
             root = (v / (1 - beta2 ** entry["step"].double())).sqrt()
@@ -115,17 +124,18 @@ def adam_preconditioner(
                 roots[param].append((root, float(steps[STEP_EPS][row, group])))
         return True
 
-    if not sum(collect(c, params) for c in segment.checkpoints):
-        raise AnalysisError(
-            f"segment of steps {segment.start}..{segment.end - 1} in stage {stage.name!r} has no "
-            "checkpoint with Adam state (only the stage start). Use fewer segments, or record "
-            "with a larger checkpoints_per_stage."
-        )
+    stated = sum(collect(c, params) for c in segment.checkpoints)
     for checkpoint in segment.later:
         pending = [p for p in params if not roots[p]]
         if not pending:
             break
-        collect(checkpoint, pending)
+        stated += collect(checkpoint, pending)
+    if not stated:
+        raise AnalysisError(
+            f"stage {stage.name!r} has no checkpoint with Adam state from step {segment.start} "
+            "on, so the preconditioner of its steps is unknown. Analyze it as another update "
+            "rule (optimizer_model='sgd'), or record the stage again."
+        )
     per_param = {}
     shapes = {n: p.shape for n, p in engine.model.named_parameters(remove_duplicate=False)}
     for param, found in roots.items():
