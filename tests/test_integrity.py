@@ -146,6 +146,8 @@ def check_damage(url: str, options: dict[str, Any] | None, part: str, how: str) 
     where = "steps" if part == "steps" else f"checkpoint {KEYS[1]}"
     [problem] = raised.value.problems
     assert (problem.where, problem.names) == (where, names)
+    if part == "steps":  # the chunk file to copy again (checkpoints': test below)
+        assert problem.files == (chunk,)
     assert problem.reason.endswith(reason)
     assert where in str(raised.value) and names[0] in str(raised.value)
 
@@ -256,6 +258,22 @@ def test_damage_names_only_the_tensors_of_the_damaged_chunk(
         (f"checkpoint {KEYS[1]}", ("a.weight",), integrity.UNREADABLE, (f"{chunk}3",)),
     }
     _assert_equal(open_run(store).checkpoints[0].params(include_frozen=False), _params(0))
+
+
+def test_damaged_step_rows_name_their_chunk_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of three blocks of rows, the one that fails to decode or to match its digest is named."""
+    monkeypatch.setattr(schema, "STEP_ROW_CHUNK", 3)
+    store = tmp_path / "run.zarr"
+    StoreWriter.open(str(store)).append_steps([row(0, float(t), 0.1 * t) for t in range(8)])
+    damage(str(store), None, "steps/loss/c/1", "truncated")
+    damage(str(store), None, "steps/lr/c/2/0", "deleted")
+    problems = open_run(store).verify()
+    assert {(p.names, p.reason, p.files) for p in problems} == {
+        (("loss",), integrity.UNREADABLE, ("steps/loss/c/1",)),
+        (("lr",), f"rows 6..7: {integrity.MISMATCH}", ("steps/lr/c/2/0",)),
+    }
 
 
 def test_rows_appended_after_damage_are_refused(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ PackedIndex = dict[str, Any]
 
 UNREADABLE = "a chunk cannot be decoded (truncated or altered)"
 MISMATCH = "bytes differ from the digest recorded at commit (a chunk is missing or was altered)"
+#: What reading a chunk that cannot be decoded raises (zarr's codec errors).
+CODEC_ERRORS = (ValueError, RuntimeError, IndexError, TypeError)
 
 
 class CheckedBlosc(BloscCodec):
@@ -392,7 +395,7 @@ async def _fetch(
         async with limit:
             try:
                 values[start:stop] = await array.getitem(slice(start, stop))
-            except (ValueError, RuntimeError, IndexError, TypeError):  # codec errors
+            except CODEC_ERRORS:
                 bad.append((start, stop))
 
     await all_or_none(read(start) for start in range(0, length, step))
@@ -567,7 +570,10 @@ def row_digests(values: np.ndarray, first: int) -> dict[int, str]:
 
 
 def row_problems(
-    columns: Mapping[str, np.ndarray], first: int, recorded: Mapping[str, Sequence[str]]
+    arrays: Mapping[str, zarr.Array],
+    columns: Mapping[str, np.ndarray],
+    first: int,
+    recorded: Mapping[str, Sequence[str]],
 ) -> list[Damage]:
     """Step arrays whose rows ``first..`` (block-aligned) differ from their recorded digests."""
     size = schema.STEP_ROW_CHUNK
@@ -583,8 +589,32 @@ def row_problems(
             rows = ", ".join(
                 f"{b * size}..{min((b + 1) * size, first + len(values)) - 1}" for b in blocks
             )
-            damaged.append(Damage("steps", (name,), f"rows {rows}: {MISMATCH}"))
+            reason = f"rows {rows}: {MISMATCH}"
+            damaged.append(Damage("steps", (name,), reason, _row_files(arrays[name], blocks)))
     return damaged
+
+
+def _unreadable_blocks(array: zarr.Array, start: int, stop: int) -> list[int]:
+    """The row blocks of ``[start, stop)`` that fail to decode (all, where none fails alone)."""
+    size = schema.STEP_ROW_CHUNK
+    blocks = row_blocks(start, stop)
+    bad = []
+    for block in blocks:
+        try:
+            array[max(start, block * size) : min(stop, (block + 1) * size)]
+        except CODEC_ERRORS:
+            bad.append(block)
+    return bad or list(blocks)
+
+
+def _row_files(array: zarr.Array, blocks: Iterable[int]) -> tuple[str, ...]:
+    """Keys of the chunk files that hold the row ``blocks`` of a step array."""
+    across = [range(-(-n // c)) for n, c in zip(array.shape[1:], array.chunks[1:], strict=True)]
+    return tuple(
+        f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+        for block in blocks
+        for coords in itertools.product([block], *across)
+    )
 
 
 def write_row_blocks(
@@ -635,17 +665,18 @@ def read_rows(
     for name, array in arrays.items():
         try:
             values = array[start:stop]
-        except (ValueError, RuntimeError, IndexError, TypeError):  # codec errors
-            problems.append(Damage("steps", (name,), UNREADABLE))
+        except CODEC_ERRORS:
+            files = _row_files(array, _unreadable_blocks(array, start, stop))
+            problems.append(Damage("steps", (name,), UNREADABLE, files))
             continue
         if len(values) < stop - start:
             reason = f"holds {array.shape[0]} rows, fewer than the {stop} recorded"
-            problems.append(Damage("steps", (name,), reason))
+            problems.append(Damage("steps", (name,), reason, (f"{array.path}/zarr.json",)))
             continue
         columns[name] = values
     if recorded is not None:
         missing = tuple(sorted(set(recorded) - set(arrays)))
         if missing and stop > start:
             problems.append(Damage("steps", missing, "array is missing"))
-        problems += row_problems(columns, start, recorded)
+        problems += row_problems(arrays, columns, start, recorded)
     return columns, problems
