@@ -565,7 +565,7 @@ def load_datasets(
 #: Keys an ``analyze`` configuration file must have.
 CONFIG_REQUIRED = ("task", "data", "queries")
 #: Keys it may have besides those and the fields of :class:`~source_callback.AnalysisOptions`.
-CONFIG_OPTIONAL = ("model_kwargs", "name")
+CONFIG_OPTIONAL = ("model_kwargs", "name", "collate_fn")
 
 
 def read_analyze_config(path: str) -> tuple[dict[str, Any], AnalysisOptions]:
@@ -579,7 +579,9 @@ def read_analyze_config(path: str) -> tuple[dict[str, Any], AnalysisOptions]:
         returning ``{stage name: training dataset}``), ``queries`` (``MODULE:FUNCTION``
         returning the query dataset), optionally ``model_kwargs`` (keyword arguments of the
         model's constructor), ``name`` (of the stored analysis, ``"default"``; ``null``: not
-        stored) and any fields of :class:`~source_callback.AnalysisOptions`, by their names.
+        stored), ``collate_fn`` (``MODULE:FUNCTION`` returning the function that collates
+        examples into batches, e.g. a Hugging Face Trainer's ``data_collator``) and any fields
+        of :class:`~source_callback.AnalysisOptions`, by their names.
 
     Returns
     -------
@@ -620,10 +622,12 @@ def read_analyze_config(path: str) -> tuple[dict[str, Any], AnalysisOptions]:
         wrong.append("model_kwargs")
     if not isinstance(config.get("name", ""), str | None):
         wrong.append("name")
+    if not isinstance(config.get("collate_fn", ""), str):
+        wrong.append("collate_fn")
     if wrong:
         raise ValueError(
-            f"config {path}: {', '.join(wrong)} must be text (task, data, queries, name) or a "
-            "table (model_kwargs)"
+            f"config {path}: {', '.join(wrong)} must be text (task, data, queries, name, "
+            "collate_fn) or a table (model_kwargs)"
         )
     settings = {key: config.pop(key) for key in option_names() if key in config}
     try:
@@ -683,8 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model is built by --module MODULE:CLASS, everything else comes from --config (JSON, "
         "or TOML for a .toml file): task (a built-in name, or MODULE:NAME), data "
         "(MODULE:FUNCTION returning {stage name: training dataset}), queries (MODULE:FUNCTION "
-        "returning the query dataset), optionally model_kwargs, name (of the stored analysis) "
-        f"and the analysis options (AnalysisOptions' fields): {', '.join(option_names())}. "
+        "returning the query dataset), optionally model_kwargs, name (of the stored analysis), "
+        "collate_fn (MODULE:FUNCTION returning the collate function, e.g. a Hugging Face "
+        "Trainer's data_collator) and the analysis options (AnalysisOptions' fields): "
+        f"{', '.join(option_names())}. "
         "This imports and runs your code: the modules named there and in --module, from the "
         "working directory or sys.path.",
     )
@@ -770,6 +776,13 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
         if not isinstance(task, Task):
             raise ValueError(f"config 'task' made a {type(task).__name__}, not a Task")
     name = config.get("name", "default")
+    collate_fn = None
+    if "collate_fn" in config:
+        collate_fn = call_user_code(_config_spec(config, "collate_fn"), "config 'collate_fn'")
+        if not callable(collate_fn):
+            raise ValueError(
+                f"config 'collate_fn' made a {type(collate_fn).__name__}, not a function"
+            )
     result = analyze(
         args.store,
         model=model.to(args.device),
@@ -777,6 +790,7 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
         train=load_datasets(*_config_spec(config, "data"), origin="config 'data'"),
         queries=call_user_code(_config_spec(config, "queries"), "config 'queries'"),
         storage_options=storage_options,
+        collate_fn=collate_fn,
         name=name,
         verbose=not args.quiet,
         options=options,

@@ -144,3 +144,12 @@ def analyze_one_stage(store: Any, data: TensorDataset, stage: str = "s") -> Any:
         name=None,
         verbose=False,
     )
+
+
+def refusing_collator() -> Callable[[list[Any]], Any]:
+    """A collate function (for the command line's ``collate_fn``) that refuses every batch."""
+
+    def collate(examples: list[Any]) -> Any:
+        raise ValueError(f"this collator refuses {len(examples)} examples")
+
+    return collate

@@ -21,6 +21,7 @@ from source_callback.analysis.ekfac import ModuleCurvature
 from source_callback.analysis.results import AnalysisResult, load_analysis
 from source_callback.analysis.segments import plan_segments
 from source_callback.analysis.source import DiagonalExpOperator, EkfacOperator
+from source_callback.analysis.task import RegressionTask
 from source_callback.errors import AnalysisError, ManifestMismatchError
 from source_callback.store.writer import StoreWriter, snapshot_checkpoint
 
@@ -433,6 +434,37 @@ def test_bad_input(two_stage, queries) -> None:
     wrong = {**common, "model": Regressor(lr=0.1)}  # float32: another model
     with pytest.raises(ManifestMismatchError, match=r"dtype torch\.float64 recorded"):
         analyze(store, train={"a": data_a, "b": data_b}, **wrong)
+
+
+def test_bad_queries_and_data_are_refused_before_any_pass(two_stage, queries) -> None:
+    _, _, _, _, model, data_a, data_b, root = two_stage
+    store = root / "run.zarr"
+    train = {"a": data_a, "b": data_b}
+    common = {"model": model, "task": "regression", "name": None, "verbose": False}
+    x, y = queries.tensors
+    cases = {
+        "queries is empty": TensorDataset(x[:0], y[:0]),
+        r"queries is a mapping with keys \['input', 'target'\]": {"input": x, "target": y},
+        # a pair of tensors, not a dataset of pairs: its two items do not stack
+        r"the queries, RegressionTask.measurement: the first 2 examples cannot be collated": (x, y),
+        r"the queries, RegressionTask.measurement: it fails on a batch of the first 2 examples, "
+        r"a list of 2 items \(RuntimeError: mat1 and mat2": TensorDataset(x[:, :-1], y),
+    }
+    for message, bad in cases.items():
+        with pytest.raises(AnalysisError, match=message):
+            analyze(store, train=train, queries=bad, **common)
+    with pytest.raises(AnalysisError, match=r"train is a list; it maps each stage's name"):
+        analyze(store, train=[data_a, data_b], queries=queries, **common)
+    with pytest.raises(AnalysisError, match=r"returned \(2, 2\) for a batch of 2 examples"):
+        analyze(store, train=train, queries=queries, **{**common, "task": _Unreduced()})
+
+
+class _Unreduced(RegressionTask):
+    """A task whose loss keeps the outputs' axis: not one value per example."""
+
+    def loss(self, model, batch):
+        x, y = batch
+        return (model(x) - y) ** 2
 
 
 def _analyze_linear(store, model, data, queries, **kwargs):

@@ -351,6 +351,13 @@ def test_analyze_reads_toml(
         ("models:TinyClassifier", {"segments": 0}, 1, "analysis.json: segments must be >= 1"),
         ("models:TinyClassifier", {"method": "loo"}, 1, "method must be one of ('source'"),
         ("models:TinyClassifier", {"name": 3}, 1, "name must be text"),
+        ("models:TinyClassifier", {"collate_fn": "models:query_set"}, 1, "not a function"),
+        (
+            "models:TinyClassifier",
+            {"collate_fn": "models:refusing_collator"},
+            1,
+            "cannot be collated into a batch (ValueError: this collator refuses 2 examples)",
+        ),
         ("models:TinyClassifier", {"queries": "models"}, 1, "config 'queries': expected MODULE"),
         ("models:TinyClassifier", {"queries": "models:nothing"}, 1, "has no function or class"),
         ("models:TinyClassifier", {"task": "ranking"}, 1, "unknown task 'ranking'"),

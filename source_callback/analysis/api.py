@@ -18,7 +18,13 @@ from source_callback.analysis.cache import GradientCache
 from source_callback.analysis.capture_check import check_capture
 from source_callback.analysis.engine import Engine, ScoreTerm, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
-from source_callback.analysis.inputs import average_states, check_datasets, checkpoint_state
+from source_callback.analysis.inputs import (
+    average_states,
+    check_datasets,
+    check_first_batch,
+    check_queries,
+    checkpoint_state,
+)
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.optimizers import (
     AdamOptions,
@@ -167,6 +173,7 @@ def analyze(
     settings = _settings(options, given)
     timer = Timer()
     with timer("record checks"):
+        check_queries(queries)
         run, models, task = _open_record(store, storage_options, model, task, train, settings)
     workers = start_workers(models[-1], fabric, accelerator, devices, num_nodes, strategy)
     if (settings.out_of_core or workers.distributed or settings.cache) and name is None:
@@ -177,7 +184,7 @@ def analyze(
     with Progress(verbose and workers.rank == 0) as progress:
         with timer("engines and probes"):
             stages = _build_engines(
-                run, models, task, train, settings, collate_fn, progress, workers, timer
+                run, models, task, train, queries, settings, collate_fn, progress, workers, timer
             )
         with timer("segment plan"):
             plan = _plan(run, stages, queries, settings)
@@ -278,13 +285,14 @@ def _build_engines(
     models: list[nn.Module],
     task: Task,
     train: Mapping[str, Dataset],
+    queries: Dataset,
     options: AnalysisOptions,
     collate_fn: Any,
     progress: Progress,
     workers: Workers,
     timer: Timer,
 ) -> StageEngines:
-    """One engine per distinct model, with its selected units; the recorded probes checked."""
+    """One engine per distinct model, with its units; the first batches and probes checked."""
     stages = StageEngines.build(
         run,
         models,
@@ -307,6 +315,15 @@ def _build_engines(
         workers.device,
     )
     copies = [engine.model for engine in stages.engines]
+    for stage, copy in zip(run.stages, copies, strict=True):
+        what = f"the training set of stage {stage.name!r}, {type(task).__name__}.loss"
+        workers.run(
+            lambda m=copy, d=train[stage.name], w=what: check_first_batch(
+                task.loss, m, d, collate_fn, w
+            )
+        )
+    what = f"the queries, {type(task).__name__}.measurement"
+    workers.run(lambda: check_first_batch(task.measurement, copies[-1], queries, collate_fn, what))
     workers.run(lambda: check_probes(run, copies, task, train, collate_fn))  # errors shared
     for engine in stages.distinct:  # each model on the first stage it analyzes
         stage = run.stages[stages.engines.index(engine)]

@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from source_callback.analysis.namespace import CheckpointView, RunView
+from source_callback.analysis.task import describe_batch
 from source_callback.errors import AnalysisError
 from source_callback.fingerprint import UnstableItemsError, dataset_fingerprint, example_digests
+from source_callback.record.probe import preserved_rng
 from source_callback.store.reader import Checkpoint, Run
 from source_callback.store.schema import Stage
 
@@ -31,6 +33,13 @@ def prepare_model(model: nn.Module, trained: set[str]) -> nn.Module:
     return copy_
 
 
+#: How a dataset is handed to ``analyze``, for messages about one that is not.
+DATASET_FORMS = (
+    "a dataset of examples (a torch Dataset, a datasets.Dataset, or a list of per-example "
+    "items), indexed by example"
+)
+
+
 def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
     """Every recorded stage has a dataset of the recorded size and examples.
 
@@ -38,6 +47,11 @@ def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
     is not the one trained on.
     """
     names = [s.name for s in run.stages]
+    if not isinstance(train, Mapping):
+        raise AnalysisError(
+            f"train is a {type(train).__name__}; it maps each stage's name to its training set: "
+            f"train={{{', '.join(repr(n) + ': ...' for n in names)}}}."
+        )
     unknown = sorted(set(train) - set(names))
     if unknown:
         raise AnalysisError(f"train names stage(s) {unknown} not in the record; recorded: {names}")
@@ -68,6 +82,11 @@ def check_dataset(stage: Stage, dataset: Dataset, digests: np.ndarray | None = N
     With ``digests`` (where the record has them) every example is compared; otherwise the
     fingerprint of a sample of items.
     """
+    if isinstance(dataset, Mapping):
+        raise AnalysisError(
+            f"the dataset for stage {stage.name!r} is a mapping with keys {sorted(dataset)[:8]} "
+            f"(a tokenizer's output?); pass {DATASET_FORMS}."
+        )
     if stage.num_examples is None:
         raise AnalysisError(
             f"stage {stage.name!r} was recorded from a dataset without a length (an iterable "
@@ -113,6 +132,80 @@ def _check_examples(stage: Stage, dataset: Dataset, recorded: np.ndarray) -> Non
             f"{'differs' if len(differ) == 1 else 'differ'} from the recorded ones, the first at "
             f"index {differ[0]} (other labels, data, order or preprocessing). Pass the "
             "exact training set of the stage, in its order."
+        )
+
+
+def check_queries(queries: Dataset) -> None:
+    """``queries`` is a non-empty dataset of examples."""
+    if isinstance(queries, Mapping):
+        raise AnalysisError(
+            f"queries is a mapping with keys {sorted(queries)[:8]} (a tokenizer's output?); "
+            f"pass {DATASET_FORMS}."
+        )
+    try:
+        count = len(queries)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise AnalysisError(f"queries has no length; pass {DATASET_FORMS}.") from exc
+    if not count:
+        raise AnalysisError("queries is empty: there is nothing to attribute.")
+
+
+def check_first_batch(
+    fn: Callable[[nn.Module, Any], torch.Tensor],
+    model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Any,
+    what: str,
+) -> None:
+    """``fn`` (a task's method) gives one value per example of ``dataset``'s first batch.
+
+    Run before any pass over the data, so that a wrong task, collate function or dataset
+    fails at once with a message, not deep inside the first pass (or after the curvature).
+
+    Parameters
+    ----------
+    fn
+        ``task.loss`` or ``task.measurement``.
+    model
+        The model it runs (the analysis's copy; its weights do not matter here).
+    dataset, collate_fn
+        The data, and what collates its examples into a batch (default: ``default_collate``).
+    what
+        The data and the method in messages: ``"the training set of stage 'sft', task.loss"``.
+
+    Raises
+    ------
+    AnalysisError
+        The examples cannot be collated, the model or task fails on the batch, or the values
+        are not ``[B]``: the message names the data, the batch's form and the error.
+    """
+    count = min(2, len(dataset))  # type: ignore[arg-type]
+    advice = (
+        "Check that its examples have the form of the training data, that collate_fn is the "
+        "one the run trained with (a Hugging Face Trainer's data_collator), and that the task "
+        "is the training objective's."
+    )
+    try:
+        batch = (collate_fn or default_collate)([dataset[i] for i in range(count)])
+    except Exception as exc:
+        raise AnalysisError(
+            f"{what}: the first {count} examples cannot be collated into a batch "
+            f"({type(exc).__name__}: {exc}). {advice}"
+        ) from exc
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), preserved_rng():
+            values = fn(model, to_device(batch, device))
+    except Exception as exc:
+        raise AnalysisError(
+            f"{what}: it fails on a batch of the first {count} examples, {describe_batch(batch)} "
+            f"({type(exc).__name__}: {exc}). {advice}"
+        ) from exc
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (count,):
+        got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise AnalysisError(
+            f"{what}: it returned {got} for a batch of {count} examples; a task's methods "
+            "return one value per example, shape [B]."
         )
 
 

@@ -63,7 +63,8 @@ SUPERVISED_FORMS = (
 )
 
 
-def _describe(batch: Any) -> str:
+def describe_batch(batch: Any) -> str:
+    """What a batch is, for messages: ``a mapping with keys [...]``, ``a tuple of 2 items``."""
     if isinstance(batch, Mapping):
         return f"a mapping with keys {sorted(batch)}"
     if isinstance(batch, (list, tuple)):
@@ -132,7 +133,7 @@ def _forward(model: nn.Module, batch: Any, task: str) -> tuple[torch.Tensor, tor
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return _outputs(model(batch[0])), batch[1]
     raise TypeError(
-        f"{task} got {_describe(batch)} as a batch; it expects {SUPERVISED_FORMS}. Make the "
+        f"{task} got {describe_batch(batch)} as a batch; it expects {SUPERVISED_FORMS}. Make the "
         "dataset (or collate_fn) return one of those, or pass a Task of your own."
     )
 
@@ -247,10 +248,10 @@ class LanguageModelingTask:
     def _logits_and_labels(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise TypeError(
-                f"LanguageModelingTask got {_describe(batch)} as a batch; it expects a mapping "
-                "with 'input_ids' [batch, tokens] and optionally 'attention_mask' and 'labels' "
-                "(-100 where no loss), as Hugging Face tokenizers and collators make. Make the "
-                "dataset return such dicts, or pass a Task of your own."
+                f"LanguageModelingTask got {describe_batch(batch)} as a batch; it expects a "
+                "mapping with 'input_ids' [batch, tokens] and optionally 'attention_mask' and "
+                "'labels' (-100 where no loss), as Hugging Face tokenizers and collators make. "
+                "Make the dataset return such dicts, or pass a Task of your own."
             )
         inputs = batch["input_ids"]
         mask = batch.get("attention_mask")
@@ -326,7 +327,7 @@ class Seq2SeqTask(LanguageModelingTask):
     def _logits_and_labels(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, Mapping) or not {"input_ids", "labels"} <= batch.keys():
             raise TypeError(
-                f"Seq2SeqTask got {_describe(batch)} as a batch; it expects a mapping with "
+                f"Seq2SeqTask got {describe_batch(batch)} as a batch; it expects a mapping with "
                 "'input_ids' [batch, source tokens] and 'labels' [batch, target tokens] (-100 "
                 "where no loss), optionally 'attention_mask', 'decoder_input_ids' and "
                 "'decoder_attention_mask', as Hugging Face's DataCollatorForSeq2Seq makes. Make "
