@@ -20,6 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from source_callback import errors
+from source_callback.optim import GradientClipping
 from source_callback.record.probe import ProbeUnavailable, probing
 from source_callback.record.session import (
     RecordingCallback,
@@ -325,8 +326,12 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        # The scheduler steps after the optimizer: these are the values this step uses.
-        self._session.optimizer_step(getattr(optimizer, "optimizer", optimizer))
+        # The scheduler steps after the optimizer: these are the values this step uses. The
+        # Trainer has clipped the gradients by now.
+        clipping = None
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            clipping = GradientClipping(float(args.max_grad_norm), "norm", applied=True)
+        self._session.optimizer_step(getattr(optimizer, "optimizer", optimizer), clipping)
 
     def _on_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import default_collate
 
 from source_callback import errors
+from source_callback.optim import GradientClipping
 from source_callback.record.probe import ProbeUnavailable, probing
 from source_callback.record.session import (
     RecordingCallback,
@@ -262,7 +263,12 @@ class SourceCallback(RecordingCallback, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        self._session.optimizer_step(getattr(optimizer, "_optimizer", optimizer))
+        clipping = None
+        if trainer.gradient_clip_val:  # Lightning clips after this hook
+            algorithm = trainer.gradient_clip_algorithm or "norm"  # an enum of "norm", "value"
+            kind = str(getattr(algorithm, "value", algorithm))
+            clipping = GradientClipping(float(trainer.gradient_clip_val), kind, applied=False)
+        self._session.optimizer_step(getattr(optimizer, "_optimizer", optimizer), clipping)
 
     def on_train_batch_end(
         self,

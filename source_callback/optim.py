@@ -167,3 +167,49 @@ def optimizer_state_by_name(
                 if isinstance(value, torch.Tensor):
                     out.setdefault(key, {})[names[id(param)]] = value
     return out
+
+
+@dataclass(frozen=True)
+class GradientClipping:
+    """How a framework clips a step's gradients before the optimizer steps.
+
+    Attributes
+    ----------
+    limit
+        The clipping threshold (Lightning's ``gradient_clip_val``, the Trainer's
+        ``max_grad_norm``).
+    kind
+        ``"norm"`` (the gradients' total 2-norm scaled down to ``limit``) or ``"value"`` (each
+        entry clamped to ``[-limit, limit]``).
+    applied
+        Whether the gradients seen are already clipped (a Trainer callback runs after the
+        clipping; a Lightning callback before).
+    """
+
+    limit: float
+    kind: str = "norm"
+    applied: bool = False
+
+    def bound(self, params: list[torch.Tensor]) -> bool:
+        """Whether clipping changed (or will change) this step's gradients of ``params``.
+
+        Every process of a sharded run must call it: the norm of sharded gradients is reduced
+        across them. Norm clipping scales the gradients by ``limit / (norm + 1e-6)`` (torch's),
+        so a clipped step's norm is at least ``limit² / (limit + 1e-6)``; a norm within 1e-4
+        (rounding) below that counts as clipped.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return False
+        if self.kind == "value":
+            largest = max(_reduced(g.detach().abs().max()) for g in grads)
+            return largest >= self.limit if self.applied else largest > self.limit
+        total = _reduced(torch.nn.utils.get_total_norm([g.detach() for g in grads]))
+        if not self.applied:
+            return total > self.limit
+        return total >= self.limit**2 / (self.limit + 1e-6) * (1 - 1e-4)
+
+
+def _reduced(value: torch.Tensor) -> float:
+    """A reduction of (possibly sharded: DTensor) gradients as a number, over all processes."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import zarr
+from models import TinyClassifier, loader, make_dataset, trainer
 from processes import load_script
 
-from source_callback import DamagedStoreError, StoreError, open_run
+from source_callback import DamagedStoreError, SourceCallback, StoreError, open_run
 from source_callback.cli import EXIT_DAMAGED, main
 from source_callback.store import integrity, schema
 from source_callback.store.writer import (
@@ -395,3 +397,37 @@ def test_uncommitted_frozen_group_is_a_problem(tmp_path: Path) -> None:
     ]
     with pytest.raises(StoreError, match="never committed"):
         run.checkpoints[0].params()
+
+
+class _StopAfter(pl.Callback):
+    """Stops training after ``steps`` optimizer steps, as early stopping would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.global_step >= self.steps
+
+
+def test_a_checkpoint_missing_from_a_complete_stage_is_damage(tmp_path: Path) -> None:
+    """A deleted checkpoint folder is found (the stage's plan says it was taken); the planned
+    checkpoints a stage stopped early never reached are not."""
+    stopped, whole = tmp_path / "stopped.zarr", tmp_path / "whole.zarr"
+    for store, callbacks in ((stopped, [_StopAfter(3)]), (whole, [])):
+        trainer([SourceCallback(store, stage="s"), *callbacks], tmp_path, max_epochs=1).fit(
+            TinyClassifier(), loader(make_dataset(64))
+        )
+    early = open_run(stopped)
+    assert early.stages[0].last_step == 2 and max(early.stages[0].planned_checkpoints) > 3
+    assert early.verify() == []
+
+    run = open_run(whole)
+    assert run.verify() == []
+    interior = [c.key for c in run.checkpoints if c.role == schema.ROLE_INTERIOR]
+    shutil.rmtree(whole / schema.CHECKPOINTS / interior[1])
+    [problem] = open_run(whole).verify()
+    assert (problem.where, problem.names) == ("stage 's'", (interior[1],))
+    assert problem.reason.startswith(f"1 of its {len(interior) + 2} checkpoints are missing")
+    assert problem.files == (f"{schema.CHECKPOINTS}/{interior[1]}",)
+    with pytest.raises(DamagedStoreError, match=rf"stage 's': 1 of its .* \(1: {interior[1]}\)"):
+        open_run(whole).require_intact()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from source_callback.analysis.inputs import (
     check_first_batch,
     check_queries,
     checkpoint_state,
+    partial_draws,
 )
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.optimizers import (
@@ -276,6 +278,8 @@ def _open_record(
             "(pass the last stage's model alone), and the projected cache is per model"
         )
     check_datasets(run, train)
+    for shortfall in partial_draws(run):
+        warnings.warn(shortfall, UserWarning, stacklevel=3)
     run.check_continuity()
     return run, models, resolved
 

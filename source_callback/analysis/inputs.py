@@ -17,7 +17,7 @@ from source_callback.errors import AnalysisError
 from source_callback.fingerprint import UnstableItemsError, dataset_fingerprint, example_digests
 from source_callback.record.probe import preserved_rng
 from source_callback.store.reader import Checkpoint, Run
-from source_callback.store.schema import Stage
+from source_callback.store.schema import STEP_EPOCH, STEP_EXAMPLES, STEP_STAGE, Stage
 
 
 def prepare_model(model: nn.Module, trained: set[str]) -> nn.Module:
@@ -74,6 +74,47 @@ def check_datasets(run: Run | RunView, train: Mapping[str, Dataset]) -> None:
             f"{len(problems)} stages' datasets are not the ones trained on:\n"
             + "\n".join(f"- {problem}" for problem in problems)
         )
+
+
+def partial_draws(run: Run | RunView) -> list[str]:
+    """The stages that drew fewer examples than their datasets hold, each said in a sentence.
+
+    SOURCE scores every example of a stage's dataset as if the stage's batches were drawn from
+    all of it. A stage stopped within its first epoch (``max_steps``), or whose epochs each
+    drew part of the data (``limit_train_batches``, a sampler over a subset), trained on some
+    examples only, and the record does not say which: the others get scores they should not
+    have. A stage's draws are the ``examples`` column of its steps; what ``drop_last`` leaves
+    out of an epoch (less than one batch) does not count as a shortfall.
+    """
+    steps = run.steps()
+    found = []
+    for stage in run.stages:
+        size = stage.num_examples
+        rows = steps[STEP_STAGE] == stage.index
+        examples, epochs = steps[STEP_EXAMPLES][rows], steps[STEP_EPOCH][rows]
+        if not size or not len(examples) or (examples < 0).any():  # unknown counts
+            continue
+        slack = int(examples.max())
+        drawn = [int(examples[epochs == e].sum()) for e in np.unique(epochs)]
+        if sum(drawn) + slack <= size:
+            shortfall = (
+                f"drew {sum(drawn)} examples in its {len(examples)} optimizer steps, fewer than "
+                f"the {size} of its dataset (max_steps?)"
+            )
+        elif any(d + slack <= size for d in drawn[:-1]):
+            shortfall = (
+                f"drew {min(drawn[:-1])} to {max(drawn)} examples per epoch, fewer than the "
+                f"{size} of its dataset (limit_train_batches, or a sampler over part of it?)"
+            )
+        else:
+            continue
+        found.append(
+            f"stage {stage.name!r} {shortfall}. The record does not say which examples were "
+            "trained on, and SOURCE scores every example of the dataset as if drawn from all "
+            "of it: examples never trained on get scores too. To attribute such a stage, "
+            "record it with the examples it trains on as its dataset (a Subset)."
+        )
+    return found
 
 
 def check_dataset(stage: Stage, dataset: Dataset, digests: np.ndarray | None = None) -> None:

@@ -43,6 +43,7 @@ from source_callback import errors
 from source_callback.fingerprint import dataset_fingerprint, example_digest
 from source_callback.manifest import model_manifest, persistent_buffers
 from source_callback.optim import (
+    GradientClipping,
     OptimizerRecord,
     UpdateRule,
     describe_optimizer,
@@ -313,6 +314,8 @@ class RecordingSession:
         self._loss_count = 0
         self._loss_summed = False
         self._examples = 0
+        self._clipped = 0  # steps of this process whose gradients clipping changed
+        self._clipping: GradientClipping | None = None
         self._checkpointed: set[int] = set()
         self._planned: frozenset[int] = frozenset()  # steps before which a checkpoint is taken
         self._prepared = False  # the checkpoints' buffers, once the optimizer state exists
@@ -558,6 +561,16 @@ class RecordingSession:
         """Close the stage with its stage-end checkpoint (a no-op when none is active)."""
         if not self.active:
             return
+        if self._clipped and self._clipping is not None and ranks.is_main:
+            clipping = self._clipping
+            warnings.warn(
+                f"{self.adapter}: gradient clipping ({clipping.kind} at {clipping.limit:g}) "
+                f"changed the gradients of {self._clipped} optimizer step(s) of stage "
+                f"{self._stage_name!r} in this process. The analysis does not model clipping: "
+                "those steps moved less than their recorded learning rates say, and the scores "
+                "and stage effects come out larger ('Gradient clipping' in docs/limitations.md).",
+                stacklevel=3,
+            )
         error = None
         if self._checkpointer is not None:
             trainable, frozen, buffers = self._model_views()
@@ -666,14 +679,22 @@ class RecordingSession:
                 step, schema.ROLE_INTERIOR, trainable, buffers, self._optimizer_state(), probe
             )
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, clipping: GradientClipping | None = None
+    ) -> None:
         """Right before ``optimizer`` steps: its hyperparameters are the ones this step uses.
 
         Schedulers step after the optimizer, and user code that sets the rate before the step
-        has run by now. An optimizer other than the stage's (unwrapped) one is ignored.
+        has run by now. An optimizer other than the stage's (unwrapped) one is ignored. With
+        ``clipping`` (the framework's), the step is counted when clipping changed its
+        gradients: the analysis does not model clipping, and the stage's end warns.
         """
         if self.active and optimizer is self._optimizer:
             self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
+            if clipping is not None:
+                params = [p for g in self._optimizer.param_groups for p in g["params"]]
+                self._clipped += clipping.bound(params)
+                self._clipping = clipping
 
     def add_batch(
         self, loss: torch.Tensor | None, examples: int | None, *, summed: bool = False

@@ -453,7 +453,36 @@ class Run:
                 continue
             problems += self._check_group(sub, _everything, where, frozen=True)[1]
         problems += [p for index in range(len(self.stages)) for p in self._check_examples(index)[1]]
+        if checkpoints is None:
+            problems += self._missing_checkpoints()
         return problems + self._check_steps()[1]
+
+    def _missing_checkpoints(self) -> list[Damage]:
+        """Checkpoints a complete stage took that are not in the store (a partial copy?).
+
+        A complete stage took its start and end checkpoints and every planned interior one
+        up to its last step (a stage stopped early plans some it never reaches).
+        """
+        present = set(self._root[schema.CHECKPOINTS].group_keys())
+        problems = []
+        for stage in self.stages:
+            if not stage.complete:
+                continue
+            taken = [
+                schema.checkpoint_key(stage.first_step, schema.ROLE_START),
+                *(
+                    schema.checkpoint_key(step, schema.ROLE_INTERIOR)
+                    for step in stage.planned_checkpoints
+                    if stage.first_step < step <= stage.last_step
+                ),
+                schema.checkpoint_key(stage.last_step + 1, schema.ROLE_END),
+            ]
+            missing = [key for key in taken if key not in present]
+            if missing:
+                reason = f"{len(missing)} of its {len(taken)} checkpoints are missing"
+                files = tuple(f"{schema.CHECKPOINTS}/{key}" for key in missing)
+                problems.append(Damage(f"stage {stage.name!r}", tuple(missing), reason, files))
+        return problems
 
     def _check_examples(self, stage: int) -> tuple[np.ndarray | None, list[Damage]]:
         """Stage ``stage``'s example digests (``None`` when not recorded) and their damage."""

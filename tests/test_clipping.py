@@ -1,0 +1,88 @@
+"""Gradient clipping, which the analysis does not model, is counted and warned about at each
+stage's end: the steps it changed, against the gradient norms the frameworks themselves saw."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from models import TinyClassifier, loader, make_dataset, trainer
+
+from source_callback import SourceCallback, SourceTrainerCallback
+
+CLIPPING = r"gradient clipping \((norm|value) at [0-9.e-]+\) changed the gradients of (\d+) "
+
+
+class Norms(pl.Callback):
+    """Ground truth: each step's gradient norm and largest entry, before Lightning clips."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.largest: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+        self.largest.append(max(float(g.abs().max()) for g in grads))
+
+
+def _fit(tmp_path, **clipping) -> tuple[Norms, list[str]]:
+    norms = Norms()
+    torch.manual_seed(0)
+    fit = trainer([SourceCallback(tmp_path / "run.zarr", stage="s"), norms], tmp_path, **clipping)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(TinyClassifier(), loader(make_dataset(64)))
+    return norms, [str(w.message) for w in caught if "gradient clipping" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["norm", "value"])
+def test_lightning_counts_the_steps_clipping_changed(tmp_path, kind: str) -> None:
+    seen, _ = _fit(tmp_path / "free")
+    values = seen.norms if kind == "norm" else seen.largest
+    limit = sorted(values)[len(values) // 2]  # about half the steps go over it
+    norms, [message] = _fit(tmp_path / "clipped", gradient_clip_val=limit,
+                            gradient_clip_algorithm=kind)  # fmt: skip
+    over = sum(v > limit for v in (norms.norms if kind == "norm" else norms.largest))
+    assert 0 < over < len(norms.norms) == 16
+    assert f"({kind} at {limit:g}) changed the gradients of {over} optimizer step(s)" in message
+    assert "stage 's'" in message
+
+
+def test_clipping_that_never_binds_is_not_warned_about(tmp_path) -> None:
+    norms, messages = _fit(tmp_path, gradient_clip_val=1e6)
+    assert len(norms.norms) == 16 and messages == []
+
+
+def test_the_trainer_counts_the_steps_max_grad_norm_clipped(tmp_path) -> None:
+    """The Trainer's callbacks see the gradients clipped; its log has each step's norm before."""
+    pytest.importorskip("transformers")
+    from hf_models import LabelledSequences, seeded_llama, trainer_arguments
+    from transformers import Trainer
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    def train(limit: float) -> tuple[list[float], list[str]]:
+        args = trainer_arguments(
+            tmp_path / f"out{limit}", max_grad_norm=limit, logging_strategy="steps",
+            logging_steps=1, num_train_epochs=2,
+        )  # fmt: skip
+        callback = SourceTrainerCallback(tmp_path / f"run{limit}.zarr", stage="s")
+        run = Trainer(model=seeded_llama(), args=args, train_dataset=LabelledSequences(16, seed=1),
+                      callbacks=[callback])  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run.train()
+        norms = [e["grad_norm"] for e in run.state.log_history if "grad_norm" in e]
+        return norms, [str(w.message) for w in caught if "gradient clipping" in str(w.message)]
+
+    free, none = train(1e6)
+    assert len(free) == 8 and none == []
+    limit = sorted(free)[len(free) // 2]
+    norms, [message] = train(limit)
+    over = sum(n > limit for n in norms)
+    assert 0 < over < len(norms)
+    assert f"(norm at {limit:g}) changed the gradients of {over} optimizer step(s)" in message
