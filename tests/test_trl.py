@@ -16,7 +16,13 @@ import pytest
 import torch
 from hf_models import VOCAB, seeded_llama, trainer_arguments
 
-from source_callback import SourceCallbackError, SourceTrainerCallback, analyze, open_run
+from source_callback import (
+    AnalysisError,
+    SourceCallbackError,
+    SourceTrainerCallback,
+    analyze,
+    open_run,
+)
 from source_callback.analysis.task import LanguageModelingTask
 
 trl = pytest.importorskip("trl")
@@ -108,8 +114,11 @@ def test_sft_trainer_is_recorded_and_analyzed_on_the_completion_tokens(tmp_path)
             everything = {**batch, "labels": batch["input_ids"]}
             return LanguageModelingTask._logits_and_labels(model, everything)
 
-    with pytest.raises(Exception, match="do not reproduce the training loss"):
+    with pytest.raises(AnalysisError, match="do not reproduce the training loss") as refused:
         analyze(store, task=EveryToken(), **common)
+    # named as the Trainer computed it, not as a LightningModule would have
+    assert "(the Trainer's loss, the model's own, in eval mode)" in str(refused.value)
+    assert "training_step" not in str(refused.value)
 
 
 def test_sft_on_completions_of_different_lengths_weights_examples_by_their_tokens(

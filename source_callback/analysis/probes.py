@@ -60,6 +60,13 @@ def _losses(loss: LossFn, dataset: Dataset, indices: Sequence[int], collate_fn: 
         )
 
 
+def _trained_by(stage: Stage) -> str:
+    """What computed the stage's training loss, as its recording framework calls it."""
+    if stage.recorded_by == "transformers":
+        return "the Trainer's loss, the model's own"
+    return "the LightningModule's training_step"
+
+
 def _mismatch(
     stage: Stage,
     checkpoint: Checkpoint,
@@ -77,7 +84,7 @@ def _mismatch(
         f"stage {stage.name!r}: the model and data given do not reproduce the training loss "
         f"recorded at its {checkpoint.role} checkpoint (step {checkpoint.step}). Example "
         f"{int(indices[first])} of the stage's training set had loss {recorded[first]:.6g} in "
-        f"training (the LightningModule's training_step, in eval mode) but {computed_by} gives "
+        f"training ({_trained_by(stage)}, in eval mode) but {computed_by} gives "
         f"{recomputed[first]:.6g} here; {len(bad)} of the {len(indices)} probed examples "
         f"{'differs' if len(bad) == 1 else 'differ'} beyond float noise (rtol {rtol:g}, atol "
         f"{atol:g}). Likely causes: the model is not the trained one (another activation, "
@@ -158,13 +165,13 @@ def check_probes(
                         recomputed,
                         bad,
                         name,
-                        f"the task is not the training objective ({name} is not what "
-                        "training_step computes, e.g. 'regression' for a classifier)",
+                        f"the task is not the training objective ({name} is not "
+                        f"{_trained_by(stage)}, e.g. 'regression' for a classifier)",
                         "Pass the model class, data pipeline and task the run was trained "
-                        "with. If training_step's loss legitimately differs from the task's "
+                        "with. If the training loss legitimately differs from the task's "
                         "per-example loss (a regularisation term, label smoothing, another "
                         "reduction), give the task a probe_loss(model, batch) method returning "
-                        "what training_step computes for each example ('The probe' in "
+                        "the training loss of each example ('The probe' in "
                         "docs/recording.md). Nothing was computed or written.",
                     )
                 )

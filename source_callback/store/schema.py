@@ -431,7 +431,8 @@ class Stage:
         written before probes were recorded (whose checkpoints hold none either).
     recorded_by
         The framework whose adapter recorded the stage (``lightning``, ``transformers``);
-        ``None`` in stores written before it was recorded. The analysis does not read it.
+        ``None`` in stores written before it was recorded. The analysis names it in messages
+        only.
 
     """
 
