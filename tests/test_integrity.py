@@ -4,6 +4,7 @@ mid-checkpoint leaves it uncommitted and everything committed before it intact."
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -365,7 +366,7 @@ def test_verify_command_and_analyze_refuse_a_damaged_record(
     assert lines[:-1] == [
         f"damaged: checkpoint {key}: {integrity.MISMATCH} (4: net.0.bias, net.0.weight, "
         f"net.2.bias, net.2.weight) in checkpoints/{key}/params.float32/c/0",
-        f"damaged: steps: {integrity.UNREADABLE} (1: stage)",
+        f"damaged: steps: {integrity.UNREADABLE} (1: stage) in steps/stage/c/0",
     ]
     assert lines[-1].startswith(f"{store}: 2 problem(s): 8 committed checkpoint(s)")
     with pytest.raises(DamagedStoreError, match=f"checkpoint {key}"):
@@ -431,3 +432,41 @@ def test_a_checkpoint_missing_from_a_complete_stage_is_damage(tmp_path: Path) ->
     assert problem.files == (f"{schema.CHECKPOINTS}/{interior[1]}",)
     with pytest.raises(DamagedStoreError, match=rf"stage 's': 1 of its .* \(1: {interior[1]}\)"):
         open_run(whole).require_intact()
+
+
+def _edit_attributes(group: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Change a group's attributes in its ``zarr.json`` by hand, as a user or a bad sync might."""
+    document = json.loads((group / "zarr.json").read_text())
+    edit(document["attributes"])
+    (group / "zarr.json").write_text(json.dumps(document))
+
+
+def test_edited_metadata_is_damage(recorded: Path, tmp_path: Path) -> None:
+    """The stage records, a checkpoint's commit record and the step rows' count each carry a
+    digest: an edit that stays valid JSON (another last step, another checkpoint step, fewer
+    rows) is damage, and nothing is read through it."""
+    edits = {
+        "stage records": ("stages", lambda a: a["stages"][0].update(last_step=3)),
+        "steps": ("steps", lambda a: a.update(num_steps=a["num_steps"] - 1)),
+    }
+    key = open_run(recorded).checkpoints[2].key
+
+    def later(attributes: dict[str, Any]) -> None:
+        attributes[schema.ATTR_STEP] += 1  # the parameters before another step
+
+    edits[f"checkpoint {key}"] = (f"checkpoints/{key}", later)
+    for where, (path, edit) in edits.items():
+        store = tmp_path / where.replace(" ", "-") / "run.zarr"
+        shutil.copytree(recorded, store)
+        _edit_attributes(store / path, edit)
+        damaged = open_run(store)
+        assert [(p.where, p.reason) for p in damaged.verify()] == [
+            (where, integrity.METADATA_MISMATCH)
+        ], where
+        with pytest.raises(DamagedStoreError, match=where):
+            if where == "steps":
+                damaged.steps()
+            elif where.startswith("checkpoint"):
+                damaged.checkpoints[2].optimizer_state()
+            else:
+                damaged.require_intact()

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hashlib
 import itertools
+import json
 import math
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ PackedIndex = dict[str, Any]
 
 UNREADABLE = "a chunk cannot be decoded (truncated or altered)"
 MISMATCH = "bytes differ from the digest recorded at commit (a chunk is missing or was altered)"
+METADATA_MISMATCH = "its metadata differs from the digest recorded with it (edited or altered)"
 #: What reading a chunk that cannot be decoded raises (zarr's codec errors).
 CODEC_ERRORS = (ValueError, RuntimeError, IndexError, TypeError)
 
@@ -340,6 +342,31 @@ def write_packed(group: zarr.Group, packed: Packed) -> PackedIndex:
     index = _index(packed, values)
     run(_write_arrays(group.store_path, values))
     return index
+
+
+def metadata_digest(attributes: Mapping[str, Any]) -> str:
+    """Digest of a group's attributes (less the digest itself) as JSON holds them."""
+    entries = {k: v for k, v in attributes.items() if k != schema.ATTR_METADATA_DIGEST}
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def with_digest(group: zarr.Group, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``changes`` to ``group``'s attributes, with the digest of all of them once changed.
+
+    Written in one update (``group.update_attributes``), so that the digest never describes
+    other attributes than the ones stored with it.
+    """
+    after = {**group.attrs.asdict(), **changes}
+    return {**changes, schema.ATTR_METADATA_DIGEST: metadata_digest(after)}
+
+
+def metadata_problems(attributes: Mapping[str, Any], where: str) -> list[Damage]:
+    """The attributes' damage: none where they match their digest, or where none was recorded."""
+    recorded = attributes.get(schema.ATTR_METADATA_DIGEST)
+    if recorded is None or recorded == metadata_digest(attributes):
+        return []
+    return [Damage(where, (), METADATA_MISMATCH)]
 
 
 # -- reading -----------------------------------------------------------------------------------

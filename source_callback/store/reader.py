@@ -267,6 +267,9 @@ class Run:
         fails is a problem there (its frozen groups hold their arrays directly).
         """
         if self._packed:
+            damaged = integrity.metadata_problems(group.attrs.asdict(), where)
+            if damaged:  # the index itself may be wrong: read nothing
+                return {}, damaged
             return integrity.read_packed(group, wanted, where)
         try:
             if frozen:
@@ -379,6 +382,9 @@ class Run:
 
     def _check_steps(self) -> tuple[dict[str, np.ndarray], list[Damage]]:
         group = self._root[schema.STEPS]
+        damaged = integrity.metadata_problems(group.attrs.asdict(), "steps")
+        if damaged:  # the row count and digests themselves may be wrong
+            return {}, damaged
         recorded = group.attrs.get(schema.ATTR_ROW_DIGESTS, {}) if self._packed else None
         return integrity.read_rows(dict(group.arrays()), 0, self.num_steps, recorded)
 
@@ -454,7 +460,9 @@ class Run:
             problems += self._check_group(sub, _everything, where, frozen=True)[1]
         problems += [p for index in range(len(self.stages)) for p in self._check_examples(index)[1]]
         if checkpoints is None:
-            problems += self._missing_checkpoints()
+            stages_attrs = self._root[schema.STAGES].attrs.asdict()
+            damaged = integrity.metadata_problems(stages_attrs, "stage records")
+            problems += damaged or self._missing_checkpoints()  # which ones follows from them
         return problems + self._check_steps()[1]
 
     def _missing_checkpoints(self) -> list[Damage]:

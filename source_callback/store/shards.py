@@ -315,9 +315,9 @@ def write(
         )
     if shards.rank == 0:
         index = _index(packed.layout, [digests for _, digests in reports])
-        parent[key].update_attributes(
-            {**commit, schema.ATTR_SHARDED: index, schema.ATTR_COMMITTED: True}
-        )
+        group = parent[key]
+        changes = {**commit, schema.ATTR_SHARDED: index, schema.ATTR_COMMITTED: True}
+        group.update_attributes(integrity.with_digest(group, changes))
 
 
 def _index(layout: ShardedLayout, digests: list[list[str]]) -> dict[str, Any]:

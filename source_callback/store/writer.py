@@ -151,7 +151,8 @@ class StoreWriter:
         return [schema.Stage.from_json(e) for e in entries]
 
     def _write_stages(self, stages: list[schema.Stage]) -> None:
-        self._stages_group.attrs[schema.ATTR_STAGE_LIST] = [s.to_json() for s in stages]
+        entries = {schema.ATTR_STAGE_LIST: [s.to_json() for s in stages]}
+        self._stages_group.update_attributes(integrity.with_digest(self._stages_group, entries))
 
     def add_stage(self, stage: schema.Stage) -> None:
         """Append a stage and mark the store as recording."""
@@ -221,7 +222,8 @@ class StoreWriter:
         for name in schema.STEP_GROUP_FIELDS:
             rows = integrity.row_digests(arrays[name][: self.num_steps], 0)
             digests[name] = list(rows.values())
-        self._steps_group.update_attributes({schema.ATTR_ROW_DIGESTS: digests})
+        changes = {schema.ATTR_ROW_DIGESTS: digests}
+        self._steps_group.update_attributes(integrity.with_digest(self._steps_group, changes))
         self._tail = None
 
     def _row_digests(self) -> dict[str, list[str]]:
@@ -300,9 +302,8 @@ class StoreWriter:
         for name in arrays:
             blocks = integrity.row_digests(rows[name], first)
             digests.setdefault(name, [])[first // schema.STEP_ROW_CHUNK :] = list(blocks.values())
-        self._steps_group.update_attributes(
-            {schema.ATTR_NUM_STEPS: end, schema.ATTR_ROW_DIGESTS: digests}
-        )
+        changes = {schema.ATTR_NUM_STEPS: end, schema.ATTR_ROW_DIGESTS: digests}
+        self._steps_group.update_attributes(integrity.with_digest(self._steps_group, changes))
         self._tail = {name: values[tail_start - first :] for name, values in rows.items()}
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -508,7 +509,8 @@ def _commit(
         extra = integrity.pack({schema.SECTION_PROBE: probe})
         index = integrity.merged(index, integrity.write_packed(group, extra))
     # One metadata write (``attrs.update`` would write once per key).
-    group.update_attributes({**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True})
+    commit = {**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True}
+    group.update_attributes(integrity.with_digest(group, commit))
 
 
 def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
