@@ -61,10 +61,21 @@ def model_manifest(module: torch.nn.Module) -> Manifest:
     ]
 
 
+#: Floating dtypes a tensor recorded in 16 bits may be given in: its values load exactly.
+WIDER = {
+    "torch.bfloat16": ("torch.float32", "torch.float64"),
+    "torch.float16": ("torch.float32", "torch.float64"),
+}
+
+
 def manifest_differences(
     recorded: Sequence[Mapping[str, Any]], current: Sequence[Mapping[str, Any]]
 ) -> list[str]:
-    """Human-readable differences between two manifests (empty when they match)."""
+    """Human-readable differences between two manifests (empty when they match).
+
+    A tensor recorded as a 16-bit float may be float32 or float64 now (a run trained in pure
+    bfloat16, analyzed in float32): the recorded values are exact in it.
+    """
     old = {e["name"]: e for e in recorded}
     new = {e["name"]: e for e in current}
     problems = [f"missing {name}" for name in old.keys() - new.keys()]
@@ -72,6 +83,7 @@ def manifest_differences(
     for name in old.keys() & new.keys():
         for key in ("kind", "shape", "dtype", "aliases"):
             before, now = old[name].get(key, []), new[name].get(key, [])
-            if before != now:
+            widened = key == "dtype" and now in WIDER.get(before, ())
+            if before != now and not widened:
                 problems.append(f"{name}: {key} {before} recorded, {now} now")
     return sorted(problems)

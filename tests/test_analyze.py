@@ -603,3 +603,35 @@ def test_a_layer_frozen_in_a_later_stage(tmp_path, queries) -> None:
     rho_b = _spearman(result.scores["head"], truth[:, 24:])
     print(f"frozen layer in stage 2: Spearman stage 1 {rho_a:.3f}, stage 2 {rho_b:.3f}")
     assert rho_a > 0.8 and rho_b > 0.8
+
+
+def test_a_bfloat16_run_is_analyzed_in_float32(tmp_path) -> None:
+    """A run trained in pure bfloat16 is analyzed with a float32 model (the recorded values
+    load exactly): the exact last-stage effect is the float32 model's, at those values."""
+    from models import TinyClassifier, adamw, loader, make_dataset, trainer
+
+    data, queries = make_dataset(64), make_dataset(4, seed=5)
+    torch.manual_seed(0)
+    store = tmp_path / "run.zarr"
+    trainer([SourceCallback(store, stage="s")], tmp_path, precision="bf16-true").fit(
+        TinyClassifier(optimizer=adamw), loader(data)
+    )
+    run = open_run(store)
+    assert {e["dtype"] for e in run.manifest} == {"torch.bfloat16"}
+    result = analyze(
+        store, model=TinyClassifier(), task="classification", train={"s": data}, queries=queries,
+        name=None, verbose=False,
+    )  # fmt: skip
+    assert result.scores["s"].shape == (4, 64) and np.isfinite(result.scores["s"]).all()
+
+    model, (x, y) = TinyClassifier().eval(), queries.tensors
+    losses = []
+    for checkpoint in (run.checkpoints[0], run.checkpoints[-1]):
+        model.load_state_dict(checkpoint.params())  # bfloat16 values into float32
+        assert model.net[0].weight.dtype == torch.float32
+        with torch.no_grad():
+            losses.append(nn.functional.cross_entropy(model(x), y, reduction="none"))
+    torch.testing.assert_close(
+        torch.as_tensor(result.last_stage_exact), (losses[0] - losses[1]).double(), rtol=1e-5,
+        atol=1e-7,
+    )  # fmt: skip
