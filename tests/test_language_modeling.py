@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -139,3 +140,14 @@ def test_analyze_a_language_model_record(tmp_path) -> None:
         expected = task.measurement(start, batch) - task.measurement(model, batch)
     np.testing.assert_allclose(result.last_stage_exact, expected.double().numpy(), rtol=1e-5)
     assert np.isfinite(result.stage_effects).all()
+
+    # A query whose labels are all -100 measures nothing: zero scores, and said so.
+    masked = [{**queries[i], "labels": queries[i]["input_ids"]} for i in range(3)]
+    masked[1]["labels"] = torch.full((LENGTH,), -100)
+    with pytest.warns(UserWarning, match=r"1 query has a measurement with no gradient \(1\)"):
+        nothing = analyze(
+            tmp_path / "lm.zarr", model=TinyLM(), task="language_modeling", train={"lm": data},
+            queries=masked, segments=1, verbose=False, name=None,
+        )  # fmt: skip
+    rows = np.abs(nothing.scores["lm"]).max(1)
+    assert rows[1] == 0 and (rows[[0, 2]] > 0).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from source_callback.analysis.scores import ScoreSink
 from source_callback.analysis.task import Task
 from source_callback.analysis.timing import Timer
 from source_callback.analysis.units import Unit
-from source_callback.errors import AnalysisError
+from source_callback.errors import AnalysisError, listed
 from source_callback.store.schema import CACHE_DTYPE, SCORE_CHUNK
 
 State = dict[str, torch.Tensor]
@@ -80,6 +81,21 @@ def _factored(modules: dict[str, Unit]) -> dict[str, Unit]:
 def _basis(factor: torch.Tensor | None) -> torch.Tensor | None:
     """Eigenvectors of a Kronecker factor; ``None`` (identity) for an identity side."""
     return None if factor is None else ekfac.eigh_float64(factor)[1]
+
+
+def _warn_zero_queries(grads: ModuleTensors) -> None:
+    """Warn about queries whose measurement has no gradient: they get zero scores and effects."""
+    largest = torch.stack([g.reshape(len(g), -1).abs().amax(1) for g in grads.values()])
+    zero = torch.nonzero(largest.amax(0) == 0).flatten().tolist()
+    if zero:
+        warnings.warn(
+            f"{len(zero)} quer{'y has' if len(zero) == 1 else 'ies have'} a measurement with no "
+            f"gradient ({listed([str(i) for i in zero], 8)}): their scores and stage effects are "
+            "all zero. A language-model query whose labels are all -100 measures nothing; give "
+            "it labels on the tokens to attribute.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class Engine:
@@ -480,10 +496,12 @@ class Engine:
 
         with self.timer("query gradients"):
             local = self.workers.run(take)
-            return {
+            grads = {
                 name: self.workers.gather(grads, len(queries), self.batch_size)  # type: ignore[arg-type]
                 for name, grads in local.items()
             }
+        _warn_zero_queries(grads)
+        return grads
 
     def query_passes(self, queries: Dataset) -> list[PlannedPass]:
         """The pass :meth:`query_grads` makes."""
