@@ -171,8 +171,10 @@ def _check_examples(stage: Stage, dataset: Dataset, recorded: np.ndarray) -> Non
             f"the dataset for stage {stage.name!r} differs from the one trained on: "
             f"{len(differ)} of its {len(recorded)} examples "
             f"{'differs' if len(differ) == 1 else 'differ'} from the recorded ones, the first at "
-            f"index {differ[0]} (other labels, data, order or preprocessing). Pass the "
-            "exact training set of the stage, in its order."
+            f"index {differ[0]} (other labels, data, order or preprocessing, or items of "
+            "another type: lists of numbers are not tensors, as a datasets.Dataset gives them "
+            "before and after with_format('torch')). Pass the exact training set of the stage, "
+            "in its order and form."
         )
 
 
