@@ -179,6 +179,14 @@ def _learning_rate_lines(
     return lines if stages else [*lines, "  none recorded"]
 
 
+def _size(checkpoint: Checkpoint) -> str:
+    """The checkpoint's size, or what keeps it from being read (``verify`` says more)."""
+    try:
+        return format_bytes(checkpoint.nbytes())
+    except ValueError:  # an array's metadata is not JSON: damage that verify names
+        return "unreadable"
+
+
 def _checkpoint_lines(checkpoints: Sequence[Checkpoint], stages: Sequence[Stage]) -> list[str]:
     """One table row per checkpoint, then a warning naming the uncommitted ones."""
     names = {s.index: s.name for s in stages}
@@ -188,7 +196,7 @@ def _checkpoint_lines(checkpoints: Sequence[Checkpoint], stages: Sequence[Stage]
             names.get(c.stage, str(c.stage)),
             c.role,
             "yes" if c.committed else "NO",
-            format_bytes(c.nbytes()),
+            _size(c),
         )
         for c in checkpoints
     ]

@@ -470,3 +470,40 @@ def test_edited_metadata_is_damage(recorded: Path, tmp_path: Path) -> None:
                 damaged.checkpoints[2].optimizer_state()
             else:
                 damaged.require_intact()
+
+
+def test_metadata_that_is_not_json_is_named(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A zarr.json cut short (a partial copy) is damage named by its file, wherever it is."""
+    key = open_run(recorded).checkpoints[2].key
+    cut = {
+        "group": f"checkpoints/{key}/zarr.json",
+        "array": f"checkpoints/{key}/params.float32/zarr.json",
+        "stages": "stages/zarr.json",
+        "root": "zarr.json",
+    }
+    stores = {}
+    for what, path in cut.items():
+        stores[what] = tmp_path / what / "run.zarr"
+        shutil.copytree(recorded, stores[what])
+        document = stores[what] / path
+        document.write_text(document.read_text()[:-20])
+
+    # A checkpoint's group: the others read; verify and inspect say which.
+    [problem] = open_run(stores["group"]).verify()
+    assert (problem.where, problem.files) == (f"checkpoints/{key}", (cut["group"],))
+    assert problem.reason.startswith("its metadata cannot be read (")
+    assert main(["inspect", str(stores["group"])]) == 0
+    assert main(["verify", str(stores["group"])]) == EXIT_DAMAGED
+    assert f"in {cut['group']}" in capsys.readouterr().out
+    # One of its arrays: inspect shows the checkpoint as unreadable, verify names it.
+    assert main(["inspect", str(stores["array"])]) == 0
+    assert "unreadable" in capsys.readouterr().out
+    assert main(["verify", str(stores["array"])]) == EXIT_DAMAGED
+    # The stage records: nothing can be read without them.
+    with pytest.raises(DamagedStoreError, match=r"stages: its metadata cannot be read .* in "):
+        _ = open_run(stores["stages"]).stages
+    # The root: not recognised as a store, and the message says how to mend a record.
+    with pytest.raises(StoreError, match=r"no readable zarr.json at its root.*restore it"):
+        open_run(stores["root"])

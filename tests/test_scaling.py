@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from source_callback import AnalysisResult, SourceCallback, analyze, load_analysis, open_run
 from source_callback.analysis import capture_check, memory
+from source_callback.analysis.inputs import FIRST_BATCH
 from source_callback.analysis.scores import StoredScores
 from source_callback.analysis.units import MATRIX_LAYOUT
 from source_callback.fingerprint import example_digests
@@ -188,12 +189,12 @@ def test_new_queries_are_scored_from_the_cache_without_reading_training_data(sto
     new_queries = make_dataset(4, seed=11)
     counted = {name: Counting(data) for name, data in _sets().items()}
     result = _analyze(store, new_queries, train=counted, **kwargs)
-    for name, data in counted.items():  # only the data, probe and capture checks read
+    for name, data in counted.items():  # only the data, first-batch, probe and capture checks
         baseline = Counting(data.data)
         example_digests(baseline)  # the data check reads every example once (plus one)
         probed = 2 * len(probe_indices(len(data)))  # at the stage's start and end
         captured = capture_check.EXAMPLES if name == "pretrain" else 0  # the model's first
-        assert data.reads == baseline.reads + probed + captured, name
+        assert data.reads == baseline.reads + FIRST_BATCH + probed + captured, name
     _assert_scores_close(result, _analyze(store, new_queries), rtol=1e-6)
     assert load_analysis(store, "reuse").scores["pretrain"].shape == (4, 120)
 

@@ -193,6 +193,10 @@ def check_queries(queries: Dataset) -> None:
         raise AnalysisError("queries is empty: there is nothing to attribute.")
 
 
+#: Examples of each dataset :func:`check_first_batch` runs through the model and task.
+FIRST_BATCH = 2
+
+
 def check_first_batch(
     fn: Callable[[nn.Module, Any], torch.Tensor],
     model: nn.Module,
@@ -222,7 +226,7 @@ def check_first_batch(
         The examples cannot be collated, the model or task fails on the batch, or the values
         are not ``[B]``: the message names the data, the batch's form and the error.
     """
-    count = min(2, len(dataset))  # type: ignore[arg-type]
+    count = min(FIRST_BATCH, len(dataset))  # type: ignore[arg-type]
     advice = (
         "Check that its examples have the form of the training data, that collate_fn is the "
         "one the run trained with (a Hugging Face Trainer's data_collator), and that the task "

@@ -53,10 +53,16 @@ def open_existing(
     """
     root = open_group(url, storage_options, mode)
     if root is None and has_content(url, storage_options):
+        advice = (
+            "Check the path; if it is a record, its root zarr.json is damaged or missing: "
+            "restore it from a copy."
+            if mode == "r"
+            else "Choose an empty or new location to record into, or the path of an existing "
+            "record; nothing was changed here."
+        )
         raise NotAStoreError(
-            f"{url} exists and is not a Zarr store, so not a source-callback record. Choose an "
-            "empty or new location to record into, or the path of an existing record; nothing "
-            "was changed here."
+            f"{url} exists and is not a Zarr store (no readable zarr.json at its root), so not "
+            f"a source-callback record. {advice}"
         )
     return root
 

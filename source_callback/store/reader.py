@@ -338,10 +338,41 @@ class Run:
             return Continuation.same_names(self.stage_manifest(index))
         return Continuation.from_json(stage.continues)
 
+    def _group(self, *path: str, missing_ok: bool = False) -> zarr.Group | None:
+        """The group at ``path``; one whose metadata cannot be read is named as damage.
+
+        Raises
+        ------
+        DamagedStoreError
+            Its ``zarr.json`` is not JSON, or not a group's (a partial copy, an edit).
+        KeyError
+            Nothing is there (``None`` instead with ``missing_ok``).
+        """
+        key = "/".join(path)
+        try:
+            return self._root[key]
+        except KeyError:
+            if missing_ok:
+                return None
+            raise
+        except ValueError as exc:  # json.JSONDecodeError, or zarr's metadata errors
+            reason = f"its metadata cannot be read ({exc})"
+            damage = Damage(key, (), reason, (f"{key}/zarr.json",))
+            raise DamagedStoreError(self.url, [damage]) from exc
+
+    def _member_names(self, path: str) -> list[str]:
+        """The names in group ``path``, listed without reading their (maybe damaged) metadata."""
+        where = self._root.store_path / path
+
+        async def names() -> list[str]:
+            return [name async for name in where.store.list_dir(where.path)]
+
+        return sorted(name for name in integrity.run(names()) if name != "zarr.json")
+
     @cached_property
     def stages(self) -> list[Stage]:
         """The stages in training order."""
-        entries = self._root[schema.STAGES].attrs[schema.ATTR_STAGE_LIST]
+        entries = self._group(schema.STAGES).attrs[schema.ATTR_STAGE_LIST]  # type: ignore[union-attr]
         return [Stage.from_json(e) for e in entries]
 
     def stage(self, name: str) -> Stage:
@@ -360,7 +391,7 @@ class Run:
     @property
     def num_steps(self) -> int:
         """Number of recorded optimizer steps (all stages)."""
-        return int(self._root[schema.STEPS].attrs[schema.ATTR_NUM_STEPS])
+        return int(self._group(schema.STEPS).attrs[schema.ATTR_NUM_STEPS])  # type: ignore[union-attr]
 
     def steps(self) -> dict[str, np.ndarray]:
         """Every per-step array, by field name, in global step order.
@@ -381,7 +412,10 @@ class Run:
         return columns
 
     def _check_steps(self) -> tuple[dict[str, np.ndarray], list[Damage]]:
-        group = self._root[schema.STEPS]
+        try:
+            group = self._group(schema.STEPS)
+        except DamagedStoreError as exc:
+            return {}, exc.problems
         damaged = integrity.metadata_problems(group.attrs.asdict(), "steps")
         if damaged:  # the row count and digests themselves may be wrong
             return {}, damaged
@@ -395,10 +429,15 @@ class Run:
     @cached_property
     def checkpoints(self) -> list[Checkpoint]:
         """Every checkpoint in step order, committed or not (see ``Checkpoint.committed``)."""
-        group = self._root[schema.CHECKPOINTS]
         out = []
-        for key, sub in sorted(group.groups()):
-            attrs = sub.attrs
+        self._unreadable: list[Damage] = []
+        for key in self._member_names(schema.CHECKPOINTS):
+            try:
+                sub = self._group(schema.CHECKPOINTS, key)
+            except DamagedStoreError as exc:  # verify reports it; reads cannot use it
+                self._unreadable += exc.problems
+                continue
+            attrs = sub.attrs  # type: ignore[union-attr]
             out.append(
                 Checkpoint(
                     key=key,
@@ -414,7 +453,7 @@ class Run:
 
     def frozen_params(self, stage: int) -> dict[str, torch.Tensor]:
         """Non-trainable parameters of stage ``stage`` (empty when all were trainable)."""
-        sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
+        sub = self._group(schema.FROZEN, schema.frozen_key(stage), missing_ok=True)
         if sub is None:
             return {}
         if not sub.attrs.get(schema.ATTR_COMMITTED, False):
@@ -443,13 +482,19 @@ class Run:
         """
         chosen = self.checkpoints if checkpoints is None else list(checkpoints)
         stages = (
-            sorted(map(schema.parse_frozen_key, self._root[schema.FROZEN].group_keys()))
+            sorted(map(schema.parse_frozen_key, self._group(schema.FROZEN).group_keys()))  # type: ignore[union-attr]
             if checkpoints is None
             else sorted({c.stage for c in chosen})
         )
         problems = [p for c in chosen for p in c.problems()]
+        if checkpoints is None:
+            problems += self._unreadable  # checkpoints whose own metadata cannot be read
         for stage in stages:
-            sub = self._root[schema.FROZEN].get(schema.frozen_key(stage))
+            try:
+                sub = self._group(schema.FROZEN, schema.frozen_key(stage), missing_ok=True)
+            except DamagedStoreError as exc:
+                problems += exc.problems
+                continue
             where = _frozen_where(stage)
             if sub is None:
                 continue
@@ -460,7 +505,7 @@ class Run:
             problems += self._check_group(sub, _everything, where, frozen=True)[1]
         problems += [p for index in range(len(self.stages)) for p in self._check_examples(index)[1]]
         if checkpoints is None:
-            stages_attrs = self._root[schema.STAGES].attrs.asdict()
+            stages_attrs = self._group(schema.STAGES).attrs.asdict()  # type: ignore[union-attr]
             damaged = integrity.metadata_problems(stages_attrs, "stage records")
             problems += damaged or self._missing_checkpoints()  # which ones follows from them
         return problems + self._check_steps()[1]
@@ -471,7 +516,7 @@ class Run:
         A complete stage took its start and end checkpoints and every planned interior one
         up to its last step (a stage stopped early plans some it never reaches).
         """
-        present = set(self._root[schema.CHECKPOINTS].group_keys())
+        present = set(self._member_names(schema.CHECKPOINTS))
         problems = []
         for stage in self.stages:
             if not stage.complete:
