@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from models import TinyClassifier, loader, make_dataset, trainer
@@ -128,7 +130,10 @@ def _record_two_stages(tmp_path, between=None):
 
 
 def test_a_head_added_in_a_later_stage_is_constant_before(tmp_path) -> None:
-    store, data = _record_two_stages(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store, data = _record_two_stages(tmp_path)  # the trained weights, loaded: continued
+    assert not [w for w in caught if "starts from other values" in str(w.message)]
     run = open_run(store)
     assert set(run.continuation(1).previous) == {e["name"] for e in run.stage_manifest(0)}
     assert list(run.model_changes()) == [1]
@@ -186,7 +191,11 @@ def test_a_tensor_changed_between_stages_is_refused(tmp_path) -> None:
         with torch.no_grad():
             model.net[0].weight.add_(0.5)  # edited outside training
 
-    store, data = _record_two_stages(tmp_path, between=perturb)
+    changed = r"stage 'second' starts from other values than stage 'first' ended with, in 1 of "
+    with pytest.warns(
+        UserWarning, match=changed + r"the 4 tensors it continues \(net\.0\.weight\)"
+    ):
+        store, data = _record_two_stages(tmp_path, between=perturb)
     before = tree_digest(store)
     with pytest.raises(AnalysisError, match=r"changed between the end of stage 'first'.*net\.0\.w"):
         analyze(

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from source_callback.errors import InterruptedStageError, StoreError
+from source_callback.errors import InterruptedStageError, StoreError, listed
 from source_callback.fingerprint import UnstableItemsError, example_digests
 from source_callback.lineage import Continuation, match_stages
 from source_callback.record.plan import interior_steps
@@ -231,7 +231,49 @@ class Recorder:
         )
         self.writer.add_stage(stage)
         self.write_stage_start(frozen, params, buffers, optimizer_state, probe)
+        if continuation is not None and self.writer.shard_group is None:
+            # after the stage-start writes, on their thread
+            self._submit(self._checkpoint_thread, self._warn_if_changed, stage, continuation)
         return stage
+
+    def _warn_if_changed(self, stage: schema.Stage, continuation: Continuation) -> None:
+        """Warn where the stage starts from other values than the previous stage ended with.
+
+        Compares the recorded digests of the tensors it continues (the previous stage's end
+        checkpoint and frozen group, this one's start checkpoint and frozen group): a model
+        built afresh for the new stage, without the trained weights, is found here rather than
+        by ``analyze`` after the stage has trained.
+        """
+        previous = self.writer.stages[stage.index - 1]
+        sections = (schema.SECTION_PARAMS, schema.SECTION_BUFFERS)
+
+        def digests(stage_index: int, key: str) -> dict[str, str]:
+            root = self.writer.root
+            found = integrity.tensor_digests(root[schema.CHECKPOINTS][key], sections)
+            frozen = root[schema.FROZEN].get(schema.frozen_key(stage_index))
+            if frozen is not None:
+                found.update(integrity.tensor_digests(frozen, sections))
+            return found
+
+        ended = digests(previous.index, schema.checkpoint_key(stage.first_step, schema.ROLE_END))
+        started = digests(stage.index, schema.checkpoint_key(stage.first_step, schema.ROLE_START))
+        pairs = [
+            (new, old)
+            for new, old in continuation.previous.items()
+            if new in started and old in ended
+        ]
+        changed = sorted(new for new, old in pairs if started[new] != ended[old])
+        if changed:
+            warnings.warn(
+                f"stage {stage.name!r} starts from other values than stage {previous.name!r} "
+                f"ended with, in {len(changed)} of the {len(pairs)} tensors it continues "
+                f"({listed(changed, 5)}): a model built afresh instead of the trained one (load "
+                "the previous stage's weights), or tensors changed between the stages outside "
+                "training. analyze() will refuse the run unless they are declared "
+                "(renamed={name: None} makes a tensor new in this stage).",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def follow_stage(self, stage_index: int, next_step: int, planned: frozenset[int]) -> None:
         """On a rank other than 0 of a sharded run: write the shards of this stage's checkpoints.

@@ -522,6 +522,22 @@ def _tensor_index(
     return _TENSOR_DIGESTS[index[schema.PACKED_DIGEST]], lengths, entries
 
 
+def tensor_digests(group: zarr.Group, sections: Sequence[str]) -> dict[str, str]:
+    """The recorded digest of each tensor of ``sections`` in a committed group, by name.
+
+    A sharded tensor's is its pieces' digests joined. Empty where the group has no index.
+    """
+    found = _tensor_index(group)
+    if isinstance(found, str):
+        return {}
+    entries = found[2]
+    return {
+        name: "/".join(str(piece[-1]) for piece in pieces)
+        for section in sections
+        for name, _, _, pieces in entries.get(section, [])
+    }
+
+
 def _pieces(
     array: _Fetched, pieces: list[Piece], numel: int, digest_of: Callable[[np.ndarray], str]
 ) -> tuple[list[np.ndarray], tuple[str, int | None, tuple[int, int]] | None]:
