@@ -235,6 +235,8 @@ class SourceCallback(RecordingCallback, Callback):
             )
 
         estimated = trainer.estimated_stepping_batches
+        # automatic optimization divides each batch's loss by k, in a shorter last window too
+        divided = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         setup = StageSetup(
             model=pl_module,
             optimizer=trainer.optimizers[0],
@@ -247,6 +249,7 @@ class SourceCallback(RecordingCallback, Callback):
             global_step=trainer.global_step,
             probe_losses=probe_losses,
             recorded_by="lightning",
+            divides_loss_by=divided,
         )
         self._session.start(_Ranks(trainer), setup)
 

@@ -6,6 +6,7 @@ the same description back. It depends on neither side.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -190,24 +191,28 @@ class GradientClipping:
     kind: str = "norm"
     applied: bool = False
 
-    def bound(self, params: list[torch.Tensor]) -> bool:
-        """Whether clipping changed (or will change) this step's gradients of ``params``.
+    def scale(self, params: list[torch.Tensor]) -> float:
+        """The factor clipping scales this step's gradients of ``params`` by.
 
-        Every process of a sharded run must call it: the norm of sharded gradients is reduced
-        across them. Norm clipping scales the gradients by ``limit / (norm + 1e-6)`` (torch's),
-        so a clipped step's norm is at least ``limit² / (limit + 1e-6)``; a norm within 1e-4
-        (rounding) below that counts as clipped.
+        1 where clipping does not change them; ``limit / (norm + 1e-6)`` (torch's) where it
+        clips the gradients' norm, seen before clipping; NaN where it changed them by a factor
+        not known here (clipping by value, or norm clipping seen after it happened: a clipped
+        step's norm is then at least ``limit² / (limit + 1e-6)``, and one within 1e-4 of that,
+        for rounding, counts as clipped). Every process of a sharded run must call it: the
+        norm of sharded gradients is reduced across them.
         """
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad.detach() for p in params if p.grad is not None]
         if not grads:
-            return False
+            return 1.0
         if self.kind == "value":
-            largest = max(_reduced(g.detach().abs().max()) for g in grads)
-            return largest >= self.limit if self.applied else largest > self.limit
-        total = _reduced(torch.nn.utils.get_total_norm([g.detach() for g in grads]))
-        if not self.applied:
-            return total > self.limit
-        return total >= self.limit**2 / (self.limit + 1e-6) * (1 - 1e-4)
+            largest = max(_reduced(g.abs().max()) for g in grads)
+            changed = largest >= self.limit if self.applied else largest > self.limit
+            return math.nan if changed else 1.0
+        total = _reduced(torch.nn.utils.get_total_norm(grads))
+        if self.applied:
+            changed = total >= self.limit**2 / (self.limit + 1e-6) * (1 - 1e-4)
+            return math.nan if changed else 1.0
+        return min(1.0, self.limit / (total + 1e-6))
 
 
 def _reduced(value: torch.Tensor) -> float:

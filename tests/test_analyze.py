@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from unroll import adam_replay, call, leave_one_out_effects, sgd_replay
 
 from source_callback import AnalysisOptions, SourceCallback, open_run
+from source_callback.analysis import segments as segments_module
 from source_callback.analysis.api import analyze
 from source_callback.analysis.ekfac import ModuleCurvature
 from source_callback.analysis.results import AnalysisResult, load_analysis
@@ -635,3 +636,47 @@ def test_a_bfloat16_run_is_analyzed_in_float32(tmp_path) -> None:
         torch.as_tensor(result.last_stage_exact), (losses[0] - losses[1]).double(), rtol=1e-5,
         atol=1e-7,
     )  # fmt: skip
+
+
+def test_norm_clipping_is_modelled_as_a_smaller_step(tmp_path, queries, monkeypatch) -> None:
+    """Mini-batch SGD on the tanh MLP with every step clipped by norm: the recorded scales
+    enter the steps' rates, and the scores' scale against exact unrolling (through the
+    clipping) comes closer to 1 than at the recorded learning rates alone (measured 0.80
+    against 0.55 without weight decay)."""
+    torch.manual_seed(0)
+    data = _data(32, seed=1)
+    model = Regressor(lr=0.05, weight_decay=1e-3).double()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    store = tmp_path / "run.zarr"
+    callback = SourceCallback(store, stage="gd", checkpoints_per_stage=6)
+    _trainer([callback], max_epochs=6, gradient_clip_val=0.5).fit(
+        model, DataLoader(data, batch_size=8)
+    )
+    scale = open_run(store).steps()["scale"]
+    assert len(scale) == 24 and (scale < 1).all()
+    lrs = open_run(store).learning_rates()[:, 0]
+    truth = leave_one_out_effects(
+        model,
+        lambda w: sgd_replay(
+            model, start, _replay_steps(32, 8, 6), _loss(data), lrs, w, weight_decay=1e-3,
+            clip=0.5,
+        ),
+        _measure(queries),
+        32,
+    ).numpy()  # fmt: skip
+
+    def ratio(scores: np.ndarray) -> float:
+        return float((scores * truth).sum() / (scores * scores).sum())
+
+    def scores() -> np.ndarray:
+        return _analyze_linear(store, model, data, queries, segments=3, fisher="exact").scores["gd"]
+
+    modelled = scores()
+    monkeypatch.setattr(segments_module, "gradient_scales", lambda steps, stage: np.ones(1))
+    unmodelled = scores()
+    print(
+        f"clipped SGD: Spearman {_spearman(modelled, truth):.3f}, scale truth/estimate "
+        f"{ratio(modelled):.2f} (at the recorded rates alone: {ratio(unmodelled):.2f})"
+    )
+    assert _spearman(modelled, truth) > 0.75
+    assert abs(np.log(ratio(modelled))) < 0.5 * abs(np.log(ratio(unmodelled)))

@@ -42,17 +42,23 @@ def sgd_replay(
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     frozen: frozenset[str] = frozenset(),
+    clip: float | None = None,
 ) -> Params:
     """PyTorch SGD (heavy-ball momentum, coupled decay) with per-example loss weights.
 
     ``batches[t]`` holds the example indices of step t; ``loss(model, params, idx)`` returns
-    their per-example losses. The step's gradient is that of ``mean_i (1 + ε_i) L_i``.
+    their per-example losses. The step's gradient is that of ``mean_i (1 + ε_i) L_i``; with
+    ``clip``, scaled by ``min(1, clip / (‖g‖ + 1e-6))`` first, as ``clip_grad_norm_`` does
+    before the optimizer adds the decay (the factor's dependence on ε differentiated too).
     """
     params = _differentiable(start)
     buffers: Params | None = None
     for idx, lr in zip(batches, lrs, strict=True):
         objective = (weights[idx] * loss(model, params, idx)).mean()
         grads = torch.autograd.grad(objective, list(params.values()), create_graph=True)
+        if clip is not None:
+            norm = torch.sqrt(sum((g**2).sum() for g in grads))
+            grads = [g * torch.clamp(clip / (norm + 1e-6), max=1.0) for g in grads]
         grads = {n: g + weight_decay * params[n] for n, g in zip(params, grads, strict=True)}
         if momentum:
             if buffers is None:

@@ -176,12 +176,18 @@ def rank_one(matrix: torch.Tensor, tol: float = 1e-12, iterations: int = 200) ->
 def module_rates(
     engine: Engine, segment: Segment, stage: Stage, steps: dict[str, np.ndarray]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Per module the stage trains: the segment's learning-rate mass τ and mean weight decay λ."""
+    """Per module the stage trains: the segment's learning-rate mass τ and mean weight decay λ.
+
+    The operators apply ``exp(−τ(H + λ))``: where the steps' gradients were scaled (clipping)
+    and the decay was not, λ is rescaled so that ``τλ`` is the decay's own mass.
+    """
     tau, decay = {}, {}
     for name, unit in stage_modules(engine, stage).items():
         group = group_of(stage, unit.params[0])
         tau[name] = float(segment.lr_mass[group])
         decay[name] = float(np.mean(steps[STEP_WEIGHT_DECAY][segment.start : segment.end, group]))
+        if segment.decay_mass is not None and tau[name] > 0:
+            decay[name] *= float(segment.decay_mass[group]) / tau[name]
     return tau, decay
 
 

@@ -18,7 +18,14 @@ from source_callback.analysis.namespace import CheckpointView, RunView
 from source_callback.errors import AnalysisError, UnsupportedOptimizerError
 from source_callback.optim import UpdateRule
 from source_callback.store.reader import Checkpoint, Run
-from source_callback.store.schema import ROLE_END, STEP_DAMPENING, STEP_LR, STEP_MOMENTUM, Stage
+from source_callback.store.schema import (
+    ROLE_END,
+    STEP_DAMPENING,
+    STEP_LR,
+    STEP_MOMENTUM,
+    STEP_SCALE,
+    Stage,
+)
 
 #: ``segments=`` accepts a count per stage, or per stage name a count or interior cut steps.
 SegmentSpec = int | Mapping[str, int | Sequence[int]]
@@ -44,6 +51,10 @@ class Segment:
     later
         The stage's committed checkpoints after the segment, stage-end included: where a
         parameter's optimizer state comes from when none inside the segment has one yet.
+    decay_mass
+        The sum of the effective learning rates that weight decay moves by, per parameter
+        group: ``lr_mass`` without the steps' gradient scales (clipping and short accumulation
+        windows scale the gradient, not the decay the optimizer adds); ``None``: ``lr_mass``.
 
     """
 
@@ -54,6 +65,7 @@ class Segment:
     lr_mass: np.ndarray
     max_rate: np.ndarray
     later: tuple[Checkpoint | CheckpointView, ...] = ()
+    decay_mass: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -110,6 +122,19 @@ def effective_rates(
         scale = np.ones_like(lr)
         tail = 1 - beta**remaining
     return lr * scale * (tail if momentum_tail else 1.0)
+
+
+def gradient_scales(steps: Mapping[str, np.ndarray], stage: Stage) -> np.ndarray:
+    """The factor the framework scaled each of the stage's steps' gradient by, ``[steps]``.
+
+    Clipping by norm and a short last accumulation window (``schema.STEP_SCALE``); 1 where
+    unknown (NaN: clipping by value, or seen after the fact) or not recorded (older stores).
+    """
+    rows = slice(stage.first_step, stage.last_step + 1)  # type: ignore[operator]
+    recorded = steps.get(STEP_SCALE)
+    if recorded is None:
+        return np.ones(rows.stop - rows.start)
+    return np.nan_to_num(recorded[rows], nan=1.0)
 
 
 def _assumed_rule(stage: Stage, optimizer_model: UpdateRule | str | None) -> UpdateRule:
@@ -191,6 +216,7 @@ def plan_segments(
     for stage in run.stages:
         spec = segments.get(stage.name, 1) if isinstance(segments, Mapping) else segments
         rates = effective_rates(steps, stage, _assumed_rule(stage, optimizer_model), momentum_tail)
+        scaled = rates * gradient_scales(steps, stage)[:, None]
         bounds = _boundaries(stage, spec)
         for start, end in itertools.pairwise(bounds):
             inside = tuple(c for c in committed if c.stage == stage.index and start <= c.step < end)
@@ -201,7 +227,10 @@ def plan_segments(
                     f"committed checkpoint (checkpoints at steps {stored}). Request fewer "
                     "segments, or record with a larger checkpoints_per_stage."
                 )
-            rows = rates[start - stage.first_step : end - stage.first_step]
+            part = slice(start - stage.first_step, end - stage.first_step)
+            rows, decay = scaled[part], rates[part].sum(0)
             later = tuple(c for c in every if c.stage == stage.index and c.step >= end)
-            out.append(Segment(stage.index, start, end, inside, rows.sum(0), rows.max(0), later))
+            out.append(
+                Segment(stage.index, start, end, inside, rows.sum(0), rows.max(0), later, decay)
+            )
     return out

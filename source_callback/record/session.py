@@ -209,6 +209,10 @@ class StageSetup:
         Computes the probed examples' training losses; ``None`` when the framework cannot.
     recorded_by
         The adapter's framework (``lightning``, ``transformers``).
+    divides_loss_by
+        What the framework divides every (micro-)batch's loss by before the backward pass
+        (Lightning: ``accumulate_grad_batches``, in automatic optimization), also in a last
+        accumulation window of fewer batches; 1 where it normalises by the window it has.
     """
 
     model: nn.Module
@@ -222,6 +226,7 @@ class StageSetup:
     global_step: int
     probe_losses: ProbeLosses | None
     recorded_by: str
+    divides_loss_by: int = 1
 
 
 def _validate_stage_name(name: str | None) -> None:
@@ -314,7 +319,10 @@ class RecordingSession:
         self._loss_count = 0
         self._loss_summed = False
         self._examples = 0
-        self._clipped = 0  # steps of this process whose gradients clipping changed
+        self._clip_scale = 1.0  # the current step's (GradientClipping.scale)
+        self._batches = 0  # the current step's (micro-)batches
+        self._divides_loss_by = 1  # StageSetup.divides_loss_by
+        self._unmodelled = 0  # steps of this process clipping changed by an unknown factor
         self._clipping: GradientClipping | None = None
         self._checkpointed: set[int] = set()
         self._planned: frozenset[int] = frozenset()  # steps before which a checkpoint is taken
@@ -428,6 +436,7 @@ class RecordingSession:
         See :meth:`load_state_dict`.
         """
         self._model, self._optimizer = setup.model, setup.optimizer
+        self._divides_loss_by = setup.divides_loss_by
         self._names = {id(p): n for n, p in setup.model.named_parameters()}
         description = describe_optimizer(setup.optimizer, self._names)
         self._rule = description.update_rule
@@ -561,14 +570,15 @@ class RecordingSession:
         """Close the stage with its stage-end checkpoint (a no-op when none is active)."""
         if not self.active:
             return
-        if self._clipped and self._clipping is not None and ranks.is_main:
+        if self._unmodelled and self._clipping is not None and ranks.is_main:
             clipping = self._clipping
             warnings.warn(
                 f"{self.adapter}: gradient clipping ({clipping.kind} at {clipping.limit:g}) "
-                f"changed the gradients of {self._clipped} optimizer step(s) of stage "
-                f"{self._stage_name!r} in this process. The analysis does not model clipping: "
-                "those steps moved less than their recorded learning rates say, and the scores "
-                "and stage effects come out larger ('Gradient clipping' in docs/limitations.md).",
+                f"changed the gradients of {self._unmodelled} optimizer step(s) of stage "
+                f"{self._stage_name!r} in this process by a factor it cannot see. The analysis "
+                "takes those steps at their recorded learning rates, though they moved less, "
+                "and the scores and stage effects come out larger ('Gradient clipping' in "
+                "docs/limitations.md).",
                 stacklevel=3,
             )
         error = None
@@ -693,7 +703,8 @@ class RecordingSession:
             self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
             if clipping is not None:
                 params = [p for g in self._optimizer.param_groups for p in g["params"]]
-                self._clipped += clipping.bound(params)
+                self._clip_scale = clipping.scale(params)
+                self._unmodelled += math.isnan(self._clip_scale)
                 self._clipping = clipping
 
     def add_batch(
@@ -722,6 +733,7 @@ class RecordingSession:
             self._loss_sum = loss if not self._loss_count else self._loss_sum + loss
             self._loss_count += 1
             self._loss_summed = summed
+        self._batches += 1
         if examples is None:
             self._examples = -1
         elif self._examples >= 0:
@@ -737,17 +749,21 @@ class RecordingSession:
                 loss = float("nan")
             elif not self._loss_summed and self._loss_count > 1:
                 loss = loss / self._loss_count
+            # A window of fewer micro-batches than the framework divided their losses by
+            window = self._batches / self._divides_loss_by if self._divides_loss_by > 1 else 1.0
             row = StepRow(
                 stage=self._stage_index,
                 epoch=epoch,
                 loss=loss,
                 examples=self._examples,
                 groups=self._hyper,
+                scale=self._clip_scale * min(window, 1.0),
             )
             if self.recorder is not None:
                 self.recorder.record_step(row)
             self._rows_in_stage += 1
             self._loss_sum, self._loss_count, self._examples = 0.0, 0, 0
+            self._clip_scale, self._batches = 1.0, 0
         recorder = self._checkpointer
         if not self._prepared and recorder is not None and self._rows_in_stage:
             self._prepared = True

@@ -396,9 +396,11 @@ class Run:
     def steps(self) -> dict[str, np.ndarray]:
         """Every per-step array, by field name, in global step order.
 
-        ``stage``, ``epoch``, ``loss`` and ``examples`` have shape ``[steps]``; ``lr``,
-        ``momentum`` (β1 for Adam), ``beta2``, ``weight_decay``, ``dampening`` and ``eps`` have
-        shape ``[steps, param groups]``, NaN where a stage has fewer groups or no such field.
+        ``stage``, ``epoch``, ``loss``, ``examples`` and ``scale`` (the factor the step's
+        gradient was scaled by: clipping; absent in stores recorded before it) have shape
+        ``[steps]``; ``lr``, ``momentum`` (β1 for Adam), ``beta2``, ``weight_decay``,
+        ``dampening`` and ``eps`` have shape ``[steps, param groups]``, NaN where a stage has
+        fewer groups or no such field.
 
         Raises
         ------

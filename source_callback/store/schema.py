@@ -40,6 +40,12 @@ STEP_STAGE = "stage"
 STEP_EPOCH = "epoch"
 STEP_LOSS = "loss"
 STEP_EXAMPLES = "examples"
+# The factor by which the framework scaled the step's gradient, against the mean gradient of
+# its examples: clipping by norm (``limit / (norm + 1e-6)`` where it bound) times, for a last
+# accumulation window of m < k micro-batches whose losses were each divided by k, m / k. 1 where
+# neither; NaN where unknown (clipping by value, or seen only after it happened). Stores
+# written before it have no such array (read as 1).
+STEP_SCALE = "scale"
 # Per-step, per-param-group hyperparameters ([steps, groups], NaN where a group or field is absent).
 STEP_LR = "lr"
 STEP_MOMENTUM = "momentum"  # SGD's momentum, or Adam's beta1

@@ -37,6 +37,7 @@ class StepRow:
     loss: float | torch.Tensor  # a tensor until the recorder materializes a block
     examples: int
     groups: list[dict[str, float]] = field(default_factory=list)
+    scale: float = 1.0  # schema.STEP_SCALE
 
 
 def library_versions() -> dict[str, str]:
@@ -188,6 +189,7 @@ class StoreWriter:
                     schema.STEP_EPOCH: ((0,), (chunk,), "int32", -1),
                     schema.STEP_LOSS: ((0,), (chunk,), "float64", math.nan),
                     schema.STEP_EXAMPLES: ((0,), (chunk,), "int64", -1),
+                    schema.STEP_SCALE: ((0,), (chunk,), "float64", math.nan),
                 }
                 for name in schema.STEP_GROUP_FIELDS:
                     specs[name] = (
@@ -276,6 +278,7 @@ class StoreWriter:
             schema.STEP_EPOCH: np.array([r.epoch for r in rows], dtype=np.int32),
             schema.STEP_LOSS: np.array([r.loss for r in rows], dtype=np.float64),
             schema.STEP_EXAMPLES: np.array([r.examples for r in rows], dtype=np.int64),
+            schema.STEP_SCALE: np.array([r.scale for r in rows], dtype=np.float64),
         }
         for name in schema.STEP_GROUP_FIELDS:
             block = np.full((len(rows), width), np.nan)
