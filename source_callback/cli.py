@@ -324,8 +324,12 @@ def verify_report(run: Run) -> tuple[list[str], bool]:
     """
     problems = run.verify()
     committed = sum(c.committed for c in run.checkpoints)
-    frozen = sum(bool(stage.frozen) for stage in run.stages)
-    digested = sum(map(partial(_has_example_digests, run), range(len(run.stages))))
+    try:
+        stages = run.stages
+    except DamagedStoreError:  # among the problems; what depends on them is not counted
+        stages = []
+    frozen = sum(bool(stage.frozen) for stage in stages)
+    digested = sum(map(partial(_has_example_digests, run), range(len(stages))))
     checks = (
         "checked against their checksums and digests"
         if run.format_version > 1

@@ -446,8 +446,9 @@ def test_bad_queries_and_data_are_refused_before_any_pass(two_stage, queries) ->
     cases = {
         "queries is empty": TensorDataset(x[:0], y[:0]),
         r"queries is a mapping with keys \['input', 'target'\]": {"input": x, "target": y},
-        # a pair of tensors, not a dataset of pairs: its two items do not stack
-        r"the queries, RegressionTask.measurement: the first 2 examples cannot be collated": (x, y),
+        r"queries is a tuple of 2 tensors, not a dataset of examples: pass TensorDataset": (x, y),
+        # a list of two tensors of other shapes: its two "examples" do not stack
+        r"the queries, RegressionTask.measurement: the first 2 examples cannot be collated": [x, y],
         r"the queries, RegressionTask.measurement: it fails on a batch of the first 2 examples, "
         r"a list of 2 items \(RuntimeError: mat1 and mat2": TensorDataset(x[:, :-1], y),
     }

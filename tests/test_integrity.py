@@ -428,7 +428,7 @@ def test_a_checkpoint_missing_from_a_complete_stage_is_damage(tmp_path: Path) ->
     shutil.rmtree(whole / schema.CHECKPOINTS / interior[1])
     [problem] = open_run(whole).verify()
     assert (problem.where, problem.names) == ("stage 's'", (interior[1],))
-    assert problem.reason.startswith(f"1 of its {len(interior) + 2} checkpoints are missing")
+    assert problem.reason.startswith(f"1 of its {len(interior) + 2} checkpoints is missing")
     assert problem.files == (f"{schema.CHECKPOINTS}/{interior[1]}",)
     with pytest.raises(DamagedStoreError, match=rf"stage 's': 1 of its .* \(1: {interior[1]}\)"):
         open_run(whole).require_intact()
@@ -460,8 +460,8 @@ def test_edited_metadata_is_damage(recorded: Path, tmp_path: Path) -> None:
         shutil.copytree(recorded, store)
         _edit_attributes(store / path, edit)
         damaged = open_run(store)
-        assert [(p.where, p.reason) for p in damaged.verify()] == [
-            (where, integrity.METADATA_MISMATCH)
+        assert [(p.where, p.reason, p.files) for p in damaged.verify()] == [
+            (where, integrity.METADATA_MISMATCH, (f"{path}/zarr.json",))
         ], where
         with pytest.raises(DamagedStoreError, match=where):
             if where == "steps":
@@ -492,7 +492,7 @@ def test_metadata_that_is_not_json_is_named(
 
     # A checkpoint's group: the others read; verify and inspect say which.
     [problem] = open_run(stores["group"]).verify()
-    assert (problem.where, problem.files) == (f"checkpoints/{key}", (cut["group"],))
+    assert (problem.where, problem.files) == (f"checkpoint {key}", (cut["group"],))
     assert problem.reason.startswith("its metadata cannot be read (")
     assert main(["inspect", str(stores["group"])]) == 0
     assert main(["verify", str(stores["group"])]) == EXIT_DAMAGED
@@ -501,9 +501,11 @@ def test_metadata_that_is_not_json_is_named(
     assert main(["inspect", str(stores["array"])]) == 0
     assert "unreadable" in capsys.readouterr().out
     assert main(["verify", str(stores["array"])]) == EXIT_DAMAGED
-    # The stage records: nothing can be read without them.
+    # The stage records: nothing that depends on them can be read; verify still reports.
     with pytest.raises(DamagedStoreError, match=r"stages: its metadata cannot be read .* in "):
         _ = open_run(stores["stages"]).stages
+    assert main(["verify", str(stores["stages"])]) == EXIT_DAMAGED
+    assert f"in {cut['stages']}" in capsys.readouterr().out
     # The root: not recognised as a store, and the message says how to mend a record.
     with pytest.raises(StoreError, match=r"no readable zarr.json at its root.*restore it"):
         open_run(stores["root"])

@@ -34,7 +34,7 @@ def test_a_stage_stopped_within_its_first_epoch_is_named(tmp_path) -> None:
 def test_epochs_that_each_draw_part_of_the_data_are_named(tmp_path) -> None:
     store = _record(tmp_path, loader(DATA), max_epochs=2, limit_train_batches=4)
     [found] = partial_draws(open_run(store))
-    assert "drew 32 to 32 examples per epoch, fewer than the 64 of its dataset" in found
+    assert "drew 32 examples per epoch, fewer than the 64 of its dataset" in found
 
 
 def test_whole_epochs_and_drop_last_are_not_a_shortfall(tmp_path) -> None:

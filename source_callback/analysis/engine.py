@@ -91,8 +91,8 @@ def _warn_zero_queries(grads: ModuleTensors) -> None:
         warnings.warn(
             f"{len(zero)} quer{'y has' if len(zero) == 1 else 'ies have'} a measurement with no "
             f"gradient ({listed([str(i) for i in zero], 8)}): their scores and stage effects are "
-            "all zero. A language-model query whose labels are all -100 measures nothing; give "
-            "it labels on the tokens to attribute.",
+            "all zero. A language-model query with no labelled token after its first (labels "
+            "all -100) measures nothing; give it labels on the tokens to attribute.",
             UserWarning,
             stacklevel=2,
         )

@@ -102,9 +102,11 @@ def partial_draws(run: Run | RunView) -> list[str]:
                 f"the {size} of its dataset (max_steps?)"
             )
         elif any(d + slack <= size for d in drawn[:-1]):
+            low, high = min(drawn[:-1]), max(drawn)
+            per_epoch = f"{low}" if low == high else f"{low} to {high}"
             shortfall = (
-                f"drew {min(drawn[:-1])} to {max(drawn)} examples per epoch, fewer than the "
-                f"{size} of its dataset (limit_train_batches, or a sampler over part of it?)"
+                f"drew {per_epoch} examples per epoch, fewer than the {size} of its dataset "
+                "(limit_train_batches, or a sampler over part of it?)"
             )
         else:
             continue
@@ -184,6 +186,11 @@ def check_queries(queries: Dataset) -> None:
         raise AnalysisError(
             f"queries is a mapping with keys {sorted(queries)[:8]} (a tokenizer's output?); "
             f"pass {DATASET_FORMS}."
+        )
+    if isinstance(queries, tuple) and all(isinstance(t, torch.Tensor) for t in queries):
+        raise AnalysisError(
+            f"queries is a tuple of {len(queries)} tensors, not a dataset of examples: pass "
+            "TensorDataset(*queries) (one example per row)."
         )
     try:
         count = len(queries)  # type: ignore[arg-type]

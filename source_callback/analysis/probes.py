@@ -33,8 +33,9 @@ from source_callback.store.schema import ROLE_END, ROLE_START, Stage
 #: Relative and absolute tolerance of a recomputed probe loss: float32 noise (another device,
 #: batch of one vs. fused kernels), far below what a changed model, label or task does.
 TOLERANCE_32 = (1e-3, 1e-5)
-#: The same for stages with 16-bit floating-point parameters.
-TOLERANCE_16 = (3e-2, 1e-3)
+#: The same for stages with 16-bit floating-point parameters: the bfloat16 rounding of logits
+#: moves a well-fitted example's loss by up to about 5e-3 (recomputed in float32).
+TOLERANCE_16 = (3e-2, 1e-2)
 
 LossFn = Callable[[Any], torch.Tensor]  # a batch of one example on the device -> its loss
 

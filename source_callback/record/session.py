@@ -323,6 +323,7 @@ class RecordingSession:
         self._batches = 0  # the current step's (micro-)batches
         self._divides_loss_by = 1  # StageSetup.divides_loss_by
         self._unmodelled = 0  # steps of this process clipping changed by an unknown factor
+        self._clip_steps = 0  # steps of this process whose clipping was checked
         self._clipping: GradientClipping | None = None
         self._checkpointed: set[int] = set()
         self._planned: frozenset[int] = frozenset()  # steps before which a checkpoint is taken
@@ -574,8 +575,9 @@ class RecordingSession:
             clipping = self._clipping
             warnings.warn(
                 f"{self.adapter}: gradient clipping ({clipping.kind} at {clipping.limit:g}) "
-                f"changed the gradients of {self._unmodelled} optimizer step(s) of stage "
-                f"{self._stage_name!r} in this process by a factor it cannot see. The analysis "
+                f"changed the gradients of {self._unmodelled} of the {self._clip_steps} "
+                f"optimizer steps of stage {self._stage_name!r} in this process by a factor it "
+                "cannot see. The analysis "
                 "takes those steps at their recorded learning rates, though they moved less, "
                 "and the scores and stage effects come out larger ('Gradient clipping' in "
                 "docs/limitations.md).",
@@ -705,6 +707,7 @@ class RecordingSession:
                 params = [p for g in self._optimizer.param_groups for p in g["params"]]
                 self._clip_scale = clipping.scale(params)
                 self._unmodelled += math.isnan(self._clip_scale)
+                self._clip_steps += 1
                 self._clipping = clipping
 
     def add_batch(

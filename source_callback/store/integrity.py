@@ -361,12 +361,13 @@ def with_digest(group: zarr.Group, changes: Mapping[str, Any]) -> dict[str, Any]
     return {**changes, schema.ATTR_METADATA_DIGEST: metadata_digest(after)}
 
 
-def metadata_problems(attributes: Mapping[str, Any], where: str) -> list[Damage]:
-    """The attributes' damage: none where they match their digest, or where none was recorded."""
+def metadata_problems(group: zarr.Group, where: str) -> list[Damage]:
+    """The group's attributes' damage: none where they match their digest or have none."""
+    attributes = group.attrs.asdict()
     recorded = attributes.get(schema.ATTR_METADATA_DIGEST)
     if recorded is None or recorded == metadata_digest(attributes):
         return []
-    return [Damage(where, (), METADATA_MISMATCH)]
+    return [Damage(where, (), METADATA_MISMATCH, (f"{group.path}/zarr.json",))]
 
 
 # -- reading -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -267,7 +267,7 @@ class Run:
         fails is a problem there (its frozen groups hold their arrays directly).
         """
         if self._packed:
-            damaged = integrity.metadata_problems(group.attrs.asdict(), where)
+            damaged = integrity.metadata_problems(group, where)
             if damaged:  # the index itself may be wrong: read nothing
                 return {}, damaged
             return integrity.read_packed(group, wanted, where)
@@ -418,7 +418,7 @@ class Run:
             group = self._group(schema.STEPS)
         except DamagedStoreError as exc:
             return {}, exc.problems
-        damaged = integrity.metadata_problems(group.attrs.asdict(), "steps")
+        damaged = integrity.metadata_problems(group, "steps")  # type: ignore[arg-type]
         if damaged:  # the row count and digests themselves may be wrong
             return {}, damaged
         recorded = group.attrs.get(schema.ATTR_ROW_DIGESTS, {}) if self._packed else None
@@ -437,7 +437,8 @@ class Run:
             try:
                 sub = self._group(schema.CHECKPOINTS, key)
             except DamagedStoreError as exc:  # verify reports it; reads cannot use it
-                self._unreadable += exc.problems
+                (problem,) = exc.problems
+                self._unreadable.append(replace(problem, where=f"checkpoint {key}"))
                 continue
             attrs = sub.attrs  # type: ignore[union-attr]
             out.append(
@@ -484,7 +485,7 @@ class Run:
         """
         chosen = self.checkpoints if checkpoints is None else list(checkpoints)
         stages = (
-            sorted(map(schema.parse_frozen_key, self._group(schema.FROZEN).group_keys()))  # type: ignore[union-attr]
+            sorted(map(schema.parse_frozen_key, self._member_names(schema.FROZEN)))
             if checkpoints is None
             else sorted({c.stage for c in chosen})
         )
@@ -505,10 +506,14 @@ class Run:
                 problems.append(Damage(where, (), _NEVER_COMMITTED))
                 continue
             problems += self._check_group(sub, _everything, where, frozen=True)[1]
-        problems += [p for index in range(len(self.stages)) for p in self._check_examples(index)[1]]
+        try:
+            count = len(self.stages)
+        except DamagedStoreError as exc:  # unreadable: what follows from them is not checked
+            return problems + exc.problems + self._check_steps()[1]
+        problems += [p for index in range(count) for p in self._check_examples(index)[1]]
         if checkpoints is None:
-            stages_attrs = self._group(schema.STAGES).attrs.asdict()  # type: ignore[union-attr]
-            damaged = integrity.metadata_problems(stages_attrs, "stage records")
+            stages_group = self._group(schema.STAGES)
+            damaged = integrity.metadata_problems(stages_group, "stage records")  # type: ignore[arg-type]
             problems += damaged or self._missing_checkpoints()  # which ones follows from them
         return problems + self._check_steps()[1]
 
@@ -534,7 +539,8 @@ class Run:
             ]
             missing = [key for key in taken if key not in present]
             if missing:
-                reason = f"{len(missing)} of its {len(taken)} checkpoints are missing"
+                verb = "is" if len(missing) == 1 else "are"
+                reason = f"{len(missing)} of its {len(taken)} checkpoints {verb} missing"
                 files = tuple(f"{schema.CHECKPOINTS}/{key}" for key in missing)
                 problems.append(Damage(f"stage {stage.name!r}", tuple(missing), reason, files))
         return problems
