@@ -302,8 +302,9 @@ class RunView:
                     f"{len(changed)} tensor(s) changed between the end of stage "
                     f"{self.stages[index - 1].name!r} and the start of stage "
                     f"{self.stages[index].name!r} outside training ({listed(changed, 5)}). "
-                    "SOURCE cannot carry effects across "
-                    "such a change (a re-initialised head, merged adapters). If the tensors were "
-                    "replaced on purpose, record the stage with next_stage(..., renamed="
-                    "{name: None}) so that they count as new."
+                    "SOURCE cannot carry effects across such a change (a model built afresh "
+                    "for the stage without loading the trained weights, a re-initialised head, "
+                    "merged adapters). Where the weights were not loaded, train the stage again "
+                    "from them; if the tensors were replaced on purpose, record the stage with "
+                    "next_stage(..., renamed={name: None}) so that they count as new."
                 )
