@@ -234,8 +234,15 @@ class RunView:
         return [CheckpointView(c, self) for c in self.run.checkpoints]
 
     def steps(self) -> dict[str, np.ndarray]:
-        """The run's per-step arrays (:meth:`Run.steps`)."""
-        return self.run.steps()
+        """The run's per-step arrays (:meth:`Run.steps`), read and verified once, read-only."""
+        return self._steps
+
+    @cached_property
+    def _steps(self) -> dict[str, np.ndarray]:
+        steps = self.run.steps()
+        for values in steps.values():
+            values.flags.writeable = False  # shared by every caller of the analysis
+        return steps
 
     def example_digests(self, stage: int) -> np.ndarray | None:
         """Stage ``stage``'s per-example digests (:meth:`Run.example_digests`)."""

@@ -577,10 +577,9 @@ class RecordingSession:
                 f"{self.adapter}: gradient clipping ({clipping.kind} at {clipping.limit:g}) "
                 f"changed the gradients of {self._unmodelled} of the {self._clip_steps} "
                 f"optimizer steps of stage {self._stage_name!r} in this process by a factor it "
-                "cannot see. The analysis "
-                "takes those steps at their recorded learning rates, though they moved less, "
-                "and the scores and stage effects come out larger ('Gradient clipping' in "
-                "docs/limitations.md).",
+                "cannot see. The analysis takes those steps at their recorded learning rates, "
+                "though they moved less, and the scores and stage effects come out larger "
+                "('Gradient clipping' in docs/limitations.md).",
                 stacklevel=3,
             )
         error = None
@@ -698,8 +697,9 @@ class RecordingSession:
 
         Schedulers step after the optimizer, and user code that sets the rate before the step
         has run by now. An optimizer other than the stage's (unwrapped) one is ignored. With
-        ``clipping`` (the framework's), the step is counted when clipping changed its
-        gradients: the analysis does not model clipping, and the stage's end warns.
+        ``clipping`` (the framework's), the factor it scales the step's gradients by goes into
+        the step's row (``scale``); a step it changed by a factor not known here is counted,
+        and the stage's end warns.
         """
         if self.active and optimizer is self._optimizer:
             self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
@@ -753,14 +753,14 @@ class RecordingSession:
             elif not self._loss_summed and self._loss_count > 1:
                 loss = loss / self._loss_count
             # A window of fewer micro-batches than the framework divided their losses by
-            window = self._batches / self._divides_loss_by if self._divides_loss_by > 1 else 1.0
+            window = min(1.0, self._batches / self._divides_loss_by) if self._batches else 1.0
             row = StepRow(
                 stage=self._stage_index,
                 epoch=epoch,
                 loss=loss,
                 examples=self._examples,
                 groups=self._hyper,
-                scale=self._clip_scale * min(window, 1.0),
+                scale=self._clip_scale * window,
             )
             if self.recorder is not None:
                 self.recorder.record_step(row)

@@ -428,17 +428,27 @@ class Run:
         """Learning rate used at every optimizer step, ``[steps, param groups]``."""
         return self.steps()[schema.STEP_LR]
 
-    @cached_property
+    @property
     def checkpoints(self) -> list[Checkpoint]:
         """Every checkpoint in step order, committed or not (see ``Checkpoint.committed``)."""
+        return self._checkpoint_listing[1]
+
+    @cached_property
+    def _checkpoint_folders(self) -> list[str]:
+        """The checkpoint groups' names, listed without reading their metadata."""
+        return self._member_names(schema.CHECKPOINTS)
+
+    @cached_property
+    def _checkpoint_listing(self) -> tuple[list[Damage], list[Checkpoint]]:
+        """The damage of checkpoints whose own metadata cannot be read, and the others."""
         out = []
-        self._unreadable: list[Damage] = []
-        for key in self._member_names(schema.CHECKPOINTS):
+        unreadable = []
+        for key in self._checkpoint_folders:
             try:
                 sub = self._group(schema.CHECKPOINTS, key)
             except DamagedStoreError as exc:  # verify reports it; reads cannot use it
                 (problem,) = exc.problems
-                self._unreadable.append(replace(problem, where=f"checkpoint {key}"))
+                unreadable.append(replace(problem, where=f"checkpoint {key}"))
                 continue
             attrs = sub.attrs  # type: ignore[union-attr]
             out.append(
@@ -452,7 +462,7 @@ class Run:
                     _run=self,
                 )
             )
-        return out
+        return unreadable, out
 
     def frozen_params(self, stage: int) -> dict[str, torch.Tensor]:
         """Non-trainable parameters of stage ``stage`` (empty when all were trainable)."""
@@ -491,7 +501,7 @@ class Run:
         )
         problems = [p for c in chosen for p in c.problems()]
         if checkpoints is None:
-            problems += self._unreadable  # checkpoints whose own metadata cannot be read
+            problems += self._checkpoint_listing[0]  # their own metadata cannot be read
         for stage in stages:
             try:
                 sub = self._group(schema.FROZEN, schema.frozen_key(stage), missing_ok=True)
@@ -523,7 +533,7 @@ class Run:
         A complete stage took its start and end checkpoints and every planned interior one
         up to its last step (a stage stopped early plans some it never reaches).
         """
-        present = set(self._member_names(schema.CHECKPOINTS))
+        present = set(self._checkpoint_folders)
         problems = []
         for stage in self.stages:
             if not stage.complete:
