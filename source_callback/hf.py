@@ -21,6 +21,7 @@ from transformers.trainer_callback import ExportableState
 
 from source_callback import errors
 from source_callback.optim import GradientClipping
+from source_callback.record.grad_norms import BackwardEndNorms
 from source_callback.record.probe import ProbeUnavailable, probing
 from source_callback.record.session import (
     RecordingCallback,
@@ -161,6 +162,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
     """
 
     _hook: torch.utils.hooks.RemovableHandle | None = None
+    _norms: BackwardEndNorms | None = None
     _epoch = 0
     _loss_scale = 1
     _world_size = 1
@@ -249,6 +251,8 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         self._world_size = args.world_size
         self._epoch = int(state.epoch or 0)
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            self._norms = BackwardEndNorms(model)
 
     @staticmethod
     def _check_supported(args: TrainingArguments, model: nn.Module | None) -> None:
@@ -309,6 +313,9 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._norms is not None:
+            self._norms.remove()
+            self._norms = None
         self._session.abort()
 
     # -- steps -------------------------------------------------------------------------------
@@ -327,11 +334,15 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         **kwargs: Any,
     ) -> None:
         # The scheduler steps after the optimizer: these are the values this step uses. The
-        # Trainer has clipped the gradients by now.
-        clipping = None
-        if args.max_grad_norm and args.max_grad_norm > 0:
+        # Trainer has clipped the gradients by now; the norms say by how much.
+        clipping, before = None, None
+        if self._norms is not None:
             clipping = GradientClipping(float(args.max_grad_norm), "norm", applied=True)
-        self._session.optimizer_step(getattr(optimizer, "optimizer", optimizer), clipping)
+            before = self._norms.take()
+            scaler = getattr(optimizer, "scaler", None)  # fp16's: the backward pass was scaled
+            if before is not None and scaler is not None and scaler.is_enabled():
+                before = before.divided_by(float(scaler.get_scale()))
+        self._session.optimizer_step(getattr(optimizer, "optimizer", optimizer), clipping, before)
 
     def _on_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any

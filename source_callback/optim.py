@@ -6,7 +6,10 @@ the same description back. It depends on neither side.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -171,6 +174,74 @@ def optimizer_state_by_name(
 
 
 @dataclass(frozen=True)
+class GradientNorms:
+    """The norms of some parameters' gradients at one moment.
+
+    A framework whose callbacks see the gradients only after it clipped them (the Trainer's)
+    needs them measured before: the factor clipping scaled a step by is then known, and checked
+    against the clipped gradients (:meth:`GradientClipping.scale`).
+
+    Attributes
+    ----------
+    params
+        The parameters, in a fixed order.
+    present
+        The positions in ``params`` of those with a gradient.
+    norms
+        Their gradients' 2-norms, in that order (a float64 tensor on their device).
+    rtol
+        The relative rounding of a norm after the gradients are scaled in their own precision.
+    """
+
+    params: tuple[torch.Tensor, ...]
+    present: tuple[int, ...]
+    norms: torch.Tensor
+    rtol: float
+
+    @classmethod
+    def of(cls, params: Sequence[torch.Tensor]) -> GradientNorms:
+        """Measure the gradients of ``params`` now (fused reductions, no synchronisation)."""
+        params = tuple(params)
+        present = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        grads = [params[i].grad.detach() for i in present]
+        if not grads:
+            return cls(params, (), torch.zeros(0, dtype=torch.float64), 1e-4)
+        # One kernel per device and dtype, as torch.nn.utils.get_total_norm computes them.
+        measured = torch._foreach_norm(grads)
+        device = grads[0].device
+        if any(g.device != device for g in grads):
+            measured = [n.to(device) for n in measured]
+        narrow = any(g.dtype.itemsize < 4 for g in grads)
+        return cls(params, present, torch.stack(measured).double(), 1e-2 if narrow else 1e-4)
+
+    @functools.cached_property
+    def values(self) -> list[float]:
+        """The norms as numbers (one synchronisation, the first time)."""
+        return self.norms.tolist()
+
+    def divided_by(self, scale: float) -> GradientNorms:
+        """These norms for the gradients divided by ``scale`` (a loss scale)."""
+        return dataclasses.replace(self, norms=self.norms / scale)
+
+    def total(self) -> float:
+        """The 2-norm of all the gradients together (what clipping by norm compares)."""
+        return math.sqrt(math.fsum(v * v for v in self.values))
+
+    def scaled_by(self, before: GradientNorms, factor: float) -> bool:
+        """Whether these gradients are ``before``'s, each scaled by ``factor`` within rounding.
+
+        Both measure the same parameters. Those with a gradient must be the same in both (one
+        that got its gradient later, after a backward pass measured before it ended, fails), and
+        any change other than one factor for all (some gradients edited in between) fails.
+        """
+        rtol = max(self.rtol, before.rtol)
+        return self.present == before.present and all(
+            abs(a - factor * b) <= rtol * factor * b
+            for a, b in zip(self.values, before.values, strict=True)
+        )
+
+
+@dataclass(frozen=True)
 class GradientClipping:
     """How a framework clips a step's gradients before the optimizer steps.
 
@@ -191,16 +262,31 @@ class GradientClipping:
     kind: str = "norm"
     applied: bool = False
 
-    def scale(self, params: list[torch.Tensor]) -> float:
+    def factor(self, norm: float) -> float:
+        """What clipping by norm scales gradients of total norm ``norm`` by (torch's rule)."""
+        return min(1.0, self.limit / (norm + 1e-6))
+
+    def scale(self, params: list[torch.Tensor], before: GradientNorms | None = None) -> float:
         """The factor clipping scales this step's gradients of ``params`` by.
 
         1 where clipping does not change them; ``limit / (norm + 1e-6)`` (torch's) where it
-        clips the gradients' norm, seen before clipping; NaN where it changed them by a factor
-        not known here (clipping by value, or norm clipping seen after it happened: a clipped
-        step's norm is then at least ``limit² / (limit + 1e-6)``, and one within 1e-4 of that,
-        for rounding, counts as clipped). Every process of a sharded run must call it: the
-        norm of sharded gradients is reduced across them.
+        clips the gradients' norm, seen before clipping. Seen after clipping, with ``before``
+        (the gradients measured when the backward pass ended, divided by any loss scale): the
+        factor every gradient was scaled by since, whatever scaled them, where one factor for
+        all describes the change within rounding. NaN where clipping changed them by a factor
+        not known here (clipping by value, or norm clipping seen after it happened without a
+        ``before`` that one factor maps to the gradients now: a clipped step's norm is then at
+        least ``limit² / (limit + 1e-6)``, and one within 1e-4 of that, for rounding, counts as
+        clipped). Every process of a sharded run must call it: the norm of sharded gradients
+        is reduced across them.
         """
+        if self.applied and before is not None:
+            now, norm = GradientNorms.of(before.params), before.total()
+            rule = self.factor(norm) if self.kind == "norm" else 1.0
+            measured = now.total() / norm if norm > 0 else 1.0
+            for factor in (rule, measured):  # torch's exact value where it is the one
+                if now.scaled_by(before, factor):
+                    return factor
         grads = [p.grad.detach() for p in params if p.grad is not None]
         if not grads:
             return 1.0
@@ -212,7 +298,7 @@ class GradientClipping:
         if self.applied:
             changed = total >= self.limit**2 / (self.limit + 1e-6) * (1 - 1e-4)
             return math.nan if changed else 1.0
-        return min(1.0, self.limit / (total + 1e-6))
+        return self.factor(total)
 
 
 def _reduced(value: torch.Tensor) -> float:

@@ -1,6 +1,8 @@
 """How much the frameworks scaled each step's gradient (``scale`` in the step rows: clipping by
-norm, a short last accumulation window), against the gradients they saw; clipping by a factor
-the callback cannot see (by value; the Trainer's, seen after it) is counted and warned about."""
+norm, Lightning's seen before it clips, the Trainer's measured when the backward pass ends; a
+short last accumulation window), against the norms the frameworks saw; clipping by a factor the
+callback cannot know (by value; the Trainer's after other changes to the gradients) is counted
+and warned about."""
 
 from __future__ import annotations
 
@@ -83,32 +85,138 @@ def test_clipping_that_never_binds_is_not_warned_about(tmp_path) -> None:
     assert (open_run(tmp_path / "run.zarr").steps()["scale"] == 1).all()
 
 
-def test_the_trainer_counts_the_steps_max_grad_norm_clipped(tmp_path) -> None:
-    """The Trainer's callbacks see the gradients clipped; its log has each step's norm before."""
+def _train_hf(
+    tmp_path, limit: float, trainer_class=None, model=None, **arguments
+) -> tuple[list[float], list[str]]:
+    """A Trainer run clipping at ``limit``: the norms before clipping its log holds for every
+    step, and the clipping warnings."""
     pytest.importorskip("transformers")
     from hf_models import LabelledSequences, seeded_llama, trainer_arguments
     from transformers import Trainer
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = trainer_arguments(
+        tmp_path / f"out{limit}", max_grad_norm=limit, logging_strategy="steps",
+        logging_steps=1, num_train_epochs=2, **arguments,
+    )  # fmt: skip
+    callback = SourceTrainerCallback(tmp_path / f"run{limit}.zarr", stage="s")
+    run = (trainer_class or Trainer)(model=model or seeded_llama(), args=args,
+                                     train_dataset=LabelledSequences(16, seed=1),
+                                     callbacks=[callback])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.train()
+    norms = [e["grad_norm"] for e in run.state.log_history if "grad_norm" in e]
+    return norms, [str(w.message) for w in caught if "gradient clipping" in str(w.message)]
 
-    def train(limit: float) -> tuple[list[float], list[str]]:
-        args = trainer_arguments(
-            tmp_path / f"out{limit}", max_grad_norm=limit, logging_strategy="steps",
-            logging_steps=1, num_train_epochs=2,
-        )  # fmt: skip
-        callback = SourceTrainerCallback(tmp_path / f"run{limit}.zarr", stage="s")
-        run = Trainer(model=seeded_llama(), args=args, train_dataset=LabelledSequences(16, seed=1),
-                      callbacks=[callback])  # fmt: skip
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run.train()
-        norms = [e["grad_norm"] for e in run.state.log_history if "grad_norm" in e]
-        return norms, [str(w.message) for w in caught if "gradient clipping" in str(w.message)]
 
-    free, none = train(1e6)
+def _lora_checkpointed() -> dict:
+    """LoRA adapters inside layers recomputed in nested backward passes (reentrant activation
+    checkpointing): no gradient of the outer pass is trainable."""
+    from hf_models import add_lora, seeded_llama
+
+    model = add_lora(seeded_llama(), ["q_proj", "v_proj"])
+    model.enable_input_require_grads()
+    return {
+        "model": model,
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": True},
+    }
+
+
+@pytest.mark.parametrize("setting", [dict, _lora_checkpointed], ids=["full", "lora-checkpointed"])
+def test_the_trainers_clipping_is_recorded_from_the_norms_before_it_clipped(
+    tmp_path, setting
+) -> None:
+    """The Trainer's callbacks see the gradients clipped; the callback measures them when the
+    backward pass ends. The Trainer's log has each step's norm before clipping."""
+    free, none = _train_hf(tmp_path, 1e6, **setting())
     assert len(free) == 8 and none == []
     limit = sorted(free)[len(free) // 2]
-    norms, [message] = train(limit)
-    over = sum(n > limit for n in norms)
-    assert 0 < over < len(norms)
-    assert f"(norm at {limit:g}) changed the gradients of {over} of the 8 optimizer" in message
+    norms, messages = _train_hf(tmp_path, limit, **setting())
+    expected = [min(1.0, limit / (n + 1e-6)) for n in norms]
+    assert 0 < sum(e < 1 for e in expected) < len(expected) == 8
+    np.testing.assert_allclose(open_run(tmp_path / f"run{limit}.zarr").steps()["scale"],
+                               expected, rtol=1e-5)  # fmt: skip
+    assert messages == []
+
+
+class _Editing:
+    """Trainers that change the gradients between the backward pass and the Trainer's clipping
+    (its log's norms are then those of the changed gradients)."""
+
+    @staticmethod
+    def trainer(edit):
+        transformers = pytest.importorskip("transformers")
+
+        class Editing(transformers.Trainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                edit(model)
+                return loss
+
+        return Editing
+
+
+def _halve(model) -> None:
+    for param in model.parameters():
+        param.grad.mul_(0.5)
+
+
+def _zero_embeddings(model) -> None:
+    model.get_input_embeddings().weight.grad.zero_()
+
+
+def test_any_one_factor_between_backward_and_step_is_recorded(tmp_path) -> None:
+    """The recorded factor is what the gradient of the examples was scaled by before the step,
+    whatever scaled it: here halved by the user's code, then clipped by the Trainer."""
+    halving = _Editing.trainer(_halve)
+    free, _ = _train_hf(tmp_path, 1e6, halving)
+    limit = sorted(free)[len(free) // 2]
+    norms, messages = _train_hf(tmp_path, limit, halving)  # the halved gradients' norms
+    expected = [0.5 * min(1.0, limit / (n + 1e-6)) for n in norms]
+    assert 0 < sum(n > limit for n in norms) < len(norms) == 8
+    scale = open_run(tmp_path / f"run{limit}.zarr").steps()["scale"]
+    np.testing.assert_allclose(scale, expected, rtol=1e-5)
+    assert messages == []
+
+
+def test_a_change_no_one_factor_describes_is_counted_as_unknown(tmp_path) -> None:
+    """Zeroing one tensor's gradient is no scaling: where the Trainer clipped after it, the
+    factor is not known, and counted; elsewhere the step is taken as unscaled, as before."""
+    zeroing = _Editing.trainer(_zero_embeddings)
+    free, _ = _train_hf(tmp_path, 1e6, zeroing)
+    limit = sorted(free)[len(free) // 2]
+    norms, [message] = _train_hf(tmp_path, limit, zeroing)
+    over = [n > limit for n in norms]
+    assert 0 < sum(over) < len(norms)
+    assert f"(norm at {limit:g}) changed the gradients of {sum(over)} of the 8 optimizer" in message
+    scale = open_run(tmp_path / f"run{limit}.zarr").steps()["scale"]
+    np.testing.assert_array_equal(np.isnan(scale), over)
+    assert (scale[~np.isnan(scale)] == 1).all()
+
+
+def test_a_loss_scale_is_divided_out(tmp_path) -> None:
+    """fp16 training scales the loss by accelerate's GradScaler, which unscales the gradients
+    before the Trainer clips them: the factor is against the unscaled gradient. fp16 needs a
+    GPU; here the scaler runs on CPU, given to the Trainer's accelerator and unscaling before
+    the clipping as accelerate does for fp16."""
+    transformers = pytest.importorskip("transformers")
+
+    class Scaled(transformers.Trainer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+        def _clip_grad_norm(self, model):
+            self.accelerator.scaler.unscale_(self.optimizer.optimizer)
+            return super()._clip_grad_norm(model)
+
+    free, _ = _train_hf(tmp_path, 1e6, Scaled)
+    limit = sorted(free)[len(free) // 2]
+    norms, messages = _train_hf(tmp_path, limit, Scaled)
+    expected = [min(1.0, limit / (n + 1e-6)) for n in norms]
+    assert 0 < sum(e < 1 for e in expected) < len(expected) == 8
+    scale = open_run(tmp_path / f"run{limit}.zarr").steps()["scale"]
+    np.testing.assert_allclose(scale, expected, rtol=1e-5)
+    assert messages == []

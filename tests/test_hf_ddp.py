@@ -61,6 +61,13 @@ def test_trainer_ddp_is_recorded_once_with_the_global_batch(tmp_path) -> None:
     assert lrs[0, 0] == 0.0  # the warmup's first step
     np.testing.assert_allclose(steps["weight_decay"], [[0.1, 0.0]] * 6)
 
+    # Clipping: the factor, from the averaged gradients' norm before the Trainer clipped them
+    # (measured after DDP averaged them), as the Trainer's log has it.
+    assert ranks[0]["grad_norm"] == ranks[1]["grad_norm"]
+    clipped = [min(1.0, script.MAX_GRAD_NORM / (n + 1e-6)) for n in ranks[0]["grad_norm"]]
+    assert 0 < sum(c < 1 for c in clipped) < 6
+    np.testing.assert_allclose(steps["scale"], clipped, rtol=1e-5)
+
     # Checkpoints: the parameters and AdamW state rank 0 had before the step, and at the end
     # the final model, which DDP keeps identical on both ranks.
     for name, value in ranks[0]["final"]["params"].items():

@@ -44,6 +44,7 @@ from source_callback.fingerprint import dataset_fingerprint, example_digest
 from source_callback.manifest import model_manifest, persistent_buffers
 from source_callback.optim import (
     GradientClipping,
+    GradientNorms,
     OptimizerRecord,
     UpdateRule,
     describe_optimizer,
@@ -691,21 +692,25 @@ class RecordingSession:
             )
 
     def optimizer_step(
-        self, optimizer: torch.optim.Optimizer, clipping: GradientClipping | None = None
+        self,
+        optimizer: torch.optim.Optimizer,
+        clipping: GradientClipping | None = None,
+        before: GradientNorms | None = None,
     ) -> None:
         """Right before ``optimizer`` steps: its hyperparameters are the ones this step uses.
 
         Schedulers step after the optimizer, and user code that sets the rate before the step
         has run by now. An optimizer other than the stage's (unwrapped) one is ignored. With
         ``clipping`` (the framework's), the factor it scales the step's gradients by goes into
-        the step's row (``scale``); a step it changed by a factor not known here is counted,
-        and the stage's end warns.
+        the step's row (``scale``); ``before`` are the gradients measured before a framework
+        that has clipped them by now (:meth:`GradientClipping.scale`). A step clipping changed by
+        a factor not known here is counted, and the stage's end warns.
         """
         if self.active and optimizer is self._optimizer:
             self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
             if clipping is not None:
                 params = [p for g in self._optimizer.param_groups for p in g["params"]]
-                self._clip_scale = clipping.scale(params)
+                self._clip_scale = clipping.scale(params, before)
                 self._unmodelled += math.isnan(self._clip_scale)
                 self._clip_steps += 1
                 self._clipping = clipping

@@ -40,6 +40,7 @@ STORAGE_OPTIONS = "SOURCE_CALLBACK_TEST_STORAGE_OPTIONS"
 PER_PROCESS_BATCH = 8
 PRETRAIN = {"n": 64, "seed": 0, "epochs": 2}  # 64 / (8 x 2) = 4 steps per epoch
 FINETUNE = {"n": 48, "seed": 1, "epochs": 1}  # 48 / (8 x 2) = 3 steps
+CLIP_NORM = 0.45  # gradient_clip_val: binds on some steps of each stage
 
 
 class ShardedClassifier(TinyClassifier):
@@ -64,6 +65,7 @@ def _trainer(
         devices=devices,
         strategy=_strategy(devices, sharded),
         max_epochs=epochs,
+        gradient_clip_val=CLIP_NORM,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

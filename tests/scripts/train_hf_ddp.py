@@ -4,8 +4,9 @@ Usage: ``python -m torch.distributed.run --standalone --nproc_per_node=2 train_h
 OUT``. The Trainer reads ``LOCAL_RANK``/``WORLD_SIZE`` from the launcher and wraps the model in
 DDP. Besides the store, every rank writes ``OUT/rank<r>.pt``, the ground truth the test
 compares the store with: the examples each of its optimizer steps saw (counted by a forward
-pre-hook of its own), the learning rates the Trainer logged, the parameters and AdamW state
-before every step and at the end, and the stores it opened a writer on. Each rank prints
+pre-hook of its own), the learning rates and gradient norms (before clipping) the Trainer
+logged, the parameters and AdamW state before every step and at the end, and the stores it
+opened a writer on. Each rank prints
 ``DONE rank=<r>``.
 """
 
@@ -32,6 +33,7 @@ PER_DEVICE_BATCH = 4
 ACCUMULATION = 2
 EXAMPLES = 38  # 10 batches of 4 (the last holds 2): 5 per rank, the last step is short
 EPOCHS = 2
+MAX_GRAD_NORM = 0.5  # clips some steps
 
 
 class Truth(TrainerCallback):
@@ -97,6 +99,7 @@ def main() -> None:
         ddp_backend="gloo",
         ddp_find_unused_parameters=False,
         report_to=[],
+        max_grad_norm=MAX_GRAD_NORM,
         save_strategy="no",
         logging_strategy="steps",
         logging_steps=1,
@@ -119,6 +122,7 @@ def main() -> None:
             "world_size": args.world_size,
             "examples": truth.examples,
             "lr": [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e],
+            "grad_norm": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
             "before": truth.before,
             "final": truth.final,
             "opened": opened,
