@@ -243,6 +243,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             global_step=state.global_step,
             probe_losses=None if args.label_smoothing_factor else probe_losses,
             recorded_by="transformers",
+            loss_scaler=getattr(optimizer, "scaler", None),  # accelerate's, with fp16
         )
         self._session.start(ranks, setup)
         # With num_items_in_batch averaged over processes, the Trainer multiplies the model's

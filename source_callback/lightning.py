@@ -250,6 +250,7 @@ class SourceCallback(RecordingCallback, Callback):
             probe_losses=probe_losses,
             recorded_by="lightning",
             divides_loss_by=divided,
+            loss_scaler=getattr(trainer.precision_plugin, "scaler", None),
         )
         self._session.start(_Ranks(trainer), setup)
 

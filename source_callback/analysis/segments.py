@@ -54,7 +54,8 @@ class Segment:
     decay_mass
         The sum of the effective learning rates that weight decay moves by, per parameter
         group: ``lr_mass`` without the steps' gradient scales (clipping and short accumulation
-        windows scale the gradient, not the decay the optimizer adds); ``None``: ``lr_mass``.
+        windows scale the gradient, not the decay the optimizer adds; a skipped step has
+        neither); ``None``: ``lr_mass``.
 
     """
 
@@ -127,8 +128,9 @@ def effective_rates(
 def gradient_scales(steps: Mapping[str, np.ndarray], stage: Stage) -> np.ndarray:
     """The factor the framework scaled each of the stage's steps' gradient by, ``[steps]``.
 
-    Clipping by norm and a short last accumulation window (``schema.STEP_SCALE``); 1 where
-    unknown (NaN: clipping by value, or seen after the fact) or not recorded (older stores).
+    Clipping by norm and a short last accumulation window (``schema.STEP_SCALE``); 0 for a
+    step the optimizer did not take (a loss scaler skipped it); 1 where unknown (NaN: clipping
+    by value, or seen after the fact) or not recorded (older stores).
     """
     rows = slice(stage.first_step, stage.last_step + 1)  # type: ignore[operator]
     recorded = steps.get(STEP_SCALE)
@@ -216,7 +218,8 @@ def plan_segments(
     for stage in run.stages:
         spec = segments.get(stage.name, 1) if isinstance(segments, Mapping) else segments
         rates = effective_rates(steps, stage, _assumed_rule(stage, optimizer_model), momentum_tail)
-        scaled = rates * gradient_scales(steps, stage)[:, None]
+        scales = gradient_scales(steps, stage)[:, None]
+        scaled, taken = rates * scales, rates * (scales != 0)  # a skipped step decays nothing
         bounds = _boundaries(stage, spec)
         for start, end in itertools.pairwise(bounds):
             inside = tuple(c for c in committed if c.stage == stage.index and start <= c.step < end)
@@ -228,7 +231,7 @@ def plan_segments(
                     "segments, or record with a larger checkpoints_per_stage."
                 )
             part = slice(start - stage.first_step, end - stage.first_step)
-            rows, decay = scaled[part], rates[part].sum(0)
+            rows, decay = scaled[part], taken[part].sum(0)
             later = tuple(c for c in every if c.stage == stage.index and c.step >= end)
             out.append(
                 Segment(stage.index, start, end, inside, rows.sum(0), rows.max(0), later, decay)

@@ -214,6 +214,10 @@ class StageSetup:
         What the framework divides every (micro-)batch's loss by before the backward pass
         (Lightning: ``accumulate_grad_batches``, in automatic optimization), also in a last
         accumulation window of fewer batches; 1 where it normalises by the window it has.
+    loss_scaler
+        The loss scaler of fp16 mixed precision (``torch.amp.GradScaler``), if any: it skips
+        the optimizer step whose gradients are not finite, and lowers its scale then (its
+        ``backoff_factor`` is below 1), which is how a skipped step is known.
     """
 
     model: nn.Module
@@ -228,6 +232,7 @@ class StageSetup:
     probe_losses: ProbeLosses | None
     recorded_by: str
     divides_loss_by: int = 1
+    loss_scaler: Any = None
 
 
 def _validate_stage_name(name: str | None) -> None:
@@ -323,6 +328,8 @@ class RecordingSession:
         self._clip_scale = 1.0  # the current step's (GradientClipping.scale)
         self._batches = 0  # the current step's (micro-)batches
         self._divides_loss_by = 1  # StageSetup.divides_loss_by
+        self._loss_scaler: Any = None  # StageSetup.loss_scaler
+        self._scale_before: float | None = None  # its scale before the current step
         self._unmodelled = 0  # steps of this process clipping changed by an unknown factor
         self._clip_steps = 0  # steps of this process whose clipping was checked
         self._clipping: GradientClipping | None = None
@@ -439,6 +446,8 @@ class RecordingSession:
         """
         self._model, self._optimizer = setup.model, setup.optimizer
         self._divides_loss_by = setup.divides_loss_by
+        scaler = setup.loss_scaler
+        self._loss_scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self._names = {id(p): n for n, p in setup.model.named_parameters()}
         description = describe_optimizer(setup.optimizer, self._names)
         self._rule = description.update_rule
@@ -708,6 +717,8 @@ class RecordingSession:
         """
         if self.active and optimizer is self._optimizer:
             self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
+            if self._loss_scaler is not None:
+                self._scale_before = float(self._loss_scaler.get_scale())
             if clipping is not None:
                 params = [p for g in self._optimizer.param_groups for p in g["params"]]
                 self._clip_scale = clipping.scale(params, before)
@@ -747,6 +758,11 @@ class RecordingSession:
         elif self._examples >= 0:
             self._examples += examples
 
+    def _skipped(self) -> bool:
+        """Whether the loss scaler skipped the step just taken (its scale fell during it)."""
+        before, self._scale_before = self._scale_before, None
+        return before is not None and float(self._loss_scaler.get_scale()) < before
+
     def finish_steps(self, global_step: int, epoch: int) -> None:
         """Emit a row for each optimizer step completed since the last row."""
         if not self.active:
@@ -759,6 +775,8 @@ class RecordingSession:
                 loss = loss / self._loss_count
             # A window of fewer micro-batches than the framework divided their losses by
             window = min(1.0, self._batches / self._divides_loss_by) if self._batches else 1.0
+            if self._skipped():
+                window = 0.0  # the optimizer did not step: no rate, no decay (STEP_SCALE)
             row = StepRow(
                 stage=self._stage_index,
                 epoch=epoch,

@@ -43,7 +43,8 @@ STEP_EXAMPLES = "examples"
 # The factor by which the framework scaled the step's gradient, against the mean gradient of
 # its examples: clipping by norm (``limit / (norm + 1e-6)`` where it bound) times, for a last
 # accumulation window of m < k micro-batches whose losses were each divided by k, m / k. 1 where
-# neither; NaN where unknown (clipping by value, or seen only after it happened). Stores
+# neither; 0 where the optimizer did not step (fp16's loss scaler skipped it: no update, no
+# weight decay); NaN where unknown (clipping by value, or by a factor not seen). Stores
 # written before it have no such array (read as 1).
 STEP_SCALE = "scale"
 # Per-step, per-param-group hyperparameters ([steps, groups], NaN where a group or field is absent).
