@@ -144,6 +144,24 @@ def tiny_bart() -> nn.Module:
     return BartForConditionalGeneration(config)
 
 
+def loss_scaled_trainer(init_scale: float) -> type:
+    """A ``Trainer`` with fp16's loss scaling on CPU (fp16 needs a GPU): accelerate's
+    GradScaler, given ``init_scale``, scales the loss and unscales the gradients before the
+    Trainer clips them, as accelerate does for fp16."""
+    from transformers import Trainer
+
+    class LossScaled(Trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+        def _clip_grad_norm(self, model: nn.Module) -> Any:
+            self.accelerator.scaler.unscale_(self.optimizer.optimizer)
+            return super()._clip_grad_norm(model)
+
+    return LossScaled
+
+
 def add_lora(model: nn.Module, targets: list[str]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 

@@ -9,6 +9,7 @@ steps overflow, as fp16's 65536 does on real models: the scaler halves itself af
 from __future__ import annotations
 
 import os
+import warnings
 
 import lightning.pytorch as pl
 import numpy as np
@@ -72,8 +73,10 @@ def test_lightning_steps_the_scaler_skipped_are_recorded_and_not_taken(tmp_path)
 
 
 def test_trainer_steps_the_scaler_skipped_are_recorded(tmp_path) -> None:
+    """With the Trainer's clipping (max_grad_norm 1) too: a skipped step's gradients are not
+    finite, and it is not counted as clipped by an unknown factor."""
     transformers = pytest.importorskip("transformers")
-    from hf_models import LabelledSequences, seeded_llama, trainer_arguments
+    from hf_models import LabelledSequences, loss_scaled_trainer, seeded_llama, trainer_arguments
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     truth = Taken()
@@ -85,19 +88,18 @@ def test_trainer_steps_the_scaler_skipped_are_recorded(tmp_path) -> None:
         def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
             truth.step_ended(model)
 
-    class Scaled(transformers.Trainer):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
-
-    args = trainer_arguments(tmp_path / "out", max_grad_norm=0.0, num_train_epochs=2)
+    args = trainer_arguments(tmp_path / "out", max_grad_norm=1.0, num_train_epochs=2)
     callback = SourceTrainerCallback(tmp_path / "run.zarr", stage="s")
-    Scaled(
-        model=seeded_llama(),
-        args=args,
-        train_dataset=LabelledSequences(16, seed=1),
-        callbacks=[callback, Watch()],
-    ).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss_scaled_trainer(2.0**127)(
+            model=seeded_llama(),
+            args=args,
+            train_dataset=LabelledSequences(16, seed=1),
+            callbacks=[callback, Watch()],
+        ).train()
     taken = np.array(truth.taken)
     assert len(taken) == 8 and 0 < (~taken).sum() < 8
-    np.testing.assert_array_equal(open_run(tmp_path / "run.zarr").steps()["scale"], taken)
+    scale = open_run(tmp_path / "run.zarr").steps()["scale"]
+    assert (scale[~taken] == 0).all() and (scale[taken] > 0).all()
+    assert not [w for w in caught if "gradient clipping" in str(w.message)]

@@ -722,8 +722,6 @@ class RecordingSession:
             if clipping is not None:
                 params = [p for g in self._optimizer.param_groups for p in g["params"]]
                 self._clip_scale = clipping.scale(params, before)
-                self._unmodelled += math.isnan(self._clip_scale)
-                self._clip_steps += 1
                 self._clipping = clipping
 
     def add_batch(
@@ -775,15 +773,19 @@ class RecordingSession:
                 loss = loss / self._loss_count
             # A window of fewer micro-batches than the framework divided their losses by
             window = min(1.0, self._batches / self._divides_loss_by) if self._batches else 1.0
+            scale = self._clip_scale * window
             if self._skipped():
-                window = 0.0  # the optimizer did not step: no rate, no decay (STEP_SCALE)
+                scale = 0.0  # the optimizer did not step: no rate, no decay (STEP_SCALE)
+            elif self._clipping is not None:
+                self._unmodelled += math.isnan(scale)
+                self._clip_steps += 1
             row = StepRow(
                 stage=self._stage_index,
                 epoch=epoch,
                 loss=loss,
                 examples=self._examples,
                 groups=self._hyper,
-                scale=self._clip_scale * window,
+                scale=scale,
             )
             if self.recorder is not None:
                 self.recorder.record_step(row)
