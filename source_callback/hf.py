@@ -244,6 +244,10 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             probe_losses=None if args.label_smoothing_factor else probe_losses,
             recorded_by="transformers",
             loss_scaler=getattr(optimizer, "scaler", None),  # accelerate's, with fp16
+            no_probe="the Trainer's loss with label smoothing (label_smoothing_factor) is not "
+            "the model's own per-example loss"
+            if args.label_smoothing_factor
+            else None,
         )
         self._session.start(ranks, setup)
         # With num_items_in_batch averaged over processes, the Trainer multiplies the model's

@@ -56,6 +56,14 @@ def test_foreign_zarr_group(tmp_path) -> None:
     assert tree_digest(foreign) == before
 
 
+def test_store_path_under_a_regular_file(tmp_path) -> None:
+    file = tmp_path / "results"
+    file.write_text("precious")
+    with pytest.raises(StoreError, match=r"could not create a store at .*results/run.zarr: Not a"):
+        _fit(tmp_path, file / "run.zarr")
+    assert file.read_text() == "precious"
+
+
 def test_missing_store(tmp_path) -> None:
     with pytest.raises(StoreError, match="no store at"):
         open_run(tmp_path / "nothing.zarr")

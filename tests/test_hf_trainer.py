@@ -231,6 +231,17 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
     assert_same_record(run, ref)
 
 
+def test_label_smoothing_is_named_as_why_no_probe_is_recorded(tmp_path) -> None:
+    args = trainer_arguments(tmp_path, label_smoothing_factor=0.1)
+    callback = SourceTrainerCallback(tmp_path / "run.zarr", stage="s")
+    trainer = Trainer(model=seeded_llama(), args=args, train_dataset=LabelledSequences(8, seed=1),
+                      callbacks=[callback])  # fmt: skip
+    reason = r"stage 's' from here on: the Trainer's loss with label smoothing \(label_smoo"
+    with pytest.warns(UserWarning, match=reason):
+        trainer.train()
+    assert all(c.probe() is None for c in open_run(tmp_path / "run.zarr").checkpoints)
+
+
 def test_load_best_model_at_end_is_refused(tmp_path) -> None:
     args = trainer_arguments(
         tmp_path,

@@ -73,6 +73,12 @@ def test_losses_follow_the_shifted_tokens_and_masks() -> None:
     assert torch.all(task.measurement(model, labels) == 0)
 
 
+@pytest.mark.parametrize("bad", [0, -3.5, float("nan"), float("inf"), "64"])
+def test_tokens_per_example_must_be_a_positive_number(bad) -> None:
+    with pytest.raises(ValueError, match="tokens_per_example must be a positive number"):
+        LanguageModelingTask(tokens_per_example=bad)
+
+
 def test_sampled_fisher_of_the_head_is_unbiased() -> None:
     """E[Σ_t s_t s_tᵀ] over sampled next tokens equals Σ_t (diag p_t − p_t p_tᵀ) / n²."""
     torch.manual_seed(1)

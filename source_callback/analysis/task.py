@@ -7,6 +7,7 @@ built-ins cover classification, regression, (causal) language modeling and seque
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -242,6 +243,15 @@ class LanguageModelingTask:
     """
 
     def __init__(self, tokens_per_example: float | None = None) -> None:
+        if tokens_per_example is not None and not (
+            isinstance(tokens_per_example, int | float)
+            and math.isfinite(tokens_per_example)
+            and tokens_per_example > 0
+        ):
+            raise ValueError(
+                "tokens_per_example must be a positive number, the stage's mean number of "
+                f"labelled tokens per example (or None), got {tokens_per_example!r}"
+            )
         self.tokens_per_example = tokens_per_example
 
     @staticmethod

@@ -208,6 +208,9 @@ class StageSetup:
         The framework's optimizer-step counter now.
     probe_losses
         Computes the probed examples' training losses; ``None`` when the framework cannot.
+    no_probe
+        Why ``probe_losses`` is ``None``, for the warning (by default: the framework gives no
+        per-example loss).
     recorded_by
         The adapter's framework (``lightning``, ``transformers``).
     divides_loss_by
@@ -233,6 +236,7 @@ class StageSetup:
     recorded_by: str
     divides_loss_by: int = 1
     loss_scaler: Any = None
+    no_probe: str | None = None
 
 
 def _validate_stage_name(name: str | None) -> None:
@@ -637,7 +641,8 @@ class RecordingSession:
     def _choose_probe(self, setup: StageSetup, stage_name: str) -> None:
         """Pick the stage's probed examples, or warn why there are none (``_no_probe``)."""
         if setup.probe_losses is None:
-            self._no_probe(stage_name, f"{setup.recorded_by} gives no per-example loss")
+            reason = setup.no_probe or f"{setup.recorded_by} gives no per-example loss"
+            self._no_probe(stage_name, reason)
             return
         dataset = setup.dataset
         size = dataset_length(dataset)

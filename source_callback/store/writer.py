@@ -99,7 +99,14 @@ class StoreWriter:
         url = location.normalize(url)
         root = location.open_existing(url, storage_options, mode="r+")
         if root is None:
-            root = location.open_group(url, storage_options, mode="w-")
+            try:
+                root = location.open_group(url, storage_options, mode="w-")
+            except OSError as exc:  # a parent that is a file, a folder not writable, ...
+                raise StoreError(
+                    f"could not create a store at {url}: {exc.strerror or exc}. Give a path in "
+                    "a directory you can write to (each folder above it a directory, not a "
+                    "file)."
+                ) from exc
             if root is None:  # pragma: no cover - the backend refused to create a group
                 raise StoreError(f"could not create a Zarr group at {url}")
             root.attrs.update(
