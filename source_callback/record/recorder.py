@@ -109,6 +109,7 @@ class Recorder:
         self._spare: dict[str, torch.Tensor] = {}
         self._spare_lock = threading.Lock()
         self._writing: list[concurrent.futures.Future[Any]] = []
+        self._notes: list[concurrent.futures.Future[str | None]] = []  # see notes()
         self.stage_index = -1
         self.first_step = 0
         self.next_step = writer.num_steps
@@ -233,11 +234,22 @@ class Recorder:
         self.write_stage_start(frozen, params, buffers, optimizer_state, probe)
         if continuation is not None and self.writer.shard_group is None:
             # after the stage-start writes, on their thread
-            self._submit(self._checkpoint_thread, self._warn_if_changed, stage, continuation)
+            check = self._submit(self._checkpoint_thread, self._changed, stage, continuation)
+            self._notes.append(check)
         return stage
 
-    def _warn_if_changed(self, stage: schema.Stage, continuation: Continuation) -> None:
-        """Warn where the stage starts from other values than the previous stage ended with.
+    def notes(self) -> list[str]:
+        """Warnings the background checks have found since the last call (their text).
+
+        For the training thread to raise: raised on the writer's thread, a warning would show
+        its location instead of the caller's.
+        """
+        done = [f for f in self._notes if f.done() and f.exception() is None]
+        self._notes = [f for f in self._notes if not f.done()]
+        return [note for note in (f.result() for f in done) if note is not None]
+
+    def _changed(self, stage: schema.Stage, continuation: Continuation) -> str | None:
+        """What to warn of where the stage starts from other values than the last one ended with.
 
         Compares the recorded digests of the tensors it continues (the previous stage's end
         checkpoint and frozen group, this one's start checkpoint and frozen group): a model
@@ -263,17 +275,16 @@ class Recorder:
             if new in started and old in ended
         ]
         changed = sorted(new for new, old in pairs if started[new] != ended[old])
-        if changed:
-            warnings.warn(
-                f"stage {stage.name!r} starts from other values than stage {previous.name!r} "
-                f"ended with, in {len(changed)} of the {len(pairs)} tensors it continues "
-                f"({listed(changed, 5)}): a model built afresh instead of the trained one (load "
-                "the previous stage's weights), or tensors changed between the stages outside "
-                "training. analyze() will refuse the run unless they are declared "
-                "(renamed={name: None} makes a tensor new in this stage).",
-                UserWarning,
-                stacklevel=2,
-            )
+        if not changed:
+            return None
+        return (
+            f"stage {stage.name!r} starts from other values than stage {previous.name!r} "
+            f"ended with, in {len(changed)} of the {len(pairs)} tensors it continues "
+            f"({listed(changed, 5)}): a model built afresh instead of the trained one (load "
+            "the previous stage's weights), or tensors changed between the stages outside "
+            "training. analyze() will refuse the run unless they are declared "
+            "(renamed={name: None} makes a tensor new in this stage)."
+        )
 
     def follow_stage(self, stage_index: int, next_step: int, planned: frozenset[int]) -> None:
         """On a rank other than 0 of a sharded run: write the shards of this stage's checkpoints.

@@ -610,6 +610,7 @@ class RecordingSession:
                         return taken
 
                     recorder.end_stage(trainable, buffers, self._optimizer_state(), probe)
+                    self._warn_notes()
                 else:  # another rank of a sharded run: its shards of the stage-end checkpoint
                     self._take_probe(self._stage_name)  # a collective in sharded models
                     self._checkpointer.checkpoint(
@@ -761,6 +762,12 @@ class RecordingSession:
         elif self._examples >= 0:
             self._examples += examples
 
+    def _warn_notes(self) -> None:
+        """Raise, from the adapter's hook, what the recorder's background checks found."""
+        if self.recorder is not None:
+            for note in self.recorder.notes():
+                warnings.warn(f"{self.adapter}: {note}", UserWarning, stacklevel=3)
+
     def _skipped(self) -> bool:
         """Whether the loss scaler skipped the step just taken (its scale fell during it)."""
         before, self._scale_before = self._scale_before, None
@@ -797,6 +804,7 @@ class RecordingSession:
             self._rows_in_stage += 1
             self._loss_sum, self._loss_count, self._examples = 0.0, 0, 0
             self._clip_scale, self._batches = 1.0, 0
+        self._warn_notes()
         recorder = self._checkpointer
         if not self._prepared and recorder is not None and self._rows_in_stage:
             self._prepared = True
