@@ -206,13 +206,14 @@ class GradientNorms:
         grads = [params[i].grad.detach() for i in present]
         if not grads:
             return cls(params, (), torch.zeros(0, dtype=torch.float64), 1e-4)
-        # One kernel per device and dtype, as torch.nn.utils.get_total_norm computes them.
-        measured = torch._foreach_norm(grads)
+        # One kernel per device and dtype, as torch.nn.utils.get_total_norm computes them, but
+        # summed in float64: gradients times a loss scale overflow a float32 sum of squares.
+        measured = torch._foreach_norm(grads, 2, dtype=torch.float64)
         device = grads[0].device
         if any(g.device != device for g in grads):
             measured = [n.to(device) for n in measured]
         narrow = any(g.dtype.itemsize < 4 for g in grads)
-        return cls(params, present, torch.stack(measured).double(), 1e-2 if narrow else 1e-4)
+        return cls(params, present, torch.stack(measured), 1e-2 if narrow else 1e-4)
 
     @functools.cached_property
     def values(self) -> list[float]:

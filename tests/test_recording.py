@@ -359,6 +359,20 @@ def test_unknown_optimizer_is_recorded_with_a_warning(tmp_path) -> None:
     assert run.num_steps == 2
 
 
+def test_hyperparameters_that_are_not_one_number_are_recorded_as_nan(tmp_path) -> None:
+    """Adafactor's eps is a pair, its lr one number: the stage records, eps as NaN."""
+    model = TinyClassifier(optimizer=lambda p: torch.optim.Adafactor(p, lr=0.05))
+    with pytest.warns(UserWarning, match="optimizer_model"):
+        trainer([SourceCallback(tmp_path / "run.zarr")], tmp_path, max_epochs=1).fit(
+            model, loader(make_dataset(16))
+        )
+    run = open_run(tmp_path / "run.zarr")
+    assert run.status == "complete" and run.optimizer.class_name.endswith("Adafactor")
+    steps = run.steps()
+    np.testing.assert_array_equal(steps["lr"], [[0.05], [0.05]])
+    assert np.isnan(steps["eps"]).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -73,8 +73,9 @@ def test_lightning_steps_the_scaler_skipped_are_recorded_and_not_taken(tmp_path)
 
 
 def test_trainer_steps_the_scaler_skipped_are_recorded(tmp_path) -> None:
-    """With the Trainer's clipping (max_grad_norm 1) too: a skipped step's gradients are not
-    finite, and it is not counted as clipped by an unknown factor."""
+    """With the Trainer's clipping binding on the steps taken: their factor is against the
+    unscaled gradients (measured times a loss scale of 2^127, in float64); a skipped step's
+    gradients are not finite, and it is not counted as clipped by an unknown factor."""
     transformers = pytest.importorskip("transformers")
     from hf_models import LabelledSequences, loss_scaled_trainer, seeded_llama, trainer_arguments
 
@@ -88,18 +89,24 @@ def test_trainer_steps_the_scaler_skipped_are_recorded(tmp_path) -> None:
         def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
             truth.step_ended(model)
 
-    args = trainer_arguments(tmp_path / "out", max_grad_norm=1.0, num_train_epochs=2)
+    limit = 0.5  # below every step's norm here
+    args = trainer_arguments(tmp_path / "out", max_grad_norm=limit, num_train_epochs=2,
+                             logging_strategy="steps", logging_steps=1)  # fmt: skip
     callback = SourceTrainerCallback(tmp_path / "run.zarr", stage="s")
+    run = loss_scaled_trainer(2.0**127)(
+        model=seeded_llama(),
+        args=args,
+        train_dataset=LabelledSequences(16, seed=1),
+        callbacks=[callback, Watch()],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss_scaled_trainer(2.0**127)(
-            model=seeded_llama(),
-            args=args,
-            train_dataset=LabelledSequences(16, seed=1),
-            callbacks=[callback, Watch()],
-        ).train()
+        run.train()
     taken = np.array(truth.taken)
     assert len(taken) == 8 and 0 < (~taken).sum() < 8
     scale = open_run(tmp_path / "run.zarr").steps()["scale"]
-    assert (scale[~taken] == 0).all() and (scale[taken] > 0).all()
+    assert (scale[~taken] == 0).all()
+    norms = np.array([e["grad_norm"] for e in run.state.log_history if "grad_norm" in e])
+    assert (norms[taken] > limit).all()
+    np.testing.assert_allclose(scale[taken], limit / (norms[taken] + 1e-6), rtol=1e-5)
     assert not [w for w in caught if "gradient clipping" in str(w.message)]

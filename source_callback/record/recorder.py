@@ -53,7 +53,17 @@ def step_hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
         schema.STEP_DAMPENING: group.get("dampening"),
         schema.STEP_EPS: group.get("eps"),
     }
-    return {k: math.nan if v is None else float(v) for k, v in values.items()}
+    return {k: _number(v) for k, v in values.items()}
+
+
+def _number(value: Any) -> float:
+    """A hyperparameter as a number: NaN where absent or not one number (Adafactor's eps pair)."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 def materialize_losses(rows: list[StepRow]) -> None:
