@@ -23,7 +23,14 @@ from source_callback.errors import DamagedStoreError, SourceCallbackError
 from source_callback.manifest import Manifest
 from source_callback.store.analyses import StoredAnalysis
 from source_callback.store.reader import Checkpoint, Run, open_run
-from source_callback.store.schema import INFO_CONFIG, INFO_CREATED, STEP_LR, STEP_STAGE, Stage
+from source_callback.store.schema import (
+    INFO_CONFIG,
+    INFO_CREATED,
+    STEP_LR,
+    STEP_SCALE,
+    STEP_STAGE,
+    Stage,
+)
 
 PROG = "source-callback"
 EXIT_FAILURE = 1  # the command could not do its job
@@ -179,6 +186,31 @@ def _learning_rate_lines(
     return lines if stages else [*lines, "  none recorded"]
 
 
+def _scale_lines(
+    stages: Sequence[Stage], stage_column: np.ndarray, scales: np.ndarray | None
+) -> list[str]:
+    """Per stage, its steps' gradient scales other than 1 (``scale`` in the step rows).
+
+    Scaled (clipping, a short accumulation window), skipped (fp16's loss scaler), or scaled by
+    an unknown factor; no lines where every step is 1.
+    """
+    if scales is None or np.all(scales == 1):
+        return []
+    lines = ["gradient scales (the steps' scale column; 1 elsewhere)"]
+    for stage in stages:
+        column = scales[stage_column == stage.index]
+        scaled = column[(column > 0) & (column != 1)]
+        parts = []
+        if len(scaled):
+            parts.append(f"{len(scaled)} scaled ({scaled.min():.3g} to {scaled.max():.3g})")
+        if (skipped := int((column == 0).sum())) > 0:
+            parts.append(f"{skipped} skipped (fp16's loss scaler)")
+        if (unknown := int(np.isnan(column).sum())) > 0:
+            parts.append(f"{unknown} by an unknown factor (analyzed as 1)")
+        lines.append(f"  {stage.name}  {', '.join(parts) or 'none'} of {len(column)} steps")
+    return lines
+
+
 def _size(checkpoint: Checkpoint) -> str:
     """The checkpoint's size, or what keeps it from being read (``verify`` says more)."""
     try:
@@ -302,6 +334,7 @@ def summarize(run: Run, storage_options: dict[str, Any] | None = None) -> str:
         *filter(None, [_model_change_lines(run)]),
         _stage_lines(stages, stage_column),
         _learning_rate_lines(stages, stage_column, learning_rates),
+        *filter(None, [_scale_lines(stages, stage_column, steps.get(STEP_SCALE))]),
         _checkpoint_lines(run.checkpoints, stages),
         _analysis_lines(run.stored_analyses()),
     ]

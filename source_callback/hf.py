@@ -104,11 +104,15 @@ def _examples_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None
     return None
 
 
-def _precision(args: TrainingArguments, model: nn.Module) -> str:
-    """The run's precision in Lightning's words (what :func:`~source_callback.retrain` takes)."""
+def _precision(args: TrainingArguments, model: nn.Module, optimizer: Any) -> str:
+    """The run's precision in Lightning's words (what :func:`~source_callback.retrain` takes).
+
+    ``fp16`` is mixed precision where accelerate gave the optimizer a loss scaler; on a CPU it
+    gives none and trains in the parameters' own precision.
+    """
     if args.bf16:
         return "bf16-mixed"
-    if args.fp16:
+    if args.fp16 and getattr(optimizer, "scaler", None) is not None:
         return "16-mixed"
     dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
     return {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
@@ -236,7 +240,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             batch_size=args.per_device_train_batch_size,
             accumulate_grad_batches=args.gradient_accumulation_steps,
             world_size=args.world_size,
-            precision=_precision(args, model),
+            precision=_precision(args, model, optimizer),
             estimated_steps=float(state.max_steps - state.global_step)
             if state.max_steps > 0
             else None,

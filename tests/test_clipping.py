@@ -16,6 +16,8 @@ import torch
 from models import TinyClassifier, loader, make_dataset, trainer
 
 from source_callback import SourceCallback, SourceTrainerCallback, open_run
+from source_callback.analysis.inputs import unknown_scales
+from source_callback.cli import summarize
 
 CLIPPING = r"gradient clipping \((norm|value) at [0-9.e-]+\) changed the gradients of (\d+) "
 
@@ -65,9 +67,16 @@ def test_lightning_value_clipping_is_counted_and_warned_about(tmp_path) -> None:
         f"(value at {limit:g}) changed the gradients of {sum(over)} of the 16 optimizer" in message
     )
     assert "stage 's'" in message
-    scale = open_run(tmp_path / "clipped" / "run.zarr").steps()["scale"]
+    run = open_run(tmp_path / "clipped" / "run.zarr")
+    scale = run.steps()["scale"]
     np.testing.assert_array_equal(np.isnan(scale), over)  # unknown factors
     assert (scale[~np.isnan(scale)] == 1).all()
+    # Whoever analyzes the record is told too.
+    [told] = unknown_scales(run)
+    assert f"stage 's': {sum(over)} of its 16 optimizer steps were scaled by a factor" in told
+    assert unknown_scales(open_run(tmp_path / "free" / "run.zarr")) == []
+    assert f"  s  {sum(over)} by an unknown factor (analyzed as 1) of 16 steps" in summarize(run)
+    assert "gradient scales" not in summarize(open_run(tmp_path / "free" / "run.zarr"))
 
 
 def test_a_short_last_accumulation_window_is_scaled(tmp_path) -> None:

@@ -242,6 +242,15 @@ def test_label_smoothing_is_named_as_why_no_probe_is_recorded(tmp_path) -> None:
     assert all(c.probe() is None for c in open_run(tmp_path / "run.zarr").checkpoints)
 
 
+def test_fp16_without_a_loss_scaler_is_recorded_as_the_precision_it_trained_in(tmp_path) -> None:
+    """On a CPU accelerate neither autocasts nor scales for fp16=True: the run is float32."""
+    args = trainer_arguments(tmp_path, fp16=True)
+    callback = SourceTrainerCallback(tmp_path / "run.zarr", stage="s")
+    Trainer(model=seeded_llama(), args=args, train_dataset=LabelledSequences(8, seed=1),
+            callbacks=[callback]).train()  # fmt: skip
+    assert open_run(tmp_path / "run.zarr").stages[0].precision == "32-true"
+
+
 def test_load_best_model_at_end_is_refused(tmp_path) -> None:
     args = trainer_arguments(
         tmp_path,

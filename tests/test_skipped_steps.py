@@ -20,6 +20,7 @@ from models import TinyClassifier, loader, make_dataset, trainer
 
 from source_callback import SourceCallback, SourceTrainerCallback, open_run
 from source_callback.analysis.segments import plan_segments
+from source_callback.cli import summarize
 
 
 class Taken:
@@ -65,6 +66,7 @@ def test_lightning_steps_the_scaler_skipped_are_recorded_and_not_taken(tmp_path)
     run = open_run(tmp_path / "run.zarr")
     scale = run.steps()["scale"]
     np.testing.assert_array_equal(scale, truth.astype(float))
+    assert f"  s  {(~truth).sum()} skipped (fp16's loss scaler) of 16 steps" in summarize(run)
 
     # The analysis: the rate and decay masses count the steps taken only.
     (segment,) = plan_segments(run, 1, momentum_tail=False)

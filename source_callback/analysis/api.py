@@ -26,6 +26,7 @@ from source_callback.analysis.inputs import (
     check_queries,
     checkpoint_state,
     partial_draws,
+    unknown_scales,
 )
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.optimizers import (
@@ -278,8 +279,8 @@ def _open_record(
             "(pass the last stage's model alone), and the projected cache is per model"
         )
     check_datasets(run, train)
-    for shortfall in partial_draws(run):
-        warnings.warn(shortfall, UserWarning, stacklevel=3)
+    for problem in [*partial_draws(run), *unknown_scales(run)]:
+        warnings.warn(problem, UserWarning, stacklevel=3)
     run.check_continuity()
     return run, models, resolved
 

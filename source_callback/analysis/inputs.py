@@ -17,7 +17,13 @@ from source_callback.errors import AnalysisError
 from source_callback.fingerprint import UnstableItemsError, dataset_fingerprint, example_digests
 from source_callback.record.probe import preserved_rng
 from source_callback.store.reader import Checkpoint, Run
-from source_callback.store.schema import STEP_EPOCH, STEP_EXAMPLES, STEP_STAGE, Stage
+from source_callback.store.schema import (
+    STEP_EPOCH,
+    STEP_EXAMPLES,
+    STEP_SCALE,
+    STEP_STAGE,
+    Stage,
+)
 
 
 def prepare_model(model: nn.Module, trained: set[str]) -> nn.Module:
@@ -116,6 +122,30 @@ def partial_draws(run: Run | RunView) -> list[str]:
             "of it: examples never trained on get scores too. To attribute such a stage, "
             "record it with the examples it trains on as its dataset (a Subset)."
         )
+    return found
+
+
+def unknown_scales(run: Run | RunView) -> list[str]:
+    """The stages with steps scaled by a factor the record does not hold, each in a sentence.
+
+    A step's ``scale`` is NaN where the framework changed its gradient by a factor the callback
+    could not measure (clipping by value; the Trainer's clipping after other changes to the
+    gradients). The analysis takes such a step as unscaled; it moved less.
+    """
+    steps = run.steps()
+    scales = steps.get(STEP_SCALE)
+    found = []
+    for stage in run.stages if scales is not None else []:
+        rows = scales[steps[STEP_STAGE] == stage.index]
+        unknown = int(np.isnan(rows).sum())
+        if unknown:
+            found.append(
+                f"stage {stage.name!r}: {unknown} of its {len(rows)} optimizer steps were "
+                "scaled by a factor the record does not hold (gradient clipping by value, or "
+                "the Trainer's clipping after other changes to the gradients): they are taken "
+                "as unscaled, though they moved less, so the stage's scores and effect come "
+                "out larger ('Gradient clipping' in docs/limitations.md)."
+            )
     return found
 
 

@@ -591,7 +591,7 @@ class RecordingSession:
                 f"{self.adapter}: gradient clipping ({clipping.kind} at {clipping.limit:g}) "
                 f"changed the gradients of {self._unmodelled} of the {self._clip_steps} "
                 f"optimizer steps of stage {self._stage_name!r} in this process by a factor it "
-                "cannot see. The analysis takes those steps at their recorded learning rates, "
+                "could not measure. The analysis takes those steps at their recorded rates, "
                 "though they moved less, and the scores and stage effects come out larger "
                 "('Gradient clipping' in docs/limitations.md).",
                 stacklevel=3,
