@@ -24,6 +24,7 @@ from overhead import MLP, Config, make_data
 from torch.utils.data import DataLoader
 
 from source_callback import SourceCallback, open_run
+from source_callback.analysis.inputs import Collation
 from source_callback.analysis.probes import check_probes
 from source_callback.analysis.stage_models import run_view
 from source_callback.analysis.task import ClassificationTask
@@ -94,7 +95,12 @@ def main() -> None:
             ).fit(Net(cfg), DataLoader(data, batch_size=cfg.batch_size))
         run = run_view(open_run(store), [model])  # one stage
         copy = Net(cfg).eval()
-        check_ms = _ms(lambda: check_probes(run, [copy], ClassificationTask(), {"s": data}), 3)
+        check_ms = _ms(
+            lambda: check_probes(
+                run, [copy], ClassificationTask(), {"s": data}, Collation.of(None, ["s"])
+            ),
+            3,
+        )
         read_ms = _ms(lambda: run.boundary(0, "stage-end").params(), 3)
 
     print(f"MLP {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, 1 thread")

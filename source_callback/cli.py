@@ -625,7 +625,8 @@ def read_analyze_config(path: str) -> tuple[dict[str, Any], AnalysisOptions]:
         returning the query dataset), optionally ``model_kwargs`` (keyword arguments of the
         model's constructor), ``name`` (of the stored analysis, ``"default"``; ``null``: not
         stored), ``collate_fn`` (``MODULE:FUNCTION`` returning the function that collates
-        examples into batches, e.g. a Hugging Face Trainer's ``data_collator``) and any fields
+        examples into batches, e.g. a Hugging Face Trainer's ``data_collator``, or a mapping
+        from every stage's name to its own) and any fields
         of :class:`~source_callback.AnalysisOptions`, by their names.
 
     Returns
@@ -734,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(MODULE:FUNCTION returning {stage name: training dataset}), queries (MODULE:FUNCTION "
         "returning the query dataset), optionally model_kwargs, name (of the stored analysis), "
         "collate_fn (MODULE:FUNCTION returning the collate function, e.g. a Hugging Face "
-        "Trainer's data_collator) and the analysis options (AnalysisOptions' fields): "
+        "Trainer's data_collator, or {stage name: collate function}) and the analysis "
+        "options (AnalysisOptions' fields): "
         f"{', '.join(option_names())}. "
         "This imports and runs your code: the modules named there and in --module, from the "
         "working directory or sys.path.",
@@ -824,9 +826,10 @@ def _run_analyze(args: argparse.Namespace, storage_options: dict[str, Any] | Non
     collate_fn = None
     if "collate_fn" in config:
         collate_fn = call_user_code(_config_spec(config, "collate_fn"), "config 'collate_fn'")
-        if not callable(collate_fn):
+        if not (callable(collate_fn) or isinstance(collate_fn, Mapping)):
             raise ValueError(
-                f"config 'collate_fn' made a {type(collate_fn).__name__}, not a function"
+                f"config 'collate_fn' made a {type(collate_fn).__name__}, not a function (or "
+                "a mapping from stage names to functions)"
             )
     result = analyze(
         args.store,

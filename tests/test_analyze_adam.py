@@ -17,6 +17,7 @@ from source_callback.analysis.ekfac import (
     tracked_modules,
 )
 from source_callback.analysis.engine import Engine
+from source_callback.analysis.inputs import Collation
 from source_callback.analysis.optimizers import adam_preconditioner
 from source_callback.analysis.progress import Progress
 from source_callback.analysis.segments import plan_segments
@@ -138,7 +139,9 @@ def test_a_short_stage_takes_its_first_segments_preconditioner_from_later(tmp_pa
     run = open_run(tmp_path / "run.zarr")
     assert [c.step for c in run.checkpoints] == [0, 1, 2, 3, 4]
 
-    engine = Engine(model, RegressionTask(), {}, 8, "exact", 0, Progress(False), None)
+    engine = Engine(
+        model, RegressionTask(), {}, 8, "exact", 0, Progress(False), Collation.of(None, [])
+    )
     plan = plan_segments(run, 4)
     first, second = (adam_preconditioner(engine, s, run.stages[0], run.steps()) for s in plan[:2])
     roots = {name: g.abs() for (name, _), g in zip(model.named_parameters(), grads, strict=True)}

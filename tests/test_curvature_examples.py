@@ -12,6 +12,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from source_callback.analysis.ekfac import tracked_modules
 from source_callback.analysis.engine import Engine, curvature_subset
+from source_callback.analysis.inputs import Collation
 from source_callback.analysis.progress import Progress
 from source_callback.analysis.task import ClassificationTask, RegressionTask
 from source_callback.errors import NonFiniteError
@@ -34,8 +35,8 @@ def test_the_subset_is_seeded_spread_and_nested() -> None:
 
 def _engine(model: nn.Module, task, fisher: str, examples: int | float | None) -> Engine:
     return Engine(
-        model, task, {}, 8, fisher, seed=3, progress=Progress(False), collate_fn=None,
-        curvature_examples=examples,
+        model, task, {}, 8, fisher, seed=3, progress=Progress(False),
+        collation=Collation.of(None, []), curvature_examples=examples,
     )  # fmt: skip
 
 

@@ -20,6 +20,8 @@ from source_callback.analysis.capture_check import check_capture
 from source_callback.analysis.engine import Engine, ScoreTerm, State, StateSource
 from source_callback.analysis.gradients import ModuleTensors
 from source_callback.analysis.inputs import (
+    Collate,
+    Collation,
     average_states,
     check_datasets,
     check_first_batch,
@@ -86,7 +88,7 @@ def analyze(
     momentum_tail: bool = True,
     fisher: Fisher = "sampled",
     seed: int = 0,
-    collate_fn: Any = None,
+    collate_fn: Collate | Mapping[str, Collate] = None,
     name: str | None = "default",
     adam_variant: AdamVariant = "factored",
     damping: float = 0.1,
@@ -137,7 +139,10 @@ def analyze(
     storage_options
         fsspec options for a remote store.
     collate_fn
-        Passed to the DataLoaders (as used in training).
+        What collates a list of examples into a batch, as in training (a Hugging Face
+        ``Trainer``'s ``data_collator``); ``None`` is torch's ``default_collate``. Stages
+        trained with different ones: a mapping from every stage's name to its own (the
+        queries take the last stage's).
     name
         The result is also written into the store under ``analyses/<name>/`` (replacing one of
         that name) and can be reopened with :func:`load_analysis`; ``None`` skips writing.
@@ -178,6 +183,9 @@ def analyze(
     with timer("record checks"):
         check_queries(queries)
         run, models, task = _open_record(store, storage_options, model, task, train, settings)
+        collation = Collation.of(collate_fn, [s.name for s in run.stages])
+        if settings.method == "if":
+            collation.pooled(settings.method)
     workers = start_workers(models[-1], fabric, accelerator, devices, num_nodes, strategy)
     if (settings.out_of_core or workers.distributed or settings.cache) and name is None:
         raise ValueError(
@@ -187,7 +195,7 @@ def analyze(
     with Progress(verbose and workers.rank == 0) as progress:
         with timer("engines and probes"):
             stages = _build_engines(
-                run, models, task, train, queries, settings, collate_fn, progress, workers, timer
+                run, models, task, train, queries, settings, collation, progress, workers, timer
             )
         with timer("segment plan"):
             plan = _plan(run, stages, queries, settings)
@@ -292,7 +300,7 @@ def _build_engines(
     train: Mapping[str, Dataset],
     queries: Dataset,
     options: AnalysisOptions,
-    collate_fn: Any,
+    collation: Collation,
     progress: Progress,
     workers: Workers,
     timer: Timer,
@@ -309,7 +317,7 @@ def _build_engines(
             options.fisher,
             options.seed,
             progress,
-            collate_fn,
+            collation,
             workers,
             units,
             timer,
@@ -322,21 +330,24 @@ def _build_engines(
     copies = [engine.model for engine in stages.engines]
     for stage, copy in zip(run.stages, copies, strict=True):
         what = f"the training set of stage {stage.name!r}, {type(task).__name__}.loss"
+        collate = collation.stage(stage.name)
         workers.run(
-            lambda m=copy, d=train[stage.name], w=what: check_first_batch(
-                task.loss, m, d, collate_fn, w
+            lambda m=copy, d=train[stage.name], c=collate, w=what: check_first_batch(
+                task.loss, m, d, c, w
             )
         )
     what = f"the queries, {type(task).__name__}.measurement"
-    workers.run(lambda: check_first_batch(task.measurement, copies[-1], queries, collate_fn, what))
-    workers.run(lambda: check_probes(run, copies, task, train, collate_fn))  # errors shared
+    workers.run(
+        lambda: check_first_batch(task.measurement, copies[-1], queries, collation.queries, what)
+    )
+    workers.run(lambda: check_probes(run, copies, task, train, collation))  # errors shared
     for engine in stages.distinct:  # each model on the first stage it analyzes
         stage = run.stages[stages.engines.index(engine)]
         label = f"the model of stage {stage.name!r}"
-        data = train[stage.name]
+        data, collate = train[stage.name], collation.stage(stage.name)
         workers.run(
-            lambda e=engine, d=data, label=label: check_capture(
-                e.model, e.modules, task.loss, d, collate_fn, label
+            lambda e=engine, d=data, c=collate, label=label: check_capture(
+                e.model, e.modules, task.loss, d, c, label
             )
         )
     return stages

@@ -18,7 +18,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from source_callback.analysis import ekfac, memory
 from source_callback.analysis.finite import CheckedTask, Place, enter, require_finite
 from source_callback.analysis.gradients import ModuleTensors, contract, per_example_grads
-from source_callback.analysis.inputs import batches, evaluate, on_device
+from source_callback.analysis.inputs import Collate, Collation, batches, evaluate, on_device
 from source_callback.analysis.parallel import Blocks, Workers
 from source_callback.analysis.progress import PlannedPass, Progress
 from source_callback.analysis.projection import KroneckerProjection, projected_grads
@@ -114,7 +114,7 @@ class Engine:
         fisher: str,
         seed: int,
         progress: Progress,
-        collate_fn: Any,
+        collation: Collation,
         workers: Workers | None = None,
         units: dict[str, Unit] | None = None,
         timer: Timer | None = None,
@@ -129,7 +129,7 @@ class Engine:
         self.generator = torch.Generator()
         #: Numbers the data passes from 1 (shared by engines that analyze one run together).
         self.passes: Iterator[int] = itertools.count(1)
-        self.collate_fn = collate_fn
+        self.collation = collation
         self.device = next(model.parameters()).device
         self.workers = workers or Workers(self.device)
         #: What the passes show (shared by the engines of one analysis).
@@ -178,7 +178,7 @@ class Engine:
             blocks = [(0, len(dataset) if indices is None else len(indices))]  # type: ignore[arg-type]
         parts = self._parts(dataset, name)
         subset = dataset if indices is None else Subset(dataset, indices)
-        loader = batches(subset, self.batch_size, self.collate_fn, blocks)
+        loader = batches(subset, self.batch_size, self._collate(dataset, name), blocks)
         number = next(self.passes)
         starts = self._starts(blocks)
         with self.progress.data_pass(desc, len(starts)) as advance:
@@ -195,6 +195,19 @@ class Engine:
                 yield each()
             finally:
                 enter(None)
+
+    def _collate(self, dataset: Dataset, name: str | None) -> Collate:
+        """What collates ``dataset``'s examples.
+
+        A stage's training set's, the queries' (named ``"queries"``), or all stages' in one
+        pass (influence's pooled stages).
+        """
+        if name == "queries":
+            return self.collation.queries
+        stages = {id(data): stage for stage, data in self.train.items()}
+        if id(dataset) in stages:
+            return self.collation.stage(stages[id(dataset)])
+        return self.collation.pooled("if")
 
     def _starts(self, blocks: Blocks) -> list[int]:
         """The first example of each batch of a pass over ``blocks``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,65 @@ def check_queries(queries: Dataset) -> None:
 
 #: Examples of each dataset :func:`check_first_batch` runs through the model and task.
 FIRST_BATCH = 2
+
+
+#: What collates a list of examples into a batch (``None``: torch's ``default_collate``).
+Collate = Callable[[list[Any]], Any] | None
+
+
+@dataclass(frozen=True)
+class Collation:
+    """Which function collates each stage's training examples, and the queries.
+
+    Attributes
+    ----------
+    stages
+        Per stage name, its training examples' collate function.
+    queries
+        The queries' (the last stage's: the queries measure the model it ended with).
+    """
+
+    stages: Mapping[str, Collate]
+    queries: Collate
+
+    @classmethod
+    def of(cls, collate_fn: Any, stage_names: Sequence[str]) -> Collation:
+        """Check ``collate_fn`` (one function, or a mapping from every stage's name to one)."""
+        if collate_fn is None or (callable(collate_fn) and not isinstance(collate_fn, Mapping)):
+            return cls(dict.fromkeys(stage_names, collate_fn), collate_fn)
+        if not isinstance(collate_fn, Mapping):
+            raise TypeError(
+                "collate_fn must be a function that collates a list of examples into a batch, "
+                f"or a mapping from each stage's name to one; got {type(collate_fn).__name__}"
+            )
+        unknown = [k for k in collate_fn if k not in stage_names]
+        missing = [n for n in stage_names if n not in collate_fn]
+        if unknown or missing:
+            raise ValueError(
+                f"collate_fn names stages {unknown} not in the record and leaves out "
+                f"{missing}: a mapping gives every recorded stage ({list(stage_names)}) its "
+                "collate function (None for torch's default_collate)"
+            )
+        wrong = [k for k, f in collate_fn.items() if f is not None and not callable(f)]
+        if wrong:
+            raise TypeError(f"collate_fn of stage(s) {wrong} is not a function")
+        return cls(dict(collate_fn), collate_fn[stage_names[-1]])
+
+    def stage(self, name: str) -> Collate:
+        """The function that collates stage ``name``'s examples (one given for all: that)."""
+        return self.stages.get(name, self.queries)
+
+    def pooled(self, method: str) -> Collate:
+        """The one function for all stages' examples in one pass (``method``'s), if one is."""
+        functions = [*self.stages.values(), self.queries]
+        if any(f is not functions[0] for f in functions):
+            raise AnalysisError(
+                f"method={method!r} pools every stage's examples into one pass, whose batches "
+                "may hold examples of two stages, so it needs one collate_fn for all of them; "
+                "this one gives the stages different functions. Give one function that "
+                "collates every stage's examples, or use method='source'."
+            )
+        return functions[0]
 
 
 def check_first_batch(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from source_callback.analysis.inputs import checkpoint_state, to_device
+from source_callback.analysis.inputs import Collation, checkpoint_state, to_device
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.task import Task
 from source_callback.errors import AnalysisError, listed
@@ -100,7 +100,7 @@ def check_probes(
     models: Sequence[nn.Module],
     task: Task,
     train: Mapping[str, Dataset],
-    collate_fn: Any = None,
+    collation: Collation,
 ) -> list[str]:
     """Refuse a model, dataset or task that does not reproduce the recorded probe losses.
 
@@ -120,8 +120,8 @@ def check_probes(
         The analysis's task.
     train
         Each stage's training set by name (already checked against the digests).
-    collate_fn
-        Collates a list of examples into a batch (default: torch's ``default_collate``).
+    collation
+        What collates each stage's examples into a batch.
 
     Returns
     -------
@@ -153,7 +153,7 @@ def check_probes(
                 lambda batch, m=model, d=device: loss_fn(m, to_device(batch, d)),
                 train[stage.name],
                 indices,
-                collate_fn,
+                collation.stage(stage.name),
             )
             bad = differing(recorded, recomputed, *tolerance(stage))
             if len(bad):
@@ -185,7 +185,7 @@ def check_module_probes(
     module: Callable[[], Any],
     train: Mapping[str, Dataset],
     before_stage: Callable[[Any, str], None] | None,
-    collate_fn: Any,
+    collation: Collation,
     error: type[Exception],
 ) -> list[str]:
     """As :func:`check_probes`, for :func:`~source_callback.retrain`'s module factory.
@@ -234,7 +234,7 @@ def check_module_probes(
 
             try:
                 losses = training_step_losses(
-                    model, train[stage.name], indices.tolist(), collate_fn, device
+                    model, train[stage.name], indices.tolist(), collation.stage(stage.name), device
                 )
             except ProbeUnavailable as exc:
                 raise error(

@@ -30,7 +30,14 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from source_callback.analysis.inputs import batches, check_datasets, evaluate, on_device
+from source_callback.analysis.inputs import (
+    Collate,
+    Collation,
+    batches,
+    check_datasets,
+    evaluate,
+    on_device,
+)
 from source_callback.analysis.probes import check_module_probes
 from source_callback.analysis.task import Task
 from source_callback.errors import SourceCallbackError
@@ -225,7 +232,7 @@ class _Context:
     train: Mapping[str, Dataset]
     measure: Measure
     before_stage: StageHook | None
-    collate_fn: Any
+    collation: Collation
     accelerator: str
     threads: int
     length: Length
@@ -273,7 +280,7 @@ def _train_one(context: _Context, keep: Mapping[str, np.ndarray], seed: int) -> 
                 batch_size=recipe.batch_size,
                 shuffle=True,
                 drop_last=recipe.drop_last,
-                collate_fn=context.collate_fn,
+                collate_fn=context.collation.stage(recipe.name),
             )
             size = len(dataset)  # type: ignore[arg-type]
             max_epochs, max_steps = recipe.schedule(size, context.length)
@@ -315,7 +322,7 @@ def retrain(
     processes: int = 1,
     threads_per_process: int = 1,
     accelerator: str = "cpu",
-    collate_fn: Any = None,
+    collate_fn: Collate | Mapping[str, Collate] = None,
     storage_options: dict[str, Any] | None = None,
     verbose: bool = True,
 ) -> np.ndarray:
@@ -364,7 +371,8 @@ def retrain(
     accelerator
         Lightning accelerator of the retrainings.
     collate_fn
-        Passed to the DataLoaders.
+        Passed to the DataLoaders: one function, or a mapping from every stage's name to its
+        own (as :func:`~source_callback.analyze` takes it).
     storage_options
         fsspec options for a remote store.
     verbose
@@ -382,7 +390,8 @@ def retrain(
     """
     run = open_run(store, storage_options)
     check_datasets(run, train)
-    check_module_probes(run, module, train, before_stage, collate_fn, RetrainError)
+    collation = Collation.of(collate_fn, [s.name for s in run.stages])
+    check_module_probes(run, module, train, before_stage, collation, RetrainError)
     recipes = read_recipe(run)
     masks = {name: np.asarray(m, dtype=bool) for name, m in (keep or {}).items()}
     unknown = sorted(set(masks) - {r.name for r in recipes})
@@ -407,7 +416,7 @@ def retrain(
         train,
         measure,
         before_stage,
-        collate_fn,
+        collation,
         accelerator,
         threads_per_process,
         length,
