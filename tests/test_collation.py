@@ -89,11 +89,11 @@ def test_one_function_for_stages_of_two_forms_fails_on_the_first_batch(recorded)
 @pytest.mark.parametrize(
     ("collate_fn", "error", "message"),
     [
-        ({"records": records_collate}, ValueError, r"leaves out \['tensors'\]"),
+        ({"records": records_collate}, ValueError, r"collate_fn lacks \['tensors'\]"),
         (
             {"tensors": None, "records": records_collate, "sft": None},
             ValueError,
-            r"names stages \['sft'\] not in the record",
+            r"names stage\(s\) \['sft'\] not in the record",
         ),
         ({"tensors": None, "records": "records_collate"}, TypeError, r"\['records'\] is not a"),
         ([records_collate], TypeError, "or a mapping from each stage's name to one; got list"),

@@ -235,6 +235,18 @@ def check_queries(queries: Dataset) -> None:
 FIRST_BATCH = 2
 
 
+def stage_keys(given: Mapping[str, Any], names: Sequence[str]) -> str | None:
+    """What is wrong with a mapping meant to name every recorded stage (``names``).
+
+    Said as "names stage(s) [...] not in the record and lacks [...]"; ``None`` where nothing is.
+    """
+    unknown = [k for k in given if k not in names]
+    missing = [n for n in names if n not in given]
+    wrong = [f"names stage(s) {unknown} not in the record"] if unknown else []
+    wrong += [f"lacks {missing}"] if missing else []
+    return " and ".join(wrong) or None
+
+
 #: What collates a list of examples into a batch (``None``: torch's ``default_collate``).
 Collate = Callable[[list[Any]], Any] | None
 
@@ -264,13 +276,11 @@ class Collation:
                 "collate_fn must be a function that collates a list of examples into a batch, "
                 f"or a mapping from each stage's name to one; got {type(collate_fn).__name__}"
             )
-        unknown = [k for k in collate_fn if k not in stage_names]
-        missing = [n for n in stage_names if n not in collate_fn]
-        if unknown or missing:
+        wrong = stage_keys(collate_fn, stage_names)
+        if wrong:
             raise ValueError(
-                f"collate_fn names stages {unknown} not in the record and leaves out "
-                f"{missing}: a mapping gives every recorded stage ({list(stage_names)}) its "
-                "collate function (None for torch's default_collate)"
+                f"collate_fn {wrong}: a mapping gives every recorded stage "
+                f"({list(stage_names)}) its collate function (None for torch's default_collate)"
             )
         wrong = [k for k, f in collate_fn.items() if f is not None and not callable(f)]
         if wrong:

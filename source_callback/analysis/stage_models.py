@@ -18,7 +18,7 @@ from torch import nn
 
 from source_callback.analysis.engine import Engine
 from source_callback.analysis.gradients import ModuleTensors
-from source_callback.analysis.inputs import prepare_model
+from source_callback.analysis.inputs import prepare_model, stage_keys
 from source_callback.analysis.namespace import RunView
 from source_callback.analysis.segments import Segment
 from source_callback.analysis.units import (
@@ -55,14 +55,10 @@ def models_per_stage(model: ModelSpec, run: Run) -> list[nn.Module]:
             "model must be an nn.Module (the last stage's model) or a mapping of stage names to "
             f"nn.Module, got {type(model).__name__}"
         )
-    unknown = [n for n in model if n not in names]
-    missing = [n for n in names if n not in model]
-    if unknown or missing:
-        wrong = [f"names stage(s) {unknown} not in the record"] if unknown else []
-        wrong += [f"lacks {missing}"] if missing else []
+    wrong = stage_keys(model, names)
+    if wrong:
         raise AnalysisError(
-            f"model {' and '.join(wrong)}; with one model per stage, name every recorded stage: "
-            f"{names}"
+            f"model {wrong}; with one model per stage, name every recorded stage: {names}"
         )
     return [model[n] for n in names]
 
