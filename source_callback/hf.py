@@ -348,9 +348,6 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         if self._norms is not None:
             clipping = GradientClipping(float(args.max_grad_norm), "norm", applied=True)
             before = self._norms.take()
-            scaler = getattr(optimizer, "scaler", None)  # fp16's: the backward pass was scaled
-            if before is not None and scaler is not None and scaler.is_enabled():
-                before = before.divided_by(float(scaler.get_scale()))
         self._session.optimizer_step(getattr(optimizer, "optimizer", optimizer), clipping, before)
 
     def _on_forward(

@@ -717,14 +717,17 @@ class RecordingSession:
         Schedulers step after the optimizer, and user code that sets the rate before the step
         has run by now. An optimizer other than the stage's (unwrapped) one is ignored. With
         ``clipping`` (the framework's), the factor it scales the step's gradients by goes into
-        the step's row (``scale``); ``before`` are the gradients measured before a framework
-        that has clipped them by now (:meth:`GradientClipping.scale`). A step clipping changed by
-        a factor not known here is counted, and the stage's end warns.
+        the step's row (``scale``); ``before`` are the gradients measured when the backward
+        pass ended, for a framework that has clipped them by now (:meth:`GradientClipping.scale`;
+        the loss scaler's scale is divided out here). A step clipping changed by a factor not
+        known here is counted, and the stage's end warns.
         """
         if self.active and optimizer is self._optimizer:
             self._hyper = [step_hyperparameters(g) for g in self._optimizer.param_groups]
             if self._loss_scaler is not None:
                 self._scale_before = float(self._loss_scaler.get_scale())
+                if before is not None:  # measured on the gradients of the scaled loss
+                    before = before.divided_by(self._scale_before)
             if clipping is not None:
                 params = [p for g in self._optimizer.param_groups for p in g["params"]]
                 self._clip_scale = clipping.scale(params, before)
