@@ -891,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         status = args.run(args, options)
-    except (SourceCallbackError, OSError, ValueError, KeyError) as error:
+    except (SourceCallbackError, OSError, ValueError, TypeError, KeyError) as error:
         # A KeyError's str() is its message in quotes.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)

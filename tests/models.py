@@ -125,6 +125,12 @@ def two_stage_sets() -> dict[str, TensorDataset]:
     return {"pretrain": make_dataset(48), "finetune": make_dataset(40, seed=1)}
 
 
+def numbered_collators() -> dict[str, Any]:
+    """A mapping of the two-stage record's stages (``collate_fn``) whose values are not
+    functions."""
+    return {"pretrain": None, "finetune": 3}
+
+
 def query_set() -> TensorDataset:
     """Three query examples, for ``analyze --config``'s queries."""
     return make_dataset(3, seed=7)

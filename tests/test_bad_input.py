@@ -56,11 +56,13 @@ def test_foreign_zarr_group(tmp_path) -> None:
     assert tree_digest(foreign) == before
 
 
-def test_store_path_under_a_regular_file(tmp_path) -> None:
+def test_store_path_under_a_regular_file_or_at_one(tmp_path) -> None:
     file = tmp_path / "results"
     file.write_text("precious")
     with pytest.raises(StoreError, match=r"could not create a store at .*results/run.zarr: Not a"):
         _fit(tmp_path, file / "run.zarr")
+    with pytest.raises(NotAStoreError, match=r"results exists and is not a Zarr store"):
+        _fit(tmp_path, file)
     assert file.read_text() == "precious"
 
 

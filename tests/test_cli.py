@@ -354,6 +354,12 @@ def test_analyze_reads_toml(
         ("models:TinyClassifier", {"collate_fn": "models:query_set"}, 1, "not a function"),
         (
             "models:TinyClassifier",
+            {"collate_fn": "models:numbered_collators"},
+            1,
+            "collate_fn of stage(s) ['finetune'] is not a function",
+        ),
+        (
+            "models:TinyClassifier",
             {"collate_fn": "models:refusing_collator"},
             1,
             "cannot be collated into a batch (ValueError: this collator refuses 2 examples)",

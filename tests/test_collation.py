@@ -113,7 +113,8 @@ def test_influence_pools_the_stages_and_needs_one_function(recorded) -> None:
 
 def test_retrain_collates_each_stage_with_its_own_function(recorded) -> None:
     store, train = recorded
-    measure = TaskMeasurement(ClassificationTask(), make_dataset(4, seed=7), batch_size=4)
+    # The queries of the analysis, in the last stage's form, collated as analyze did.
+    measure = TaskMeasurement(ClassificationTask(), Records(4, seed=7), 4, records_collate)
     common = {"module": TinyClassifier, "train": train, "measure": measure, "seeds": [3]}
     mapped = retrain(store, **common, collate_fn={"tensors": None, "records": records_collate})
     truth = retrain(store, **common, collate_fn=either_collate)

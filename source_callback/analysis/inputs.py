@@ -298,8 +298,9 @@ class Collation:
             raise AnalysisError(
                 f"method={method!r} pools every stage's examples into one pass, whose batches "
                 "may hold examples of two stages, so it needs one collate_fn for all of them; "
-                "this one gives the stages different functions. Give one function that "
-                "collates every stage's examples, or use method='source'."
+                "this one gives the stages different function objects. Give one function that "
+                "collates every stage's examples (the same object for each stage, or alone), "
+                "or use method='source'."
             )
         return functions[0]
 

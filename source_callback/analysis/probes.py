@@ -240,7 +240,8 @@ def check_module_probes(
                 raise error(
                     f"stage {stage.name!r}: the module cannot recompute the training loss "
                     f"recorded for the probe at its {checkpoint.role} checkpoint: {exc}. Pass "
-                    "a module factory of the trained LightningModule."
+                    "a module factory of the trained LightningModule, and the collate_fn the "
+                    "stage trained with where its examples need one."
                 ) from exc
             recomputed = np.array(losses)
             bad = differing(recorded, recomputed, *tolerance(stage))

@@ -174,18 +174,24 @@ class TaskMeasurement:
         The query examples.
     batch_size
         Queries per forward pass.
+    collate_fn
+        What collates the queries into a batch (as :func:`~source_callback.analyze` did:
+        the last stage's where it took one per stage; ``None``: ``default_collate``).
     """
 
-    def __init__(self, task: Task, queries: Dataset, batch_size: int = 256) -> None:
+    def __init__(
+        self, task: Task, queries: Dataset, batch_size: int = 256, collate_fn: Collate = None
+    ) -> None:
         self.task = task
         self.queries = queries
         self.batch_size = batch_size
+        self.collate_fn = collate_fn
 
     def __call__(self, model: pl.LightningModule) -> np.ndarray:
         """The measurement of every query under ``model`` (put in eval mode)."""
         model.eval()
         device = next(model.parameters()).device
-        loader = on_device(batches(self.queries, self.batch_size), device)
+        loader = on_device(batches(self.queries, self.batch_size, self.collate_fn), device)
         return evaluate(self.task.measurement, model, loader).double().cpu().numpy()
 
 

@@ -51,7 +51,10 @@ def open_existing(
     NotAStoreError
         Something that is not a Zarr group is there (it is not touched).
     """
-    root = open_group(url, storage_options, mode)
+    try:
+        root = open_group(url, storage_options, mode)
+    except (FileExistsError, NotADirectoryError):  # a file where the store's folder would be
+        root = None
     if root is None and has_content(url, storage_options):
         advice = (
             "Check the path; if it is a record, its root zarr.json is damaged or missing: "
