@@ -160,7 +160,13 @@ def _stage_lines(stages: Sequence[Stage], stage_column: np.ndarray) -> list[str]
                 f"{len(stage.trainable)}/{len(stage.frozen)}",
             )
         )
-    return [f"stages ({len(stages)})", *(format_table(headers, rows) if rows else [])]
+    unprobed = [
+        f"  no probe in stage {stage.name!r}: {stage.probe} (analyze and retrain cannot check "
+        "that the model and data they are given reproduce its training loss)"
+        for stage in stages
+        if stage.probe is not None
+    ]
+    return [f"stages ({len(stages)})", *(format_table(headers, rows) if rows else []), *unprobed]
 
 
 def _lr_range(values: np.ndarray) -> str:

@@ -28,6 +28,7 @@ from source_callback import (
     analyze,
     open_run,
 )
+from source_callback.cli import summarize
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -239,7 +240,9 @@ def test_label_smoothing_is_named_as_why_no_probe_is_recorded(tmp_path) -> None:
     reason = r"stage 's' from here on: the Trainer's loss with label smoothing \(label_smoo"
     with pytest.warns(UserWarning, match=reason):
         trainer.train()
-    assert all(c.probe() is None for c in open_run(tmp_path / "run.zarr").checkpoints)
+    run = open_run(tmp_path / "run.zarr")
+    assert all(c.probe() is None for c in run.checkpoints)
+    assert "no probe in stage 's': the Trainer's loss with label smoothing" in summarize(run)
 
 
 def test_fp16_without_a_loss_scaler_is_recorded_as_the_precision_it_trained_in(tmp_path) -> None:
