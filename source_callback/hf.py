@@ -104,15 +104,15 @@ def _examples_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None
     return None
 
 
-def _precision(args: TrainingArguments, model: nn.Module, optimizer: Any) -> str:
+def _precision(args: TrainingArguments, model: nn.Module, loss_scaler: Any) -> str:
     """The run's precision in Lightning's words (what :func:`~source_callback.retrain` takes).
 
-    ``fp16`` is mixed precision where accelerate gave the optimizer a loss scaler; on a CPU it
-    gives none and trains in the parameters' own precision.
+    ``fp16`` is mixed precision where accelerate gave the optimizer a ``loss_scaler``; on a CPU
+    it gives none and trains in the parameters' own precision.
     """
     if args.bf16:
         return "bf16-mixed"
-    if args.fp16 and getattr(optimizer, "scaler", None) is not None:
+    if args.fp16 and loss_scaler is not None:
         return "16-mixed"
     dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
     return {torch.bfloat16: "bf16-true", torch.float16: "16-true"}.get(dtype, "32-true")
@@ -233,6 +233,7 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
         def probe_losses(indices: Sequence[int]) -> list[float]:
             return model_losses(model, dataset, indices, collate_fn, device)
 
+        loss_scaler = getattr(optimizer, "scaler", None)  # accelerate's, with fp16
         setup = StageSetup(
             model=model,
             optimizer=torch_optimizer,
@@ -240,14 +241,14 @@ class SourceTrainerCallback(RecordingCallback, TrainerCallback, ExportableState)
             batch_size=args.per_device_train_batch_size,
             accumulate_grad_batches=args.gradient_accumulation_steps,
             world_size=args.world_size,
-            precision=_precision(args, model, optimizer),
+            precision=_precision(args, model, loss_scaler),
             estimated_steps=float(state.max_steps - state.global_step)
             if state.max_steps > 0
             else None,
             global_step=state.global_step,
             probe_losses=None if args.label_smoothing_factor else probe_losses,
             recorded_by="transformers",
-            loss_scaler=getattr(optimizer, "scaler", None),  # accelerate's, with fp16
+            loss_scaler=loss_scaler,
             no_probe="the Trainer's loss with label smoothing (label_smoothing_factor) is not "
             "the model's own per-example loss"
             if args.label_smoothing_factor

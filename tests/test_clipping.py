@@ -150,21 +150,18 @@ def test_the_trainers_clipping_is_recorded_from_the_norms_before_it_clipped(
     assert messages == []
 
 
-class _Editing:
-    """Trainers that change the gradients between the backward pass and the Trainer's clipping
-    (its log's norms are then those of the changed gradients)."""
+def _editing_trainer(edit):
+    """A Trainer that changes the gradients with ``edit(model)`` between the backward pass and
+    its clipping (its log's norms are then those of the changed gradients)."""
+    transformers = pytest.importorskip("transformers")
 
-    @staticmethod
-    def trainer(edit):
-        transformers = pytest.importorskip("transformers")
+    class Editing(transformers.Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            edit(model)
+            return loss
 
-        class Editing(transformers.Trainer):
-            def training_step(self, model, inputs, num_items_in_batch=None):
-                loss = super().training_step(model, inputs, num_items_in_batch)
-                edit(model)
-                return loss
-
-        return Editing
+    return Editing
 
 
 def _halve(model) -> None:
@@ -179,7 +176,7 @@ def _zero_embeddings(model) -> None:
 def test_any_one_factor_between_backward_and_step_is_recorded(tmp_path) -> None:
     """The recorded factor is what the gradient of the examples was scaled by before the step,
     whatever scaled it: here halved by the user's code, then clipped by the Trainer."""
-    halving = _Editing.trainer(_halve)
+    halving = _editing_trainer(_halve)
     free, _ = _train_hf(tmp_path, 1e6, halving)
     limit = sorted(free)[len(free) // 2]
     norms, messages = _train_hf(tmp_path, limit, halving)  # the halved gradients' norms
@@ -193,7 +190,7 @@ def test_any_one_factor_between_backward_and_step_is_recorded(tmp_path) -> None:
 def test_a_change_no_one_factor_describes_is_counted_as_unknown(tmp_path) -> None:
     """Zeroing one tensor's gradient is no scaling: where the Trainer clipped after it, the
     factor is not known, and counted; elsewhere the step is taken as unscaled, as before."""
-    zeroing = _Editing.trainer(_zero_embeddings)
+    zeroing = _editing_trainer(_zero_embeddings)
     free, _ = _train_hf(tmp_path, 1e6, zeroing)
     limit = sorted(free)[len(free) // 2]
     norms, [message] = _train_hf(tmp_path, limit, zeroing)

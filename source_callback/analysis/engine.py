@@ -178,7 +178,7 @@ class Engine:
             blocks = [(0, len(dataset) if indices is None else len(indices))]  # type: ignore[arg-type]
         parts = self._parts(dataset, name)
         subset = dataset if indices is None else Subset(dataset, indices)
-        loader = batches(subset, self.batch_size, self._collate(dataset, name), blocks)
+        loader = batches(subset, self.batch_size, self._collate(parts, name), blocks)
         number = next(self.passes)
         starts = self._starts(blocks)
         with self.progress.data_pass(desc, len(starts)) as advance:
@@ -196,17 +196,16 @@ class Engine:
             finally:
                 enter(None)
 
-    def _collate(self, dataset: Dataset, name: str | None) -> Collate:
-        """What collates ``dataset``'s examples.
+    def _collate(self, parts: tuple[tuple[str, int], ...], name: str | None) -> Collate:
+        """What collates the examples of a dataset made of ``parts`` (:meth:`_parts`).
 
-        A stage's training set's, the queries' (named ``"queries"``), or all stages' in one
+        The queries' (named ``"queries"``), a stage's training set's, or all stages' in one
         pass (influence's pooled stages).
         """
         if name == "queries":
             return self.collation.queries
-        stages = {id(data): stage for stage, data in self.train.items()}
-        if id(dataset) in stages:
-            return self.collation.stage(stages[id(dataset)])
+        if len(parts) == 1 and parts[0][0] in self.collation.stages:
+            return self.collation.stage(parts[0][0])
         return self.collation.pooled("if")
 
     def _starts(self, blocks: Blocks) -> list[int]:

@@ -351,14 +351,14 @@ def metadata_digest(attributes: Mapping[str, Any]) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def with_digest(group: zarr.Group, changes: Mapping[str, Any]) -> dict[str, Any]:
-    """``changes`` to ``group``'s attributes, with the digest of all of them once changed.
+def update_attributes(group: zarr.Group, changes: Mapping[str, Any]) -> None:
+    """Apply ``changes`` to ``group``'s attributes, with the digest of all of them once changed.
 
-    Written in one update (``group.update_attributes``), so that the digest never describes
-    other attributes than the ones stored with it.
+    Written in one update, so that the digest never describes other attributes than the ones
+    stored with it.
     """
     after = {**group.attrs.asdict(), **changes}
-    return {**changes, schema.ATTR_METADATA_DIGEST: metadata_digest(after)}
+    group.update_attributes({**changes, schema.ATTR_METADATA_DIGEST: metadata_digest(after)})
 
 
 def metadata_problems(group: zarr.Group, where: str) -> list[Damage]:

@@ -122,7 +122,7 @@ ATTR_PACKED = "packed"
 #      "tensors": {section: [[name, torch dtype, shape,
 #                             [[rank, offset, first element, count, digest], ...]], ...]}}
 ATTR_SHARDED = "sharded"
-# The digest of a group's other attributes, written with them (``integrity.with_digest``): a
+# The digest of a group's other attributes, written with them (``integrity.update_attributes``): a
 # committed checkpoint's or frozen group's commit record, the stage list, the step rows' count
 # and digests. Groups written before it was introduced have none, and are not checked.
 ATTR_METADATA_DIGEST = "metadata_digest"

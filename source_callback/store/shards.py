@@ -317,7 +317,7 @@ def write(
         index = _index(packed.layout, [digests for _, digests in reports])
         group = parent[key]
         changes = {**commit, schema.ATTR_SHARDED: index, schema.ATTR_COMMITTED: True}
-        group.update_attributes(integrity.with_digest(group, changes))
+        integrity.update_attributes(group, changes)
 
 
 def _index(layout: ShardedLayout, digests: list[list[str]]) -> dict[str, Any]:

@@ -160,7 +160,7 @@ class StoreWriter:
 
     def _write_stages(self, stages: list[schema.Stage]) -> None:
         entries = {schema.ATTR_STAGE_LIST: [s.to_json() for s in stages]}
-        self._stages_group.update_attributes(integrity.with_digest(self._stages_group, entries))
+        integrity.update_attributes(self._stages_group, entries)
 
     def add_stage(self, stage: schema.Stage) -> None:
         """Append a stage and mark the store as recording."""
@@ -232,7 +232,7 @@ class StoreWriter:
             rows = integrity.row_digests(arrays[name][: self.num_steps], 0)
             digests[name] = list(rows.values())
         changes = {schema.ATTR_ROW_DIGESTS: digests}
-        self._steps_group.update_attributes(integrity.with_digest(self._steps_group, changes))
+        integrity.update_attributes(self._steps_group, changes)
         self._tail = None
 
     def _row_digests(self) -> dict[str, list[str]]:
@@ -313,7 +313,7 @@ class StoreWriter:
             blocks = integrity.row_digests(rows[name], first)
             digests.setdefault(name, [])[first // schema.STEP_ROW_CHUNK :] = list(blocks.values())
         changes = {schema.ATTR_NUM_STEPS: end, schema.ATTR_ROW_DIGESTS: digests}
-        self._steps_group.update_attributes(integrity.with_digest(self._steps_group, changes))
+        integrity.update_attributes(self._steps_group, changes)
         self._tail = {name: values[tail_start - first :] for name, values in rows.items()}
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -520,7 +520,7 @@ def _commit(
         index = integrity.merged(index, integrity.write_packed(group, extra))
     # One metadata write (``attrs.update`` would write once per key).
     commit = {**attributes, schema.ATTR_PACKED: index, schema.ATTR_COMMITTED: True}
-    group.update_attributes(integrity.with_digest(group, commit))
+    integrity.update_attributes(group, commit)
 
 
 def write_tensors(group: zarr.Group, tensors: TensorDict) -> None:
